@@ -1,0 +1,94 @@
+//! The config file as written: serde structs that mirror the TOML one to one, with spans kept
+//! so that validation can point at the offending line. Nothing here is checked beyond syntax.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The whole `fulcrum.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub listeners: BTreeMap<Spanned<String>, Spanned<Listener>>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<Spanned<String>, Spanned<Upstream>>,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub http2: Http2,
+    #[serde(default)]
+    pub access_log: AccessLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub bind: Spanned<String>,
+    pub max_connections: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<Route>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub host: Option<Spanned<String>>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub upstream: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub balance: Option<Spanned<String>>,
+    pub servers: Spanned<Vec<Spanned<Server>>>,
+    pub preserve_host: Option<bool>,
+    pub pool_max_idle_per_server: Option<Spanned<i64>>,
+    pub pool_idle_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub address: Spanned<String>,
+    pub weight: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    pub client_header: Option<Spanned<String>>,
+    pub client_idle: Option<Spanned<String>>,
+    pub upstream_connect: Option<Spanned<String>>,
+    pub upstream_response_header: Option<Spanned<String>>,
+    pub upstream_idle: Option<Spanned<String>>,
+    pub shutdown_grace: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_header_bytes: Option<Spanned<i64>>,
+    pub max_headers: Option<Spanned<i64>>,
+    pub max_uri_bytes: Option<Spanned<i64>>,
+    pub max_body_bytes: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http2 {
+    pub max_concurrent_streams: Option<Spanned<i64>>,
+    pub max_header_list_bytes: Option<Spanned<i64>>,
+    pub max_pending_resets: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    pub enabled: Option<bool>,
+    pub format: Option<Spanned<String>>,
+}

@@ -1,0 +1,102 @@
+//! The validated config that the runtime is built from: every value parsed, in range and
+//! cross-checked. Holding one of these means the config is good.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listeners: Vec<ListenerConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub http2: Http2,
+    pub access_log: AccessLogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub max_connections: usize,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Lower-case host name without port; `None` matches any host.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalanceKind {
+    RoundRobin,
+}
+
+impl BalanceKind {
+    pub const NAMES: &'static [&'static str] = &["round_robin"];
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "round_robin" => Some(BalanceKind::RoundRobin),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub balance: BalanceKind,
+    pub servers: Vec<ServerConfig>,
+    /// Forward the client's Host header (true) or replace it with the server's address.
+    pub preserve_host: bool,
+    pub pool_max_idle_per_server: usize,
+    pub pool_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub client_header: Duration,
+    pub client_idle: Duration,
+    pub upstream_connect: Duration,
+    pub upstream_response_header: Duration,
+    pub upstream_idle: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    pub max_body_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Http2 {
+    pub max_concurrent_streams: u32,
+    pub max_header_list_bytes: u32,
+    pub max_pending_resets: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessLogConfig {
+    pub enabled: bool,
+    pub format: LogFormat,
+}

@@ -1,0 +1,78 @@
+use super::*;
+
+const GOOD: &str = r#"
+[listeners.web]
+bind = "127.0.0.1:8080"
+
+[[listeners.web.routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight = 3 }]
+"#;
+
+fn error_text(text: &str) -> String {
+    parse("test.toml", text).unwrap_err().to_string()
+}
+
+#[test]
+fn good_config_validates_with_defaults() {
+    let c = parse("test.toml", GOOD).unwrap();
+    assert_eq!(c.listeners[0].bind, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(c.listeners[0].routes[0].path_prefix, "/");
+    assert_eq!(c.upstreams[0].servers[1].weight, 3);
+    assert_eq!(c.timeouts.client_header, Duration::from_secs(30));
+    assert!(c.access_log.enabled);
+}
+
+#[test]
+fn unknown_key_names_line_column_and_the_allowed_keys() {
+    let text = GOOD.replace("bind =", "bnid =");
+    let e = error_text(&text);
+    assert!(e.starts_with("test.toml:3:1: error: unknown field `bnid`"), "{e}");
+    assert!(e.contains("`bind`"), "{e}");
+}
+
+#[test]
+fn semantic_errors_are_all_reported_with_positions() {
+    let text = r#"
+[listeners.web]
+bind = "127.0.0.1:99999"
+
+[[listeners.web.routes]]
+upstream = "nope"
+
+[upstreams.app]
+balance = "fastest"
+servers = [{ address = "localhost:80", weight = 0 }]
+"#;
+    let e = error_text(text);
+    assert!(e.contains("test.toml:3:8: error: bind `127.0.0.1:99999` is not an IP address and port"), "{e}");
+    assert!(e.contains("test.toml:6:12: error: route sends to upstream `nope`, which is not defined (defined: `app`)"), "{e}");
+    assert!(e.contains("test.toml:9:11: error: unknown balance algorithm `fastest`: expected one of `round_robin`"), "{e}");
+    assert!(e.contains("test.toml:10:24: error: address `localhost:80`"), "{e}");
+    assert!(e.contains("error: weight = 0 is out of range: allowed 1 to 1000"), "{e}");
+}
+
+#[test]
+fn duplicates_are_refused() {
+    let dup_upstream = format!("{GOOD}\n[upstreams.app]\nservers = []\n");
+    assert!(error_text(&dup_upstream).contains("duplicate key"));
+    let dup_server = GOOD.replace("127.0.0.1:9002", "127.0.0.1:9001");
+    assert!(error_text(&dup_server).contains("server 127.0.0.1:9001 is listed twice"));
+    let dup_route = GOOD.replace("upstream = \"app\"", "upstream = \"app\"\n[[listeners.web.routes]]\nupstream = \"app\"");
+    assert!(error_text(&dup_route).contains("two routes for host (any) and path_prefix `/`"));
+}
+
+#[test]
+fn bad_durations_and_sizes_say_what_is_allowed() {
+    let text = format!("{GOOD}\n[timeouts]\nclient_header = \"soon\"\n[limits]\nmax_headers = 0\n");
+    let e = error_text(&text);
+    assert!(e.contains("client_header = \"soon\" is not a duration"), "{e}");
+    assert!(e.contains("max_headers = 0 is out of range: allowed 8 to 1000"), "{e}");
+}
+
+#[test]
+fn empty_config_asks_for_a_listener() {
+    assert!(error_text("").contains("no listeners"));
+}

@@ -1,0 +1,48 @@
+//! `fulcrum demo`: three small built-in backends and a Fulcrum in front of them, configured
+//! from an embedded TOML file through the same pipeline as a user's config.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::config::{self, Config, ConfigError};
+
+/// The demo's config; `{listen}` and `{alpha}`, `{beta}`, `{gamma}` are filled in at start.
+pub const DEMO_CONFIG: &str = include_str!("../examples/demo.toml");
+
+pub const BACKEND_NAMES: [&str; 3] = ["alpha", "beta", "gamma"];
+
+/// Starts the demo backends on free loopback ports and returns the demo config for them.
+pub async fn start(listen: SocketAddr) -> std::io::Result<Result<Config, ConfigError>> {
+    let mut text = DEMO_CONFIG.replace("127.0.0.1:8080", &listen.to_string());
+    for (name, placeholder) in BACKEND_NAMES.iter().zip(["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]) {
+        let addr = start_backend(name).await?;
+        text = text.replace(placeholder, &addr.to_string());
+    }
+    Ok(config::parse("demo.toml (embedded)", &text))
+}
+
+/// A backend that answers every request with its own name.
+async fn start_backend(name: &'static str) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                    let text = format!("Hello from demo backend {name} ({addr}): you asked for {}\n", req.uri().path());
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    Ok(addr)
+}

@@ -1,0 +1,33 @@
+//! Fulcrum: a high-availability HTTP load balancer and reverse proxy.
+//!
+//! # Layout
+//! A request travels through the modules in this order:
+//! - [`listener`]: accepts connections, within each listener's connection limit.
+//! - [`http`]: serves a client connection (HTTP/1.1 or HTTP/2), checks each request
+//!   strictly, and keeps hop-by-hop and forwarding headers right.
+//! - [`proxy`]: the phases of one request: validate → route → balance and forward →
+//!   respond → log.
+//! - [`router`]: host and path prefix → upstream.
+//! - [`balance`]: which server of an upstream takes the request.
+//! - [`upstream`]: servers and their pools of kept-alive connections.
+//!
+//! Around them:
+//! - [`config`]: TOML file → validated config, with errors that name file, line and column.
+//! - [`runtime`]: the state built once from a validated config, swapped whole on reload.
+//! - [`server`]: binds the listeners and runs graceful shutdown.
+//! - [`idle_timeout`]: closes connections on which nothing moves.
+//! - [`logging`]: diagnostics to stderr, the access log to stdout.
+//! - [`demo`]: the built-in demo backends behind `fulcrum demo`.
+
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod idle_timeout;
+pub mod listener;
+pub mod logging;
+pub mod proxy;
+pub mod router;
+pub mod runtime;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,53 @@
+//! Accepting connections: one loop per listener, bounded by its connection limit, backing
+//! off when `accept` fails (out of file descriptors, say) instead of spinning.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::http::serve_connection;
+use crate::server::stopping;
+use crate::runtime::Shared;
+
+/// A bound listener and what its accept loop needs.
+pub struct Listener {
+    pub socket: TcpListener,
+    /// Index in the runtime's listener list.
+    pub index: usize,
+    /// One permit per open connection; a connection task holds its permit until it ends, so
+    /// holding all permits means every connection is gone.
+    pub connections: Arc<Semaphore>,
+}
+
+/// Accepts until shutdown is signalled, then drops the socket so no more clients connect.
+pub async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            permit = listener.connections.clone().acquire_owned() => permit.expect("the connection semaphore is never closed"),
+            _ = stopping(&mut shutdown) => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.socket.accept() => accepted,
+            _ = stopping(&mut shutdown) => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let (shared, shutdown) = (shared.clone(), shutdown.clone());
+                let index = listener.index;
+                tokio::spawn(async move {
+                    serve_connection(stream, peer, index, shared, shutdown).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, retry_in = ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}

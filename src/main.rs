@@ -1,0 +1,117 @@
+//! The `fulcrum` command: `demo`, `run` and `check`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use fulcrum::config::{self, Config};
+use fulcrum::server::Server;
+
+#[derive(Parser)]
+#[command(version, about = "Fulcrum: a high-availability HTTP load balancer and reverse proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start three built-in demo backends and balance across them.
+    Demo {
+        /// Where the demo's proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Run the proxy with a config file.
+    Run {
+        #[arg(short, long, default_value = "fulcrum.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit: 0 if it is good, 1 with every problem if not.
+    Check {
+        #[arg(short, long, default_value = "fulcrum.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("cannot start the async runtime");
+    runtime.block_on(async {
+        match cli.command {
+            Command::Check { config } => check(&config),
+            Command::Run { config } => match config::load(&config) {
+                Ok(config) => run(config).await,
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::Demo { listen } => match fulcrum::demo::start(listen).await {
+                Ok(Ok(config)) => {
+                    println!("Fulcrum demo: try `curl http://{listen}/` a few times to see the backends take turns.");
+                    run(config).await
+                }
+                Ok(Err(e)) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("cannot start the demo backends: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+        }
+    })
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match config::load(path) {
+        Ok(config) => {
+            let servers: usize = config.upstreams.iter().map(|u| u.servers.len()).sum();
+            println!(
+                "{}: ok ({} listeners, {} upstreams, {servers} servers)",
+                path.display(),
+                config.listeners.len(),
+                config.upstreams.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
+    fulcrum::logging::init(&config.access_log);
+    let grace = config.timeouts.shutdown_grace;
+    let server = match Server::start(config).await {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let signal = wait_for_signal().await;
+    tracing::info!(signal, ?grace, "shutting down: no new connections; requests in flight may finish");
+    if server.shutdown(grace).await {
+        tracing::info!("all connections closed; exiting");
+    } else {
+        tracing::warn!(?grace, "grace period over with connections still open; exiting");
+    }
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
+    let mut int = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

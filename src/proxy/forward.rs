@@ -1,0 +1,87 @@
+//! Forwarding: the upstream request built from the client's, and sent on a pooled
+//! connection to the server the balancer picks, trying another server when a connection
+//! cannot be had.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::uri::Uri;
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+
+use crate::upstream::{ConnectError, RequestBody, Server, Upstream};
+
+/// Why no upstream response could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("upstream `{0}` has no servers")]
+    NoServer(String),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("upstream {0} sent no response header within {1:?}")]
+    ResponseTimeout(std::net::SocketAddr, Duration),
+    #[error("upstream {0} failed: {1}")]
+    Upstream(std::net::SocketAddr, hyper::Error),
+}
+
+/// A response and the connection it came on.
+pub struct Forwarded {
+    pub response: Response<Incoming>,
+    pub server: Arc<Server>,
+    pub sender: SendRequest<RequestBody>,
+}
+
+/// Turns the client's request into an HTTP/1.1 request in origin form for `upstream`.
+/// Header hygiene is done by the caller.
+pub fn to_upstream(req: &mut Request<RequestBody>, host: Option<&HeaderValue>, upstream: &Upstream) {
+    let origin_form = req.uri().scheme().is_none() && req.uri().authority().is_none();
+    if !origin_form {
+        let path = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+    }
+    *req.version_mut() = Version::HTTP_11;
+    if upstream.preserve_host
+        && let Some(host) = host
+    {
+        req.headers_mut().insert(header::HOST, host.clone());
+    }
+}
+
+/// Sends `req` to a server of `upstream`. A request that never left (no connection could be
+/// opened, or a pooled connection turned out closed before it was written) is tried on the
+/// next server the balancer picks, up to one try per server plus one.
+pub async fn send(mut req: Request<RequestBody>, upstream: &Upstream, response_timeout: Duration) -> Result<Forwarded, ForwardError> {
+    let tries = upstream.servers.len() + 1;
+    let mut last_error = ForwardError::NoServer(upstream.name.clone());
+    for attempt in 0..tries {
+        let Some(index) = upstream.balancer.pick(attempt) else { break };
+        let server = &upstream.servers[index];
+        let mut conn = match server.pool.get().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(upstream = %upstream.name, server = %server.address, error = %e, "upstream server unavailable");
+                last_error = e.into();
+                continue;
+            }
+        };
+        if !upstream.preserve_host || !req.headers().contains_key(header::HOST) {
+            req.headers_mut().insert(header::HOST, server.host_header.clone());
+        }
+        let sent = tokio::time::timeout(response_timeout, conn.sender.try_send_request(req)).await;
+        match sent {
+            Ok(Ok(response)) => return Ok(Forwarded { response, server: server.clone(), sender: conn.sender }),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(unsent) => {
+                    tracing::debug!(server = %server.address, reused = conn.reused, error = %e.error(), "request not sent; trying again");
+                    req = unsent;
+                    last_error = ForwardError::Upstream(server.address, e.into_error());
+                }
+                None => return Err(ForwardError::Upstream(server.address, e.into_error())),
+            },
+            Err(_) => return Err(ForwardError::ResponseTimeout(server.address, response_timeout)),
+        }
+    }
+    Err(last_error)
+}
