@@ -52,10 +52,17 @@ pub async fn handle(mut req: Request<Incoming>, conn: &ClientConn, rt: Arc<Runti
         local_response(status, reason, version, !body_was_empty, log)
     };
 
-    // Validate.
+    // Validate. A client that sent a malformed request is not trusted with another one on
+    // the same connection.
     let host = match validate::check(&req, &rt.config.limits) {
         Ok(host) => host,
-        Err(reject) => return local(reject.status, reject.reason, None, log),
+        Err(reject) => {
+            let mut response = local(reject.status, reject.reason, None, log);
+            if version != Version::HTTP_2 {
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return response;
+        }
     };
 
     // Route.

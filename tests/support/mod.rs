@@ -1,0 +1,154 @@
+//! Builder-style pieces for end-to-end tests: real backends, a real Fulcrum on port 0, and
+//! raw clients for input no well-behaved client would send.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into()).map_err(|never| match never {}).boxed()
+}
+
+/// What a backend saw: every request head, and how many connections it accepted.
+#[derive(Default)]
+pub struct Seen {
+    pub requests: Mutex<Vec<http::request::Parts>>,
+    pub connections: AtomicUsize,
+}
+
+impl Seen {
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+    pub fn last(&self) -> http::request::Parts {
+        self.requests.lock().unwrap().last().cloned().expect("the backend saw no request")
+    }
+}
+
+/// A real HTTP/1.1 server on 127.0.0.1:0.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub seen: Arc<Seen>,
+}
+
+impl Backend {
+    /// Answers every request with `name` as its body and in `x-backend`.
+    pub async fn named(name: &'static str) -> Backend {
+        Backend::with(move |_req| async move {
+            Response::builder().header("x-backend", name).body(full(name)).unwrap()
+        })
+        .await
+    }
+
+    /// Answers with whatever `handler` returns; the request head is recorded first.
+    pub async fn with<F, Fut>(handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let handler = Arc::new(handler);
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                seen2.connections.fetch_add(1, Ordering::SeqCst);
+                let (handler, seen) = (handler.clone(), seen2.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let (handler, seen) = (handler.clone(), seen.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            seen.requests.lock().unwrap().push(parts.clone());
+                            Ok::<_, Infallible>(handler(Request::from_parts(parts, body)).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Backend { addr, seen }
+    }
+}
+
+/// A Fulcrum started in-process from a config text.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub server: fulcrum::server::Server,
+}
+
+impl Proxy {
+    /// Starts Fulcrum with `config`, after `{0}`, `{1}`, … are replaced by the backends'
+    /// addresses. The first listener's address is `addr`.
+    pub async fn start(config: &str, backends: &[&Backend]) -> Proxy {
+        let mut text = config.to_string();
+        for (i, b) in backends.iter().enumerate() {
+            text = text.replace(&format!("{{{i}}}"), &b.addr.to_string());
+        }
+        let config = fulcrum::config::parse("test.toml", &text).unwrap_or_else(|e| panic!("{e}"));
+        let server = fulcrum::server::Server::start(config).await.unwrap();
+        Proxy { addr: server.local_addrs()[0], server }
+    }
+
+    /// One listener routing everything to one upstream of `backends`, plus `extra` TOML.
+    pub async fn simple(backends: &[&Backend], extra: &str) -> Proxy {
+        let servers: Vec<String> = (0..backends.len()).map(|i| format!("{{ address = \"{{{i}}}\" }}")).collect();
+        let config = format!(
+            "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
+             [upstreams.app]\nservers = [{}]\n{extra}",
+            servers.join(", ")
+        );
+        Proxy::start(&config, backends).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// An HTTP/1.1 client with keep-alive.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+/// Sends raw bytes and returns everything the server sent until it closed (or 5 s passed).
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    read_until_close(&mut stream, Duration::from_secs(5)).await
+}
+
+pub async fn read_until_close(stream: &mut TcpStream, limit: Duration) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of each response in a raw byte stream, in order (bodies must not hold
+/// `HTTP/1.1 `).
+pub fn statuses(raw: &str) -> Vec<u16> {
+    raw.match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| raw.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}
