@@ -21,7 +21,11 @@ pub const BACKEND_NAMES: [&str; 3] = ["alpha", "beta", "gamma"];
 /// Starts the demo backends on free loopback ports and returns the demo config for them.
 pub async fn start(listen: SocketAddr) -> std::io::Result<Result<Config, ConfigError>> {
     let mut text = DEMO_CONFIG.replace("127.0.0.1:8080", &listen.to_string());
-    for (name, placeholder) in BACKEND_NAMES.iter().zip(["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]) {
+    for (name, placeholder) in
+        BACKEND_NAMES
+            .iter()
+            .zip(["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"])
+    {
         let addr = start_backend(name).await?;
         text = text.replace(placeholder, &addr.to_string());
     }
@@ -34,13 +38,20 @@ async fn start_backend(name: &'static str) -> std::io::Result<SocketAddr> {
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<hyper::body::Incoming>| async move {
-                    let text = format!("Hello from demo backend {name} ({addr}): you asked for {}\n", req.uri().path());
+                    let text = format!(
+                        "Hello from demo backend {name} ({addr}): you asked for {}\n",
+                        req.uri().path()
+                    );
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
         }
     });

@@ -25,7 +25,12 @@ pin_project_lite::pin_project! {
 impl<T> IdleTimeout<T> {
     pub fn new(inner: T, timeout: Duration) -> Self {
         let now = Instant::now();
-        IdleTimeout { inner, timeout, last_activity: now, timer: Box::pin(tokio::time::sleep_until(now + timeout)) }
+        IdleTimeout {
+            inner,
+            timeout,
+            last_activity: now,
+            timer: Box::pin(tokio::time::sleep_until(now + timeout)),
+        }
     }
 }
 
@@ -36,7 +41,10 @@ impl<T> IdleTimeout<T> {
             ready!(this.timer.as_mut().poll(cx));
             let deadline = *this.last_activity + *this.timeout;
             if Instant::now() >= deadline {
-                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "connection idle for too long"));
+                return Poll::Ready(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection idle for too long",
+                ));
             }
             this.timer.as_mut().reset(deadline);
         }
@@ -46,7 +54,11 @@ impl<T> IdleTimeout<T> {
 use std::future::Future;
 
 impl<T: AsyncRead> AsyncRead for IdleTimeout<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.as_mut().project();
         match this.inner.poll_read(cx, buf) {
             Poll::Ready(result) => {
@@ -59,7 +71,11 @@ impl<T: AsyncRead> AsyncRead for IdleTimeout<T> {
 }
 
 impl<T: AsyncWrite> AsyncWrite for IdleTimeout<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.as_mut().project();
         match this.inner.poll_write(cx, buf) {
             Poll::Ready(result) => {
@@ -70,7 +86,11 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeout<T> {
         }
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let this = self.as_mut().project();
         match this.inner.poll_write_vectored(cx, bufs) {
             Poll::Ready(result) => {

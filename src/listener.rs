@@ -8,8 +8,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::http::serve_connection;
-use crate::server::stopping;
 use crate::runtime::Shared;
+use crate::server::stopping;
 
 /// A bound listener and what its accept loop needs.
 pub struct Listener {
@@ -22,7 +22,11 @@ pub struct Listener {
 }
 
 /// Accepts until shutdown is signalled, then drops the socket so no more clients connect.
-pub async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn accept_loop(
+    listener: Listener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {

@@ -10,7 +10,10 @@ use fulcrum::config::{self, Config};
 use fulcrum::server::Server;
 
 #[derive(Parser)]
-#[command(version, about = "Fulcrum: a high-availability HTTP load balancer and reverse proxy")]
+#[command(
+    version,
+    about = "Fulcrum: a high-availability HTTP load balancer and reverse proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,7 +41,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("cannot start the async runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the async runtime");
     runtime.block_on(async {
         match cli.command {
             Command::Check { config } => check(&config),
@@ -97,11 +103,18 @@ async fn run(config: Config) -> ExitCode {
         }
     };
     let signal = wait_for_signal().await;
-    tracing::info!(signal, ?grace, "shutting down: no new connections; requests in flight may finish");
+    tracing::info!(
+        signal,
+        ?grace,
+        "shutting down: no new connections; requests in flight may finish"
+    );
     if server.shutdown(grace).await {
         tracing::info!("all connections closed; exiting");
     } else {
-        tracing::warn!(?grace, "grace period over with connections still open; exiting");
+        tracing::warn!(
+            ?grace,
+            "grace period over with connections still open; exiting"
+        );
     }
     ExitCode::SUCCESS
 }

@@ -25,14 +25,25 @@ impl Router {
     pub fn build(routes: &[RouteConfig], upstreams: &[Arc<Upstream>]) -> Self {
         let mut router = Router::default();
         for route in routes {
-            let rule = Rule { prefix: route.path_prefix.as_str().into(), upstream: upstreams[route.upstream].clone() };
+            let rule = Rule {
+                prefix: route.path_prefix.as_str().into(),
+                upstream: upstreams[route.upstream].clone(),
+            };
             match &route.host {
-                Some(host) => router.by_host.entry(host.as_str().into()).or_default().push(rule),
+                Some(host) => router
+                    .by_host
+                    .entry(host.as_str().into())
+                    .or_default()
+                    .push(rule),
                 None => router.any_host.push(rule),
             }
         }
-        for rules in router.by_host.values_mut().chain(std::iter::once(&mut router.any_host)) {
-            rules.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        for rules in router
+            .by_host
+            .values_mut()
+            .chain(std::iter::once(&mut router.any_host))
+        {
+            rules.sort_by_key(|rule| std::cmp::Reverse(rule.prefix.len()));
         }
         router
     }
@@ -56,7 +67,10 @@ impl Router {
 }
 
 fn longest_prefix<'a>(rules: &'a [Rule], path: &str) -> Option<&'a Arc<Upstream>> {
-    rules.iter().find(|r| path.starts_with(&*r.prefix)).map(|r| &r.upstream)
+    rules
+        .iter()
+        .find(|r| path.starts_with(&*r.prefix))
+        .map(|r| &r.upstream)
 }
 
 fn strip_port(host: &str) -> &str {
@@ -86,14 +100,28 @@ mod tests {
     }
 
     fn route(host: Option<&str>, prefix: &str, upstream: usize) -> RouteConfig {
-        RouteConfig { host: host.map(Into::into), path_prefix: prefix.into(), upstream }
+        RouteConfig {
+            host: host.map(Into::into),
+            path_prefix: prefix.into(),
+            upstream,
+        }
     }
 
     #[test]
     fn host_then_longest_prefix_wins() {
-        let ups = vec![upstream("default"), upstream("api"), upstream("site"), upstream("site-v2")];
+        let ups = vec![
+            upstream("default"),
+            upstream("api"),
+            upstream("site"),
+            upstream("site-v2"),
+        ];
         let router = Router::build(
-            &[route(None, "/", 0), route(None, "/api", 1), route(Some("example.com"), "/", 2), route(Some("example.com"), "/v2/", 3)],
+            &[
+                route(None, "/", 0),
+                route(None, "/api", 1),
+                route(Some("example.com"), "/", 2),
+                route(Some("example.com"), "/v2/", 3),
+            ],
             &ups,
         );
         let name = |host, path| router.route(host, path).map(|u| u.name.as_str());

@@ -36,10 +36,17 @@ impl Runtime {
         let listeners = config
             .listeners
             .iter()
-            .map(|l| ListenerRuntime { router: Router::build(&l.routes, &upstreams) })
+            .map(|l| ListenerRuntime {
+                router: Router::build(&l.routes, &upstreams),
+            })
             .collect();
         let http = http_builder(&config);
-        Runtime { config, listeners, upstreams, http }
+        Runtime {
+            config,
+            listeners,
+            upstreams,
+            http,
+        }
     }
 }
 
@@ -73,7 +80,9 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(runtime: Runtime) -> Self {
-        Shared { current: ArcSwap::from_pointee(runtime) }
+        Shared {
+            current: ArcSwap::from_pointee(runtime),
+        }
     }
 
     pub fn load(&self) -> Arc<Runtime> {

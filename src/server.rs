@@ -27,7 +27,12 @@ impl Server {
     pub async fn start(config: Config) -> io::Result<Server> {
         let mut sockets = Vec::new();
         for l in &config.listeners {
-            let socket = bind(l.bind).map_err(|e| io::Error::new(e.kind(), format!("listener `{}` cannot bind {}: {e}", l.name, l.bind)))?;
+            let socket = bind(l.bind).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("listener `{}` cannot bind {}: {e}", l.name, l.bind),
+                )
+            })?;
             sockets.push((socket, l.max_connections));
         }
         let shared = Arc::new(Shared::new(Runtime::build(config)));
@@ -39,13 +44,26 @@ impl Server {
             let permits = u32::try_from(max).unwrap_or(u32::MAX);
             let connections = Arc::new(Semaphore::new(permits as usize));
             connection_limits.push((connections.clone(), permits));
-            let listener = Listener { socket, index, connections };
-            tokio::spawn(listener::accept_loop(listener, shared.clone(), shutdown.subscribe()));
+            let listener = Listener {
+                socket,
+                index,
+                connections,
+            };
+            tokio::spawn(listener::accept_loop(
+                listener,
+                shared.clone(),
+                shutdown.subscribe(),
+            ));
         }
         for (addr, l) in local_addrs.iter().zip(&shared.load().config.listeners) {
             tracing::info!(listener = %l.name, %addr, "listening");
         }
-        Ok(Server { shared, local_addrs, connection_limits, shutdown })
+        Ok(Server {
+            shared,
+            local_addrs,
+            connection_limits,
+            shutdown,
+        })
     }
 
     /// The addresses actually bound, in config order (useful with port 0).
@@ -71,7 +89,11 @@ impl Server {
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     // Lets a restarted Fulcrum bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;

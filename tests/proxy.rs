@@ -9,19 +9,36 @@ use support::{Backend, Proxy, client, raw, statuses};
 
 #[tokio::test]
 async fn round_robin_rotates_across_servers() {
-    let (a, b, c) = (Backend::named("a").await, Backend::named("b").await, Backend::named("c").await);
+    let (a, b, c) = (
+        Backend::named("a").await,
+        Backend::named("b").await,
+        Backend::named("c").await,
+    );
     let proxy = Proxy::simple(&[&a, &b, &c], "").await;
     let client = client();
     let mut answers = Vec::new();
     for _ in 0..6 {
-        answers.push(client.get(proxy.url("/")).send().await.unwrap().text().await.unwrap());
+        answers.push(
+            client
+                .get(proxy.url("/"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        );
     }
     assert_eq!(answers, ["a", "b", "c", "a", "b", "c"]);
 }
 
 #[tokio::test]
 async fn routes_by_host_then_longest_path_prefix() {
-    let (site, api, other) = (Backend::named("site").await, Backend::named("api").await, Backend::named("other").await);
+    let (site, api, other) = (
+        Backend::named("site").await,
+        Backend::named("api").await,
+        Backend::named("other").await,
+    );
     let config = r#"
 [listeners.web]
 bind = "127.0.0.1:0"
@@ -52,8 +69,14 @@ servers = [{ address = "{2}" }]
         }
     };
     assert_eq!(get("example.com", "/").await, (200, "site".into()));
-    assert_eq!(get("EXAMPLE.com:80", "/api/users").await, (200, "api".into()));
-    assert_eq!(get("elsewhere.org", "/other/x").await, (200, "other".into()));
+    assert_eq!(
+        get("EXAMPLE.com:80", "/api/users").await,
+        (200, "api".into())
+    );
+    assert_eq!(
+        get("elsewhere.org", "/other/x").await,
+        (200, "other".into())
+    );
     let (status, body) = get("elsewhere.org", "/nothing").await;
     assert_eq!(status, 404);
     assert!(body.contains("no route"), "{body}");
@@ -100,7 +123,10 @@ async fn hop_by_hop_headers_are_removed_and_forwarding_headers_added() {
     assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert_eq!(seen.headers["x-forwarded-proto"], "http");
     assert_eq!(seen.headers["x-forwarded-host"], "front.example");
-    assert_eq!(seen.headers["forwarded"], "for=127.0.0.1;host=\"front.example\";proto=http");
+    assert_eq!(
+        seen.headers["forwarded"],
+        "for=127.0.0.1;host=\"front.example\";proto=http"
+    );
     assert_eq!(seen.headers["via"], "1.1 fulcrum");
 }
 
@@ -110,8 +136,16 @@ async fn host_can_be_replaced_by_the_server_address() {
     let config = "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
                   [upstreams.app]\npreserve_host = false\nservers = [{ address = \"{0}\" }]\n";
     let proxy = Proxy::start(config, &[&backend]).await;
-    client().get(proxy.url("/")).header("host", "front.example").send().await.unwrap();
-    assert_eq!(backend.seen.last().headers["host"], backend.addr.to_string());
+    client()
+        .get(proxy.url("/"))
+        .header("host", "front.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        backend.seen.last().headers["host"],
+        backend.addr.to_string()
+    );
 }
 
 #[tokio::test]
@@ -124,7 +158,11 @@ async fn upstream_connections_are_kept_alive_and_reused() {
         assert_eq!(resp.text().await.unwrap(), "a");
     }
     assert_eq!(backend.seen.count(), 50);
-    assert_eq!(backend.seen.connections.load(Ordering::SeqCst), 1, "sequential requests should share one pooled connection");
+    assert_eq!(
+        backend.seen.connections.load(Ordering::SeqCst),
+        1,
+        "sequential requests should share one pooled connection"
+    );
 }
 
 #[tokio::test]
@@ -135,7 +173,10 @@ async fn pipelined_requests_are_answered_in_order() {
     let last = "GET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     let out = raw(proxy.addr, format!("{one}{one}{last}").as_bytes()).await;
     assert_eq!(statuses(&out), [200, 200, 200], "{out}");
-    let backends: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("x-backend: ")).collect();
+    let backends: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("x-backend: "))
+        .collect();
     assert_eq!(backends, ["a", "b", "a"], "{out}");
 }
 
@@ -143,7 +184,11 @@ async fn pipelined_requests_are_answered_in_order() {
 async fn http2_prior_knowledge_is_served_on_the_same_listener() {
     let backend = Backend::named("a").await;
     let proxy = Proxy::simple(&[&backend], "").await;
-    let h2 = reqwest::Client::builder().no_proxy().http2_prior_knowledge().build().unwrap();
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
     for _ in 0..3 {
         let resp = h2.get(proxy.url("/h2")).send().await.unwrap();
         assert_eq!(resp.version(), http::Version::HTTP_2);
@@ -154,7 +199,17 @@ async fn http2_prior_knowledge_is_served_on_the_same_listener() {
     assert_eq!(seen.headers["host"], proxy.addr.to_string());
     assert_eq!(seen.headers["via"], "2 fulcrum");
     // HTTP/1.1 still works beside it.
-    assert_eq!(client().get(proxy.url("/")).send().await.unwrap().text().await.unwrap(), "a");
+    assert_eq!(
+        client()
+            .get(proxy.url("/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "a"
+    );
 }
 
 #[tokio::test]
@@ -167,7 +222,12 @@ async fn post_bodies_reach_the_backend_intact() {
     .await;
     let proxy = Proxy::simple(&[&backend], "").await;
     let body = vec![b'x'; 100_000];
-    let resp = client().post(proxy.url("/upload")).body(body).send().await.unwrap();
+    let resp = client()
+        .post(proxy.url("/upload"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.text().await.unwrap(), "got 100000 bytes");
     // And chunked, with no declared length.
     let out = raw(proxy.addr, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n").await;

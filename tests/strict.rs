@@ -20,8 +20,16 @@ async fn setup(extra: &str) -> (Backend, Proxy) {
 async fn refused(request: &str, status: u16) {
     let (backend, proxy) = setup("[limits]\nmax_uri_bytes = 1024\nmax_body_bytes = 1000\n").await;
     let out = raw(proxy.addr, request.as_bytes()).await;
-    assert_eq!(statuses(&out).first(), Some(&status), "request {request:?} got {out:?}");
-    assert_eq!(backend.seen.count(), 0, "request {request:?} reached the backend");
+    assert_eq!(
+        statuses(&out).first(),
+        Some(&status),
+        "request {request:?} got {out:?}"
+    );
+    assert_eq!(
+        backend.seen.count(),
+        0,
+        "request {request:?} reached the backend"
+    );
 }
 
 #[tokio::test]
@@ -59,12 +67,27 @@ async fn malformed_heads_are_refused() {
 
 #[tokio::test]
 async fn limits_answer_431_414_and_413() {
-    let big_header = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
+    let big_header = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
     refused(&big_header, 431).await;
     let many_headers: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
-    refused(&format!("GET / HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n"), 431).await;
-    refused(&format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(2000)), 414).await;
-    refused("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", 413).await;
+    refused(
+        &format!("GET / HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n"),
+        431,
+    )
+    .await;
+    refused(
+        &format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(2000)),
+        414,
+    )
+    .await;
+    refused(
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n",
+        413,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -77,7 +100,9 @@ async fn chunked_body_over_the_limit_is_413() {
     .await;
     let proxy = Proxy::simple(&[&backend], "[limits]\nmax_body_bytes = 1000\n").await;
     let chunk = format!("400\r\n{}\r\n", "a".repeat(1024));
-    let request = format!("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}{chunk}0\r\n\r\n");
+    let request = format!(
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}{chunk}0\r\n\r\n"
+    );
     let out = raw(proxy.addr, request.as_bytes()).await;
     assert_eq!(statuses(&out), [413], "{out}");
 }
@@ -93,8 +118,13 @@ async fn invalid_chunk_size_is_400_and_the_upstream_request_is_abandoned() {
     })
     .await;
     let proxy = Proxy::simple(&[&backend], "").await;
-    for bad_chunks in ["zz\r\nhello\r\n0\r\n\r\n", "5\r\nhello\r\nffffffffffffffffff\r\n", "5\r\nhelloXX0\r\n\r\n"] {
-        let request = format!("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{bad_chunks}");
+    for bad_chunks in [
+        "zz\r\nhello\r\n0\r\n\r\n",
+        "5\r\nhello\r\nffffffffffffffffff\r\n",
+        "5\r\nhelloXX0\r\n\r\n",
+    ] {
+        let request =
+            format!("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{bad_chunks}");
         let out = raw(proxy.addr, request.as_bytes()).await;
         assert_eq!(statuses(&out), [400], "{bad_chunks:?}: {out}");
         assert!(!out.contains("complete"), "{out}");
@@ -111,10 +141,15 @@ async fn an_early_answer_closes_the_connection_instead_of_reading_the_body_as_a_
     let proxy = Proxy::start(config, &[&backend]).await;
     let smuggled = "GET /ok/smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
     for (path, length, status) in [("/nope", smuggled.len(), 404), ("/ok", 200, 413)] {
-        let request = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{smuggled}");
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{smuggled}"
+        );
         let out = raw(proxy.addr, request.as_bytes()).await;
         assert_eq!(statuses(&out), [status], "{out}");
-        assert!(out.to_ascii_lowercase().contains("connection: close"), "{out}");
+        assert!(
+            out.to_ascii_lowercase().contains("connection: close"),
+            "{out}"
+        );
     }
     assert_eq!(backend.seen.count(), 0);
 }
@@ -130,7 +165,10 @@ async fn h2c_upgrade_is_never_forwarded() {
     assert_eq!(statuses(&out), [200, 200], "{out}");
     let seen = backend.seen.last();
     for header in ["upgrade", "http2-settings", "connection"] {
-        assert!(seen.headers.get(header).is_none(), "{header} was forwarded: {seen:?}");
+        assert!(
+            seen.headers.get(header).is_none(),
+            "{header} was forwarded: {seen:?}"
+        );
     }
 }
 
@@ -153,20 +191,34 @@ async fn an_upgrade_answered_200_stays_http() {
 async fn an_abandoned_response_never_returns_its_connection_to_the_pool() {
     let big = "x".repeat(4 << 20);
     let backend = Backend::with(move |req| {
-        let body = if req.uri().path() == "/big" { big.clone() } else { "small".to_string() };
+        let body = if req.uri().path() == "/big" {
+            big.clone()
+        } else {
+            "small".to_string()
+        };
         async move { http::Response::new(support::full(body)) }
     })
     .await;
     let proxy = Proxy::simple(&[&backend], "").await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    stream.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    stream
+        .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut some = [0u8; 1024];
     let _ = stream.read(&mut some).await.unwrap();
     drop(stream);
     tokio::time::sleep(Duration::from_millis(100)).await;
     for _ in 0..3 {
-        let out = raw(proxy.addr, b"GET /small HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let out = raw(
+            proxy.addr,
+            b"GET /small HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         assert!(out.ends_with("small"), "{out}");
     }
-    assert!(backend.seen.connections.load(Ordering::SeqCst) >= 2, "the half-read connection was reused");
+    assert!(
+        backend.seen.connections.load(Ordering::SeqCst) >= 2,
+        "the half-read connection was reused"
+    );
 }

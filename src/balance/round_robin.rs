@@ -16,7 +16,10 @@ pub struct RoundRobin {
 impl RoundRobin {
     pub fn new(weights: impl IntoIterator<Item = u32>) -> Self {
         let weights: Vec<u32> = weights.into_iter().collect();
-        RoundRobin { schedule: smooth_schedule(&weights).into_boxed_slice(), next: AtomicUsize::new(0) }
+        RoundRobin {
+            schedule: smooth_schedule(&weights).into_boxed_slice(),
+            next: AtomicUsize::new(0),
+        }
     }
 }
 

@@ -20,12 +20,23 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(file: &str, source: &str, problems: Vec<Problem>) -> Self {
-        ConfigError { file: file.to_string(), source: source.to_string(), problems }
+        ConfigError {
+            file: file.to_string(),
+            source: source.to_string(),
+            problems,
+        }
     }
 
     /// A problem with no source text behind it (the file could not be read, say).
     pub fn plain(file: &str, message: String) -> Self {
-        ConfigError::new(file, "", vec![Problem { message, span: None }])
+        ConfigError::new(
+            file,
+            "",
+            vec![Problem {
+                message,
+                span: None,
+            }],
+        )
     }
 
     pub fn problems(&self) -> &[Problem] {
@@ -54,9 +65,16 @@ impl fmt::Display for ConfigError {
                 continue;
             };
             let (line, col) = self.line_col(span.start);
-            writeln!(f, "{}:{}:{}: error: {}", self.file, line, col, problem.message)?;
+            writeln!(
+                f,
+                "{}:{}:{}: error: {}",
+                self.file, line, col, problem.message
+            )?;
             let text = self.source.lines().nth(line - 1).unwrap_or("");
-            let width = self.source[span.clone()].lines().next().map_or(1, |s| s.chars().count().max(1));
+            let width = self.source[span.clone()]
+                .lines()
+                .next()
+                .map_or(1, |s| s.chars().count().max(1));
             let width = width.min(text.chars().count().saturating_sub(col - 1).max(1));
             writeln!(f, "{line:>5} | {text}")?;
             write!(f, "      | {}{}", " ".repeat(col - 1), "^".repeat(width))?;

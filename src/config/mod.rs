@@ -27,7 +27,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Validates config `text`; `name` is what errors call the file.
 pub fn parse(name: &str, text: &str) -> Result<Config, ConfigError> {
     let file: file::File = toml::from_str(text).map_err(|e| {
-        let problem = Problem { message: e.message().trim_end().to_string(), span: e.span() };
+        let problem = Problem {
+            message: e.message().trim_end().to_string(),
+            span: e.span(),
+        };
         ConfigError::new(name, text, vec![problem])
     })?;
     let mut check = Checker::default();
@@ -46,7 +49,10 @@ struct Checker {
 
 impl Checker {
     fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
-        self.problems.push(Problem { message: message.into(), span: Some(span) });
+        self.problems.push(Problem {
+            message: message.into(),
+            span: Some(span),
+        });
     }
 
     fn config(&mut self, file: file::File) -> Option<Config> {
@@ -73,51 +79,146 @@ impl Checker {
             let span = listener.span();
             let listener = listener.into_inner();
             let bind = self.socket_addr(&listener.bind, "bind");
-            if let Some(bind) = bind {
-                if let Some(other) = binds.insert(bind, name.get_ref().clone()) {
-                    self.error(listener.bind.span(), format!("listener `{}` binds {bind}, which listener `{other}` already binds", name.get_ref()));
-                }
+            if let Some(bind) = bind
+                && let Some(other) = binds.insert(bind, name.get_ref().clone())
+            {
+                self.error(
+                    listener.bind.span(),
+                    format!(
+                        "listener `{}` binds {bind}, which listener `{other}` already binds",
+                        name.get_ref()
+                    ),
+                );
             }
-            let max_connections = self.int(listener.max_connections.as_ref(), "max_connections", 1, 10_000_000, 100_000);
+            let max_connections = self.int(
+                listener.max_connections.as_ref(),
+                "max_connections",
+                1,
+                10_000_000,
+                100_000,
+            );
             let routes = self.routes(name.get_ref(), listener.routes, span, &upstream_index);
             if let Some(bind) = bind {
-                listeners.push(ListenerConfig { name: name.into_inner(), bind, max_connections: max_connections as usize, routes });
+                listeners.push(ListenerConfig {
+                    name: name.into_inner(),
+                    bind,
+                    max_connections: max_connections as usize,
+                    routes,
+                });
             }
         }
 
         let t = &file.timeouts;
         let timeouts = Timeouts {
-            client_header: self.duration(t.client_header.as_ref(), "client_header", Duration::from_secs(30)),
-            client_idle: self.duration(t.client_idle.as_ref(), "client_idle", Duration::from_secs(60)),
-            upstream_connect: self.duration(t.upstream_connect.as_ref(), "upstream_connect", Duration::from_secs(5)),
-            upstream_response_header: self.duration(t.upstream_response_header.as_ref(), "upstream_response_header", Duration::from_secs(60)),
-            upstream_idle: self.duration(t.upstream_idle.as_ref(), "upstream_idle", Duration::from_secs(60)),
-            shutdown_grace: self.duration(t.shutdown_grace.as_ref(), "shutdown_grace", Duration::from_secs(30)),
+            client_header: self.duration(
+                t.client_header.as_ref(),
+                "client_header",
+                Duration::from_secs(30),
+            ),
+            client_idle: self.duration(
+                t.client_idle.as_ref(),
+                "client_idle",
+                Duration::from_secs(60),
+            ),
+            upstream_connect: self.duration(
+                t.upstream_connect.as_ref(),
+                "upstream_connect",
+                Duration::from_secs(5),
+            ),
+            upstream_response_header: self.duration(
+                t.upstream_response_header.as_ref(),
+                "upstream_response_header",
+                Duration::from_secs(60),
+            ),
+            upstream_idle: self.duration(
+                t.upstream_idle.as_ref(),
+                "upstream_idle",
+                Duration::from_secs(60),
+            ),
+            shutdown_grace: self.duration(
+                t.shutdown_grace.as_ref(),
+                "shutdown_grace",
+                Duration::from_secs(30),
+            ),
         };
         let l = &file.limits;
         let limits = Limits {
-            max_header_bytes: self.int(l.max_header_bytes.as_ref(), "max_header_bytes", 8192, 1 << 20, 16 * 1024) as usize,
+            max_header_bytes: self.int(
+                l.max_header_bytes.as_ref(),
+                "max_header_bytes",
+                8192,
+                1 << 20,
+                16 * 1024,
+            ) as usize,
             max_headers: self.int(l.max_headers.as_ref(), "max_headers", 8, 1000, 100) as usize,
-            max_uri_bytes: self.int(l.max_uri_bytes.as_ref(), "max_uri_bytes", 64, 65_534, 8 * 1024) as usize,
-            max_body_bytes: self.int(l.max_body_bytes.as_ref(), "max_body_bytes", 0, i64::MAX, 100 << 20) as u64,
+            max_uri_bytes: self.int(
+                l.max_uri_bytes.as_ref(),
+                "max_uri_bytes",
+                64,
+                65_534,
+                8 * 1024,
+            ) as usize,
+            max_body_bytes: self.int(
+                l.max_body_bytes.as_ref(),
+                "max_body_bytes",
+                0,
+                i64::MAX,
+                100 << 20,
+            ) as u64,
         };
         let h = &file.http2;
         let http2 = Http2 {
-            max_concurrent_streams: self.int(h.max_concurrent_streams.as_ref(), "max_concurrent_streams", 1, 10_000, 100) as u32,
-            max_header_list_bytes: self.int(h.max_header_list_bytes.as_ref(), "max_header_list_bytes", 1024, 1 << 20, 64 * 1024) as u32,
-            max_pending_resets: self.int(h.max_pending_resets.as_ref(), "max_pending_resets", 1, 10_000, 50) as usize,
+            max_concurrent_streams: self.int(
+                h.max_concurrent_streams.as_ref(),
+                "max_concurrent_streams",
+                1,
+                10_000,
+                100,
+            ) as u32,
+            max_header_list_bytes: self.int(
+                h.max_header_list_bytes.as_ref(),
+                "max_header_list_bytes",
+                1024,
+                1 << 20,
+                64 * 1024,
+            ) as u32,
+            max_pending_resets: self.int(
+                h.max_pending_resets.as_ref(),
+                "max_pending_resets",
+                1,
+                10_000,
+                50,
+            ) as usize,
         };
-        let format = match file.access_log.format.as_ref().map(|f| (f.get_ref().as_str(), f.span())) {
+        let format = match file
+            .access_log
+            .format
+            .as_ref()
+            .map(|f| (f.get_ref().as_str(), f.span()))
+        {
             None | Some(("text", _)) => LogFormat::Text,
             Some(("json", _)) => LogFormat::Json,
             Some((other, span)) => {
-                self.error(span, format!("unknown access log format `{other}`: expected \"text\" or \"json\""));
+                self.error(
+                    span,
+                    format!("unknown access log format `{other}`: expected \"text\" or \"json\""),
+                );
                 LogFormat::Text
             }
         };
-        let access_log = AccessLogConfig { enabled: file.access_log.enabled.unwrap_or(true), format };
+        let access_log = AccessLogConfig {
+            enabled: file.access_log.enabled.unwrap_or(true),
+            format,
+        };
 
-        Some(Config { listeners, upstreams, timeouts, limits, http2, access_log })
+        Some(Config {
+            listeners,
+            upstreams,
+            timeouts,
+            limits,
+            http2,
+            access_log,
+        })
     }
 
     fn upstream(&mut self, name: &str, up: file::Upstream) -> UpstreamConfig {
@@ -126,13 +227,25 @@ impl Checker {
             Some(b) => match BalanceKind::from_name(b.get_ref()) {
                 Some(kind) => kind,
                 None => {
-                    self.error(b.span(), format!("unknown balance algorithm `{}`: expected one of {}", b.get_ref(), quoted(BalanceKind::NAMES)));
+                    self.error(
+                        b.span(),
+                        format!(
+                            "unknown balance algorithm `{}`: expected one of {}",
+                            b.get_ref(),
+                            quoted(BalanceKind::NAMES)
+                        ),
+                    );
                     BalanceKind::RoundRobin
                 }
             },
         };
         if up.servers.get_ref().is_empty() {
-            self.error(up.servers.span(), format!("upstream `{name}` has no servers: add at least one {{ address = \"IP:PORT\" }}"));
+            self.error(
+                up.servers.span(),
+                format!(
+                    "upstream `{name}` has no servers: add at least one {{ address = \"IP:PORT\" }}"
+                ),
+            );
         }
         let mut seen = HashSet::new();
         let mut servers = Vec::new();
@@ -141,7 +254,10 @@ impl Checker {
             let weight = self.int(server.weight.as_ref(), "weight", 1, 1000, 1) as u32;
             if let Some(address) = self.socket_addr(&server.address, "address") {
                 if !seen.insert(address) {
-                    self.error(server.address.span(), format!("server {address} is listed twice in upstream `{name}`"));
+                    self.error(
+                        server.address.span(),
+                        format!("server {address} is listed twice in upstream `{name}`"),
+                    );
                 }
                 servers.push(ServerConfig { address, weight });
             }
@@ -151,12 +267,28 @@ impl Checker {
             balance,
             servers,
             preserve_host: up.preserve_host.unwrap_or(true),
-            pool_max_idle_per_server: self.int(up.pool_max_idle_per_server.as_ref(), "pool_max_idle_per_server", 0, 100_000, 64) as usize,
-            pool_idle_timeout: self.duration(up.pool_idle_timeout.as_ref(), "pool_idle_timeout", Duration::from_secs(60)),
+            pool_max_idle_per_server: self.int(
+                up.pool_max_idle_per_server.as_ref(),
+                "pool_max_idle_per_server",
+                0,
+                100_000,
+                64,
+            ) as usize,
+            pool_idle_timeout: self.duration(
+                up.pool_idle_timeout.as_ref(),
+                "pool_idle_timeout",
+                Duration::from_secs(60),
+            ),
         }
     }
 
-    fn routes(&mut self, listener: &str, routes: Vec<Spanned<file::Route>>, listener_span: Range<usize>, upstreams: &HashMap<String, usize>) -> Vec<RouteConfig> {
+    fn routes(
+        &mut self,
+        listener: &str,
+        routes: Vec<Spanned<file::Route>>,
+        listener_span: Range<usize>,
+        upstreams: &HashMap<String, usize>,
+    ) -> Vec<RouteConfig> {
         if routes.is_empty() {
             self.error(listener_span, format!("listener `{listener}` has no routes: add [[listeners.{listener}.routes]] with upstream = \"NAME\""));
         }
@@ -168,7 +300,15 @@ impl Checker {
             let host = route.host.as_ref().and_then(|h| self.host(h));
             let path_prefix = match &route.path_prefix {
                 None => "/".to_string(),
-                Some(p) if p.get_ref().starts_with('/') && !p.get_ref().bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) => p.get_ref().clone(),
+                Some(p)
+                    if p.get_ref().starts_with('/')
+                        && !p
+                            .get_ref()
+                            .bytes()
+                            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) =>
+                {
+                    p.get_ref().clone()
+                }
                 Some(p) => {
                     self.error(p.span(), format!("path_prefix `{}` must start with `/` and hold no spaces or control characters", p.get_ref()));
                     continue;
@@ -179,22 +319,39 @@ impl Checker {
                 None => {
                     let mut names: Vec<&str> = upstreams.keys().map(String::as_str).collect();
                     names.sort_unstable();
-                    let defined = if names.is_empty() { "none is defined: add an [upstreams.NAME] table".to_string() } else { format!("defined: {}", quoted(&names)) };
-                    self.error(route.upstream.span(), format!("route sends to upstream `{}`, which is not defined ({defined})", route.upstream.get_ref()));
+                    let defined = if names.is_empty() {
+                        "none is defined: add an [upstreams.NAME] table".to_string()
+                    } else {
+                        format!("defined: {}", quoted(&names))
+                    };
+                    self.error(
+                        route.upstream.span(),
+                        format!(
+                            "route sends to upstream `{}`, which is not defined ({defined})",
+                            route.upstream.get_ref()
+                        ),
+                    );
                     continue;
                 }
             };
             if !seen.insert((host.clone(), path_prefix.clone())) {
                 self.error(span, format!("listener `{listener}` has two routes for host {} and path_prefix `{path_prefix}`", host.as_deref().unwrap_or("(any)")));
             }
-            out.push(RouteConfig { host, path_prefix, upstream });
+            out.push(RouteConfig {
+                host,
+                path_prefix,
+                upstream,
+            });
         }
         out
     }
 
     fn host(&mut self, host: &Spanned<String>) -> Option<String> {
         let h = host.get_ref();
-        let valid = !h.is_empty() && h.len() <= 253 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        let valid = !h.is_empty()
+            && h.len() <= 253
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
         if valid {
             Some(h.to_ascii_lowercase())
         } else {
@@ -205,8 +362,15 @@ impl Checker {
 
     fn name(&mut self, name: &Spanned<String>, what: &str) {
         let n = name.get_ref();
-        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-            self.error(name.span(), format!("{what} name `{n}` may hold only letters, digits, `-` and `_`"));
+        if n.is_empty()
+            || !n
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            self.error(
+                name.span(),
+                format!("{what} name `{n}` may hold only letters, digits, `-` and `_`"),
+            );
         }
     }
 
@@ -214,7 +378,13 @@ impl Checker {
         match value.get_ref().parse::<SocketAddr>() {
             Ok(addr) if addr.port() != 0 || key == "bind" => Some(addr),
             Ok(_) => {
-                self.error(value.span(), format!("{key} `{}` has port 0: give the server's real port", value.get_ref()));
+                self.error(
+                    value.span(),
+                    format!(
+                        "{key} `{}` has port 0: give the server's real port",
+                        value.get_ref()
+                    ),
+                );
                 None
             }
             Err(_) => {
@@ -224,18 +394,33 @@ impl Checker {
         }
     }
 
-    fn int(&mut self, value: Option<&Spanned<i64>>, key: &str, min: i64, max: i64, default: i64) -> i64 {
+    fn int(
+        &mut self,
+        value: Option<&Spanned<i64>>,
+        key: &str,
+        min: i64,
+        max: i64,
+        default: i64,
+    ) -> i64 {
         let Some(value) = value else { return default };
         let v = *value.get_ref();
         if (min..=max).contains(&v) {
             v
         } else {
-            self.error(value.span(), format!("{key} = {v} is out of range: allowed {min} to {max}"));
+            self.error(
+                value.span(),
+                format!("{key} = {v} is out of range: allowed {min} to {max}"),
+            );
             default
         }
     }
 
-    fn duration(&mut self, value: Option<&Spanned<String>>, key: &str, default: Duration) -> Duration {
+    fn duration(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
         let Some(value) = value else { return default };
         match humantime::parse_duration(value.get_ref()) {
             Ok(d) if !d.is_zero() => d,
@@ -252,7 +437,11 @@ impl Checker {
 }
 
 fn quoted(names: &[&str]) -> String {
-    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

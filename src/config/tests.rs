@@ -29,7 +29,10 @@ fn good_config_validates_with_defaults() {
 fn unknown_key_names_line_column_and_the_allowed_keys() {
     let text = GOOD.replace("bind =", "bnid =");
     let e = error_text(&text);
-    assert!(e.starts_with("test.toml:3:1: error: unknown field `bnid`"), "{e}");
+    assert!(
+        e.starts_with("test.toml:3:1: error: unknown field `bnid`"),
+        "{e}"
+    );
     assert!(e.contains("`bind`"), "{e}");
 }
 
@@ -47,11 +50,20 @@ balance = "fastest"
 servers = [{ address = "localhost:80", weight = 0 }]
 "#;
     let e = error_text(text);
-    assert!(e.contains("test.toml:3:8: error: bind `127.0.0.1:99999` is not an IP address and port"), "{e}");
+    assert!(
+        e.contains("test.toml:3:8: error: bind `127.0.0.1:99999` is not an IP address and port"),
+        "{e}"
+    );
     assert!(e.contains("test.toml:6:12: error: route sends to upstream `nope`, which is not defined (defined: `app`)"), "{e}");
     assert!(e.contains("test.toml:9:11: error: unknown balance algorithm `fastest`: expected one of `round_robin`"), "{e}");
-    assert!(e.contains("test.toml:10:24: error: address `localhost:80`"), "{e}");
-    assert!(e.contains("error: weight = 0 is out of range: allowed 1 to 1000"), "{e}");
+    assert!(
+        e.contains("test.toml:10:24: error: address `localhost:80`"),
+        "{e}"
+    );
+    assert!(
+        e.contains("error: weight = 0 is out of range: allowed 1 to 1000"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -60,7 +72,10 @@ fn duplicates_are_refused() {
     assert!(error_text(&dup_upstream).contains("duplicate key"));
     let dup_server = GOOD.replace("127.0.0.1:9002", "127.0.0.1:9001");
     assert!(error_text(&dup_server).contains("server 127.0.0.1:9001 is listed twice"));
-    let dup_route = GOOD.replace("upstream = \"app\"", "upstream = \"app\"\n[[listeners.web.routes]]\nupstream = \"app\"");
+    let dup_route = GOOD.replace(
+        "upstream = \"app\"",
+        "upstream = \"app\"\n[[listeners.web.routes]]\nupstream = \"app\"",
+    );
     assert!(error_text(&dup_route).contains("two routes for host (any) and path_prefix `/`"));
 }
 
@@ -68,8 +83,14 @@ fn duplicates_are_refused() {
 fn bad_durations_and_sizes_say_what_is_allowed() {
     let text = format!("{GOOD}\n[timeouts]\nclient_header = \"soon\"\n[limits]\nmax_headers = 0\n");
     let e = error_text(&text);
-    assert!(e.contains("client_header = \"soon\" is not a duration"), "{e}");
-    assert!(e.contains("max_headers = 0 is out of range: allowed 8 to 1000"), "{e}");
+    assert!(
+        e.contains("client_header = \"soon\" is not a duration"),
+        "{e}"
+    );
+    assert!(
+        e.contains("max_headers = 0 is out of range: allowed 8 to 1000"),
+        "{e}"
+    );
 }
 
 #[test]

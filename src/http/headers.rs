@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that belong to one connection and never cross the proxy (RFC 9110 §7.6.1), plus
 /// the `Proxy-*` ones meant for this proxy alone.
@@ -25,7 +25,11 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         // Collected first: the map cannot be changed while its values are borrowed.
-        let listed: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
+        let listed: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
         for value in &listed {
             for token in tokens(value) {
                 headers.remove(token);
@@ -39,12 +43,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The comma-separated tokens of a header value, trimmed; invalid UTF-8 yields none.
 pub fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
-    value.to_str().unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty())
+    value
+        .to_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 /// True if any value of `name` holds `token`, compared without case.
 pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| tokens(v).any(|t| t.eq_ignore_ascii_case(token)))
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| tokens(v).any(|t| t.eq_ignore_ascii_case(token)))
 }
 
 /// What the proxy knows about the hop a request arrived on.
@@ -62,7 +74,10 @@ pub fn add_forwarding(headers: &mut HeaderMap, hop: &ClientHop<'_>) {
     let _ = write!(buf, "{}", hop.client_ip);
     append(headers, HeaderName::from_static("x-forwarded-for"), &buf);
 
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
     if let Some(host) = hop.host.and_then(|h| HeaderValue::from_str(h).ok()) {
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
@@ -124,7 +139,10 @@ mod tests {
     #[test]
     fn connection_listed_and_standard_hop_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
@@ -140,12 +158,19 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         h.insert("via", HeaderValue::from_static("1.1 edge"));
-        let hop = ClientHop { client_ip: "::1".parse().unwrap(), host: Some("example.com:8080"), version: Version::HTTP_11 };
+        let hop = ClientHop {
+            client_ip: "::1".parse().unwrap(),
+            host: Some("example.com:8080"),
+            version: Version::HTTP_11,
+        };
         add_forwarding(&mut h, &hop);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
         assert_eq!(h["x-forwarded-host"], "example.com:8080");
         assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["forwarded"], "for=\"[::1]\";host=\"example.com:8080\";proto=http");
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[::1]\";host=\"example.com:8080\";proto=http"
+        );
         assert_eq!(h["via"], "1.1 edge, 1.1 fulcrum");
     }
 }

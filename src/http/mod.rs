@@ -20,10 +20,19 @@ use crate::server::stopping;
 
 /// Serves requests on `stream` until the client leaves, a timeout ends it, or shutdown is
 /// signalled, in which case requests in flight finish first.
-pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, listener: usize, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: usize,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let _ = stream.set_nodelay(true);
     let runtime = shared.load();
-    let io = TokioIo::new(IdleTimeout::new(stream, runtime.config.timeouts.client_idle));
+    let io = TokioIo::new(IdleTimeout::new(
+        stream,
+        runtime.config.timeouts.client_idle,
+    ));
     let client = Arc::new(ClientConn { peer, listener });
     let service = service_fn(move |req| {
         let client = client.clone();

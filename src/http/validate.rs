@@ -14,12 +14,21 @@ pub struct Reject {
 }
 
 const fn bad(reason: &'static str) -> Reject {
-    Reject { status: StatusCode::BAD_REQUEST, reason }
+    Reject {
+        status: StatusCode::BAD_REQUEST,
+        reason,
+    }
 }
 
 /// Headers that are meaningful on one HTTP/1 connection only and are malformed in HTTP/2
 /// (RFC 9113 §8.2.2).
-const H2_CONNECTION_HEADERS: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
+const H2_CONNECTION_HEADERS: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// Checks a request and returns the host it is for (from the URI authority or Host), as
 /// a header value whose text holds only authority characters.
@@ -27,7 +36,10 @@ pub fn check<B>(req: &Request<B>, limits: &Limits) -> Result<Option<HeaderValue>
     let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len())
         + req.uri().authority().map_or(0, |a| a.as_str().len());
     if uri_len > limits.max_uri_bytes {
-        return Err(Reject { status: StatusCode::URI_TOO_LONG, reason: "request target is too long" });
+        return Err(Reject {
+            status: StatusCode::URI_TOO_LONG,
+            reason: "request target is too long",
+        });
     }
     let headers = req.headers();
     if req.version() == Version::HTTP_2 {
@@ -37,13 +49,19 @@ pub fn check<B>(req: &Request<B>, limits: &Limits) -> Result<Option<HeaderValue>
     if let Some(len) = content_length(headers)?
         && len > limits.max_body_bytes
     {
-        return Err(Reject { status: StatusCode::PAYLOAD_TOO_LARGE, reason: "request body is larger than allowed" });
+        return Err(Reject {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            reason: "request body is larger than allowed",
+        });
     }
     host(req)
 }
 
 fn check_h2_headers(headers: &HeaderMap) -> Result<(), Reject> {
-    if H2_CONNECTION_HEADERS.iter().any(|h| headers.contains_key(*h)) {
+    if H2_CONNECTION_HEADERS
+        .iter()
+        .any(|h| headers.contains_key(*h))
+    {
         return Err(bad("connection-specific header in an HTTP/2 request"));
     }
     if let Some(te) = headers.get(header::TE)
@@ -83,7 +101,10 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Reject> {
             if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
                 return Err(bad("invalid Content-Length"));
             }
-            let n: u64 = std::str::from_utf8(part).ok().and_then(|s| s.parse().ok()).ok_or(bad("invalid Content-Length"))?;
+            let n: u64 = std::str::from_utf8(part)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or(bad("invalid Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(bad("conflicting Content-Length values"));
             }
@@ -123,7 +144,9 @@ fn host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, Reject> {
 /// `host[:port]` with the characters a registered name, IPv4 or bracketed IPv6 may hold.
 fn is_authority(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']'))
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
+        })
 }
 
 #[cfg(test)]
@@ -131,7 +154,12 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_header_bytes: 16384, max_headers: 100, max_uri_bytes: 100, max_body_bytes: 1000 }
+        Limits {
+            max_header_bytes: 16384,
+            max_headers: 100,
+            max_uri_bytes: 100,
+            max_body_bytes: 1000,
+        }
     }
 
     fn req(headers: &[(&str, &str)]) -> Request<()> {
@@ -146,11 +174,23 @@ mod tests {
     fn smuggling_shapes_are_refused() {
         let l = limits();
         let cases: &[&[(&str, &str)]] = &[
-            &[("host", "a"), ("content-length", "5"), ("transfer-encoding", "chunked")],
+            &[
+                ("host", "a"),
+                ("content-length", "5"),
+                ("transfer-encoding", "chunked"),
+            ],
             &[("host", "a"), ("transfer-encoding", "chunked\t")],
             &[("host", "a"), ("transfer-encoding", "gzip, chunked")],
-            &[("host", "a"), ("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")],
-            &[("host", "a"), ("content-length", "5"), ("content-length", "6")],
+            &[
+                ("host", "a"),
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[
+                ("host", "a"),
+                ("content-length", "5"),
+                ("content-length", "6"),
+            ],
             &[("host", "a"), ("content-length", "")],
             &[("host", "a"), ("content-length", "+5")],
             &[("host", "a"), ("host", "b")],
@@ -158,22 +198,51 @@ mod tests {
             &[("host", "a\"b")],
         ];
         for headers in cases {
-            assert_eq!(check(&req(headers), &l).unwrap_err().status, StatusCode::BAD_REQUEST, "{headers:?}");
+            assert_eq!(
+                check(&req(headers), &l).unwrap_err().status,
+                StatusCode::BAD_REQUEST,
+                "{headers:?}"
+            );
         }
     }
 
     #[test]
     fn limits_answer_their_own_statuses() {
         let l = limits();
-        assert_eq!(check(&req(&[("host", "a"), ("content-length", "1001")]), &l).unwrap_err().status, StatusCode::PAYLOAD_TOO_LARGE);
-        let long = Request::builder().uri(format!("/{}", "a".repeat(100))).header("host", "a").body(()).unwrap();
-        assert_eq!(check(&long, &l).unwrap_err().status, StatusCode::URI_TOO_LONG);
+        assert_eq!(
+            check(&req(&[("host", "a"), ("content-length", "1001")]), &l)
+                .unwrap_err()
+                .status,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        let long = Request::builder()
+            .uri(format!("/{}", "a".repeat(100)))
+            .header("host", "a")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            check(&long, &l).unwrap_err().status,
+            StatusCode::URI_TOO_LONG
+        );
     }
 
     #[test]
     fn good_requests_pass_and_name_their_host() {
         let l = limits();
-        assert_eq!(check(&req(&[("host", "Example.com:80"), ("content-length", "5, 5")]), &l).unwrap().unwrap(), "Example.com:80");
-        assert_eq!(check(&req(&[("host", "a"), ("transfer-encoding", "Chunked")]), &l).unwrap().unwrap(), "a");
+        assert_eq!(
+            check(
+                &req(&[("host", "Example.com:80"), ("content-length", "5, 5")]),
+                &l
+            )
+            .unwrap()
+            .unwrap(),
+            "Example.com:80"
+        );
+        assert_eq!(
+            check(&req(&[("host", "a"), ("transfer-encoding", "Chunked")]), &l)
+                .unwrap()
+                .unwrap(),
+            "a"
+        );
     }
 }

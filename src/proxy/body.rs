@@ -28,12 +28,24 @@ enum Inner {
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming, connection: Option<(SendRequest<RequestBody>, Arc<Server>)>, log: Option<AccessRecord>) -> Self {
-        ResponseBody { inner: Inner::Upstream(body), connection, log }
+    pub fn upstream(
+        body: Incoming,
+        connection: Option<(SendRequest<RequestBody>, Arc<Server>)>,
+        log: Option<AccessRecord>,
+    ) -> Self {
+        ResponseBody {
+            inner: Inner::Upstream(body),
+            connection,
+            log,
+        }
     }
 
     pub fn local(text: Bytes, log: Option<AccessRecord>) -> Self {
-        ResponseBody { inner: Inner::Local(Some(text)), connection: None, log }
+        ResponseBody {
+            inner: Inner::Local(Some(text)),
+            connection: None,
+            log,
+        }
     }
 
     /// The upstream's body has been read to its end: its connection may carry the next request.
@@ -53,7 +65,10 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let polled = match &mut this.inner {
             Inner::Upstream(body) => Pin::new(body).poll_frame(cx),

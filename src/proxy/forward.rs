@@ -35,10 +35,18 @@ pub struct Forwarded {
 
 /// Turns the client's request into an HTTP/1.1 request in origin form for `upstream`.
 /// Header hygiene is done by the caller.
-pub fn to_upstream(req: &mut Request<RequestBody>, host: Option<&HeaderValue>, upstream: &Upstream) {
+pub fn to_upstream(
+    req: &mut Request<RequestBody>,
+    host: Option<&HeaderValue>,
+    upstream: &Upstream,
+) {
     let origin_form = req.uri().scheme().is_none() && req.uri().authority().is_none();
     if !origin_form {
-        let path = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(path);
     }
     *req.version_mut() = Version::HTTP_11;
@@ -52,11 +60,17 @@ pub fn to_upstream(req: &mut Request<RequestBody>, host: Option<&HeaderValue>, u
 /// Sends `req` to a server of `upstream`. A request that never left (no connection could be
 /// opened, or a pooled connection turned out closed before it was written) is tried on the
 /// next server the balancer picks, up to one try per server plus one.
-pub async fn send(mut req: Request<RequestBody>, upstream: &Upstream, response_timeout: Duration) -> Result<Forwarded, ForwardError> {
+pub async fn send(
+    mut req: Request<RequestBody>,
+    upstream: &Upstream,
+    response_timeout: Duration,
+) -> Result<Forwarded, ForwardError> {
     let tries = upstream.servers.len() + 1;
     let mut last_error = ForwardError::NoServer(upstream.name.clone());
     for attempt in 0..tries {
-        let Some(index) = upstream.balancer.pick(attempt) else { break };
+        let Some(index) = upstream.balancer.pick(attempt) else {
+            break;
+        };
         let server = &upstream.servers[index];
         let mut conn = match server.pool.get().await {
             Ok(conn) => conn,
@@ -67,11 +81,18 @@ pub async fn send(mut req: Request<RequestBody>, upstream: &Upstream, response_t
             }
         };
         if !upstream.preserve_host || !req.headers().contains_key(header::HOST) {
-            req.headers_mut().insert(header::HOST, server.host_header.clone());
+            req.headers_mut()
+                .insert(header::HOST, server.host_header.clone());
         }
         let sent = tokio::time::timeout(response_timeout, conn.sender.try_send_request(req)).await;
         match sent {
-            Ok(Ok(response)) => return Ok(Forwarded { response, server: server.clone(), sender: conn.sender }),
+            Ok(Ok(response)) => {
+                return Ok(Forwarded {
+                    response,
+                    server: server.clone(),
+                    sender: conn.sender,
+                });
+            }
             Ok(Err(mut e)) => match e.take_message() {
                 Some(unsent) => {
                     tracing::debug!(server = %server.address, reused = conn.reused, error = %e.error(), "request not sent; trying again");
@@ -80,7 +101,12 @@ pub async fn send(mut req: Request<RequestBody>, upstream: &Upstream, response_t
                 }
                 None => return Err(ForwardError::Upstream(server.address, e.into_error())),
             },
-            Err(_) => return Err(ForwardError::ResponseTimeout(server.address, response_timeout)),
+            Err(_) => {
+                return Err(ForwardError::ResponseTimeout(
+                    server.address,
+                    response_timeout,
+                ));
+            }
         }
     }
     Err(last_error)

@@ -52,7 +52,9 @@ impl Drop for AccessRecord {
             (None, true) => "-",
             (None, false) => "response not completed: client or upstream closed early",
         };
-        let upstream = self.upstream.map_or(Cow::Borrowed("-"), |a| Cow::Owned(a.to_string()));
+        let upstream = self
+            .upstream
+            .map_or(Cow::Borrowed("-"), |a| Cow::Owned(a.to_string()));
         let millis = |d: Duration| d.as_secs_f64() * 1000.0;
         let upstream_ms = self.upstream_time.map_or(-1.0, millis);
         tracing::info!(

@@ -15,7 +15,11 @@ pub fn spawn(client: OnUpgrade, upstream: OnUpgrade) {
         };
         let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
         match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            Ok((up, down)) => tracing::debug!(client_to_upstream = up, upstream_to_client = down, "tunnel closed"),
+            Ok((up, down)) => tracing::debug!(
+                client_to_upstream = up,
+                upstream_to_client = down,
+                "tunnel closed"
+            ),
             Err(e) => tracing::debug!(error = %e, "tunnel ended with an error"),
         }
     });

@@ -25,7 +25,11 @@ pub enum RequestBodyError {
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64) -> Self {
-        RequestBody { inner, allowance: limit, limit }
+        RequestBody {
+            inner,
+            allowance: limit,
+            limit,
+        }
     }
 }
 
@@ -33,7 +37,10 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = RequestBodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 pub use body::{RequestBody, RequestBodyError};
-pub use pool::{Connection, ConnectError, Pool};
+pub use pool::{ConnectError, Connection, Pool};
 
 use crate::balance::{self, Balancer};
 use crate::config::UpstreamConfig;
@@ -43,8 +43,14 @@ impl Upstream {
             .map(|s| {
                 Arc::new(Server {
                     address: s.address,
-                    host_header: HeaderValue::from_str(&s.address.to_string()).expect("a socket address is a valid header value"),
-                    pool: Pool::new(s.address, config.pool_max_idle_per_server, config.pool_idle_timeout, connect_timeout),
+                    host_header: HeaderValue::from_str(&s.address.to_string())
+                        .expect("a socket address is a valid header value"),
+                    pool: Pool::new(
+                        s.address,
+                        config.pool_max_idle_per_server,
+                        config.pool_idle_timeout,
+                        connect_timeout,
+                    ),
                 })
             })
             .collect();

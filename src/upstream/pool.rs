@@ -48,17 +48,33 @@ pub enum ConnectError {
 }
 
 impl Pool {
-    pub fn new(address: SocketAddr, max_idle: usize, idle_timeout: Duration, connect_timeout: Duration) -> Self {
+    pub fn new(
+        address: SocketAddr,
+        max_idle: usize,
+        idle_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Self {
         let idle = (max_idle > 0).then(|| ArrayQueue::new(max_idle));
-        Pool { address, idle, idle_timeout, connect_timeout }
+        Pool {
+            address,
+            idle,
+            idle_timeout,
+            connect_timeout,
+        }
     }
 
     /// A pooled connection if a live one is idle, else a new one.
     pub async fn get(&self) -> Result<Connection, ConnectError> {
         if let Some(sender) = self.take_idle().await {
-            return Ok(Connection { sender, reused: true });
+            return Ok(Connection {
+                sender,
+                reused: true,
+            });
         }
-        self.connect().await.map(|sender| Connection { sender, reused: false })
+        self.connect().await.map(|sender| Connection {
+            sender,
+            reused: false,
+        })
     }
 
     /// Opens a fresh connection, bypassing the pool.
@@ -104,7 +120,10 @@ impl Pool {
             && !sender.is_closed()
         {
             // A full pool drops the connection, which closes it.
-            let _ = idle.push(Idle { sender, since: Instant::now() });
+            let _ = idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
         }
     }
 }

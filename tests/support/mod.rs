@@ -22,7 +22,9 @@ use tokio::net::{TcpListener, TcpStream};
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 pub fn full(text: impl Into<Bytes>) -> Body {
-    Full::new(text.into()).map_err(|never| match never {}).boxed()
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// What a backend saw: every request head, and how many connections it accepted.
@@ -37,7 +39,12 @@ impl Seen {
         self.requests.lock().unwrap().len()
     }
     pub fn last(&self) -> http::request::Parts {
-        self.requests.lock().unwrap().last().cloned().expect("the backend saw no request")
+        self.requests
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the backend saw no request")
     }
 }
 
@@ -51,7 +58,10 @@ impl Backend {
     /// Answers every request with `name` as its body and in `x-backend`.
     pub async fn named(name: &'static str) -> Backend {
         Backend::with(move |_req| async move {
-            Response::builder().header("x-backend", name).body(full(name)).unwrap()
+            Response::builder()
+                .header("x-backend", name)
+                .body(full(name))
+                .unwrap()
         })
         .await
     }
@@ -69,7 +79,9 @@ impl Backend {
         let seen2 = seen.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 seen2.connections.fetch_add(1, Ordering::SeqCst);
                 let (handler, seen) = (handler.clone(), seen2.clone());
                 tokio::spawn(async move {
@@ -102,24 +114,18 @@ impl Proxy {
     /// Starts Fulcrum with `config`, after `{0}`, `{1}`, … are replaced by the backends'
     /// addresses. The first listener's address is `addr`.
     pub async fn start(config: &str, backends: &[&Backend]) -> Proxy {
-        let mut text = config.to_string();
-        for (i, b) in backends.iter().enumerate() {
-            text = text.replace(&format!("{{{i}}}"), &b.addr.to_string());
-        }
-        let config = fulcrum::config::parse("test.toml", &text).unwrap_or_else(|e| panic!("{e}"));
+        let config = fulcrum::config::parse("test.toml", &fill(config, backends))
+            .unwrap_or_else(|e| panic!("{e}"));
         let server = fulcrum::server::Server::start(config).await.unwrap();
-        Proxy { addr: server.local_addrs()[0], server }
+        Proxy {
+            addr: server.local_addrs()[0],
+            server,
+        }
     }
 
     /// One listener routing everything to one upstream of `backends`, plus `extra` TOML.
     pub async fn simple(backends: &[&Backend], extra: &str) -> Proxy {
-        let servers: Vec<String> = (0..backends.len()).map(|i| format!("{{ address = \"{{{i}}}\" }}")).collect();
-        let config = format!(
-            "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
-             [upstreams.app]\nservers = [{}]\n{extra}",
-            servers.join(", ")
-        );
-        Proxy::start(&config, backends).await
+        Proxy::start(&simple_config(backends.len(), extra), backends).await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -129,7 +135,11 @@ impl Proxy {
 
 /// An HTTP/1.1 client with keep-alive.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap()
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 /// Sends raw bytes and returns everything the server sent until it closed (or 5 s passed).
@@ -151,4 +161,153 @@ pub fn statuses(raw: &str) -> Vec<u16> {
     raw.match_indices("HTTP/1.1 ")
         .filter_map(|(i, _)| raw.get(i + 9..i + 12)?.parse().ok())
         .collect()
+}
+
+/// The real `fulcrum` binary, run as a child process with a config file.
+pub struct Process {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub stdout: Arc<Mutex<String>>,
+    _dir: TempDir,
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "fulcrum-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn binary() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+}
+
+impl Process {
+    /// Runs `fulcrum run` with `config` (backend placeholders as in [`Proxy::start`]) and
+    /// waits until it listens.
+    pub fn start(config: &str, backends: &[&Backend]) -> Process {
+        use std::io::{BufRead, BufReader, Read};
+        let dir = TempDir::new();
+        let path = dir.0.join("fulcrum.toml");
+        std::fs::write(&path, fill(config, backends)).unwrap();
+        let mut child = binary()
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("addr=").nth(1) {
+                    let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
+                }
+                eprintln!("[fulcrum] {line}");
+            }
+        });
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let mut out = child.stdout.take().unwrap();
+        let sink = stdout.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("fulcrum did not start listening");
+        Process {
+            child,
+            addr,
+            stdout,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A field of /proc/PID/status in KiB (VmRSS, VmHWM, …).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -s {signal} failed");
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait(&mut self, limit: Duration) -> i32 {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fulcrum did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One listener, one upstream of `n` backends, as TOML with placeholders.
+pub fn simple_config(n: usize, extra: &str) -> String {
+    let servers: Vec<String> = (0..n)
+        .map(|i| format!("{{ address = \"{{{i}}}\" }}"))
+        .collect();
+    format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
+         [upstreams.app]\nservers = [{}]\n{extra}",
+        servers.join(", ")
+    )
+}
+
+/// `config` with `{0}`, `{1}`, … replaced by the backends' addresses.
+pub fn fill(config: &str, backends: &[&Backend]) -> String {
+    let mut text = config.to_string();
+    for (i, b) in backends.iter().enumerate() {
+        text = text.replace(&format!("{{{i}}}"), &b.addr.to_string());
+    }
+    text
 }

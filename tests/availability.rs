@@ -1,0 +1,244 @@
+//! Dead and slow backends, slow and idle clients, connection limits and graceful shutdown:
+//! each ends in a clear status or a closed connection, never a hang.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::{Backend, Process, Proxy, client, raw, simple_config, statuses};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// An address on which nothing listens.
+async fn dead_address() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+fn config_for(addrs: &[SocketAddr], extra: &str) -> String {
+    let servers: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("{{ address = \"{a}\" }}"))
+        .collect();
+    format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [{}]\n{extra}",
+        servers.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn a_dead_server_is_skipped_and_no_request_is_lost() {
+    let alive = Backend::named("alive").await;
+    let proxy = Proxy::start(&config_for(&[dead_address().await, alive.addr], ""), &[]).await;
+    let client = client();
+    for _ in 0..6 {
+        let resp = client.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), "alive");
+    }
+}
+
+#[tokio::test]
+async fn no_reachable_server_is_502_with_a_logged_reason() {
+    let dead = dead_address().await;
+    let fulcrum = Process::start(
+        &config_for(&[dead], "[access_log]\nformat = \"json\"\n"),
+        &[],
+    );
+    let resp = client().get(fulcrum.url("/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert!(resp.text().await.unwrap().starts_with("502 Bad Gateway"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = fulcrum.stdout.lock().unwrap().clone();
+        if let Some(line) = log.lines().find(|l| l.contains("\"status\":502")) {
+            assert!(
+                line.contains(&format!("connect to {dead} failed")),
+                "{line}"
+            );
+            assert!(line.contains("\"path\":\"/x\""), "{line}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access log line for the 502: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_slow_response_header_is_504() {
+    let slow = Backend::with(|_req| async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        http::Response::new(support::full("late"))
+    })
+    .await;
+    let proxy = Proxy::simple(
+        &[&slow],
+        "[timeouts]\nupstream_response_header = \"300ms\"\n",
+    )
+    .await;
+    let started = Instant::now();
+    let resp = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn a_connect_that_hangs_is_504() {
+    // A listener that never accepts, with its queue filled, drops further SYNs: connects hang.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
+            fillers.push(s);
+        }
+    }
+    let proxy = Proxy::start(
+        &config_for(&[addr], "[timeouts]\nupstream_connect = \"300ms\"\n"),
+        &[],
+    )
+    .await;
+    let resp = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+    drop(socket);
+}
+
+#[tokio::test]
+async fn a_header_trickled_byte_by_byte_is_cut_off() {
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::simple(&[&backend], "[timeouts]\nclient_header = \"1s\"\n").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = Instant::now();
+    stream.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    // Keep sending a byte every 100 ms: an idle timeout alone would never fire.
+    let mut closed = false;
+    for _ in 0..50 {
+        if stream.write_all(b"X").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the trickling client was never cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "cut off only after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(backend.seen.count(), 0);
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::simple(&[&backend], "[timeouts]\nclient_idle = \"500ms\"\n").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("idle connection left open")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+}
+
+#[tokio::test]
+async fn the_connection_limit_holds_further_clients_until_a_slot_frees() {
+    let backend = Backend::named("a").await;
+    let config = simple_config(1, "").replace(
+        "bind = \"127.0.0.1:0\"",
+        "bind = \"127.0.0.1:0\"\nmax_connections = 2",
+    );
+    let proxy_limited = Proxy::start(&config, &[&backend]).await;
+    let first = TcpStream::connect(proxy_limited.addr).await.unwrap();
+    let _second = TcpStream::connect(proxy_limited.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = TcpStream::connect(proxy_limited.addr).await.unwrap();
+    third
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf))
+            .await
+            .is_err(),
+        "a third connection was served"
+    );
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
+    let slow = Backend::with(|_req| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        http::Response::new(support::full("finished"))
+    })
+    .await;
+    let mut fulcrum = Process::start(
+        &simple_config(1, "[timeouts]\nshutdown_grace = \"10s\"\n"),
+        &[&slow],
+    );
+    let url = fulcrum.url("/slow");
+    let in_flight = tokio::spawn(async move {
+        client()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fulcrum.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        TcpStream::connect(fulcrum.addr).await.is_err(),
+        "still accepting after SIGTERM"
+    );
+    assert_eq!(in_flight.await.unwrap(), "finished");
+    assert_eq!(fulcrum.wait(Duration::from_secs(10)), 0);
+}
+
+#[tokio::test]
+async fn pipelined_requests_after_an_upstream_error_still_get_answers() {
+    let dead = dead_address().await;
+    let proxy = Proxy::start(&config_for(&[dead], ""), &[]).await;
+    let request = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let out = raw(
+        proxy.addr,
+        format!("{request}{request}GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(statuses(&out), [502, 502, 502], "{out}");
+}

@@ -1,0 +1,99 @@
+//! The `fulcrum` command as a user runs it: `check` on good and broken configs, every
+//! example config, and `run` refusing to start half-working.
+
+mod support;
+
+use support::{TempDir, binary};
+
+#[test]
+fn every_example_config_is_valid() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = binary().arg("check").arg("-c").arg(&path).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(String::from_utf8_lossy(&out.stdout).contains(": ok ("));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2);
+}
+
+#[test]
+fn check_reports_every_problem_with_file_line_and_column() {
+    let dir = TempDir::new();
+    let path = dir.0.join("broken.toml");
+    std::fs::write(
+        &path,
+        "[listeners.web]\nbind = \"127.0.0.1:80\"\n[[listeners.web.routes]]\nupstream = \"missing\"\n\n[upstreams.app]\nservers = [{ address = \"127.0.0.1:9001\", weight = 0 }]\n",
+    )
+    .unwrap();
+    let out = binary().arg("check").arg("-c").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let file = path.display();
+    assert!(stderr.contains(&format!("{file}:4:12: error: route sends to upstream `missing`, which is not defined (defined: `app`)")), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{file}:7:51: error: weight = 0 is out of range: allowed 1 to 1000"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("    4 | upstream = \"missing\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_refuses_a_broken_config_without_listening() {
+    let dir = TempDir::new();
+    let path = dir.0.join("broken.toml");
+    std::fs::write(
+        &path,
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\nroutes = []\nextra = 1\n",
+    )
+    .unwrap();
+    let out = binary().arg("run").arg("-c").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown field `extra`"), "{stderr}");
+}
+
+#[test]
+fn run_exits_with_a_clear_error_when_the_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = TempDir::new();
+    let path = dir.0.join("fulcrum.toml");
+    let config = format!(
+        "[listeners.web]\nbind = \"{addr}\"\n[[listeners.web.routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [{{ address = \"127.0.0.1:9\" }}]\n"
+    );
+    std::fs::write(&path, config).unwrap();
+    let out = binary().arg("run").arg("-c").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("listener `web` cannot bind {addr}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_config_file_is_a_clear_error() {
+    let out = binary()
+        .args(["check", "-c", "/nonexistent/fulcrum.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("/nonexistent/fulcrum.toml: error: cannot read config file")
+    );
+}
