@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""Fulcrum beside nginx and HAProxy, in one run, on this machine.
+
+Every proxy runs pinned to CPU 0 with one worker, in front of the same nginx backend
+(pinned to CPU 1 with wrk). Scenarios run interleaved across proxies for several rounds;
+medians are reported. Requests per CPU-second divide the requests served by the proxy
+process's own user+system CPU time over the run (from /proc), so the figure does not
+depend on how much CPU the load generator took.
+
+Usage: python3 bench/run.py [--rounds N] [--duration SECONDS] [--out FILE]
+Installs nginx, haproxy, wrk and h2load (nghttp2-client) from Debian packages if missing.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKEND_PORT = 18001
+PROXY_PORT = 18080
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+SCENARIOS = [
+    # name, path, connections, extra wrk args
+    ("keep-alive 1 KiB, 64 conns", "/1k", 64, []),
+    ("keep-alive 1 KiB, 256 conns", "/1k", 256, []),
+    ("new connection per request", "/1k", 32, ["-H", "Connection: close"]),
+    ("keep-alive 100 KiB, 64 conns", "/100k", 64, []),
+]
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, **kw)
+
+
+def install():
+    need = [p for p, b in [("nginx", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk"), ("nghttp2-client", "h2load")] if not shutil.which(b) and not os.path.exists(f"/usr/sbin/{b}")]
+    if need:
+        print(f"installing {' '.join(need)} ...", file=sys.stderr)
+        sh("apt-get", "update", "-qq")
+        sh("apt-get", "install", "-y", "-qq", *need, stdout=subprocess.DEVNULL)
+
+
+def build_fulcrum():
+    sh("cargo", "build", "--release", "--quiet", cwd=ROOT)
+    return os.path.join(ROOT, "target", "release", "fulcrum")
+
+
+def wait_port(port, timeout=10):
+    import socket
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def nginx_bin():
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def haproxy_bin():
+    return shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+def start_backend(work):
+    www = os.path.join(work, "www")
+    os.makedirs(www, exist_ok=True)
+    with open(os.path.join(www, "1k"), "wb") as f:
+        f.write(b"x" * 1024)
+    with open(os.path.join(www, "100k"), "wb") as f:
+        f.write(b"x" * 102400)
+    conf = os.path.join(work, "backend.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes 1; daemon off; pid {work}/backend.pid; error_log {work}/backend.err;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{BACKEND_PORT} backlog=4096; root {www}; location / {{ }} }} }}
+""")
+    p = subprocess.Popen(["taskset", "-c", "1", nginx_bin(), "-c", conf, "-p", work], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(BACKEND_PORT)
+    return p
+
+
+def proxy_configs(work, fulcrum):
+    nginx_conf = os.path.join(work, "nginx-proxy.conf")
+    with open(nginx_conf, "w") as f:
+        f.write(f"""
+worker_processes 1; daemon off; pid {work}/nginx-proxy.pid; error_log {work}/nginx-proxy.err;
+events {{ worker_connections 8192; }}
+http {{ access_log off; keepalive_requests 1000000;
+  upstream backend {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}
+  server {{ listen 127.0.0.1:{PROXY_PORT} backlog=4096;
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}
+""")
+    haproxy_conf = os.path.join(work, "haproxy.cfg")
+    with open(haproxy_conf, "w") as f:
+        f.write(f"""
+global
+  nbthread 1
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{PROXY_PORT}
+  default_backend be
+backend be
+  server s1 127.0.0.1:{BACKEND_PORT}
+""")
+    fulcrum_conf = os.path.join(work, "fulcrum.toml")
+    with open(fulcrum_conf, "w") as f:
+        f.write(f"""
+[listeners.bench]
+bind = "127.0.0.1:{PROXY_PORT}"
+[[listeners.bench.routes]]
+upstream = "backend"
+[upstreams.backend]
+pool_max_idle_per_server = 256
+servers = [{{ address = "127.0.0.1:{BACKEND_PORT}" }}]
+[access_log]
+enabled = false
+""")
+    return {
+        "fulcrum": [fulcrum, "run", "-c", fulcrum_conf],
+        "nginx": [nginx_bin(), "-c", nginx_conf, "-p", work],
+        "haproxy": [haproxy_bin(), "-f", haproxy_conf, "-db"],
+    }
+
+
+def pids_of(proc):
+    """The process and its children (nginx's worker), whose CPU we count."""
+    pids = [proc.pid]
+    try:
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+        pids += [int(p) for p in out.split()]
+    except OSError:
+        pass
+    return pids
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total
+
+
+def peak_rss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                m = re.search(r"VmHWM:\s+(\d+)", f.read())
+                total += int(m.group(1)) if m else 0
+        except OSError:
+            pass
+    return total
+
+
+def parse_latency(text, label):
+    m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    if not m:
+        return float("nan")
+    value, unit = float(m.group(1)), m.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(port, path, conns, extra, duration):
+    args = ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", *extra, f"http://127.0.0.1:{port}{path}"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "requests": requests,
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50": parse_latency(out, "50"),
+        "p99": parse_latency(out, "99"),
+        "errors": (int(errors.group(1)) if errors else 0),
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def measure(name, cmd, scenario, duration):
+    title, path, conns, extra = scenario
+    proc = subprocess.Popen(["taskset", "-c", "0", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(PROXY_PORT)
+        time.sleep(0.3)
+        # Warm up pools and caches, uncounted.
+        run_wrk(PROXY_PORT, path, conns, extra, 1)
+        pids = pids_of(proc)
+        before = cpu_ticks(pids)
+        result = run_wrk(PROXY_PORT, path, conns, extra, duration)
+        cpu = (cpu_ticks(pids) - before) / CLK_TCK
+        result["cpu_s"] = cpu
+        result["per_cpu_s"] = result["requests"] / cpu if cpu > 0 else float("nan")
+        result["rss_mib"] = peak_rss_kib(pids) / 1024
+        return result
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        time.sleep(0.3)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--out", default=None, help="also write the markdown table here")
+    args = parser.parse_args()
+
+    install()
+    fulcrum = build_fulcrum()
+    work = tempfile.mkdtemp(prefix="fulcrum-bench-")
+    os.chmod(work, 0o755)  # nginx workers drop to an unprivileged user and must read www/
+    backend = start_backend(work)
+    proxies = proxy_configs(work, fulcrum)
+    results = {}  # (scenario, proxy) -> [result]
+    try:
+        for rnd in range(args.rounds):
+            for scenario in SCENARIOS:
+                # Direct run: the backend alone, the limit any proxy could reach.
+                direct = run_wrk(BACKEND_PORT, scenario[1], scenario[2], scenario[3], args.duration)
+                results.setdefault((scenario[0], "direct"), []).append(direct)
+                order = list(proxies) if rnd % 2 == 0 else list(reversed(proxies))
+                for name in order:
+                    r = measure(name, proxies[name], scenario, args.duration)
+                    results.setdefault((scenario[0], name), []).append(r)
+                    print(f"round {rnd + 1} {scenario[0]:32} {name:8} {r['rps']:10.0f} req/s {r['per_cpu_s']:10.0f} req/CPU-s  errors {r['errors']} {r['socket_errors']}", file=sys.stderr)
+    finally:
+        backend.send_signal(signal.SIGTERM)
+        backend.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = lambda rs, key: statistics.median(r[key] for r in rs)
+    lines = [
+        f"Medians of {args.rounds} interleaved rounds of {args.duration}s each; proxy pinned to CPU 0, wrk and the nginx backend to CPU 1.",
+        "",
+        "| scenario | proxy | req/s | p50 ms | p99 ms | req per CPU-s | peak RSS MiB | non-2xx |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    ratios = []
+    for scenario in SCENARIOS:
+        title = scenario[0]
+        for name in ["direct", "fulcrum", "nginx", "haproxy"]:
+            rs = results[(title, name)]
+            per_cpu = f"{med(rs, 'per_cpu_s'):.0f}" if name != "direct" else "-"
+            rss = f"{med(rs, 'rss_mib'):.1f}" if name != "direct" else "-"
+            lines.append(f"| {title} | {name} | {med(rs, 'rps'):.0f} | {med(rs, 'p50'):.2f} | {med(rs, 'p99'):.2f} | {per_cpu} | {rss} | {sum(r['errors'] for r in rs)} |")
+        f = med(results[(title, "fulcrum")], "per_cpu_s")
+        n = med(results[(title, "nginx")], "per_cpu_s")
+        h = med(results[(title, "haproxy")], "per_cpu_s")
+        ratios.append(f"| {title} | {f / n:.2f} | {f / h:.2f} |")
+    lines += ["", "Requests per CPU-second, Fulcrum relative to:", "", "| scenario | Fulcrum/nginx | Fulcrum/HAProxy |", "|---|---:|---:|", *ratios]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
