@@ -3,10 +3,11 @@
 //! # Layout
 //! A request travels through the modules in this order:
 //! - [`listener`]: accepts connections, within each listener's connection limit.
-//! - [`http`]: serves a client connection (HTTP/1.1 or HTTP/2), checks each request
+//! - [`http`]: tells HTTP/1.1 from HTTP/2 on a new connection; checks each request
 //!   strictly, and keeps hop-by-hop and forwarding headers right.
 //! - [`proxy`]: the phases of one request: validate → route → balance and forward →
-//!   respond → log.
+//!   respond → log; `proxy::h1` runs them for HTTP/1.1 clients, `proxy::h2` for HTTP/2.
+//! - [`http1`]: the hand-written HTTP/1.1 codec (heads, body framing, I/O) under `proxy::h1`.
 //! - [`router`]: host and path prefix → upstream.
 //! - [`balance`]: which server of an upstream takes the request.
 //! - [`upstream`]: servers and their pools of kept-alive connections.
@@ -23,6 +24,7 @@ pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod http;
+pub mod http1;
 pub mod idle_timeout;
 pub mod listener;
 pub mod logging;

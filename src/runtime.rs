@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 
 use crate::config::Config;
 use crate::router::Router;
@@ -18,8 +18,9 @@ pub struct Runtime {
     /// In the order of `config.listeners`.
     pub listeners: Vec<ListenerRuntime>,
     pub upstreams: Vec<Arc<Upstream>>,
-    /// Client-side HTTP/1.1 and HTTP/2 settings (limits, timeouts), shared by every listener.
-    pub http: auto::Builder<TokioExecutor>,
+    /// HTTP/2 settings for client connections (stream and header limits), shared by every
+    /// listener. HTTP/1.1 reads its limits from `config` directly.
+    pub http2: http2::Builder<TokioExecutor>,
 }
 
 pub struct ListenerRuntime {
@@ -40,31 +41,19 @@ impl Runtime {
                 router: Router::build(&l.routes, &upstreams),
             })
             .collect();
-        let http = http_builder(&config);
+        let http2 = http2_builder(&config);
         Runtime {
             config,
             listeners,
             upstreams,
-            http,
+            http2,
         }
     }
 }
 
-fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    let limits = &config.limits;
+fn http2_builder(config: &Config) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Runs from when the connection is ready for a request until its whole header is in,
-        // so a client that trickles its header byte by byte is cut off all the same.
-        .header_read_timeout(config.timeouts.client_header)
-        .max_headers(limits.max_headers)
-        // The whole request head must fit in the read buffer, so its cap is the header limit.
-        .max_buf_size(limits.max_header_bytes)
-        .keep_alive(true);
-    builder
-        .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(config.http2.max_concurrent_streams)
         .max_header_list_size(config.http2.max_header_list_bytes)

@@ -35,6 +35,8 @@ async fn refused(request: &str, status: u16) {
 #[tokio::test]
 async fn ambiguous_framing_is_refused() {
     for request in [
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
         "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
         "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \r\n\r\n",
         "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
@@ -49,6 +51,10 @@ async fn ambiguous_framing_is_refused() {
 #[tokio::test]
 async fn malformed_heads_are_refused() {
     for request in [
+        // bare LF line endings, in the request line, a header, or as the final empty line
+        "GET / HTTP/1.1\nHost: x\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: x\nX-A: 1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: x\r\n\n",
         // obs-fold
         "GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n continued\r\n\r\n",
         // invalid bytes in a header name and value

@@ -1,22 +1,30 @@
-//! The client side of HTTP: serving one accepted connection (HTTP/1.1 or HTTP/2 with prior
-//! knowledge, told apart by the connection preface), header hygiene and request checks.
+//! The client side of HTTP: telling an HTTP/1.1 connection from an HTTP/2 one (prior
+//! knowledge) by its first bytes and handing it to the matching path, plus the header
+//! hygiene and request checks both paths share.
 
 pub mod headers;
+mod prefixed;
 pub mod validate;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::http1::io::read_some;
 use crate::idle_timeout::IdleTimeout;
 use crate::proxy::{self, ClientConn};
 use crate::runtime::Shared;
 use crate::server::stopping;
+use prefixed::Prefixed;
+
+/// What every HTTP/2 connection starts with (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves requests on `stream` until the client leaves, a timeout ends it, or shutdown is
 /// signalled, in which case requests in flight finish first.
@@ -29,17 +37,40 @@ pub async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let runtime = shared.load();
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    // Read until the bytes either stop matching the HTTP/2 preface or match all of it.
+    let is_h2 = loop {
+        tokio::select! {
+            read = read_some(&stream, &mut buf, runtime.config.timeouts.client_header) => match read {
+                Ok(n) if n > 0 => {}
+                _ => return,
+            },
+            _ = stopping(&mut shutdown) => return,
+        }
+        let seen = buf.len().min(H2_PREFACE.len());
+        if buf[..seen] != H2_PREFACE[..seen] {
+            break false;
+        }
+        if seen == H2_PREFACE.len() {
+            break true;
+        }
+    };
+    if !is_h2 {
+        drop(runtime);
+        return proxy::h1::serve(stream, buf, peer, listener, shared, shutdown).await;
+    }
+
     let io = TokioIo::new(IdleTimeout::new(
-        stream,
+        Prefixed::new(buf.freeze(), stream),
         runtime.config.timeouts.client_idle,
     ));
     let client = Arc::new(ClientConn { peer, listener });
     let service = service_fn(move |req| {
         let client = client.clone();
         let runtime = shared.load();
-        async move { Ok::<_, Infallible>(proxy::handle(req, &client, runtime).await) }
+        async move { Ok::<_, Infallible>(proxy::h2::handle(req, &client, runtime).await) }
     });
-    let conn = runtime.http.serve_connection_with_upgrades(io, service);
+    let conn = runtime.http2.serve_connection(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
@@ -49,6 +80,6 @@ pub async fn serve_connection(
         }
     };
     if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        tracing::debug!(%peer, error = %e, "HTTP/2 client connection ended with an error");
     }
 }

@@ -93,7 +93,7 @@ fn check_framing(headers: &HeaderMap, version: Version) -> Result<(), Reject> {
 }
 
 /// The declared body length; values must be plain digits and all the same.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Reject> {
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Reject> {
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',') {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderValue};
+use http::header;
 use http::uri::Uri;
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
@@ -33,15 +33,9 @@ pub struct Forwarded {
     pub sender: SendRequest<RequestBody>,
 }
 
-/// Turns the client's request into an HTTP/1.1 request in origin form for `upstream`.
-/// Header hygiene is done by the caller.
-pub fn to_upstream(
-    req: &mut Request<RequestBody>,
-    host: Option<&HeaderValue>,
-    upstream: &Upstream,
-) {
-    let origin_form = req.uri().scheme().is_none() && req.uri().authority().is_none();
-    if !origin_form {
+/// Makes the request HTTP/1.1 in origin form (`/path?query`), as an upstream expects it.
+pub fn to_origin_form(req: &mut Request<RequestBody>) {
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
         let path = req
             .uri()
             .path_and_query()
@@ -50,11 +44,6 @@ pub fn to_upstream(
         *req.uri_mut() = Uri::from(path);
     }
     *req.version_mut() = Version::HTTP_11;
-    if upstream.preserve_host
-        && let Some(host) = host
-    {
-        req.headers_mut().insert(header::HOST, host.clone());
-    }
 }
 
 /// Sends `req` to a server of `upstream`. A request that never left (no connection could be

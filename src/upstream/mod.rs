@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 pub use body::{RequestBody, RequestBodyError};
-pub use pool::{ConnectError, Connection, Pool};
+pub use pool::{ConnectError, Connection, Pool, RawConn};
 
 use crate::balance::{self, Balancer};
 use crate::config::UpstreamConfig;

@@ -1,10 +1,12 @@
-//! Per-server pool of HTTP/1.1 connections kept alive between requests. A connection comes
-//! back only after its response was read to the end (see `proxy::body`), so a pooled
+//! Per-server pools of HTTP/1.1 connections kept alive between requests: raw connections for
+//! the hand-written HTTP/1.1 path, hyper client connections for the HTTP/2 path. A
+//! connection comes back only after its response was read to the end, so a pooled
 //! connection never holds bytes of an earlier exchange.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -19,8 +21,26 @@ pub struct Pool {
     address: SocketAddr,
     /// `None` when pooling is switched off (`pool_max_idle_per_server = 0`).
     idle: Option<ArrayQueue<Idle>>,
+    /// Raw connections for the HTTP/1.1 path; `None` when pooling is off.
+    raw: Option<ArrayQueue<RawIdle>>,
     idle_timeout: Duration,
     connect_timeout: Duration,
+}
+
+/// A raw connection to a server with its read buffer, which is empty whenever pooled.
+#[derive(Debug)]
+pub struct RawConn {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+    /// Taken from the pool rather than opened for this request.
+    pub reused: bool,
+}
+
+#[derive(Debug)]
+struct RawIdle {
+    stream: TcpStream,
+    buf: BytesMut,
+    since: Instant,
 }
 
 #[derive(Debug)]
@@ -39,6 +59,8 @@ pub struct Connection {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    #[error("the upstream has no servers")]
+    NoServer,
     #[error("connect to {0} failed: {1}")]
     Failed(SocketAddr, std::io::Error),
     #[error("connect to {0} timed out after {1:?}")]
@@ -55,9 +77,11 @@ impl Pool {
         connect_timeout: Duration,
     ) -> Self {
         let idle = (max_idle > 0).then(|| ArrayQueue::new(max_idle));
+        let raw = (max_idle > 0).then(|| ArrayQueue::new(max_idle));
         Pool {
             address,
             idle,
+            raw,
             idle_timeout,
             connect_timeout,
         }
@@ -77,13 +101,61 @@ impl Pool {
         })
     }
 
-    /// Opens a fresh connection, bypassing the pool.
-    pub async fn connect(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
+    /// A pooled raw connection, if a fresh one is idle. With `probe`, each candidate is
+    /// first checked for having been closed by the server (one non-blocking read), for
+    /// requests that could not be retried on another connection.
+    pub fn take_raw(&self, probe: bool) -> Option<RawConn> {
+        let raw = self.raw.as_ref()?;
+        while let Some(idle) = raw.pop() {
+            if idle.since.elapsed() < self.idle_timeout
+                && !(probe && crate::http1::io::is_stale(&idle.stream))
+            {
+                return Some(RawConn {
+                    stream: idle.stream,
+                    buf: idle.buf,
+                    reused: true,
+                });
+            }
+        }
+        None
+    }
+
+    /// Opens a new raw connection.
+    pub async fn connect_raw(&self) -> Result<RawConn, ConnectError> {
+        let stream = self.connect_tcp().await?;
+        Ok(RawConn {
+            stream,
+            buf: BytesMut::with_capacity(16 * 1024),
+            reused: false,
+        })
+    }
+
+    /// Returns a raw connection whose last response was read completely and which holds
+    /// no unread bytes.
+    pub fn put_raw(&self, conn: RawConn) {
+        if let Some(raw) = &self.raw
+            && conn.buf.is_empty()
+        {
+            let _ = raw.push(RawIdle {
+                stream: conn.stream,
+                buf: conn.buf,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect_tcp(&self) -> Result<TcpStream, ConnectError> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address))
             .await
             .map_err(|_| ConnectError::TimedOut(self.address, self.connect_timeout))?
             .map_err(|e| ConnectError::Failed(self.address, e))?;
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Opens a fresh hyper client connection, bypassing the pool.
+    pub async fn connect(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
+        let stream = self.connect_tcp().await?;
         // The pool's idle timeout also bounds a stalled response: no byte either way for
         // that long ends the connection.
         let io = TokioIo::new(IdleTimeout::new(stream, self.idle_timeout));

@@ -1,0 +1,163 @@
+//! The phases for a request from an HTTP/2 client (served by hyper), forwarded to an
+//! HTTP/1.1 upstream through hyper's client on pooled connections.
+
+use std::borrow::Cow;
+use std::error::Error as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::body::ResponseBody;
+use super::forward::{self, ForwardError};
+use super::log::AccessRecord;
+use super::{ClientConn, client_response_headers, local_body, route, upstream_request_headers};
+use crate::http::headers::ClientHop;
+use crate::runtime::Runtime;
+use crate::upstream::{ConnectError, RequestBody, RequestBodyError};
+
+/// Serves one request; never fails: every problem becomes a response with a status.
+pub async fn handle(
+    req: Request<Incoming>,
+    conn: &ClientConn,
+    rt: Arc<Runtime>,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let mut log = rt
+        .config
+        .access_log
+        .enabled
+        .then(|| AccessRecord::new(&req, conn.peer.ip(), started));
+
+    let routed = match route(&req, conn.listener, &rt) {
+        Ok(routed) => routed,
+        Err(reject) => return local_response(reject.status, reject.reason, None, log),
+    };
+    let version = req.version();
+    let (mut parts, body) = req.into_parts();
+    let hop = ClientHop {
+        client_ip: conn.peer.ip(),
+        host: routed.host.as_ref().and_then(|h| h.to_str().ok()),
+        version,
+    };
+    upstream_request_headers(&mut parts.headers, &hop, None, &routed);
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(host) = &routed.host
+    {
+        // HTTP/2 carries the host as :authority; HTTP/1.1 needs it as Host.
+        parts.headers.insert(header::HOST, host.clone());
+    }
+    let mut upstream_req = Request::from_parts(
+        parts,
+        RequestBody::new(body, rt.config.limits.max_body_bytes),
+    );
+    forward::to_origin_form(&mut upstream_req);
+
+    let forwarded = match forward::send(
+        upstream_req,
+        routed.upstream,
+        rt.config.timeouts.upstream_response_header,
+    )
+    .await
+    {
+        Ok(forwarded) => forwarded,
+        Err(e) => {
+            let (status, reason) = classify(&e);
+            return local_response(status, reason, Some(Cow::Owned(e.to_string())), log);
+        }
+    };
+    let forward::Forwarded {
+        response,
+        server,
+        sender,
+    } = forwarded;
+    if let Some(log) = log.as_mut() {
+        log.status = response.status();
+        log.upstream = Some(server.address);
+        log.upstream_time = Some(started.elapsed());
+    }
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return local_response(
+            StatusCode::BAD_GATEWAY,
+            "upstream switched protocols unasked",
+            None,
+            log,
+        );
+    }
+    let (mut parts, body) = response.into_parts();
+    client_response_headers(&mut parts.headers, None);
+    Response::from_parts(
+        parts,
+        ResponseBody::upstream(body, Some((sender, server)), log),
+    )
+}
+
+/// The status and client-facing text for a failed forward.
+fn classify(e: &ForwardError) -> (StatusCode, &'static str) {
+    match e {
+        ForwardError::NoServer(_) => (StatusCode::BAD_GATEWAY, "no upstream server is available"),
+        ForwardError::Connect(ConnectError::TimedOut(..)) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream server did not accept the connection in time",
+        ),
+        ForwardError::Connect(_) => (
+            StatusCode::BAD_GATEWAY,
+            "upstream server could not be reached",
+        ),
+        ForwardError::ResponseTimeout(..) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream server did not answer in time",
+        ),
+        ForwardError::Upstream(_, err) => {
+            let mut source = err.source();
+            while let Some(s) = source {
+                if let Some(body_error) = s.downcast_ref::<RequestBodyError>() {
+                    return match body_error {
+                        RequestBodyError::TooLarge(_) => (
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "request body is larger than allowed",
+                        ),
+                        RequestBodyError::Client(_) => {
+                            (StatusCode::BAD_REQUEST, "request body could not be read")
+                        }
+                    };
+                }
+                if let Some(io) = s.downcast_ref::<std::io::Error>()
+                    && io.kind() == std::io::ErrorKind::TimedOut
+                {
+                    return (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream server stopped sending",
+                    );
+                }
+                source = s.source();
+            }
+            (StatusCode::BAD_GATEWAY, "upstream server failed to answer")
+        }
+    }
+}
+
+fn local_response(
+    status: StatusCode,
+    reason: &'static str,
+    detail: Option<Cow<'static, str>>,
+    mut log: Option<AccessRecord>,
+) -> Response<ResponseBody> {
+    if let Some(log) = log.as_mut() {
+        log.status = status;
+        log.reason = Some(detail.unwrap_or(Cow::Borrowed(reason)));
+    }
+    let mut response = Response::new(ResponseBody::local(
+        Bytes::from(local_body(status, reason)),
+        log,
+    ));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
