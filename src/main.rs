@@ -41,7 +41,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The main thread only waits for signals; workers serve on threads of their own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("cannot start the async runtime");
@@ -95,7 +96,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 async fn run(config: Config) -> ExitCode {
     fulcrum::logging::init(&config.access_log);
     let grace = config.timeouts.shutdown_grace;
-    let server = match Server::start(config).await {
+    let server = match Server::start_workers(config) {
         Ok(server) => server,
         Err(e) => {
             tracing::error!("{e}");

@@ -32,7 +32,7 @@ impl Runtime {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
-            .map(|u| Arc::new(Upstream::build(u, config.timeouts.upstream_connect)))
+            .map(|u| Arc::new(Upstream::build(u, config.workers, config.timeouts.upstream_connect)))
             .collect();
         let listeners = config
             .listeners
@@ -64,18 +64,24 @@ fn http2_builder(config: &Config) -> http2::Builder<TokioExecutor> {
 
 /// The current snapshot, swapped whole on reload.
 pub struct Shared {
-    current: ArcSwap<Runtime>,
+    current: Arc<ArcSwap<Runtime>>,
 }
+
+/// A connection's view of the current snapshot: reading it costs no shared-counter update
+/// unless a reload has replaced it.
+pub type RuntimeCache = arc_swap::Cache<Arc<ArcSwap<Runtime>>, Arc<Runtime>>;
 
 impl Shared {
     pub fn new(runtime: Runtime) -> Self {
-        Shared {
-            current: ArcSwap::from_pointee(runtime),
-        }
+        Shared { current: Arc::new(ArcSwap::from_pointee(runtime)) }
     }
 
     pub fn load(&self) -> Arc<Runtime> {
         self.current.load_full()
+    }
+
+    pub fn cache(&self) -> RuntimeCache {
+        arc_swap::Cache::new(self.current.clone())
     }
 
     /// Makes `runtime` the one new requests see; requests already running keep the old one.

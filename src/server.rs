@@ -1,6 +1,12 @@
-//! A running Fulcrum: listeners bound, accept loops started, and the graceful shutdown that
-//! stops accepting, lets requests in flight finish, and waits at most the grace period.
+//! A running Fulcrum: listeners bound, accept loops started on one or more workers, and the
+//! graceful shutdown that stops accepting, lets requests in flight finish, and waits at
+//! most the grace period.
+//!
+//! A worker is a thread with its own single-threaded tokio runtime, as nginx and HAProxy
+//! run one event loop per core: a connection, its upstream connections and their pool stay
+//! on one thread, so nothing on the request path is shared across cores.
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,49 +27,68 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
 }
 
+/// A listener socket bound once and shared by every worker's accept loop.
+struct Bound {
+    socket: std::net::TcpListener,
+    connections: Arc<Semaphore>,
+}
+
 impl Server {
-    /// Binds every listener of `config` and starts serving. Fails without serving anything
-    /// if any listener cannot be bound.
+    /// Binds every listener and serves on the current tokio runtime, as a single worker
+    /// (tests, embedding). Fails without serving anything if a listener cannot be bound.
     pub async fn start(config: Config) -> io::Result<Server> {
-        let mut sockets = Vec::new();
-        for l in &config.listeners {
-            let socket = bind(l.bind).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("listener `{}` cannot bind {}: {e}", l.name, l.bind),
-                )
+        let (server, bound) = Server::bind_all(config)?;
+        for (index, b) in bound.into_iter().enumerate() {
+            let listener = Listener { socket: TcpListener::from_std(b.socket)?, index, connections: b.connections };
+            tokio::spawn(listener::accept_loop(listener, server.shared.clone(), server.shutdown.subscribe()));
+        }
+        Ok(server)
+    }
+
+    /// Binds every listener and serves on `config.workers` worker threads.
+    pub fn start_workers(config: Config) -> io::Result<Server> {
+        let workers = config.workers;
+        let (server, bound) = Server::bind_all(config)?;
+        for worker in 0..workers {
+            let mut listeners = Vec::new();
+            for (index, b) in bound.iter().enumerate() {
+                listeners.push((index, b.socket.try_clone()?, b.connections.clone()));
+            }
+            let (shared, shutdown) = (server.shared.clone(), server.shutdown.subscribe());
+            std::thread::Builder::new().name(format!("fulcrum-worker-{worker}")).spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("cannot start a worker's runtime");
+                WORKER.set(worker);
+                runtime.block_on(async move {
+                    for (index, socket, connections) in listeners {
+                        let socket = TcpListener::from_std(socket).expect("a bound listener registers with the runtime");
+                        tokio::spawn(listener::accept_loop(Listener { socket, index, connections }, shared.clone(), shutdown.clone()));
+                    }
+                    // Connections finish on this runtime after accepting stops; the process
+                    // ends the thread once shutdown is complete.
+                    std::future::pending::<()>().await
+                });
             })?;
-            sockets.push((socket, l.max_connections));
+        }
+        Ok(server)
+    }
+
+    fn bind_all(config: Config) -> io::Result<(Server, Vec<Bound>)> {
+        let mut bound = Vec::new();
+        let mut local_addrs = Vec::new();
+        let mut connection_limits = Vec::new();
+        for l in &config.listeners {
+            let socket = bind(l.bind).map_err(|e| io::Error::new(e.kind(), format!("listener `{}` cannot bind {}: {e}", l.name, l.bind)))?;
+            let addr = socket.local_addr()?;
+            tracing::info!(listener = %l.name, %addr, "listening");
+            local_addrs.push(addr);
+            let permits = u32::try_from(l.max_connections).unwrap_or(u32::MAX);
+            let connections = Arc::new(Semaphore::new(permits as usize));
+            connection_limits.push((connections.clone(), permits));
+            bound.push(Bound { socket, connections });
         }
         let shared = Arc::new(Shared::new(Runtime::build(config)));
         let (shutdown, _) = watch::channel(false);
-        let mut local_addrs = Vec::new();
-        let mut connection_limits = Vec::new();
-        for (index, (socket, max)) in sockets.into_iter().enumerate() {
-            local_addrs.push(socket.local_addr()?);
-            let permits = u32::try_from(max).unwrap_or(u32::MAX);
-            let connections = Arc::new(Semaphore::new(permits as usize));
-            connection_limits.push((connections.clone(), permits));
-            let listener = Listener {
-                socket,
-                index,
-                connections,
-            };
-            tokio::spawn(listener::accept_loop(
-                listener,
-                shared.clone(),
-                shutdown.subscribe(),
-            ));
-        }
-        for (addr, l) in local_addrs.iter().zip(&shared.load().config.listeners) {
-            tracing::info!(listener = %l.name, %addr, "listening");
-        }
-        Ok(Server {
-            shared,
-            local_addrs,
-            connection_limits,
-            shutdown,
-        })
+        Ok((Server { shared, local_addrs, connection_limits, shutdown }, bound))
     }
 
     /// The addresses actually bound, in config order (useful with port 0).
@@ -88,18 +113,24 @@ impl Server {
     }
 }
 
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
+thread_local! {
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The index of the worker running the calling thread (0 outside worker threads), which
+/// picks the worker's own slot in per-worker state such as connection pools.
+pub fn worker() -> usize {
+    WORKER.get()
+}
+
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     // Lets a restarted Fulcrum bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Resolves once shutdown has been signalled (or the server is gone).

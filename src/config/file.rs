@@ -10,6 +10,7 @@ use toml::Spanned;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
+    pub workers: Option<Spanned<i64>>,
     #[serde(default)]
     pub listeners: BTreeMap<Spanned<String>, Spanned<Listener>>,
     #[serde(default)]

@@ -211,7 +211,10 @@ impl Checker {
             format,
         };
 
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
+        let workers = self.int(file.workers.as_ref(), "workers", 1, 1024, cores) as usize;
         Some(Config {
+            workers,
             listeners,
             upstreams,
             timeouts,

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Worker threads, each with its own event loop.
+    pub workers: usize,
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: Vec<UpstreamConfig>,
     pub timeouts: Timeouts,

@@ -75,9 +75,11 @@ pub async fn serve(
         wbuf: Vec::with_capacity(16 * 1024),
         ubuf: Vec::with_capacity(4 * 1024),
     };
+    let mut runtime = shared.cache();
+    drop(shared);
     let mut first = true;
     loop {
-        let rt = shared.load();
+        let rt = arc_swap::cache::Access::load(&mut runtime);
         let timeouts = &rt.config.timeouts;
         if client.rbuf.is_empty() {
             // A new connection has `client_header` to start its request; a kept-alive one

@@ -36,7 +36,8 @@ pub struct Server {
 }
 
 impl Upstream {
-    pub fn build(config: &UpstreamConfig, connect_timeout: Duration) -> Self {
+    /// Builds an upstream whose pools keep one queue per worker.
+    pub fn build(config: &UpstreamConfig, workers: usize, connect_timeout: Duration) -> Self {
         let servers = config
             .servers
             .iter()
@@ -47,6 +48,7 @@ impl Upstream {
                         .expect("a socket address is a valid header value"),
                     pool: Pool::new(
                         s.address,
+                        workers,
                         config.pool_max_idle_per_server,
                         config.pool_idle_timeout,
                         connect_timeout,

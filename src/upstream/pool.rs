@@ -14,15 +14,18 @@ use tokio::net::TcpStream;
 
 use super::RequestBody;
 use crate::idle_timeout::IdleTimeout;
+use crate::server::worker;
 
 /// Idle connections to one server, capped in number and in age.
 #[derive(Debug)]
 pub struct Pool {
     address: SocketAddr,
-    /// `None` when pooling is switched off (`pool_max_idle_per_server = 0`).
-    idle: Option<ArrayQueue<Idle>>,
-    /// Raw connections for the HTTP/1.1 path; `None` when pooling is off.
-    raw: Option<ArrayQueue<RawIdle>>,
+    /// Hyper client connections for the HTTP/2 path, one queue per worker: a connection
+    /// belongs to the event loop that opened it. Empty when pooling is switched off
+    /// (`pool_max_idle_per_server = 0`).
+    idle: Box<[ArrayQueue<Idle>]>,
+    /// Raw connections for the HTTP/1.1 path, one queue per worker; empty when pooling is off.
+    raw: Box<[ArrayQueue<RawIdle>]>,
     idle_timeout: Duration,
     connect_timeout: Duration,
 }
@@ -70,14 +73,10 @@ pub enum ConnectError {
 }
 
 impl Pool {
-    pub fn new(
-        address: SocketAddr,
-        max_idle: usize,
-        idle_timeout: Duration,
-        connect_timeout: Duration,
-    ) -> Self {
-        let idle = (max_idle > 0).then(|| ArrayQueue::new(max_idle));
-        let raw = (max_idle > 0).then(|| ArrayQueue::new(max_idle));
+    pub fn new(address: SocketAddr, workers: usize, max_idle: usize, idle_timeout: Duration, connect_timeout: Duration) -> Self {
+        let queues = if max_idle > 0 { workers } else { 0 };
+        let idle = (0..queues).map(|_| ArrayQueue::new(max_idle)).collect();
+        let raw = (0..queues).map(|_| ArrayQueue::new(max_idle)).collect();
         Pool {
             address,
             idle,
@@ -105,7 +104,7 @@ impl Pool {
     /// first checked for having been closed by the server (one non-blocking read), for
     /// requests that could not be retried on another connection.
     pub fn take_raw(&self, probe: bool) -> Option<RawConn> {
-        let raw = self.raw.as_ref()?;
+        let raw = self.raw.get(worker())?;
         while let Some(idle) = raw.pop() {
             if idle.since.elapsed() < self.idle_timeout
                 && !(probe && crate::http1::io::is_stale(&idle.stream))
@@ -133,7 +132,7 @@ impl Pool {
     /// Returns a raw connection whose last response was read completely and which holds
     /// no unread bytes.
     pub fn put_raw(&self, conn: RawConn) {
-        if let Some(raw) = &self.raw
+        if let Some(raw) = self.raw.get(worker())
             && conn.buf.is_empty()
         {
             let _ = raw.push(RawIdle {
@@ -172,7 +171,7 @@ impl Pool {
     }
 
     async fn take_idle(&self) -> Option<SendRequest<RequestBody>> {
-        let idle = self.idle.as_ref()?;
+        let idle = self.idle.get(worker())?;
         while let Some(mut conn) = idle.pop() {
             if conn.since.elapsed() >= self.idle_timeout || conn.sender.is_closed() {
                 continue;
@@ -188,7 +187,7 @@ impl Pool {
 
     /// Returns a connection whose last response was read completely.
     pub fn put(&self, sender: SendRequest<RequestBody>) {
-        if let Some(idle) = &self.idle
+        if let Some(idle) = self.idle.get(worker())
             && !sender.is_closed()
         {
             // A full pool drops the connection, which closes it.
