@@ -32,7 +32,13 @@ impl Runtime {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
-            .map(|u| Arc::new(Upstream::build(u, config.workers, config.timeouts.upstream_connect)))
+            .map(|u| {
+                Arc::new(Upstream::build(
+                    u,
+                    config.workers,
+                    config.timeouts.upstream_connect,
+                ))
+            })
             .collect();
         let listeners = config
             .listeners
@@ -73,7 +79,9 @@ pub type RuntimeCache = arc_swap::Cache<Arc<ArcSwap<Runtime>>, Arc<Runtime>>;
 
 impl Shared {
     pub fn new(runtime: Runtime) -> Self {
-        Shared { current: Arc::new(ArcSwap::from_pointee(runtime)) }
+        Shared {
+            current: Arc::new(ArcSwap::from_pointee(runtime)),
+        }
     }
 
     pub fn load(&self) -> Arc<Runtime> {

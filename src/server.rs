@@ -39,8 +39,16 @@ impl Server {
     pub async fn start(config: Config) -> io::Result<Server> {
         let (server, bound) = Server::bind_all(config)?;
         for (index, b) in bound.into_iter().enumerate() {
-            let listener = Listener { socket: TcpListener::from_std(b.socket)?, index, connections: b.connections };
-            tokio::spawn(listener::accept_loop(listener, server.shared.clone(), server.shutdown.subscribe()));
+            let listener = Listener {
+                socket: TcpListener::from_std(b.socket)?,
+                index,
+                connections: b.connections,
+            };
+            tokio::spawn(listener::accept_loop(
+                listener,
+                server.shared.clone(),
+                server.shutdown.subscribe(),
+            ));
         }
         Ok(server)
     }
@@ -55,19 +63,33 @@ impl Server {
                 listeners.push((index, b.socket.try_clone()?, b.connections.clone()));
             }
             let (shared, shutdown) = (server.shared.clone(), server.shutdown.subscribe());
-            std::thread::Builder::new().name(format!("fulcrum-worker-{worker}")).spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("cannot start a worker's runtime");
-                WORKER.set(worker);
-                runtime.block_on(async move {
-                    for (index, socket, connections) in listeners {
-                        let socket = TcpListener::from_std(socket).expect("a bound listener registers with the runtime");
-                        tokio::spawn(listener::accept_loop(Listener { socket, index, connections }, shared.clone(), shutdown.clone()));
-                    }
-                    // Connections finish on this runtime after accepting stops; the process
-                    // ends the thread once shutdown is complete.
-                    std::future::pending::<()>().await
-                });
-            })?;
+            std::thread::Builder::new()
+                .name(format!("fulcrum-worker-{worker}"))
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("cannot start a worker's runtime");
+                    WORKER.set(worker);
+                    runtime.block_on(async move {
+                        for (index, socket, connections) in listeners {
+                            let socket = TcpListener::from_std(socket)
+                                .expect("a bound listener registers with the runtime");
+                            tokio::spawn(listener::accept_loop(
+                                Listener {
+                                    socket,
+                                    index,
+                                    connections,
+                                },
+                                shared.clone(),
+                                shutdown.clone(),
+                            ));
+                        }
+                        // Connections finish on this runtime after accepting stops; the process
+                        // ends the thread once shutdown is complete.
+                        std::future::pending::<()>().await
+                    });
+                })?;
         }
         Ok(server)
     }
@@ -77,18 +99,34 @@ impl Server {
         let mut local_addrs = Vec::new();
         let mut connection_limits = Vec::new();
         for l in &config.listeners {
-            let socket = bind(l.bind).map_err(|e| io::Error::new(e.kind(), format!("listener `{}` cannot bind {}: {e}", l.name, l.bind)))?;
+            let socket = bind(l.bind).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("listener `{}` cannot bind {}: {e}", l.name, l.bind),
+                )
+            })?;
             let addr = socket.local_addr()?;
             tracing::info!(listener = %l.name, %addr, "listening");
             local_addrs.push(addr);
             let permits = u32::try_from(l.max_connections).unwrap_or(u32::MAX);
             let connections = Arc::new(Semaphore::new(permits as usize));
             connection_limits.push((connections.clone(), permits));
-            bound.push(Bound { socket, connections });
+            bound.push(Bound {
+                socket,
+                connections,
+            });
         }
         let shared = Arc::new(Shared::new(Runtime::build(config)));
         let (shutdown, _) = watch::channel(false);
-        Ok((Server { shared, local_addrs, connection_limits, shutdown }, bound))
+        Ok((
+            Server {
+                shared,
+                local_addrs,
+                connection_limits,
+                shutdown,
+            },
+            bound,
+        ))
     }
 
     /// The addresses actually bound, in config order (useful with port 0).
@@ -124,7 +162,11 @@ pub fn worker() -> usize {
 }
 
 fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     // Lets a restarted Fulcrum bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;

@@ -35,7 +35,6 @@ pub async fn serve_connection(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let _ = stream.set_nodelay(true);
     let runtime = shared.load();
     let mut buf = BytesMut::with_capacity(16 * 1024);
     // Read until the bytes either stop matching the HTTP/2 preface or match all of it.
@@ -60,6 +59,7 @@ pub async fn serve_connection(
         return proxy::h1::serve(stream, buf, peer, listener, shared, shutdown).await;
     }
 
+    let _ = stream.set_nodelay(true);
     let io = TokioIo::new(IdleTimeout::new(
         Prefixed::new(buf.freeze(), stream),
         runtime.config.timeouts.client_idle,

@@ -7,8 +7,15 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
-/// How much room a read asks for at least.
-const READ_RESERVE: usize = 16 * 1024;
+use super::body;
+
+/// Room a read of message heads asks for; bodies read in larger steps.
+const HEAD_READ: usize = 16 * 1024;
+const BODY_READ: usize = 64 * 1024;
+/// Body pieces at least this large are written straight from the read buffer, not copied.
+const DIRECT_WRITE: usize = 16 * 1024;
+/// Buffered output is written once this much has gathered.
+const FLUSH_AT: usize = 64 * 1024;
 
 /// Reads what is available into `buf`, waiting up to `idle` for anything to arrive.
 /// Returns 0 at end of stream.
@@ -17,8 +24,26 @@ pub async fn read_some(
     buf: &mut BytesMut,
     idle: Duration,
 ) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_RESERVE / 4 {
-        buf.reserve(READ_RESERVE);
+    read_with_room(stream, buf, HEAD_READ, idle).await
+}
+
+/// Like [`read_some`], with room for a large piece of body.
+pub async fn read_body(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    idle: Duration,
+) -> io::Result<usize> {
+    read_with_room(stream, buf, BODY_READ, idle).await
+}
+
+async fn read_with_room(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    room: usize,
+    idle: Duration,
+) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < room / 4 {
+        buf.reserve(room);
     }
     loop {
         match stream.try_read_buf(buf) {
@@ -41,6 +66,58 @@ pub async fn write_all(stream: &TcpStream, mut data: &[u8], idle: Duration) -> i
             }
             Err(e) => return Err(e),
         }
+    }
+    Ok(())
+}
+
+/// Writes `first` then `second` with as few system calls as the peer allows.
+pub async fn write_all_pair(
+    stream: &TcpStream,
+    mut first: &[u8],
+    mut second: &[u8],
+    idle: Duration,
+) -> io::Result<()> {
+    while !first.is_empty() {
+        let slices = [io::IoSlice::new(first), io::IoSlice::new(second)];
+        match stream.try_write_vectored(&slices) {
+            Ok(n) if n >= first.len() => {
+                second = &second[n - first.len()..];
+                first = &[];
+            }
+            Ok(n) => first = &first[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait(stream.writable(), idle).await?
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    write_all(stream, second, idle).await
+}
+
+/// Passes one piece of body on in the outgoing framing: gathered in `out` when small,
+/// written straight from the read buffer together with what `out` holds when large.
+pub async fn pass_body(
+    to: &TcpStream,
+    out: &mut Vec<u8>,
+    data: &[u8],
+    chunked: bool,
+    idle: Duration,
+) -> io::Result<()> {
+    if chunked {
+        body::write_chunk_header(out, data.len());
+    }
+    if data.len() >= DIRECT_WRITE {
+        write_all_pair(to, out, data, idle).await?;
+        out.clear();
+    } else {
+        out.extend_from_slice(data);
+    }
+    if chunked {
+        out.extend_from_slice(body::CHUNK_TRAILER);
+    }
+    if out.len() >= FLUSH_AT {
+        write_all(to, out, idle).await?;
+        out.clear();
     }
     Ok(())
 }

@@ -25,14 +25,12 @@ use crate::http::headers::{ClientHop, has_token};
 use crate::http::validate;
 use crate::http1::body::{self, Decoded, Decoder, Framing};
 use crate::http1::head::{self, HeadError};
-use crate::http1::io::{read_some, write_all};
+use crate::http1::io::{pass_body, read_body, read_some, write_all};
 use crate::idle_timeout::IdleTimeout;
 use crate::runtime::{Runtime, Shared};
 use crate::server::stopping;
 use crate::upstream::{ConnectError, RawConn, Server, Upstream};
 
-/// Output is written out once this much has gathered.
-const FLUSH_AT: usize = 64 * 1024;
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
@@ -97,8 +95,7 @@ pub async fn serve(
                 _ = stopping(&mut shutdown) => return,
             }
         }
-        first = false;
-        let req = match read_head(&mut client, &rt).await {
+        let req = match read_head(&mut client, rt).await {
             Ok(Some(req)) => req,
             Ok(None) => return,
             Err(e) => {
@@ -109,9 +106,14 @@ pub async fn serve(
             }
         };
         let stopping_now = *shutdown.borrow();
-        if exchange(&mut client, req, &rt, stopping_now).await == Next::Close || *shutdown.borrow()
-        {
+        if exchange(&mut client, req, rt, stopping_now).await == Next::Close || *shutdown.borrow() {
             return;
+        }
+        if first {
+            // Set only once a connection is kept alive (or streams, see `relay_response`): a
+            // one-request connection writes its response at once and is spared the call.
+            let _ = client.stream.set_nodelay(true);
+            first = false;
         }
     }
 }
@@ -527,20 +529,16 @@ async fn send_request(
                 if total > cx.max_body {
                     return Err(RequestFailure::TooLarge(cx.max_body));
                 }
-                if framing == Framing::Chunked {
-                    body::write_chunk_header(out, n);
-                    out.extend_from_slice(&rbuf[..n]);
-                    out.extend_from_slice(body::CHUNK_TRAILER);
-                } else {
-                    out.extend_from_slice(&rbuf[..n]);
-                }
+                pass_body(
+                    upstream,
+                    out,
+                    &rbuf[..n],
+                    framing == Framing::Chunked,
+                    t.upstream_idle,
+                )
+                .await
+                .map_err(RequestFailure::UpstreamWrite)?;
                 rbuf.advance(n);
-                if out.len() >= FLUSH_AT {
-                    write_all(upstream, out, t.upstream_idle)
-                        .await
-                        .map_err(RequestFailure::UpstreamWrite)?;
-                    out.clear();
-                }
             }
             Decoded::NeedMore => {
                 if !out.is_empty() {
@@ -549,7 +547,7 @@ async fn send_request(
                         .map_err(RequestFailure::UpstreamWrite)?;
                     out.clear();
                 }
-                match read_some(client, rbuf, t.client_idle).await {
+                match read_body(client, rbuf, t.client_idle).await {
                     Ok(n) if n > 0 => {}
                     _ => return Err(RequestFailure::ClientGone),
                 }
@@ -706,6 +704,10 @@ async fn relay_response(
     let close_delimited = unknown_length && !client_chunked;
     let keep_alive =
         !switched && !close_delimited && cx.keep_alive && request_done.load(Ordering::Relaxed);
+    if unknown_length || switched {
+        // Streamed pieces must not wait for the client's ACK of the previous one.
+        let _ = client.set_nodelay(true);
+    }
     if client_chunked {
         headers.insert(
             header::TRANSFER_ENCODING,
@@ -740,20 +742,10 @@ async fn relay_response(
         match decoder.decode(ubuf) {
             Ok(Decoded::Data(n)) => {
                 bytes += n as u64;
-                if client_chunked {
-                    body::write_chunk_header(out, n);
-                    out.extend_from_slice(&ubuf[..n]);
-                    out.extend_from_slice(body::CHUNK_TRAILER);
-                } else {
-                    out.extend_from_slice(&ubuf[..n]);
-                }
+                pass_body(client, out, &ubuf[..n], client_chunked, t.client_idle)
+                    .await
+                    .map_err(|e| Relay::AfterHead(format!("writing to the client failed: {e}")))?;
                 ubuf.advance(n);
-                if out.len() >= FLUSH_AT {
-                    write_all(client, out, t.client_idle).await.map_err(|e| {
-                        Relay::AfterHead(format!("writing to the client failed: {e}"))
-                    })?;
-                    out.clear();
-                }
             }
             Ok(Decoded::NeedMore) => {
                 if !out.is_empty() {
@@ -762,7 +754,7 @@ async fn relay_response(
                     })?;
                     out.clear();
                 }
-                match read_some(upstream, ubuf, t.upstream_idle).await {
+                match read_body(upstream, ubuf, t.upstream_idle).await {
                     Ok(0) if decoder.until_close() => break,
                     Ok(0) => {
                         return Err(Relay::AfterHead(

@@ -73,7 +73,13 @@ pub enum ConnectError {
 }
 
 impl Pool {
-    pub fn new(address: SocketAddr, workers: usize, max_idle: usize, idle_timeout: Duration, connect_timeout: Duration) -> Self {
+    pub fn new(
+        address: SocketAddr,
+        workers: usize,
+        max_idle: usize,
+        idle_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Self {
         let queues = if max_idle > 0 { workers } else { 0 };
         let idle = (0..queues).map(|_| ArrayQueue::new(max_idle)).collect();
         let raw = (0..queues).map(|_| ArrayQueue::new(max_idle)).collect();
