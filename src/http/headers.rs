@@ -108,7 +108,11 @@ pub fn add_via(headers: &mut HeaderMap, version: Version) {
         Version::HTTP_10 => "1.0 fulcrum",
         _ => "1.1 fulcrum",
     };
-    append(headers, header::VIA, hop);
+    if headers.contains_key(header::VIA) {
+        append(headers, header::VIA, hop);
+    } else {
+        headers.insert(header::VIA, HeaderValue::from_static(hop));
+    }
 }
 
 /// Sets `name` to `value`, or to `old, value` when the header is already there (all

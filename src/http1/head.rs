@@ -20,6 +20,8 @@ pub enum HeadError {
     TooManyHeaders,
     /// The request target is longer than allowed: 414.
     UriTooLong,
+    /// The whole head did not arrive in time: 408.
+    TimedOut,
     /// Malformed: 400 (or 502 for a response), with what was wrong.
     Invalid(&'static str),
 }
@@ -31,6 +33,7 @@ impl HeadError {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
             HeadError::UriTooLong => StatusCode::URI_TOO_LONG,
+            HeadError::TimedOut => StatusCode::REQUEST_TIMEOUT,
             HeadError::Invalid(_) => StatusCode::BAD_REQUEST,
         }
     }
@@ -40,6 +43,7 @@ impl HeadError {
             HeadError::TooLarge => "request header is larger than allowed",
             HeadError::TooManyHeaders => "request has more header fields than allowed",
             HeadError::UriTooLong => "request target is too long",
+            HeadError::TimedOut => "request header not received in time",
             HeadError::Invalid(why) => why,
         }
     }
@@ -163,7 +167,8 @@ fn header_map(
     parsed_from: &[u8],
     parsed: &[httparse::Header<'_>],
 ) -> Result<HeaderMap, HeadError> {
-    let mut headers = HeaderMap::with_capacity(parsed.len());
+    // Room for the forwarding headers the proxy adds, so adding them does not regrow the map.
+    let mut headers = HeaderMap::with_capacity(parsed.len() + 8);
     for h in parsed {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| HeadError::Invalid("invalid header name"))?;

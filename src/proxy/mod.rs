@@ -3,8 +3,6 @@
 //! runs them for HTTP/1.1 clients on hand-written I/O, [`h2`] for HTTP/2 clients on hyper.
 //! Everything a phase needs comes from the runtime snapshot the request started with.
 
-mod body;
-mod forward;
 pub mod h1;
 pub mod h2;
 mod log;
@@ -15,7 +13,6 @@ use std::sync::Arc;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, StatusCode, Version};
 
-pub use body::ResponseBody;
 pub use log::AccessRecord;
 
 use crate::http::headers::{self, ClientHop};

@@ -2,6 +2,8 @@
 //! raw clients for input no well-behaved client would send.
 #![allow(dead_code)]
 
+pub mod h2raw;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -310,4 +312,56 @@ pub fn fill(config: &str, backends: &[&Backend]) -> String {
         text = text.replace(&format!("{{{i}}}"), &b.addr.to_string());
     }
     text
+}
+
+/// A backend speaking raw bytes, for responses no HTTP library would write: it reads each
+/// request head (requests with bodies are not supported) and writes what `reply` returns,
+/// closing the connection afterwards when `reply` says so.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<String>>>,
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl RawBackend {
+    pub async fn start(
+        reply: impl Fn(&str) -> (Vec<u8>, bool) + Send + Sync + 'static,
+    ) -> RawBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let reply = Arc::new(reply);
+        let (seen2, connections2) = (seen.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                connections2.fetch_add(1, Ordering::SeqCst);
+                let (reply, seen) = (reply.clone(), seen2.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+                            buf.drain(..end + 4);
+                            seen.lock().unwrap().push(head.clone());
+                            let (bytes, close) = reply(&head);
+                            if stream.write_all(&bytes).await.is_err() || close {
+                                return;
+                            }
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                });
+            }
+        });
+        RawBackend {
+            addr,
+            seen,
+            connections,
+        }
+    }
 }

@@ -11,7 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
-use super::log::AccessRecord;
+use crate::proxy::AccessRecord;
 use crate::upstream::{RequestBody, Server};
 
 pub struct ResponseBody {

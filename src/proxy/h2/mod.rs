@@ -1,6 +1,9 @@
 //! The phases for a request from an HTTP/2 client (served by hyper), forwarded to an
 //! HTTP/1.1 upstream through hyper's client on pooled connections.
 
+mod body;
+mod forward;
+
 use std::borrow::Cow;
 use std::error::Error as _;
 use std::sync::Arc;
@@ -11,13 +14,13 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::body::ResponseBody;
-use super::forward::{self, ForwardError};
-use super::log::AccessRecord;
+use super::AccessRecord;
 use super::{ClientConn, client_response_headers, local_body, route, upstream_request_headers};
 use crate::http::headers::ClientHop;
 use crate::runtime::Runtime;
 use crate::upstream::{ConnectError, RequestBody, RequestBodyError};
+pub use body::ResponseBody;
+use forward::ForwardError;
 
 /// Serves one request; never fails: every problem becomes a response with a status.
 pub async fn handle(

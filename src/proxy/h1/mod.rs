@@ -1,0 +1,443 @@
+//! The phases for HTTP/1.1 clients, on hand-written I/O: one task per client connection
+//! reads each request head, routes it, and moves the request body up and the response down
+//! at the same time on a pooled upstream connection, with no channel or extra task between
+//! the two sides. [`exchange`] runs the two directions, [`request`] sends, [`response`]
+//! relays.
+
+use std::borrow::Cow;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, StatusCode};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::{AccessRecord, local_body, route, upgrade_protocol, upstream_request_headers};
+use crate::config::Timeouts;
+use crate::http::headers::ClientHop;
+use crate::http1::body::Framing;
+use crate::http1::head::{self, HeadError};
+use crate::http1::io::{read_some, write_all};
+use crate::idle_timeout::IdleTimeout;
+use crate::runtime::{Runtime, Shared};
+use crate::server::stopping;
+use crate::upstream::{ConnectError, RawConn, Server, Upstream};
+
+mod exchange;
+mod request;
+mod response;
+
+use exchange::{Context, Outcome, UpstreamFailure, forward};
+use request::request_framing;
+
+/// One HTTP/1.1 client connection and the buffers it reuses for every request.
+pub(super) struct Client {
+    pub(super) stream: TcpStream,
+    pub(super) peer: SocketAddr,
+    pub(super) listener: usize,
+    /// Bytes read from the client and not yet used: the rest of a head, body, or pipelined
+    /// requests.
+    pub(super) rbuf: BytesMut,
+    /// What goes to the client next.
+    pub(super) wbuf: Vec<u8>,
+    /// What goes to the upstream next: a request head, then body.
+    pub(super) ubuf: Vec<u8>,
+}
+
+/// Whether the client connection may carry another request.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// Serves HTTP/1.1 requests on `stream` (whose first bytes are already in `rbuf`) until the
+/// client leaves, a timeout or error ends the connection, or shutdown is signalled.
+pub async fn serve(
+    stream: TcpStream,
+    rbuf: BytesMut,
+    peer: SocketAddr,
+    listener: usize,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut client = Client {
+        stream,
+        peer,
+        listener,
+        rbuf,
+        wbuf: Vec::with_capacity(16 * 1024),
+        ubuf: Vec::with_capacity(4 * 1024),
+    };
+    let mut runtime = shared.cache();
+    drop(shared);
+    let mut first = true;
+    loop {
+        let rt = arc_swap::cache::Access::load(&mut runtime);
+        let timeouts = &rt.config.timeouts;
+        if client.rbuf.is_empty() {
+            // A new connection has `client_header` to start its request; a kept-alive one
+            // may idle for `client_idle`.
+            let wait = if first {
+                timeouts.client_header
+            } else {
+                timeouts.client_idle
+            };
+            tokio::select! {
+                read = read_some(&client.stream, &mut client.rbuf, wait) => match read {
+                    Ok(n) if n > 0 => {}
+                    _ => return,
+                },
+                _ = stopping(&mut shutdown) => return,
+            }
+        }
+        let req = match read_head(&mut client, rt).await {
+            Ok(Some(req)) => req,
+            Ok(None) => return,
+            Err(e) => {
+                let _ = client
+                    .answer(e.status(), e.reason(), None, true, None, timeouts)
+                    .await;
+                return;
+            }
+        };
+        let stopping_now = *shutdown.borrow();
+        if exchange(&mut client, req, rt, stopping_now).await == Next::Close || *shutdown.borrow() {
+            return;
+        }
+        if first {
+            // Set only once a connection is kept alive (or streams, see `relay_response`): a
+            // one-request connection writes its response at once and is spared the call.
+            let _ = client.stream.set_nodelay(true);
+            first = false;
+        }
+    }
+}
+
+/// Reads one request head: all of it within `client_header`, refusing bare LF and heads
+/// over the size limits. `None` when the client closed between requests.
+async fn read_head(client: &mut Client, rt: &Runtime) -> Result<Option<Request<()>>, HeadError> {
+    let limits = &rt.config.limits;
+    let deadline = Instant::now() + rt.config.timeouts.client_header;
+    let mut scanned = 0;
+    let end = loop {
+        if scanned == 0 {
+            head::skip_leading_crlf(&mut client.rbuf);
+        }
+        if let Some(end) = head::find_head_end(&client.rbuf, &mut scanned)? {
+            break end;
+        }
+        if client.rbuf.len() > limits.max_header_bytes {
+            return Err(HeadError::TooLarge);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match read_some(&client.stream, &mut client.rbuf, left).await {
+            Ok(0) if client.rbuf.is_empty() => return Ok(None),
+            Ok(0) => {
+                return Err(HeadError::Invalid(
+                    "connection closed in the middle of a request head",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(HeadError::TimedOut);
+            }
+            Err(_) => return Ok(None),
+        }
+    };
+    if end > limits.max_header_bytes {
+        return Err(HeadError::TooLarge);
+    }
+    let head = client.rbuf.split_to(end).freeze();
+    head::parse_request(head, limits.max_headers, limits.max_uri_bytes).map(Some)
+}
+
+/// Carries one request to an upstream and its response back.
+async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping: bool) -> Next {
+    let started = Instant::now();
+    let timeouts = &rt.config.timeouts;
+    let mut log = rt
+        .config
+        .access_log
+        .enabled
+        .then(|| AccessRecord::new(&req, client.peer.ip(), started));
+    let client_keep_alive = head::keep_alive(&req) && !stopping;
+
+    // Validate and route.
+    let routed = match route(&req, client.listener, rt) {
+        Ok(routed) => routed,
+        Err(reject) => {
+            // Only a well-formed request with nothing left unread may keep its connection.
+            let clean =
+                reject.status == StatusCode::NOT_FOUND && request_framing(&req) == Framing::Empty;
+            return client
+                .answer(
+                    reject.status,
+                    reject.reason,
+                    None,
+                    !(clean && client_keep_alive),
+                    log,
+                    timeouts,
+                )
+                .await;
+        }
+    };
+    let framing = request_framing(&req);
+    let upgrade = upgrade_protocol(&req);
+    let version = req.version();
+    let is_head = req.method() == Method::HEAD;
+    let (mut parts, ()) = req.into_parts();
+    let expect_continue = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expect_continue {
+        // Answered here, once an upstream connection is ready, rather than by the upstream.
+        parts.headers.remove(header::EXPECT);
+    }
+    let hop = ClientHop {
+        client_ip: client.peer.ip(),
+        host: routed.host.as_ref().and_then(|h| h.to_str().ok()),
+        version,
+    };
+    upstream_request_headers(&mut parts.headers, &hop, upgrade.clone(), &routed);
+    match framing {
+        Framing::Chunked => {
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
+        Framing::Length(n)
+            if parts
+                .headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .nth(1)
+                .is_some()
+                || parts.headers[header::CONTENT_LENGTH]
+                    .as_bytes()
+                    .contains(&b',') =>
+        {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        _ => {}
+    }
+
+    // Balance, connect, and send; a request that never left is retried on a new connection.
+    let mut attempt = 0;
+    let (server, mut conn, outcome) = loop {
+        let (server, mut conn) = match connect(routed.upstream, framing != Framing::Empty).await {
+            Ok(found) => found,
+            Err(e) => {
+                let (status, reason) = match e {
+                    ConnectError::TimedOut(..) => (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream server did not accept the connection in time",
+                    ),
+                    _ => (
+                        StatusCode::BAD_GATEWAY,
+                        "upstream server could not be reached",
+                    ),
+                };
+                let close = framing != Framing::Empty || !client_keep_alive;
+                return client
+                    .answer(
+                        status,
+                        reason,
+                        Some(e.to_string().into()),
+                        close,
+                        log,
+                        timeouts,
+                    )
+                    .await;
+            }
+        };
+        if let Some(log) = log.as_mut() {
+            log.upstream = Some(server.address);
+        }
+        if !parts.headers.contains_key(header::HOST) || !routed.upstream.preserve_host {
+            parts
+                .headers
+                .insert(header::HOST, server.host_header.clone());
+        }
+        client.ubuf.clear();
+        head::write_request_head(&mut client.ubuf, &parts.method, &parts.uri, &parts.headers);
+        client.ubuf.extend_from_slice(b"\r\n");
+        if expect_continue
+            && framing != Framing::Empty
+            && attempt == 0
+            && write_all(
+                &client.stream,
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+                timeouts.client_idle,
+            )
+            .await
+            .is_err()
+        {
+            return Next::Close;
+        }
+        let context = Context {
+            timeouts,
+            is_head,
+            upgrade: upgrade.clone(),
+            client_version: version,
+            keep_alive: client_keep_alive,
+            max_body: rt.config.limits.max_body_bytes,
+            started,
+        };
+        let outcome = forward(client, &mut conn, framing, &context, &mut log).await;
+        // A pooled connection the server had already closed fails before any response byte;
+        // a request without a body can go again on a fresh one.
+        if let Outcome::Upstream(UpstreamFailure {
+            nothing_received: true,
+            ..
+        }) = &outcome
+            && conn.reused
+            && framing == Framing::Empty
+            && attempt == 0
+        {
+            attempt += 1;
+            continue;
+        }
+        break (server, conn, outcome);
+    };
+
+    let responded = match outcome {
+        Outcome::Responded(responded) => responded,
+        Outcome::Request(failure) => {
+            let (status, reason) = failure.answer();
+            return client
+                .answer(
+                    status,
+                    reason,
+                    Some(failure.detail().into()),
+                    true,
+                    log,
+                    timeouts,
+                )
+                .await;
+        }
+        Outcome::Upstream(failure) => {
+            let close = framing != Framing::Empty || !client_keep_alive;
+            return client
+                .answer(
+                    failure.status,
+                    failure.reason,
+                    Some(failure.detail.into()),
+                    close,
+                    log,
+                    timeouts,
+                )
+                .await;
+        }
+        Outcome::Broken(why) => {
+            if let Some(log) = log.as_mut() {
+                log.reason = Some(why);
+            }
+            return Next::Close;
+        }
+    };
+    if let Some(log) = log.as_mut() {
+        log.bytes = responded.bytes;
+        log.complete = true;
+    }
+    if responded.switched {
+        tunnel(client, conn, timeouts).await;
+        return Next::Close;
+    }
+    if responded.upstream_reusable {
+        conn.reused = false;
+        server.pool.put_raw(conn);
+    }
+    if responded.client_keep_alive {
+        Next::KeepAlive
+    } else {
+        Next::Close
+    }
+}
+
+/// A pooled or new connection to a server the balancer picks, trying the next server when
+/// one cannot be reached. `probe` checks pooled connections for having been closed, for
+/// requests that could not be sent again.
+async fn connect(upstream: &Upstream, probe: bool) -> Result<(&Server, RawConn), ConnectError> {
+    let mut last_error = None;
+    for attempt in 0..upstream.servers.len() {
+        let Some(index) = upstream.balancer.pick(attempt) else {
+            break;
+        };
+        let server = &upstream.servers[index];
+        if let Some(conn) = server.pool.take_raw(probe) {
+            return Ok((server, conn));
+        }
+        match server.pool.connect_raw().await {
+            Ok(conn) => return Ok((server, conn)),
+            Err(e) => {
+                tracing::warn!(upstream = %upstream.name, server = %server.address, error = %e, "upstream server unavailable");
+                last_error = Some(e);
+            }
+        }
+    }
+    Err(last_error.unwrap_or(ConnectError::NoServer))
+}
+
+/// After `101 Switching Protocols`: bytes already read on either side go across first, then
+/// both connections are copied through until one closes or both idle too long.
+async fn tunnel(client: &mut Client, mut conn: RawConn, timeouts: &Timeouts) {
+    let idle = timeouts.client_idle;
+    if write_all(&conn.stream, &client.rbuf, idle).await.is_err()
+        || write_all(&client.stream, &conn.buf, idle).await.is_err()
+    {
+        return;
+    }
+    client.rbuf.clear();
+    let mut down = IdleTimeout::new(&mut client.stream, idle);
+    let mut up = IdleTimeout::new(&mut conn.stream, timeouts.upstream_idle);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!(error = %e, "tunnel ended with an error");
+    }
+}
+
+impl Client {
+    /// Writes a short plain-text response of Fulcrum's own.
+    async fn answer(
+        &mut self,
+        status: StatusCode,
+        reason: &'static str,
+        detail: Option<Cow<'static, str>>,
+        close: bool,
+        mut log: Option<AccessRecord>,
+        timeouts: &Timeouts,
+    ) -> Next {
+        let body = local_body(status, reason);
+        self.wbuf.clear();
+        let _ = write!(
+            self.wbuf,
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\ndate: {}\r\n{}\r\n{body}",
+            status.as_str(),
+            status.canonical_reason().unwrap_or(""),
+            body.len(),
+            httpdate::fmt_http_date(std::time::SystemTime::now()),
+            if close { "connection: close\r\n" } else { "" },
+        );
+        let written = write_all(&self.stream, &self.wbuf, timeouts.client_idle).await;
+        self.wbuf.clear();
+        if let Some(log) = log.as_mut() {
+            log.status = status;
+            log.reason = Some(detail.unwrap_or(Cow::Borrowed(reason)));
+            log.bytes = body.len() as u64;
+            log.complete = written.is_ok();
+        }
+        if close || written.is_err() {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        }
+    }
+}
