@@ -1,7 +1,8 @@
-//! Message heads: finding where a head ends (refusing bare LF), parsing it with `httparse`
-//! into `http` types without copying header bytes, and writing heads out.
+//! Request heads: finding where a head ends (refusing bare LF), and parsing it with
+//! `httparse` into `http` types without copying header bytes. (Response heads are parsed
+//! where they are rewritten, in `proxy::h1::rewrite`.)
 
-use std::io::Write as _;
+use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -91,10 +92,11 @@ pub fn parse_request(
     max_headers: usize,
     max_uri: usize,
 ) -> Result<Request<()>, HeadError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // Left uninitialised: httparse writes each slot it uses, so no 8 KiB fill per request.
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let limit = max_headers.min(MAX_HEADERS);
-    let mut req = httparse::Request::new(&mut slots[..limit]);
-    match req.parse(&head) {
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(&head, &mut slots[..limit]) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(HeadError::Invalid("incomplete request head")),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
@@ -122,44 +124,6 @@ pub fn parse_request(
     Ok(request)
 }
 
-/// A parsed response head.
-pub struct ResponseHead {
-    pub status: StatusCode,
-    pub version: Version,
-    pub headers: HeaderMap,
-}
-
-/// Parses an upstream's response head. Returns `None` while it is incomplete.
-pub fn parse_response(buf: &[u8]) -> Result<Option<(usize, ResponseHead)>, HeadError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
-        Err(_) => return Err(HeadError::Invalid("malformed response head")),
-    };
-    let status = StatusCode::from_u16(resp.code.unwrap_or(0))
-        .map_err(|_| HeadError::Invalid("invalid response status"))?;
-    let version = if resp.version == Some(1) {
-        Version::HTTP_11
-    } else {
-        Version::HTTP_10
-    };
-    // Response heads are copied once: they are small, and the read buffer is reused for
-    // the body that follows.
-    let copy = Bytes::copy_from_slice(&buf[..len]);
-    let headers = header_map(&copy, buf, resp.headers)?;
-    Ok(Some((
-        len,
-        ResponseHead {
-            status,
-            version,
-            headers,
-        },
-    )))
-}
-
 /// Builds a header map whose values share `bytes`, which must hold the same bytes as
 /// `parsed_from`, the buffer the parsed headers borrow from.
 fn header_map(
@@ -179,36 +143,6 @@ fn header_map(
         headers.append(name, value);
     }
     Ok(headers)
-}
-
-/// Appends `name: value` lines for every header.
-pub fn write_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
-/// Appends a request line in origin form and the headers (without the final empty line).
-pub fn write_request_head(out: &mut Vec<u8>, method: &Method, uri: &Uri, headers: &HeaderMap) {
-    out.extend_from_slice(method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    write_headers(out, headers);
-}
-
-/// Appends a status line and the headers (without the final empty line).
-pub fn write_response_head(out: &mut Vec<u8>, status: StatusCode, headers: &HeaderMap) {
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\n",
-        status.as_str(),
-        status.canonical_reason().unwrap_or("")
-    );
-    write_headers(out, headers);
 }
 
 #[cfg(test)]

@@ -6,19 +6,18 @@
 
 use std::borrow::Cow;
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use http::header::{self, HeaderValue};
+use http::header;
 use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{AccessRecord, local_body, route, upgrade_protocol, upstream_request_headers};
+use super::{AccessRecord, local_body, route, upgrade_protocol};
 use crate::config::Timeouts;
-use crate::http::headers::ClientHop;
 use crate::http1::body::Framing;
 use crate::http1::head::{self, HeadError};
 use crate::http1::io::{read_some, write_all};
@@ -30,22 +29,27 @@ use crate::upstream::{ConnectError, RawConn, Server, Upstream};
 mod exchange;
 mod request;
 mod response;
+mod rewrite;
 
 use exchange::{Context, Outcome, UpstreamFailure, forward};
 use request::request_framing;
+use rewrite::UpstreamHead;
 
 /// One HTTP/1.1 client connection and the buffers it reuses for every request.
-pub(super) struct Client {
-    pub(super) stream: TcpStream,
-    pub(super) peer: SocketAddr,
-    pub(super) listener: usize,
+struct Client {
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: usize,
     /// Bytes read from the client and not yet used: the rest of a head, body, or pipelined
     /// requests.
-    pub(super) rbuf: BytesMut,
+    rbuf: BytesMut,
     /// What goes to the client next.
-    pub(super) wbuf: Vec<u8>,
+    wbuf: Vec<u8>,
     /// What goes to the upstream next: a request head, then body.
-    pub(super) ubuf: Vec<u8>,
+    ubuf: Vec<u8>,
+    /// The client's address as `X-Forwarded-For` and `Forwarded` write it, made once.
+    ip: String,
+    forwarded_for: String,
 }
 
 /// Whether the client connection may carry another request.
@@ -72,6 +76,11 @@ pub async fn serve(
         rbuf,
         wbuf: Vec::with_capacity(16 * 1024),
         ubuf: Vec::with_capacity(4 * 1024),
+        ip: peer.ip().to_string(),
+        forwarded_for: match peer.ip() {
+            IpAddr::V4(ip) => format!("for={ip}"),
+            IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+        },
     };
     let mut runtime = shared.cache();
     drop(shared);
@@ -190,45 +199,12 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
     let upgrade = upgrade_protocol(&req);
     let version = req.version();
     let is_head = req.method() == Method::HEAD;
-    let (mut parts, ()) = req.into_parts();
+    let (parts, ()) = req.into_parts();
+    // Answered here, once an upstream connection is ready, rather than by the upstream.
     let expect_continue = parts
         .headers
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expect_continue {
-        // Answered here, once an upstream connection is ready, rather than by the upstream.
-        parts.headers.remove(header::EXPECT);
-    }
-    let hop = ClientHop {
-        client_ip: client.peer.ip(),
-        host: routed.host.as_ref().and_then(|h| h.to_str().ok()),
-        version,
-    };
-    upstream_request_headers(&mut parts.headers, &hop, upgrade.clone(), &routed);
-    match framing {
-        Framing::Chunked => {
-            parts.headers.insert(
-                header::TRANSFER_ENCODING,
-                HeaderValue::from_static("chunked"),
-            );
-        }
-        Framing::Length(n)
-            if parts
-                .headers
-                .get_all(header::CONTENT_LENGTH)
-                .iter()
-                .nth(1)
-                .is_some()
-                || parts.headers[header::CONTENT_LENGTH]
-                    .as_bytes()
-                    .contains(&b',') =>
-        {
-            parts
-                .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-        }
-        _ => {}
-    }
 
     // Balance, connect, and send; a request that never left is retried on a new connection.
     let mut attempt = 0;
@@ -262,14 +238,23 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
         if let Some(log) = log.as_mut() {
             log.upstream = Some(server.address);
         }
-        if !parts.headers.contains_key(header::HOST) || !routed.upstream.preserve_host {
-            parts
-                .headers
-                .insert(header::HOST, server.host_header.clone());
-        }
+        let client_host = routed.host.as_ref();
+        let host = match client_host {
+            Some(host) if routed.upstream.preserve_host => host,
+            _ => &server.host_header,
+        };
+        let head = UpstreamHead {
+            client_ip: &client.ip,
+            forwarded_for: &client.forwarded_for,
+            client_host,
+            host,
+            client_version: version,
+            framing,
+            upgrade: upgrade.as_ref(),
+            drop_expect: expect_continue,
+        };
         client.ubuf.clear();
-        head::write_request_head(&mut client.ubuf, &parts.method, &parts.uri, &parts.headers);
-        client.ubuf.extend_from_slice(b"\r\n");
+        rewrite::write_request(&mut client.ubuf, &parts, &head);
         if expect_continue
             && framing != Framing::Empty
             && attempt == 0

@@ -4,18 +4,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Buf, BytesMut};
-use http::header::{self, HeaderValue};
 use http::{StatusCode, Version};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::exchange::{Context, Responded, UpstreamFailure};
-use crate::http::headers::has_token;
-use crate::http::validate;
+use super::rewrite::{self, ClientHead, ResponseFacts};
 use crate::http1::body::{self, Decoded, Decoder, Framing};
-use crate::http1::head;
 use crate::http1::io::{pass_body, read_body, read_some, write_all};
-use crate::proxy::{AccessRecord, client_response_headers};
+use crate::proxy::AccessRecord;
 
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -63,17 +60,27 @@ pub(super) async fn relay_response(
         }
     }
     let mut received_any = !ubuf.is_empty();
-    let head = loop {
-        match head::parse_response(ubuf) {
-            Ok(Some((len, head))) => {
-                ubuf.advance(len);
-                // Interim responses (100, 103) are dropped; the final one follows.
-                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
-                {
-                    continue;
-                }
-                break head;
+    // Decided while the upstream's head is parsed, so the client's head is written in the
+    // same pass.
+    let mut plan = None;
+    out.clear();
+    let facts = loop {
+        let parsed = rewrite::relay_response_head(ubuf, cx.is_head, out, |facts| {
+            let p = client_plan(facts, cx, request_done.load(Ordering::Relaxed))?;
+            let head = p.head(cx.client_version);
+            plan = Some(p);
+            Some(head)
+        });
+        match parsed {
+            // Interim responses (100, 103) are dropped; the final one follows.
+            Ok(Some(facts))
+                if plan.is_none()
+                    && facts.status.is_informational()
+                    && facts.status != StatusCode::SWITCHING_PROTOCOLS =>
+            {
+                ubuf.advance(facts.head_len);
             }
+            Ok(Some(facts)) => break facts,
             Ok(None) if ubuf.len() > MAX_RESPONSE_HEAD => {
                 return Err(upstream_failure(
                     StatusCode::BAD_GATEWAY,
@@ -119,62 +126,30 @@ pub(super) async fn relay_response(
             }
         }
     };
-    let framing = response_framing(cx.is_head, &head).map_err(|why| {
-        upstream_failure(
-            StatusCode::BAD_GATEWAY,
-            "upstream server sent an invalid response",
-            why.into(),
-            false,
-        )
-    })?;
-    let switched = head.status == StatusCode::SWITCHING_PROTOCOLS;
-    if switched && cx.upgrade.is_none() {
+    let Some(Plan {
+        client_chunked,
+        keep_alive,
+        switched,
+    }) = plan
+    else {
         return Err(upstream_failure(
             StatusCode::BAD_GATEWAY,
             "upstream server switched protocols unasked",
             "101 to a request that asked for no upgrade".into(),
             false,
         ));
-    }
+    };
+    ubuf.advance(facts.head_len);
+    head_sent.store(true, Ordering::Relaxed);
     if let Some(log) = log.as_mut() {
-        log.status = head.status;
+        log.status = facts.status;
         log.upstream_time = Some(cx.started.elapsed());
     }
-    let upstream_keep_alive =
-        head.version == Version::HTTP_11 && !has_token(&head.headers, header::CONNECTION, "close");
-
-    // The client's framing: the upstream's length if it gave one, else chunked for an
-    // HTTP/1.1 client and the end of the connection for an HTTP/1.0 one.
-    let mut headers = head.headers;
-    client_response_headers(
-        &mut headers,
-        if switched { cx.upgrade.clone() } else { None },
-    );
-    let unknown_length = matches!(framing, Framing::Chunked | Framing::UntilClose);
-    let client_chunked = unknown_length && cx.client_version == Version::HTTP_11;
-    // An HTTP/1.0 client learns where a body of unknown length ends only by the close.
-    let close_delimited = unknown_length && !client_chunked;
-    let keep_alive =
-        !switched && !close_delimited && cx.keep_alive && request_done.load(Ordering::Relaxed);
-    if unknown_length || switched {
+    let framing = facts.framing;
+    if matches!(framing, Framing::Chunked | Framing::UntilClose) || switched {
         // Streamed pieces must not wait for the client's ACK of the previous one.
         let _ = client.set_nodelay(true);
     }
-    if client_chunked {
-        headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-    }
-    if !keep_alive && !switched {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    } else if keep_alive && cx.client_version == Version::HTTP_10 {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-    }
-    out.clear();
-    head::write_response_head(out, head.status, &headers);
-    out.extend_from_slice(b"\r\n");
-    head_sent.store(true, Ordering::Relaxed);
     if switched {
         write_all(client, out, t.client_idle)
             .await
@@ -236,7 +211,7 @@ pub(super) async fn relay_response(
         .await
         .map_err(|e| Relay::AfterHead(format!("writing to the client failed: {e}")))?;
     out.clear();
-    let upstream_reusable = upstream_keep_alive && !decoder.until_close() && ubuf.is_empty();
+    let upstream_reusable = facts.keep_alive && !decoder.until_close() && ubuf.is_empty();
     Ok(Responded {
         bytes,
         switched,
@@ -245,44 +220,45 @@ pub(super) async fn relay_response(
     })
 }
 
-/// How an upstream's response body is delimited (RFC 9112 §6.3).
-pub(super) fn response_framing(
-    head_request: bool,
-    head: &head::ResponseHead,
-) -> Result<Framing, &'static str> {
-    let status = head.status;
-    if head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Framing::Empty);
+/// What the client's side of a response looks like.
+struct Plan {
+    client_chunked: bool,
+    keep_alive: bool,
+    switched: bool,
+}
+
+/// The client's framing for a final response: the upstream's length if it gave one, else
+/// chunked for an HTTP/1.1 client and the end of the connection for an HTTP/1.0 one.
+/// `None` for interim responses, and for a `101` nobody asked for.
+fn client_plan(facts: &ResponseFacts, cx: &Context<'_>, request_done: bool) -> Option<Plan> {
+    let switched = facts.status == StatusCode::SWITCHING_PROTOCOLS;
+    if (facts.status.is_informational() && !switched) || (switched && cx.upgrade.is_none()) {
+        return None;
     }
-    let headers = &head.headers;
-    if let Some(te) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        if headers.contains_key(header::CONTENT_LENGTH) {
-            return Err("response has both Content-Length and Transfer-Encoding");
+    let unknown_length = matches!(facts.framing, Framing::Chunked | Framing::UntilClose);
+    let client_chunked = unknown_length && cx.client_version == Version::HTTP_11;
+    // An HTTP/1.0 client learns where a body of unknown length ends only by the close.
+    let close_delimited = unknown_length && !client_chunked;
+    let keep_alive = !switched && !close_delimited && cx.keep_alive && request_done;
+    Some(Plan {
+        client_chunked,
+        keep_alive,
+        switched,
+    })
+}
+
+impl Plan {
+    fn head(&self, client_version: Version) -> ClientHead {
+        let connection = match (self.switched, self.keep_alive, client_version) {
+            (true, _, _) => Some("upgrade"),
+            (false, false, _) => Some("close"),
+            (false, true, Version::HTTP_10) => Some("keep-alive"),
+            _ => None,
+        };
+        ClientHead {
+            chunked: self.client_chunked,
+            connection,
+            upgrade: self.switched,
         }
-        let last = te
-            .to_str()
-            .unwrap_or("")
-            .rsplit(',')
-            .next()
-            .unwrap_or("")
-            .trim();
-        return Ok(if last.eq_ignore_ascii_case("chunked") {
-            Framing::Chunked
-        } else {
-            Framing::UntilClose
-        });
-    }
-    match validate::content_length(headers) {
-        Ok(Some(n)) => Ok(Framing::Length(n)),
-        Ok(None) => Ok(Framing::UntilClose),
-        Err(_) => Err("response has an invalid Content-Length"),
     }
 }
