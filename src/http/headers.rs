@@ -8,7 +8,7 @@ use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that belong to one connection and never cross the proxy (RFC 9110 §7.6.1), plus
-/// the `Proxy-*` ones meant for this proxy alone.
+/// the `Proxy-*` ones meant for this proxy alone. `is_hop_by_hop_name` lists the same.
 static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -28,9 +28,20 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// [`is_hop_by_hop`] for a raw name in any case, without building a `HeaderName`.
 pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
-    HOP_BY_HOP
+    const NAMES: [&[u8]; 9] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    NAMES
         .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
+        .any(|h| h.len() == name.len() && name.eq_ignore_ascii_case(h))
 }
 
 /// Removes hop-by-hop headers and every header the `Connection` header names.
@@ -151,6 +162,16 @@ fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_hop_by_hop_lists_agree() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop_name(
+                name.as_str().to_ascii_uppercase().as_bytes()
+            ));
+        }
+        assert!(!is_hop_by_hop_name(b"content-length"));
+    }
 
     #[test]
     fn connection_listed_and_standard_hop_headers_go() {
