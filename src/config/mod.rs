@@ -150,7 +150,7 @@ impl Checker {
                 1 << 20,
                 16 * 1024,
             ) as usize,
-            max_headers: self.int(l.max_headers.as_ref(), "max_headers", 8, 1000, 100) as usize,
+            max_headers: self.int(l.max_headers.as_ref(), "max_headers", 8, 256, 100) as usize,
             max_uri_bytes: self.int(
                 l.max_uri_bytes.as_ref(),
                 "max_uri_bytes",

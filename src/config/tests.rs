@@ -88,7 +88,7 @@ fn bad_durations_and_sizes_say_what_is_allowed() {
         "{e}"
     );
     assert!(
-        e.contains("max_headers = 0 is out of range: allowed 8 to 1000"),
+        e.contains("max_headers = 0 is out of range: allowed 8 to 256"),
         "{e}"
     );
 }

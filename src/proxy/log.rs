@@ -55,7 +55,8 @@ impl Drop for AccessRecord {
         let upstream = self
             .upstream
             .map_or(Cow::Borrowed("-"), |a| Cow::Owned(a.to_string()));
-        let millis = |d: Duration| d.as_secs_f64() * 1000.0;
+        // Milliseconds to the microsecond, which print short in text and stay numbers in JSON.
+        let millis = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         let upstream_ms = self.upstream_time.map_or(-1.0, millis);
         tracing::info!(
             target: "access",
@@ -66,8 +67,8 @@ impl Drop for AccessRecord {
             status = self.status.as_u16(),
             upstream = %upstream,
             bytes = self.bytes,
-            duration_ms = format_args!("{:.3}", millis(self.started.elapsed())),
-            upstream_ms = format_args!("{upstream_ms:.3}"),
+            duration_ms = millis(self.started.elapsed()),
+            upstream_ms,
             reason,
         );
     }

@@ -1,0 +1,92 @@
+//! The access log as an operator reads it: one line per request on stdout, as text or JSON,
+//! or none when switched off.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{Backend, Process, client, simple_config};
+
+/// Waits until the process's stdout holds a line containing `needle`.
+async fn line_with(fulcrum: &Process, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = fulcrum.stdout.lock().unwrap().clone();
+        if let Some(line) = out.lines().find(|l| l.contains(needle)) {
+            return line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access log line with {needle:?} in: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn text_lines_name_the_request_and_the_server() {
+    let backend = Backend::named("a").await;
+    let fulcrum = Process::start(&simple_config(1, ""), &[&backend]);
+    client()
+        .get(fulcrum.url("/logged?x=1"))
+        .send()
+        .await
+        .unwrap();
+    let line = line_with(&fulcrum, "path=/logged").await;
+    for field in [
+        "client=127.0.0.1",
+        "method=GET",
+        "status=200",
+        &format!("upstream={}", backend.addr),
+        "bytes=1",
+    ] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+}
+
+#[tokio::test]
+async fn json_lines_parse_and_carry_the_fields() {
+    let backend = Backend::named("a").await;
+    let fulcrum = Process::start(
+        &simple_config(1, "[access_log]\nformat = \"json\"\n"),
+        &[&backend],
+    );
+    client()
+        .post(fulcrum.url("/json"))
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    let line = line_with(&fulcrum, "/json").await;
+    let value: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(value["method"], "POST");
+    assert_eq!(value["status"], 200);
+    assert_eq!(value["upstream"], backend.addr.to_string());
+    assert!(
+        value["duration_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "{line}"
+    );
+    assert!(
+        value["upstream_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn switched_off_means_no_lines() {
+    let backend = Backend::named("a").await;
+    let fulcrum = Process::start(
+        &simple_config(1, "[access_log]\nenabled = false\n"),
+        &[&backend],
+    );
+    for _ in 0..3 {
+        client().get(fulcrum.url("/quiet")).send().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = fulcrum.stdout.lock().unwrap().clone();
+    assert!(
+        !out.contains("/quiet"),
+        "access log lines despite enabled = false: {out}"
+    );
+}
