@@ -42,10 +42,12 @@ pub async fn accept_loop(
                 backoff = Duration::from_millis(5);
                 let (shared, shutdown) = (shared.clone(), shutdown.clone());
                 let index = listener.index;
-                tokio::spawn(async move {
+                // Boxed: a connection's future is several KiB, which tokio would otherwise copy
+                // a few times on the way into its task (measured: ~6k instructions each).
+                tokio::spawn(Box::pin(async move {
                     serve_connection(stream, peer, index, shared, shutdown).await;
                     drop(permit);
-                });
+                }));
             }
             Err(e) => {
                 tracing::error!(error = %e, retry_in = ?backoff, "accept failed");
