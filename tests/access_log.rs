@@ -3,25 +3,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::{Backend, Process, client, simple_config};
-
-/// Waits until the process's stdout holds a line containing `needle`.
-async fn line_with(fulcrum: &Process, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = fulcrum.stdout.lock().unwrap().clone();
-        if let Some(line) = out.lines().find(|l| l.contains(needle)) {
-            return line.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no access log line with {needle:?} in: {out}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test]
 async fn text_lines_name_the_request_and_the_server() {
@@ -32,7 +16,7 @@ async fn text_lines_name_the_request_and_the_server() {
         .send()
         .await
         .unwrap();
-    let line = line_with(&fulcrum, "path=/logged").await;
+    let line = fulcrum.stdout_line("path=/logged").await;
     for field in [
         "client=127.0.0.1",
         "method=GET",
@@ -57,7 +41,7 @@ async fn json_lines_parse_and_carry_the_fields() {
         .send()
         .await
         .unwrap();
-    let line = line_with(&fulcrum, "/json").await;
+    let line = fulcrum.stdout_line("/json").await;
     let value: serde_json::Value =
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(value["method"], "POST");

@@ -5,7 +5,7 @@ mod support;
 
 use std::sync::atomic::Ordering;
 
-use support::{Backend, Proxy, client, raw, statuses};
+use support::{Backend, Proxy, client, get_text, raw, statuses};
 
 #[tokio::test]
 async fn round_robin_rotates_across_servers() {
@@ -18,16 +18,7 @@ async fn round_robin_rotates_across_servers() {
     let client = client();
     let mut answers = Vec::new();
     for _ in 0..6 {
-        answers.push(
-            client
-                .get(proxy.url("/"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap(),
-        );
+        answers.push(get_text(&client, &proxy.url("/")).await);
     }
     assert_eq!(answers, ["a", "b", "c", "a", "b", "c"]);
 }
@@ -199,17 +190,7 @@ async fn http2_prior_knowledge_is_served_on_the_same_listener() {
     assert_eq!(seen.headers["host"], proxy.addr.to_string());
     assert_eq!(seen.headers["via"], "2 fulcrum");
     // HTTP/1.1 still works beside it.
-    assert_eq!(
-        client()
-            .get(proxy.url("/"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-        "a"
-    );
+    assert_eq!(get_text(&client(), &proxy.url("/")).await, "a");
 }
 
 #[tokio::test]

@@ -135,6 +135,11 @@ impl Proxy {
     }
 }
 
+/// The body of a GET to `url`, through `client`.
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// An HTTP/1.1 client with keep-alive.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -252,6 +257,22 @@ impl Process {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Waits (up to 10 s) for a line on stdout containing `needle`, and returns it.
+    pub async fn stdout_line(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.stdout.lock().unwrap().clone();
+            if let Some(line) = out.lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no line with {needle:?} on stdout: {out}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A field of /proc/PID/status in KiB (VmRSS, VmHWM, …).
