@@ -30,10 +30,12 @@ pub async fn accept_loop(
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
+            biased;
             permit = listener.connections.clone().acquire_owned() => permit.expect("the connection semaphore is never closed"),
             _ = stopping(&mut shutdown) => return,
         };
         let accepted = tokio::select! {
+            biased;
             accepted = listener.socket.accept() => accepted,
             _ = stopping(&mut shutdown) => return,
         };

@@ -40,6 +40,7 @@ pub async fn serve_connection(
     // Read until the bytes either stop matching the HTTP/2 preface or match all of it.
     let is_h2 = loop {
         tokio::select! {
+            biased;
             read = read_some(&stream, &mut buf, runtime.config.timeouts.client_header) => match read {
                 Ok(n) if n > 0 => {}
                 _ => return,
@@ -73,6 +74,7 @@ pub async fn serve_connection(
     let conn = runtime.http2.serve_connection(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
+        biased;
         result = conn.as_mut() => result,
         _ = stopping(&mut shutdown) => {
             conn.as_mut().graceful_shutdown();

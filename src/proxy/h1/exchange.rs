@@ -100,6 +100,7 @@ pub(super) async fn forward(
     let mut request_finished = false;
     loop {
         tokio::select! {
+            biased;
             sent = &mut request, if !request_finished => match sent {
                 Ok(()) => request_finished = true,
                 Err(failure) if !head_sent.load(Ordering::Relaxed) => return Outcome::Request(failure),

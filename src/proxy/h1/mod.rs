@@ -97,12 +97,13 @@ pub async fn serve(
                 timeouts.client_idle
             };
             tokio::select! {
-                read = read_some(&client.stream, &mut client.rbuf, wait) => match read {
-                    Ok(n) if n > 0 => {}
-                    _ => return,
-                },
-                _ = stopping(&mut shutdown) => return,
-            }
+            biased;
+                    read = read_some(&client.stream, &mut client.rbuf, wait) => match read {
+                        Ok(n) if n > 0 => {}
+                        _ => return,
+                    },
+                    _ = stopping(&mut shutdown) => return,
+                }
         }
         let req = match read_head(&mut client, rt).await {
             Ok(Some(req)) => req,

@@ -55,6 +55,7 @@ pub(super) async fn relay_response(
     // that answers earlier is read at once.
     if !request_done.load(Ordering::Relaxed) {
         tokio::select! {
+            biased;
             _ = request_sent.notified() => {}
             _ = upstream.readable() => {}
         }
