@@ -97,13 +97,13 @@ pub async fn serve(
                 timeouts.client_idle
             };
             tokio::select! {
-            biased;
-                    read = read_some(&client.stream, &mut client.rbuf, wait) => match read {
-                        Ok(n) if n > 0 => {}
-                        _ => return,
-                    },
-                    _ = stopping(&mut shutdown) => return,
-                }
+                biased;
+                read = read_some(&client.stream, &mut client.rbuf, wait) => match read {
+                    Ok(n) if n > 0 => {}
+                    _ => return,
+                },
+                _ = stopping(&mut shutdown) => return,
+            }
         }
         let req = match read_head(&mut client, rt).await {
             Ok(Some(req)) => req,
@@ -210,7 +210,15 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
     // Balance, connect, and send; a request that never left is retried on a new connection.
     let mut attempt = 0;
     let (server, mut conn, outcome) = loop {
-        let (server, mut conn) = match connect(routed.upstream, framing != Framing::Empty).await {
+        // A retry goes on a new connection: the pool may hold more that the server closed.
+        let pooled = if attempt == 0 {
+            Pooled::Any {
+                probe: framing != Framing::Empty,
+            }
+        } else {
+            Pooled::No
+        };
+        let (server, mut conn) = match connect(routed.upstream, pooled).await {
             Ok(found) => found,
             Err(e) => {
                 let (status, reason) = match e {
@@ -349,17 +357,29 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
     }
 }
 
+/// Whether a pooled connection may be used.
+#[derive(Clone, Copy)]
+enum Pooled {
+    /// Yes; with `probe`, each is first checked for having been closed by the server (one
+    /// non-blocking read), for requests that could not be sent again.
+    Any {
+        probe: bool,
+    },
+    No,
+}
+
 /// A pooled or new connection to a server the balancer picks, trying the next server when
-/// one cannot be reached. `probe` checks pooled connections for having been closed, for
-/// requests that could not be sent again.
-async fn connect(upstream: &Upstream, probe: bool) -> Result<(&Server, RawConn), ConnectError> {
+/// one cannot be reached.
+async fn connect(upstream: &Upstream, pooled: Pooled) -> Result<(&Server, RawConn), ConnectError> {
     let mut last_error = None;
     for attempt in 0..upstream.servers.len() {
         let Some(index) = upstream.balancer.pick(attempt) else {
             break;
         };
         let server = &upstream.servers[index];
-        if let Some(conn) = server.pool.take_raw(probe) {
+        if let Pooled::Any { probe } = pooled
+            && let Some(conn) = server.pool.take_raw(probe)
+        {
             return Ok((server, conn));
         }
         match server.pool.connect_raw().await {
