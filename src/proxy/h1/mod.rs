@@ -32,7 +32,7 @@ mod response;
 mod rewrite;
 
 use exchange::{Context, Outcome, UpstreamFailure, forward};
-use request::request_framing;
+use request::{RequestFailure, request_framing};
 use rewrite::UpstreamHead;
 
 /// One HTTP/1.1 client connection and the buffers it reuses for every request.
@@ -289,14 +289,14 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
         let outcome = forward(client, &mut conn, framing, &context, &mut log).await;
         // A pooled connection the server had already closed fails before any response byte;
         // a request without a body can go again on a fresh one.
-        if let Outcome::Upstream(UpstreamFailure {
-            nothing_received: true,
-            ..
-        }) = &outcome
-            && conn.reused
-            && framing == Framing::Empty
-            && attempt == 0
-        {
+        let stale = matches!(
+            &outcome,
+            Outcome::Upstream(UpstreamFailure {
+                nothing_received: true,
+                ..
+            }) | Outcome::Request(RequestFailure::UpstreamWrite(_))
+        );
+        if stale && conn.reused && framing == Framing::Empty && attempt == 0 {
             attempt += 1;
             continue;
         }
