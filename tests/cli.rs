@@ -97,3 +97,40 @@ fn missing_config_file_is_a_clear_error() {
             .contains("/nonexistent/fulcrum.toml: error: cannot read config file")
     );
 }
+
+#[tokio::test]
+async fn the_demo_balances_across_its_three_backends() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut demo = binary()
+        .args(["demo", "--listen", &listen])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = support::client();
+    let url = format!("http://{listen}/");
+    let mut answers = Vec::new();
+    for _ in 0..100 {
+        match client.get(&url).send().await {
+            Ok(resp) => answers.push(resp.text().await.unwrap()),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+        if answers.len() == 3 {
+            break;
+        }
+    }
+    let _ = demo.kill();
+    let _ = demo.wait();
+    assert_eq!(answers.len(), 3, "the demo did not answer");
+    for (answer, name) in answers.iter().zip(["alpha", "beta", "gamma"]) {
+        assert!(
+            answer.starts_with(&format!("Hello from demo backend {name}")),
+            "{answers:?}"
+        );
+    }
+}
