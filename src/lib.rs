@@ -15,7 +15,8 @@
 //! Around them:
 //! - [`config`]: TOML file → validated config, with errors that name file, line and column.
 //! - [`runtime`]: the state built once from a validated config, swapped whole on reload.
-//! - [`server`]: binds the listeners and runs graceful shutdown.
+//! - [`server`]: binds the listeners, runs one event loop per worker thread, and shuts down
+//!   gracefully.
 //! - [`idle_timeout`]: closes connections on which nothing moves.
 //! - [`logging`]: diagnostics to stderr, the access log to stdout.
 //! - [`demo`]: the built-in demo backends behind `fulcrum demo`.

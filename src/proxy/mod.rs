@@ -10,12 +10,12 @@ mod log;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Request, StatusCode, Version};
 
 pub use log::AccessRecord;
 
-use crate::http::headers::{self, ClientHop};
+use crate::http::headers;
 use crate::http::validate::{self, Reject};
 use crate::runtime::Runtime;
 use crate::upstream::Upstream;
@@ -66,41 +66,6 @@ pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
     let protocol = req.headers().get(header::UPGRADE)?;
     let h2c = headers::tokens(protocol).any(|p| p.len() >= 3 && p[..3].eq_ignore_ascii_case("h2c"));
     (!h2c).then(|| protocol.clone())
-}
-
-/// Header hygiene for a request on its way upstream: hop-by-hop headers out, the upgrade
-/// back in if it is tunnelled, forwarding headers added, and the Host the upstream wants.
-pub fn upstream_request_headers(
-    headers: &mut HeaderMap,
-    hop: &ClientHop<'_>,
-    upgrade: Option<HeaderValue>,
-    routed: &Routed<'_>,
-) {
-    headers::strip_hop_by_hop(headers);
-    if let Some(protocol) = upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, protocol);
-    }
-    headers::add_forwarding(headers, hop);
-    match (&routed.host, routed.upstream.preserve_host) {
-        (Some(host), true) => {
-            headers.insert(header::HOST, host.clone());
-        }
-        // The server's own address is set once the server is picked.
-        _ => {
-            headers.remove(header::HOST);
-        }
-    }
-}
-
-/// Header hygiene for a response on its way to the client.
-pub fn client_response_headers(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
-    headers::strip_hop_by_hop(headers);
-    if let Some(protocol) = upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, protocol);
-    }
-    headers::add_via(headers, Version::HTTP_11);
 }
 
 /// The body of a response Fulcrum writes itself.

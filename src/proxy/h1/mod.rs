@@ -200,6 +200,7 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
     let upgrade = upgrade_protocol(&req);
     let version = req.version();
     let is_head = req.method() == Method::HEAD;
+    let idempotent = req.method().is_idempotent();
     let (parts, ()) = req.into_parts();
     // Answered here, once an upstream connection is ready, rather than by the upstream.
     let expect_continue = parts
@@ -288,7 +289,7 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
         };
         let outcome = forward(client, &mut conn, framing, &context, &mut log).await;
         // A pooled connection the server had already closed fails before any response byte;
-        // a request without a body can go again on a fresh one.
+        // an idempotent request without a body can go again on a fresh one.
         let stale = matches!(
             &outcome,
             Outcome::Upstream(UpstreamFailure {
@@ -296,7 +297,7 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
                 ..
             }) | Outcome::Request(RequestFailure::UpstreamWrite(_))
         );
-        if stale && conn.reused && framing == Framing::Empty && attempt == 0 {
+        if stale && conn.reused && idempotent && framing == Framing::Empty && attempt == 0 {
             attempt += 1;
             continue;
         }

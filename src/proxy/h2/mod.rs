@@ -11,12 +11,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use super::AccessRecord;
-use super::{ClientConn, client_response_headers, local_body, route, upstream_request_headers};
-use crate::http::headers::ClientHop;
+use super::{ClientConn, Routed, local_body, route};
+use crate::http::headers::{self, ClientHop};
 use crate::runtime::Runtime;
 use crate::upstream::{ConnectError, RequestBody, RequestBodyError};
 pub use body::ResponseBody;
@@ -46,13 +46,7 @@ pub async fn handle(
         host: routed.host.as_ref().and_then(|h| h.to_str().ok()),
         version,
     };
-    upstream_request_headers(&mut parts.headers, &hop, None, &routed);
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(host) = &routed.host
-    {
-        // HTTP/2 carries the host as :authority; HTTP/1.1 needs it as Host.
-        parts.headers.insert(header::HOST, host.clone());
-    }
+    upstream_request_headers(&mut parts.headers, &hop, &routed);
     let mut upstream_req = Request::from_parts(
         parts,
         RequestBody::new(body, rt.config.limits.max_body_bytes),
@@ -91,11 +85,28 @@ pub async fn handle(
         );
     }
     let (mut parts, body) = response.into_parts();
-    client_response_headers(&mut parts.headers, None);
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::add_via(&mut parts.headers, Version::HTTP_11);
     Response::from_parts(
         parts,
         ResponseBody::upstream(body, Some((sender, server)), log),
     )
+}
+
+/// Header hygiene for a request on its way upstream: hop-by-hop headers out, forwarding
+/// headers in, and `Host` set from the client's `:authority` (HTTP/1.1 needs it as a header)
+/// unless the upstream wants its own address, which is set once a server is picked.
+fn upstream_request_headers(headers: &mut HeaderMap, hop: &ClientHop<'_>, routed: &Routed<'_>) {
+    headers::strip_hop_by_hop(headers);
+    headers::add_forwarding(headers, hop);
+    match (&routed.host, routed.upstream.preserve_host) {
+        (Some(host), true) => {
+            headers.insert(header::HOST, host.clone());
+        }
+        _ => {
+            headers.remove(header::HOST);
+        }
+    }
 }
 
 /// The status and client-facing text for a failed forward.
