@@ -101,7 +101,7 @@ worker_processes 1; daemon off; pid {work}/nginx-proxy.pid; error_log {work}/ngi
 events {{ worker_connections 8192; }}
 http {{ access_log off; keepalive_requests 1000000;
   upstream backend {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}
-  server {{ listen 127.0.0.1:{PROXY_PORT} backlog=4096;
+  server {{ listen 127.0.0.1:{PROXY_PORT} backlog=4096 deferred;
     location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}
 """)
     haproxy_conf = os.path.join(work, "haproxy.cfg")
@@ -118,7 +118,7 @@ defaults
   option http-keep-alive
   http-reuse always
 frontend fe
-  bind 127.0.0.1:{PROXY_PORT}
+  bind 127.0.0.1:{PROXY_PORT} defer-accept
   default_backend be
 backend be
   server s1 127.0.0.1:{BACKEND_PORT}

@@ -99,7 +99,8 @@ impl Server {
         let mut local_addrs = Vec::new();
         let mut connection_limits = Vec::new();
         for l in &config.listeners {
-            let socket = bind(l.bind).map_err(|e| {
+            let defer = l.defer_accept.then_some(config.timeouts.client_header);
+            let socket = bind(l.bind, defer).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("listener `{}` cannot bind {}: {e}", l.name, l.bind),
@@ -161,7 +162,10 @@ pub fn worker() -> usize {
     WORKER.get()
 }
 
-fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// A listening socket. With `defer_accept`, the kernel hands over a connection only once its
+/// first bytes have arrived (or `defer_accept` has passed): a connecting client that sends
+/// nothing costs no wakeup, and the first read finds the request there.
+fn bind(addr: SocketAddr, defer_accept: Option<Duration>) -> io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -171,8 +175,37 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
+    if let Some(wait) = defer_accept {
+        set_defer_accept(&socket, wait)?;
+    }
     socket.listen(4096)?;
     Ok(socket.into())
+}
+
+#[cfg(target_os = "linux")]
+fn set_defer_accept(socket: &socket2::Socket, wait: Duration) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seconds = libc::c_int::try_from(wait.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket descriptor, and a pointer to a c_int with its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&seconds as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_defer_accept(_socket: &socket2::Socket, _wait: Duration) -> io::Result<()> {
+    Ok(())
 }
 
 /// Resolves once shutdown has been signalled (or the server is gone).

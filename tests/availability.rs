@@ -162,8 +162,11 @@ async fn the_connection_limit_holds_further_clients_until_a_slot_frees() {
         "bind = \"127.0.0.1:0\"\nmax_connections = 2",
     );
     let proxy_limited = Proxy::start(&config, &[&backend]).await;
-    let first = TcpStream::connect(proxy_limited.addr).await.unwrap();
-    let _second = TcpStream::connect(proxy_limited.addr).await.unwrap();
+    // Two clients that started a request and are slow to finish it hold both slots.
+    let mut first = TcpStream::connect(proxy_limited.addr).await.unwrap();
+    let mut second = TcpStream::connect(proxy_limited.addr).await.unwrap();
+    first.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    second.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut third = TcpStream::connect(proxy_limited.addr).await.unwrap();
     third
@@ -268,4 +271,29 @@ async fn an_upstream_that_stalls_mid_body_is_cut_off() {
     assert!(out.contains("first part"), "{out}");
     // Chunked framing never finished: the client can tell the body is incomplete.
     assert!(!out.ends_with("0\r\n\r\n"), "{out:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_connects_and_sends_nothing_takes_no_slot() {
+    // With deferred accept (the default), silent connections wait in the kernel and do not
+    // count against the limit.
+    let backend = Backend::named("a").await;
+    let config = simple_config(1, "").replace(
+        "bind = \"127.0.0.1:0\"",
+        "bind = \"127.0.0.1:0\"\nmax_connections = 1",
+    );
+    let proxy = Proxy::start(&config, &[&backend]).await;
+    let _silent: Vec<TcpStream> =
+        futures_util::future::join_all((0..3).map(|_| TcpStream::connect(proxy.addr)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let out = raw(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&out), [200], "{out}");
 }

@@ -30,6 +30,7 @@ pub struct File {
 pub struct Listener {
     pub bind: Spanned<String>,
     pub max_connections: Option<Spanned<i64>>,
+    pub defer_accept: Option<bool>,
     #[serde(default)]
     pub routes: Vec<Spanned<Route>>,
 }

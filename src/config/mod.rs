@@ -103,6 +103,7 @@ impl Checker {
                     name: name.into_inner(),
                     bind,
                     max_connections: max_connections as usize,
+                    defer_accept: listener.defer_accept.unwrap_or(true),
                     routes,
                 });
             }

@@ -21,6 +21,8 @@ pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
     pub max_connections: usize,
+    /// Accept a connection only once its first bytes have arrived (Linux `TCP_DEFER_ACCEPT`).
+    pub defer_accept: bool,
     pub routes: Vec<RouteConfig>,
 }
 
