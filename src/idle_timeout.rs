@@ -1,6 +1,7 @@
 //! An I/O wrapper that fails a connection on which no byte has moved, either way, for a set
 //! time. It bounds idle keep-alive connections and stalled transfers on both sides.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -50,8 +51,6 @@ impl<T> IdleTimeout<T> {
         }
     }
 }
-
-use std::future::Future;
 
 impl<T: AsyncRead> AsyncRead for IdleTimeout<T> {
     fn poll_read(

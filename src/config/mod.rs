@@ -35,9 +35,10 @@ pub fn parse(name: &str, text: &str) -> Result<Config, ConfigError> {
     })?;
     let mut check = Checker::default();
     let config = check.config(file);
-    match config {
-        Some(config) if check.problems.is_empty() => Ok(config),
-        _ => Err(ConfigError::new(name, text, check.problems)),
+    if check.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::new(name, text, check.problems))
     }
 }
 
@@ -55,7 +56,7 @@ impl Checker {
         });
     }
 
-    fn config(&mut self, file: file::File) -> Option<Config> {
+    fn config(&mut self, file: file::File) -> Config {
         if file.listeners.is_empty() {
             self.problems.push(Problem {
                 message: "no listeners: add a [listeners.NAME] table with bind = \"IP:PORT\" and at least one route".into(),
@@ -214,7 +215,7 @@ impl Checker {
 
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
         let workers = self.int(file.workers.as_ref(), "workers", 1, 1024, cores) as usize;
-        Some(Config {
+        Config {
             workers,
             listeners,
             upstreams,
@@ -222,7 +223,7 @@ impl Checker {
             limits,
             http2,
             access_log,
-        })
+        }
     }
 
     fn upstream(&mut self, name: &str, up: file::Upstream) -> UpstreamConfig {

@@ -169,7 +169,7 @@ impl Pool {
             .await
             .map_err(|e| ConnectError::Handshake(self.address, e))?;
         tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
+            if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });

@@ -1,6 +1,6 @@
-//! Forwarding: the upstream request built from the client's, and sent on a pooled
-//! connection to the server the balancer picks, trying another server when a connection
-//! cannot be had.
+//! Forwarding for the HTTP/2 path: the request, made HTTP/1.1 in origin form, sent through
+//! hyper's client on a pooled connection to the server the balancer picks, trying another
+//! server when a connection cannot be had.
 
 use std::sync::Arc;
 use std::time::Duration;
