@@ -171,6 +171,30 @@ mod tests {
         assert_eq!(find_head_end(full, &mut scanned), Ok(Some(full.len())));
     }
 
+    proptest::proptest! {
+        /// Scanning a stream as it arrives, in any pieces, finds what one scan of the whole
+        /// finds: the same end, or the same refusal.
+        #[test]
+        fn incremental_scan_matches_a_whole_scan(
+            bytes in proptest::collection::vec(proptest::sample::select(b"GET /\r\nHost: a\n".to_vec()), 0..80),
+            cuts in proptest::collection::vec(0usize..80, 0..6),
+        ) {
+            let whole = find_head_end(&bytes, &mut 0);
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|&c| c <= bytes.len()).collect();
+            cuts.sort_unstable();
+            cuts.push(bytes.len());
+            let mut scanned = 0;
+            let mut result = Ok(None);
+            for cut in cuts {
+                result = find_head_end(&bytes[..cut], &mut scanned);
+                if !matches!(result, Ok(None)) {
+                    break;
+                }
+            }
+            proptest::prop_assert_eq!(result, whole);
+        }
+    }
+
     #[test]
     fn request_head_parses_without_copying() {
         let head =
