@@ -297,3 +297,30 @@ async fn a_client_that_connects_and_sends_nothing_takes_no_slot() {
     .await;
     assert_eq!(statuses(&out), [200], "{out}");
 }
+
+#[tokio::test]
+async fn a_connection_idle_past_its_buffers_serves_its_next_request() {
+    // After a second of idling the connection gives its buffers back; the next request
+    // must find new ones.
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::simple(&[&backend], "").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    for pause in [Duration::ZERO, Duration::from_millis(1300)] {
+        tokio::time::sleep(pause).await;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with("\r\n\r\na"),
+            "{text}"
+        );
+    }
+    assert_eq!(backend.seen.count(), 2);
+}

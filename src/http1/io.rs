@@ -56,6 +56,12 @@ async fn read_with_room(
     }
 }
 
+/// Waits up to `idle` for the stream to have something to read (or to be closed), without
+/// reading it, so no buffer has to be held meanwhile.
+pub async fn wait_readable(stream: &TcpStream, idle: Duration) -> io::Result<()> {
+    wait(stream.readable(), idle).await
+}
+
 /// Writes all of `data`, waiting up to `idle` each time the peer does not take more.
 pub async fn write_all(stream: &TcpStream, mut data: &[u8], idle: Duration) -> io::Result<()> {
     while !data.is_empty() {

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::header;
@@ -20,7 +20,7 @@ use super::{AccessRecord, local_body, route, upgrade_protocol};
 use crate::config::Timeouts;
 use crate::http1::body::Framing;
 use crate::http1::head::{self, HeadError};
-use crate::http1::io::{read_some, write_all};
+use crate::http1::io::{read_some, wait_readable, write_all};
 use crate::idle_timeout::IdleTimeout;
 use crate::runtime::{Runtime, Shared};
 use crate::server::stopping;
@@ -34,6 +34,12 @@ mod rewrite;
 use exchange::{Context, Outcome, UpstreamFailure, forward};
 use request::{RequestFailure, request_framing};
 use rewrite::UpstreamHead;
+
+/// How long a kept-alive connection holds its buffers while waiting for its next request.
+const BUFFER_LINGER: Duration = Duration::from_secs(1);
+/// Room for the heads and small bodies written to each side.
+const CLIENT_OUT: usize = 16 * 1024;
+const UPSTREAM_OUT: usize = 4 * 1024;
 
 /// One HTTP/1.1 client connection and the buffers it reuses for every request.
 struct Client {
@@ -74,8 +80,8 @@ pub async fn serve(
         peer,
         listener,
         rbuf,
-        wbuf: Vec::with_capacity(16 * 1024),
-        ubuf: Vec::with_capacity(4 * 1024),
+        wbuf: Vec::with_capacity(CLIENT_OUT),
+        ubuf: Vec::with_capacity(UPSTREAM_OUT),
         ip: ip_text(peer.ip()),
         forwarded_for: match peer.ip() {
             IpAddr::V4(_) => format!("for={}", ip_text(peer.ip())),
@@ -96,13 +102,26 @@ pub async fn serve(
             } else {
                 timeouts.client_idle
             };
-            tokio::select! {
+            // The buffers are kept for a moment, as a next request usually follows soon; a
+            // connection idle for longer gives them back, so idle connections cost little.
+            let linger = wait.min(BUFFER_LINGER);
+            let read = tokio::select! {
                 biased;
-                read = read_some(&client.stream, &mut client.rbuf, wait) => match read {
-                    Ok(n) if n > 0 => {}
-                    _ => return,
-                },
+                read = read_some(&client.stream, &mut client.rbuf, linger) => read,
                 _ = stopping(&mut shutdown) => return,
+            };
+            match read {
+                Ok(n) if n > 0 => {}
+                // Nothing yet, and the read found the socket empty: wait on, bufferless.
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && wait > linger => {
+                    client.release_buffers();
+                    tokio::select! {
+                        biased;
+                        ready = wait_readable(&client.stream, wait - linger) => if ready.is_err() { return },
+                        _ = stopping(&mut shutdown) => return,
+                    }
+                }
+                _ => return,
             }
         }
         let req = match read_head(&mut client, rt).await {
@@ -169,6 +188,8 @@ async fn read_head(client: &mut Client, rt: &Runtime) -> Result<Option<Request<(
 /// Carries one request to an upstream and its response back.
 async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping: bool) -> Next {
     let started = Instant::now();
+    client.wbuf.reserve(CLIENT_OUT);
+    client.ubuf.reserve(UPSTREAM_OUT);
     let timeouts = &rt.config.timeouts;
     let mut log = rt
         .config
@@ -412,6 +433,14 @@ async fn tunnel(client: &mut Client, mut conn: RawConn, timeouts: &Timeouts) {
 }
 
 impl Client {
+    /// Gives the buffers back while the connection idles; they are made again when the next
+    /// request arrives.
+    fn release_buffers(&mut self) {
+        self.rbuf = BytesMut::new();
+        self.wbuf = Vec::new();
+        self.ubuf = Vec::new();
+    }
+
     /// Writes a short plain-text response of Fulcrum's own.
     async fn answer(
         &mut self,
