@@ -37,6 +37,7 @@ impl Runtime {
                     u,
                     config.workers,
                     config.timeouts.upstream_connect,
+                    config.timeouts.upstream_idle,
                 ))
             })
             .collect();

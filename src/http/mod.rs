@@ -55,14 +55,29 @@ pub async fn serve_connection(
             break true;
         }
     };
-    if !is_h2 {
-        drop(runtime);
-        return proxy::h1::serve(stream, buf, peer, listener, shared, shutdown).await;
+    drop(runtime);
+    if is_h2 {
+        // Boxed: HTTP/2's connection state is large and rare; kept inline it would grow every
+        // HTTP/1.1 connection's future too.
+        Box::pin(serve_h2(stream, buf, peer, listener, shared, shutdown)).await;
+    } else {
+        proxy::h1::serve(stream, buf, peer, listener, shared, shutdown).await;
     }
+}
 
+/// Serves an HTTP/2 connection whose first bytes (the preface) are in `read`.
+async fn serve_h2(
+    stream: TcpStream,
+    read: BytesMut,
+    peer: SocketAddr,
+    listener: usize,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let runtime = shared.load();
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(IdleTimeout::new(
-        Prefixed::new(buf.freeze(), stream),
+        Prefixed::new(read.freeze(), stream),
         runtime.config.timeouts.client_idle,
     ));
     let client = Arc::new(ClientConn { peer, listener });

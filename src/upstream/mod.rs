@@ -37,7 +37,12 @@ pub struct Server {
 
 impl Upstream {
     /// Builds an upstream whose pools keep one queue per worker.
-    pub fn build(config: &UpstreamConfig, workers: usize, connect_timeout: Duration) -> Self {
+    pub fn build(
+        config: &UpstreamConfig,
+        workers: usize,
+        connect_timeout: Duration,
+        stream_idle: Duration,
+    ) -> Self {
         let servers = config
             .servers
             .iter()
@@ -52,6 +57,7 @@ impl Upstream {
                         config.pool_max_idle_per_server,
                         config.pool_idle_timeout,
                         connect_timeout,
+                        stream_idle,
                     ),
                 })
             })

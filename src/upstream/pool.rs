@@ -28,6 +28,8 @@ pub struct Pool {
     raw: Box<[ArrayQueue<RawIdle>]>,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    /// How long a hyper connection may stall mid-exchange (`upstream_idle`).
+    stream_idle: Duration,
 }
 
 /// A raw connection to a server with its read buffer, which is empty whenever pooled.
@@ -79,6 +81,7 @@ impl Pool {
         max_idle: usize,
         idle_timeout: Duration,
         connect_timeout: Duration,
+        stream_idle: Duration,
     ) -> Self {
         let queues = if max_idle > 0 { workers } else { 0 };
         let idle = (0..queues).map(|_| ArrayQueue::new(max_idle)).collect();
@@ -89,6 +92,7 @@ impl Pool {
             raw,
             idle_timeout,
             connect_timeout,
+            stream_idle,
         }
     }
 
@@ -161,9 +165,9 @@ impl Pool {
     /// Opens a fresh hyper client connection, bypassing the pool.
     pub async fn connect(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
         let stream = self.connect_tcp().await?;
-        // The pool's idle timeout also bounds a stalled response: no byte either way for
-        // that long ends the connection.
-        let io = TokioIo::new(IdleTimeout::new(stream, self.idle_timeout));
+        // No byte either way for `upstream_idle` ends the connection: a stalled response,
+        // or a pooled connection idle that long (the pool drops those sooner anyway).
+        let io = TokioIo::new(IdleTimeout::new(stream, self.stream_idle));
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
