@@ -176,3 +176,51 @@ async fn a_continuation_flood_is_cut_off() {
     );
     assert_eq!(backend.seen.count(), 0);
 }
+
+#[tokio::test]
+async fn ping_and_settings_floods_do_not_grow_without_bound() {
+    // A client that floods PING (or SETTINGS) and never reads the acknowledgements must not
+    // make the proxy queue them without limit (the CVE-2019-9512 class).
+    let backend = Backend::named("a").await;
+    let fulcrum = support::Process::start(&support::simple_config(1, ""), &[&backend]);
+    let before = fulcrum.memory_kib("VmRSS");
+    for kind in [0x6u8, h2raw::SETTINGS] {
+        let mut conn = Conn::open(fulcrum.addr).await;
+        let frame = if kind == 0x6 {
+            h2raw::frame(0x6, 0, 0, &[0u8; 8])
+        } else {
+            h2raw::frame(h2raw::SETTINGS, 0, 0, &[])
+        };
+        let burst: Vec<u8> = frame
+            .iter()
+            .copied()
+            .cycle()
+            .take(frame.len() * 10_000)
+            .collect();
+        let started = std::time::Instant::now();
+        // Never read: acknowledgements pile up on the server's side unless it stops them.
+        while started.elapsed() < Duration::from_secs(3) && !conn.closed {
+            match tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::io::AsyncWriteExt::write_all(&mut conn.stream, &burst),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+        }
+    }
+    let grown_mib = fulcrum.memory_kib("VmHWM").saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 64,
+        "the proxy grew by {grown_mib} MiB under a PING/SETTINGS flood"
+    );
+    // And it still serves.
+    let resp = support::client()
+        .get(fulcrum.url("/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
