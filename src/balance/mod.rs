@@ -1,24 +1,75 @@
 //! Balancing: which server of an upstream gets the next request. One small trait, one file
 //! per algorithm; a balancer is built once per runtime snapshot and shared by all requests.
 
+mod ip_hash;
+mod random;
 mod round_robin;
 
+use std::net::IpAddr;
+
+pub use ip_hash::IpHash;
+pub use random::Random;
 pub use round_robin::RoundRobin;
 
 use crate::config::{BalanceKind, ServerConfig};
+
+/// What a balancer may look at for one pick.
+#[derive(Debug, Clone, Copy)]
+pub struct PickContext {
+    /// Earlier tries of this request, so a retry can move past the server that just failed.
+    pub attempt: usize,
+    pub client_ip: IpAddr,
+}
 
 /// Picks a server for a request. Implementations must be cheap and lock-free: `pick` runs
 /// once per request on every core.
 pub trait Balancer: Send + Sync + std::fmt::Debug {
     /// Index of the chosen server in the upstream's server list, or `None` if it has none.
-    /// `attempt` counts earlier tries of this request, so a retry can avoid the server that
-    /// just failed.
-    fn pick(&self, attempt: usize) -> Option<usize>;
+    fn pick(&self, cx: &PickContext) -> Option<usize>;
 }
 
 /// Builds the balancer an upstream's config asks for.
 pub fn build(kind: BalanceKind, servers: &[ServerConfig]) -> Box<dyn Balancer> {
+    let weights = servers.iter().map(|s| s.weight);
     match kind {
-        BalanceKind::RoundRobin => Box::new(RoundRobin::new(servers.iter().map(|s| s.weight))),
+        BalanceKind::RoundRobin => Box::new(RoundRobin::new(weights)),
+        BalanceKind::Random => Box::new(Random::new(weights)),
+        BalanceKind::IpHash => Box::new(IpHash::new(weights)),
+    }
+}
+
+/// nginx's smooth weighted round robin run for one full cycle: each step every server gains
+/// its weight, the richest is chosen and pays the total. Weights are first divided by their
+/// gcd so the cycle is as short as it can be. Each server appears `weight / gcd` times,
+/// spread out.
+pub(crate) fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
+    let divisor = weights.iter().copied().fold(0, gcd).max(1);
+    let weights: Vec<i64> = weights.iter().map(|&w| i64::from(w / divisor)).collect();
+    let total: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut schedule = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..weights.len() {
+            current[i] += weights[i];
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        schedule.push(best as u32);
+    }
+    schedule
+}
+
+pub(crate) fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+#[cfg(test)]
+pub(crate) fn cx(attempt: usize, client_ip: &str) -> PickContext {
+    PickContext {
+        attempt,
+        client_ip: client_ip.parse().unwrap(),
     }
 }

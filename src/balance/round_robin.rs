@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::Balancer;
+use super::{Balancer, PickContext, smooth_schedule};
 
 #[derive(Debug)]
 pub struct RoundRobin {
@@ -24,7 +24,7 @@ impl RoundRobin {
 }
 
 impl Balancer for RoundRobin {
-    fn pick(&self, _attempt: usize) -> Option<usize> {
+    fn pick(&self, _cx: &PickContext) -> Option<usize> {
         if self.schedule.is_empty() {
             return None;
         }
@@ -34,55 +34,33 @@ impl Balancer for RoundRobin {
     }
 }
 
-/// nginx's smooth weighted round robin run for one full cycle: each step every server gains
-/// its weight, the richest is chosen and pays the total. Weights are first divided by their
-/// gcd so the cycle is as short as it can be.
-fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
-    let divisor = weights.iter().copied().fold(0, gcd).max(1);
-    let weights: Vec<i64> = weights.iter().map(|&w| i64::from(w / divisor)).collect();
-    let total: i64 = weights.iter().sum();
-    let mut current = vec![0i64; weights.len()];
-    let mut schedule = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        let mut best = 0;
-        for i in 0..weights.len() {
-            current[i] += weights[i];
-            if current[i] > current[best] {
-                best = i;
-            }
-        }
-        current[best] -= total;
-        schedule.push(best as u32);
-    }
-    schedule
-}
-
-fn gcd(a: u32, b: u32) -> u32 {
-    if b == 0 { a } else { gcd(b, a % b) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::{cx, gcd};
     use proptest::prelude::*;
 
     #[test]
     fn equal_weights_rotate_in_order() {
         let rr = RoundRobin::new([1, 1, 1]);
-        let picks: Vec<_> = (0..6).map(|_| rr.pick(0).unwrap()).collect();
+        let picks: Vec<_> = (0..6)
+            .map(|_| rr.pick(&cx(0, "127.0.0.1")).unwrap())
+            .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
     fn heavy_server_is_interleaved_not_bursted() {
         let rr = RoundRobin::new([5, 1, 1]);
-        let picks: Vec<_> = (0..7).map(|_| rr.pick(0).unwrap()).collect();
+        let picks: Vec<_> = (0..7)
+            .map(|_| rr.pick(&cx(0, "127.0.0.1")).unwrap())
+            .collect();
         assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
     }
 
     #[test]
     fn no_servers_picks_nothing() {
-        assert_eq!(RoundRobin::new([]).pick(0), None);
+        assert_eq!(RoundRobin::new([]).pick(&cx(0, "127.0.0.1")), None);
     }
 
     proptest! {
@@ -93,7 +71,7 @@ mod tests {
             let cycle: u32 = weights.iter().map(|w| w / divisor).sum();
             let mut counts = vec![0u32; weights.len()];
             for _ in 0..cycle * 3 {
-                counts[rr.pick(0).unwrap()] += 1;
+                counts[rr.pick(&cx(0, "127.0.0.1")).unwrap()] += 1;
             }
             for (i, w) in weights.iter().enumerate() {
                 prop_assert_eq!(counts[i], 3 * w / divisor);

@@ -38,14 +38,18 @@ pub struct RouteConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BalanceKind {
     RoundRobin,
+    Random,
+    IpHash,
 }
 
 impl BalanceKind {
-    pub const NAMES: &'static [&'static str] = &["round_robin"];
+    pub const NAMES: &'static [&'static str] = &["round_robin", "random", "ip_hash"];
 
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "round_robin" => Some(BalanceKind::RoundRobin),
+            "random" => Some(BalanceKind::Random),
+            "ip_hash" => Some(BalanceKind::IpHash),
             _ => None,
         }
     }

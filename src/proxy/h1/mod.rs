@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{AccessRecord, local_body, route, upgrade_protocol};
+use crate::balance::PickContext;
 use crate::config::Timeouts;
 use crate::http1::body::Framing;
 use crate::http1::head::{self, HeadError};
@@ -240,7 +241,7 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
         } else {
             Pooled::No
         };
-        let (server, mut conn) = match connect(routed.upstream, pooled).await {
+        let (server, mut conn) = match connect(routed.upstream, client.peer.ip(), pooled).await {
             Ok(found) => found,
             Err(e) => {
                 let (status, reason) = match e {
@@ -392,10 +393,14 @@ enum Pooled {
 
 /// A pooled or new connection to a server the balancer picks, trying the next server when
 /// one cannot be reached.
-async fn connect(upstream: &Upstream, pooled: Pooled) -> Result<(&Server, RawConn), ConnectError> {
+async fn connect(
+    upstream: &Upstream,
+    client_ip: IpAddr,
+    pooled: Pooled,
+) -> Result<(&Server, RawConn), ConnectError> {
     let mut last_error = None;
     for attempt in 0..upstream.servers.len() {
-        let Some(index) = upstream.balancer.pick(attempt) else {
+        let Some(index) = upstream.balancer.pick(&PickContext { attempt, client_ip }) else {
             break;
         };
         let server = &upstream.servers[index];

@@ -11,6 +11,7 @@ use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
+use crate::balance::PickContext;
 use crate::upstream::{ConnectError, RequestBody, Server, Upstream};
 
 /// Why no upstream response could be had.
@@ -52,12 +53,13 @@ pub fn to_origin_form(req: &mut Request<RequestBody>) {
 pub async fn send(
     mut req: Request<RequestBody>,
     upstream: &Upstream,
+    client_ip: std::net::IpAddr,
     response_timeout: Duration,
 ) -> Result<Forwarded, ForwardError> {
     let tries = upstream.servers.len() + 1;
     let mut last_error = ForwardError::NoServer(upstream.name.clone());
     for attempt in 0..tries {
-        let Some(index) = upstream.balancer.pick(attempt) else {
+        let Some(index) = upstream.balancer.pick(&PickContext { attempt, client_ip }) else {
             break;
         };
         let server = &upstream.servers[index];

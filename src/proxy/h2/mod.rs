@@ -56,6 +56,7 @@ pub async fn handle(
     let forwarded = match forward::send(
         upstream_req,
         routed.upstream,
+        conn.peer.ip(),
         rt.config.timeouts.upstream_response_header,
     )
     .await
