@@ -61,3 +61,60 @@ async fn random_reaches_every_server() {
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
 }
+
+/// Four clients each sending requests back to back for `for_how_long`; returns how many
+/// answers each backend name gave.
+async fn load(proxy: &Proxy, for_how_long: Duration) -> HashMap<String, usize> {
+    let deadline = tokio::time::Instant::now() + for_how_long;
+    let loops = (0..4).map(|_| {
+        let (client, url) = (support::client(), proxy.url("/"));
+        async move {
+            let mut answers = Vec::new();
+            while tokio::time::Instant::now() < deadline {
+                answers.push(get_text(&client, &url).await);
+            }
+            answers
+        }
+    });
+    let mut counts = HashMap::new();
+    for answers in futures_util::future::join_all(loops).await {
+        for answer in answers {
+            *counts.entry(answer).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+async fn slow_and_fast() -> (Backend, Backend, Backend) {
+    let slow = Backend::with(|_req| async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        http::Response::new(support::full("slow"))
+    })
+    .await;
+    (
+        slow,
+        Backend::named("fast1").await,
+        Backend::named("fast2").await,
+    )
+}
+
+#[tokio::test]
+async fn load_aware_algorithms_steer_away_from_a_slow_server() {
+    for balance in ["least_connections", "two_choices"] {
+        let (slow, fast1, fast2) = slow_and_fast().await;
+        let proxy = Proxy::start(&config(balance), &[&slow, &fast1, &fast2]).await;
+        let counts = load(&proxy, Duration::from_millis(1500)).await;
+        let total: usize = counts.values().sum();
+        let slow_share = *counts.get("slow").unwrap_or(&0) as f64 / total as f64;
+        assert!(
+            slow_share < 0.10,
+            "{balance}: the slow server took {slow_share:.2} of {total}: {counts:?}"
+        );
+    }
+    // Round robin, by contrast, gives it its full third of the requests.
+    let (slow, fast1, fast2) = slow_and_fast().await;
+    let proxy = Proxy::start(&config("round_robin"), &[&slow, &fast1, &fast2]).await;
+    let counts = load(&proxy, Duration::from_millis(1500)).await;
+    let total: usize = counts.values().sum();
+    assert!(counts["slow"] * 3 + 3 >= total, "round robin: {counts:?}");
+}

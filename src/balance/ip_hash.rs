@@ -22,7 +22,7 @@ impl IpHash {
 }
 
 impl Balancer for IpHash {
-    fn pick(&self, cx: &PickContext) -> Option<usize> {
+    fn pick(&self, cx: &PickContext<'_>) -> Option<usize> {
         if self.schedule.is_empty() {
             return None;
         }

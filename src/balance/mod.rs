@@ -2,30 +2,47 @@
 //! per algorithm; a balancer is built once per runtime snapshot and shared by all requests.
 
 mod ip_hash;
+mod least_connections;
 mod random;
 mod round_robin;
+mod two_choices;
 
 use std::net::IpAddr;
 
 pub use ip_hash::IpHash;
+pub use least_connections::LeastConnections;
 pub use random::Random;
 pub use round_robin::RoundRobin;
+pub use two_choices::TwoChoices;
 
 use crate::config::{BalanceKind, ServerConfig};
 
 /// What a balancer may look at for one pick.
-#[derive(Debug, Clone, Copy)]
-pub struct PickContext {
+#[derive(Clone, Copy)]
+pub struct PickContext<'a> {
     /// Earlier tries of this request, so a retry can move past the server that just failed.
     pub attempt: usize,
     pub client_ip: IpAddr,
+    /// How busy each server is now.
+    pub loads: &'a dyn Loads,
+}
+
+/// Requests in flight per server, by index in the upstream's server list.
+pub trait Loads {
+    fn active(&self, server: usize) -> usize;
+}
+
+impl Loads for Vec<usize> {
+    fn active(&self, server: usize) -> usize {
+        self[server]
+    }
 }
 
 /// Picks a server for a request. Implementations must be cheap and lock-free: `pick` runs
 /// once per request on every core.
 pub trait Balancer: Send + Sync + std::fmt::Debug {
     /// Index of the chosen server in the upstream's server list, or `None` if it has none.
-    fn pick(&self, cx: &PickContext) -> Option<usize>;
+    fn pick(&self, cx: &PickContext<'_>) -> Option<usize>;
 }
 
 /// Builds the balancer an upstream's config asks for.
@@ -35,6 +52,8 @@ pub fn build(kind: BalanceKind, servers: &[ServerConfig]) -> Box<dyn Balancer> {
         BalanceKind::RoundRobin => Box::new(RoundRobin::new(weights)),
         BalanceKind::Random => Box::new(Random::new(weights)),
         BalanceKind::IpHash => Box::new(IpHash::new(weights)),
+        BalanceKind::LeastConnections => Box::new(LeastConnections::new(weights)),
+        BalanceKind::TwoChoices => Box::new(TwoChoices::new(weights)),
     }
 }
 
@@ -66,10 +85,19 @@ pub(crate) fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
+/// Whether server `a` is less loaded than `b` for its weight: `active_a / weight_a <
+/// active_b / weight_b`, compared without division.
+pub(crate) fn lighter(loads: &dyn Loads, weights: &[u32], a: usize, b: usize) -> bool {
+    (loads.active(a) as u64) * u64::from(weights[b])
+        < (loads.active(b) as u64) * u64::from(weights[a])
+}
+
 #[cfg(test)]
-pub(crate) fn cx(attempt: usize, client_ip: &str) -> PickContext {
+pub(crate) fn cx(attempt: usize, client_ip: &str) -> PickContext<'static> {
+    static IDLE: Vec<usize> = Vec::new();
     PickContext {
         attempt,
         client_ip: client_ip.parse().unwrap(),
+        loads: &IDLE,
     }
 }

@@ -24,7 +24,7 @@ impl Random {
 }
 
 impl Balancer for Random {
-    fn pick(&self, _cx: &PickContext) -> Option<usize> {
+    fn pick(&self, _cx: &PickContext<'_>) -> Option<usize> {
         let total = *self.cumulative.last()?;
         let ticket = fastrand::u64(..total);
         Some(self.cumulative.partition_point(|&end| end <= ticket))

@@ -24,7 +24,7 @@ impl RoundRobin {
 }
 
 impl Balancer for RoundRobin {
-    fn pick(&self, _cx: &PickContext) -> Option<usize> {
+    fn pick(&self, _cx: &PickContext<'_>) -> Option<usize> {
         if self.schedule.is_empty() {
             return None;
         }

@@ -40,16 +40,26 @@ pub enum BalanceKind {
     RoundRobin,
     Random,
     IpHash,
+    LeastConnections,
+    TwoChoices,
 }
 
 impl BalanceKind {
-    pub const NAMES: &'static [&'static str] = &["round_robin", "random", "ip_hash"];
+    pub const NAMES: &'static [&'static str] = &[
+        "round_robin",
+        "random",
+        "ip_hash",
+        "least_connections",
+        "two_choices",
+    ];
 
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "round_robin" => Some(BalanceKind::RoundRobin),
             "random" => Some(BalanceKind::Random),
             "ip_hash" => Some(BalanceKind::IpHash),
+            "least_connections" => Some(BalanceKind::LeastConnections),
+            "two_choices" => Some(BalanceKind::TwoChoices),
             _ => None,
         }
     }

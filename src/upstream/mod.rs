@@ -6,6 +6,7 @@ mod pool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -33,6 +34,37 @@ pub struct Server {
     /// `address` as a Host header value, for upstreams that do not preserve the client's.
     pub host_header: HeaderValue,
     pub pool: Pool,
+    /// Requests in flight to this server from every worker, for load-aware balancers.
+    active: AtomicUsize,
+}
+
+impl Server {
+    /// Requests in flight to this server now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as in flight until the returned guard is dropped.
+    pub fn track(self: &Arc<Self>) -> InFlight {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+}
+
+impl crate::balance::Loads for Box<[Arc<Server>]> {
+    fn active(&self, server: usize) -> usize {
+        self[server].active()
+    }
+}
+
+/// One request in flight to a server; dropping it ends the count.
+#[derive(Debug)]
+pub struct InFlight(Arc<Server>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Upstream {
@@ -59,6 +91,7 @@ impl Upstream {
                         connect_timeout,
                         stream_idle,
                     ),
+                    active: AtomicUsize::new(0),
                 })
             })
             .collect();

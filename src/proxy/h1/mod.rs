@@ -232,6 +232,7 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
 
     // Balance, connect, and send; a request that never left is retried on a new connection.
     let mut attempt = 0;
+    let mut _in_flight = None;
     let (server, mut conn, outcome) = loop {
         // A retry goes on a new connection: the pool may hold more that the server closed.
         let pooled = if attempt == 0 {
@@ -270,6 +271,8 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
         if let Some(log) = log.as_mut() {
             log.upstream = Some(server.address);
         }
+        // Counted from here to the end of the exchange, for load-aware balancing.
+        _in_flight = Some(server.track());
         let client_host = routed.host.as_ref();
         let host = match client_host {
             Some(host) if routed.upstream.preserve_host => host,
@@ -397,10 +400,14 @@ async fn connect(
     upstream: &Upstream,
     client_ip: IpAddr,
     pooled: Pooled,
-) -> Result<(&Server, RawConn), ConnectError> {
+) -> Result<(&Arc<Server>, RawConn), ConnectError> {
     let mut last_error = None;
     for attempt in 0..upstream.servers.len() {
-        let Some(index) = upstream.balancer.pick(&PickContext { attempt, client_ip }) else {
+        let Some(index) = upstream.balancer.pick(&PickContext {
+            attempt,
+            client_ip,
+            loads: &upstream.servers,
+        }) else {
             break;
         };
         let server = &upstream.servers[index];

@@ -12,12 +12,14 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
 use crate::proxy::AccessRecord;
-use crate::upstream::{RequestBody, Server};
+use crate::upstream::{InFlight, RequestBody, Server};
 
 pub struct ResponseBody {
     inner: Inner,
     /// The connection the response came on, to be pooled again only if the body ends.
     connection: Option<(SendRequest<RequestBody>, Arc<Server>)>,
+    /// Counts the request as in flight to its server until the body ends.
+    in_flight: Option<InFlight>,
     /// `None` when the access log is off.
     log: Option<AccessRecord>,
 }
@@ -31,11 +33,13 @@ impl ResponseBody {
     pub fn upstream(
         body: Incoming,
         connection: Option<(SendRequest<RequestBody>, Arc<Server>)>,
+        in_flight: Option<InFlight>,
         log: Option<AccessRecord>,
     ) -> Self {
         ResponseBody {
             inner: Inner::Upstream(body),
             connection,
+            in_flight,
             log,
         }
     }
@@ -44,6 +48,7 @@ impl ResponseBody {
         ResponseBody {
             inner: Inner::Local(Some(text)),
             connection: None,
+            in_flight: None,
             log,
         }
     }
@@ -53,6 +58,7 @@ impl ResponseBody {
         if let Some((sender, server)) = self.connection.take() {
             server.pool.put(sender);
         }
+        self.in_flight = None;
         if let Some(log) = self.log.as_mut() {
             log.complete = true;
         }

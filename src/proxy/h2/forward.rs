@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
 use crate::balance::PickContext;
-use crate::upstream::{ConnectError, RequestBody, Server, Upstream};
+use crate::upstream::{ConnectError, InFlight, RequestBody, Server, Upstream};
 
 /// Why no upstream response could be had.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,8 @@ pub struct Forwarded {
     pub response: Response<Incoming>,
     pub server: Arc<Server>,
     pub sender: SendRequest<RequestBody>,
+    /// The request counts as in flight to `server` until this is dropped.
+    pub in_flight: InFlight,
 }
 
 /// Makes the request HTTP/1.1 in origin form (`/path?query`), as an upstream expects it.
@@ -59,7 +61,11 @@ pub async fn send(
     let tries = upstream.servers.len() + 1;
     let mut last_error = ForwardError::NoServer(upstream.name.clone());
     for attempt in 0..tries {
-        let Some(index) = upstream.balancer.pick(&PickContext { attempt, client_ip }) else {
+        let Some(index) = upstream.balancer.pick(&PickContext {
+            attempt,
+            client_ip,
+            loads: &upstream.servers,
+        }) else {
             break;
         };
         let server = &upstream.servers[index];
@@ -71,6 +77,7 @@ pub async fn send(
                 continue;
             }
         };
+        let in_flight = server.track();
         if !upstream.preserve_host || !req.headers().contains_key(header::HOST) {
             req.headers_mut()
                 .insert(header::HOST, server.host_header.clone());
@@ -82,6 +89,7 @@ pub async fn send(
                     response,
                     server: server.clone(),
                     sender: conn.sender,
+                    in_flight,
                 });
             }
             Ok(Err(mut e)) => match e.take_message() {

@@ -71,6 +71,7 @@ pub async fn handle(
         response,
         server,
         sender,
+        in_flight,
     } = forwarded;
     if let Some(log) = log.as_mut() {
         log.status = response.status();
@@ -90,7 +91,7 @@ pub async fn handle(
     headers::add_via(&mut parts.headers, Version::HTTP_11);
     Response::from_parts(
         parts,
-        ResponseBody::upstream(body, Some((sender, server)), log),
+        ResponseBody::upstream(body, Some((sender, server)), Some(in_flight), log),
     )
 }
 
