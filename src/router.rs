@@ -91,6 +91,7 @@ mod tests {
         let config = UpstreamConfig {
             name: name.into(),
             balance: BalanceKind::RoundRobin,
+            hash_key: None,
             servers: vec![],
             preserve_host: true,
             pool_max_idle_per_server: 0,

@@ -118,3 +118,35 @@ async fn load_aware_algorithms_steer_away_from_a_slow_server() {
     let total: usize = counts.values().sum();
     assert!(counts["slow"] * 3 + 3 >= total, "round robin: {counts:?}");
 }
+
+#[tokio::test]
+async fn consistent_hash_on_a_header_keeps_each_user_on_one_server() {
+    let (a, b, c) = (
+        Backend::named("a").await,
+        Backend::named("b").await,
+        Backend::named("c").await,
+    );
+    let proxy = Proxy::start(
+        &config("consistent_hash")
+            .replace("servers = ", "hash_key = \"header:x-user\"\nservers = "),
+        &[&a, &b, &c],
+    )
+    .await;
+    let client = support::client();
+    let mut server_of = HashMap::new();
+    for user in 0..40 {
+        for _ in 0..3 {
+            let resp = client
+                .get(proxy.url("/"))
+                .header("x-user", format!("user-{user}"))
+                .send()
+                .await
+                .unwrap();
+            let answer = resp.text().await.unwrap();
+            let first = server_of.entry(user).or_insert_with(|| answer.clone());
+            assert_eq!(*first, answer, "user {user} moved between servers");
+        }
+    }
+    let used: HashSet<&String> = server_of.values().collect();
+    assert_eq!(used.len(), 3, "40 users all landed on {used:?}");
+}

@@ -53,6 +53,7 @@ mod tests {
             attempt: 0,
             client_ip: "10.0.0.1".parse().unwrap(),
             loads: &loads,
+            key: None,
         })
         .unwrap()
     }

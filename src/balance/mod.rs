@@ -1,6 +1,7 @@
 //! Balancing: which server of an upstream gets the next request. One small trait, one file
 //! per algorithm; a balancer is built once per runtime snapshot and shared by all requests.
 
+mod consistent_hash;
 mod ip_hash;
 mod least_connections;
 mod random;
@@ -9,6 +10,7 @@ mod two_choices;
 
 use std::net::IpAddr;
 
+pub use consistent_hash::{ConsistentHash, hash};
 pub use ip_hash::IpHash;
 pub use least_connections::LeastConnections;
 pub use random::Random;
@@ -25,6 +27,8 @@ pub struct PickContext<'a> {
     pub client_ip: IpAddr,
     /// How busy each server is now.
     pub loads: &'a dyn Loads,
+    /// The hash of the request's key, for upstreams that balance on one (`hash_key`).
+    pub key: Option<u64>,
 }
 
 /// Requests in flight per server, by index in the upstream's server list.
@@ -54,6 +58,15 @@ pub fn build(kind: BalanceKind, servers: &[ServerConfig]) -> Box<dyn Balancer> {
         BalanceKind::IpHash => Box::new(IpHash::new(weights)),
         BalanceKind::LeastConnections => Box::new(LeastConnections::new(weights)),
         BalanceKind::TwoChoices => Box::new(TwoChoices::new(weights)),
+        BalanceKind::ConsistentHash => {
+            let names: Vec<String> = servers.iter().map(|s| s.address.to_string()).collect();
+            Box::new(ConsistentHash::new(
+                names
+                    .iter()
+                    .map(String::as_str)
+                    .zip(servers.iter().map(|s| s.weight)),
+            ))
+        }
     }
 }
 
@@ -99,5 +112,6 @@ pub(crate) fn cx(attempt: usize, client_ip: &str) -> PickContext<'static> {
         attempt,
         client_ip: client_ip.parse().unwrap(),
         loads: &IDLE,
+        key: None,
     }
 }

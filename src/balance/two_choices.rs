@@ -55,7 +55,7 @@ mod tests {
             let busiest = loads.iter().position(|&l| l == max).unwrap();
             let tc = TwoChoices::new(weights);
             for _ in 0..50 {
-                let chosen = tc.pick(&PickContext { attempt: 0, client_ip: "10.0.0.1".parse().unwrap(), loads: &loads }).unwrap();
+                let chosen = tc.pick(&PickContext { attempt: 0, client_ip: "10.0.0.1".parse().unwrap(), loads: &loads, key: None }).unwrap();
                 prop_assert_ne!(chosen, busiest);
             }
         }

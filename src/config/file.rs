@@ -47,6 +47,7 @@ pub struct Route {
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     pub balance: Option<Spanned<String>>,
+    pub hash_key: Option<Spanned<String>>,
     pub servers: Spanned<Vec<Spanned<Server>>>,
     pub preserve_host: Option<bool>,
     pub pool_max_idle_per_server: Option<Spanned<i64>>,

@@ -267,8 +267,10 @@ impl Checker {
                 servers.push(ServerConfig { address, weight });
             }
         }
+        let hash_key = self.hash_key(balance, up.hash_key.as_ref());
         UpstreamConfig {
             name: name.to_string(),
+            hash_key,
             balance,
             servers,
             preserve_host: up.preserve_host.unwrap_or(true),
@@ -285,6 +287,41 @@ impl Checker {
                 Duration::from_secs(60),
             ),
         }
+    }
+
+    /// `hash_key` goes with `balance = "consistent_hash"` (default: the client's address).
+    fn hash_key(&mut self, balance: BalanceKind, key: Option<&Spanned<String>>) -> Option<HashKey> {
+        let Some(key) = key else {
+            return (balance == BalanceKind::ConsistentHash).then_some(HashKey::ClientIp);
+        };
+        if balance != BalanceKind::ConsistentHash {
+            self.error(
+                key.span(),
+                "hash_key applies only with balance = \"consistent_hash\"",
+            );
+            return None;
+        }
+        let text = key.get_ref();
+        let parsed = match text.split_once(':') {
+            None if text == "client_ip" => Some(HashKey::ClientIp),
+            None if text == "path" => Some(HashKey::Path),
+            Some(("header", name)) => http::HeaderName::from_bytes(name.as_bytes())
+                .ok()
+                .map(HashKey::Header),
+            Some(("cookie", name))
+                if !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'=' && b != b';') =>
+            {
+                Some(HashKey::Cookie(name.to_string()))
+            }
+            _ => None,
+        };
+        if parsed.is_none() {
+            self.error(key.span(), format!("hash_key `{text}` is not a key: use \"client_ip\", \"path\", \"header:NAME\" or \"cookie:NAME\""));
+        }
+        parsed
     }
 
     fn routes(

@@ -42,6 +42,7 @@ pub enum BalanceKind {
     IpHash,
     LeastConnections,
     TwoChoices,
+    ConsistentHash,
 }
 
 impl BalanceKind {
@@ -60,6 +61,7 @@ impl BalanceKind {
             "ip_hash" => Some(BalanceKind::IpHash),
             "least_connections" => Some(BalanceKind::LeastConnections),
             "two_choices" => Some(BalanceKind::TwoChoices),
+            "consistent_hash" => Some(BalanceKind::ConsistentHash),
             _ => None,
         }
     }
@@ -69,11 +71,22 @@ impl BalanceKind {
 pub struct UpstreamConfig {
     pub name: String,
     pub balance: BalanceKind,
+    /// What `consistent_hash` hashes; `None` for the other algorithms.
+    pub hash_key: Option<HashKey>,
     pub servers: Vec<ServerConfig>,
     /// Forward the client's Host header (true) or replace it with the server's address.
     pub preserve_host: bool,
     pub pool_max_idle_per_server: usize,
     pub pool_idle_timeout: Duration,
+}
+
+/// The part of a request that `consistent_hash` balances on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    Path,
+    Header(http::HeaderName),
+    Cookie(String),
 }
 
 #[derive(Debug, Clone)]

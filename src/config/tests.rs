@@ -97,3 +97,29 @@ fn bad_durations_and_sizes_say_what_is_allowed() {
 fn empty_config_asks_for_a_listener() {
     assert!(error_text("").contains("no listeners"));
 }
+
+#[test]
+fn hash_key_is_checked_and_goes_with_consistent_hash_only() {
+    let bad_key = GOOD.replace(
+        "[upstreams.app]\n",
+        "[upstreams.app]\nbalance = \"consistent_hash\"\nhash_key = \"query\"\n",
+    );
+    assert!(error_text(&bad_key).contains("hash_key `query` is not a key: use \"client_ip\", \"path\", \"header:NAME\" or \"cookie:NAME\""));
+    let wrong_balance = GOOD.replace(
+        "[upstreams.app]\n",
+        "[upstreams.app]\nhash_key = \"path\"\n",
+    );
+    assert!(
+        error_text(&wrong_balance)
+            .contains("hash_key applies only with balance = \"consistent_hash\"")
+    );
+    let good = GOOD.replace(
+        "[upstreams.app]\n",
+        "[upstreams.app]\nbalance = \"consistent_hash\"\nhash_key = \"cookie:session\"\n",
+    );
+    let config = parse("test.toml", &good).unwrap();
+    assert_eq!(
+        config.upstreams[0].hash_key,
+        Some(HashKey::Cookie("session".into()))
+    );
+}

@@ -7,14 +7,17 @@ pub mod h1;
 pub mod h2;
 mod log;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use http::header::{self, HeaderValue};
+use http::Uri;
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, StatusCode, Version};
 
 pub use log::AccessRecord;
 
+use crate::balance;
+use crate::config::HashKey;
 use crate::http::headers;
 use crate::http::validate::{self, Reject};
 use crate::runtime::Runtime;
@@ -66,6 +69,34 @@ pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
     let protocol = req.headers().get(header::UPGRADE)?;
     let h2c = headers::tokens(protocol).any(|p| p.len() >= 3 && p[..3].eq_ignore_ascii_case("h2c"));
     (!h2c).then(|| protocol.clone())
+}
+
+/// The hash of what `upstream` balances on (`hash_key`), when it balances on one. A missing
+/// header or cookie gives `None`, and the balancer falls back to the client's address.
+pub fn balance_key(
+    upstream: &Upstream,
+    client_ip: IpAddr,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Option<u64> {
+    match upstream.hash_key.as_ref()? {
+        HashKey::ClientIp => Some(balance::hash(&client_ip)),
+        HashKey::Path => Some(balance::hash(&uri.path())),
+        HashKey::Header(name) => headers.get(name).map(|v| balance::hash(&v.as_bytes())),
+        HashKey::Cookie(name) => cookie(headers, name).map(|v| balance::hash(&v)),
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, value)| value)
 }
 
 /// The body of a response Fulcrum writes itself.

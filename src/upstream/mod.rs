@@ -15,7 +15,7 @@ pub use body::{RequestBody, RequestBodyError};
 pub use pool::{ConnectError, Connection, Pool, RawConn};
 
 use crate::balance::{self, Balancer};
-use crate::config::UpstreamConfig;
+use crate::config::{HashKey, UpstreamConfig};
 
 /// A named group of servers and the balancer that chooses among them.
 #[derive(Debug)]
@@ -23,6 +23,8 @@ pub struct Upstream {
     pub name: String,
     pub servers: Box<[Arc<Server>]>,
     pub balancer: Box<dyn Balancer>,
+    /// What the balancer hashes, for `consistent_hash`.
+    pub hash_key: Option<HashKey>,
     /// Forward the client's Host header rather than the server's own address.
     pub preserve_host: bool,
 }
@@ -99,6 +101,7 @@ impl Upstream {
             name: config.name.clone(),
             servers,
             balancer: balance::build(config.balance, &config.servers),
+            hash_key: config.hash_key.clone(),
             preserve_host: config.preserve_host,
         }
     }

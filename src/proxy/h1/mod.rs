@@ -16,7 +16,7 @@ use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{AccessRecord, local_body, route, upgrade_protocol};
+use super::{AccessRecord, balance_key, local_body, route, upgrade_protocol};
 use crate::balance::PickContext;
 use crate::config::Timeouts;
 use crate::http1::body::Framing;
@@ -230,6 +230,13 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
 
+    let key = balance_key(
+        routed.upstream,
+        client.peer.ip(),
+        &parts.uri,
+        &parts.headers,
+    );
+
     // Balance, connect, and send; a request that never left is retried on a new connection.
     let mut attempt = 0;
     let mut _in_flight = None;
@@ -242,7 +249,8 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
         } else {
             Pooled::No
         };
-        let (server, mut conn) = match connect(routed.upstream, client.peer.ip(), pooled).await {
+        let (server, mut conn) = match connect(routed.upstream, client.peer.ip(), key, pooled).await
+        {
             Ok(found) => found,
             Err(e) => {
                 let (status, reason) = match e {
@@ -399,6 +407,7 @@ enum Pooled {
 async fn connect(
     upstream: &Upstream,
     client_ip: IpAddr,
+    key: Option<u64>,
     pooled: Pooled,
 ) -> Result<(&Arc<Server>, RawConn), ConnectError> {
     let mut last_error = None;
@@ -407,6 +416,7 @@ async fn connect(
             attempt,
             client_ip,
             loads: &upstream.servers,
+            key,
         }) else {
             break;
         };

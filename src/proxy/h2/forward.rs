@@ -56,6 +56,7 @@ pub async fn send(
     mut req: Request<RequestBody>,
     upstream: &Upstream,
     client_ip: std::net::IpAddr,
+    key: Option<u64>,
     response_timeout: Duration,
 ) -> Result<Forwarded, ForwardError> {
     let tries = upstream.servers.len() + 1;
@@ -65,6 +66,7 @@ pub async fn send(
             attempt,
             client_ip,
             loads: &upstream.servers,
+            key,
         }) else {
             break;
         };

@@ -15,7 +15,7 @@ use http::{HeaderMap, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use super::AccessRecord;
-use super::{ClientConn, Routed, local_body, route};
+use super::{ClientConn, Routed, balance_key, local_body, route};
 use crate::http::headers::{self, ClientHop};
 use crate::runtime::Runtime;
 use crate::upstream::{ConnectError, RequestBody, RequestBodyError};
@@ -46,6 +46,7 @@ pub async fn handle(
         host: routed.host.as_ref().and_then(|h| h.to_str().ok()),
         version,
     };
+    let key = balance_key(routed.upstream, conn.peer.ip(), &parts.uri, &parts.headers);
     upstream_request_headers(&mut parts.headers, &hop, &routed);
     let mut upstream_req = Request::from_parts(
         parts,
@@ -57,6 +58,7 @@ pub async fn handle(
         upstream_req,
         routed.upstream,
         conn.peer.ip(),
+        key,
         rt.config.timeouts.upstream_response_header,
     )
     .await
