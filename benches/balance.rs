@@ -27,6 +27,8 @@ fn servers(n: usize) -> Vec<ServerConfig> {
         .map(|i| ServerConfig {
             address: format!("10.{}.{}.1:80", i / 250, i % 250).parse().unwrap(),
             weight: 1 + (i % 3) as u32,
+            backup: false,
+            drain: false,
         })
         .collect()
 }

@@ -150,3 +150,36 @@ async fn consistent_hash_on_a_header_keeps_each_user_on_one_server() {
     let used: HashSet<&String> = server_of.values().collect();
     assert_eq!(used.len(), 3, "40 users all landed on {used:?}");
 }
+
+#[tokio::test]
+async fn backups_serve_only_when_no_primary_can_be_reached_and_drained_servers_get_nothing() {
+    let (primary, backup, drained) = (
+        Backend::named("primary").await,
+        Backend::named("backup").await,
+        Backend::named("drained").await,
+    );
+    let upstream = |primary_addr: String| {
+        format!(
+            "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [\
+             {{ address = \"{primary_addr}\" }}, {{ address = \"{{1}}\", backup = true }}, {{ address = \"{{2}}\", drain = true }}]\n"
+        )
+    };
+    let client = support::client();
+
+    let proxy = Proxy::start(&upstream("{0}".into()), &[&primary, &backup, &drained]).await;
+    for _ in 0..10 {
+        assert_eq!(get_text(&client, &proxy.url("/")).await, "primary");
+    }
+
+    // The primary gone: every request still succeeds, on the backup.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = Proxy::start(&upstream(dead.to_string()), &[&primary, &backup, &drained]).await;
+    for _ in 0..10 {
+        assert_eq!(get_text(&client, &proxy.url("/")).await, "backup");
+    }
+    assert_eq!(drained.seen.count(), 0);
+}

@@ -59,6 +59,8 @@ pub struct Upstream {
 pub struct Server {
     pub address: Spanned<String>,
     pub weight: Option<Spanned<i64>>,
+    pub backup: Option<bool>,
+    pub drain: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -264,7 +264,12 @@ impl Checker {
                         format!("server {address} is listed twice in upstream `{name}`"),
                     );
                 }
-                servers.push(ServerConfig { address, weight });
+                servers.push(ServerConfig {
+                    address,
+                    weight,
+                    backup: server.backup.unwrap_or(false),
+                    drain: server.drain.unwrap_or(false),
+                });
             }
         }
         let hash_key = self.hash_key(balance, up.hash_key.as_ref());

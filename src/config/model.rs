@@ -93,6 +93,10 @@ pub enum HashKey {
 pub struct ServerConfig {
     pub address: SocketAddr,
     pub weight: u32,
+    /// Used only when no primary server can be reached.
+    pub backup: bool,
+    /// Takes no new requests; in-flight ones finish.
+    pub drain: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@
 mod body;
 mod pool;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -14,15 +14,18 @@ use http::HeaderValue;
 pub use body::{RequestBody, RequestBodyError};
 pub use pool::{ConnectError, Connection, Pool, RawConn};
 
-use crate::balance::{self, Balancer};
+use crate::balance::{self, Balancer, Loads, PickContext};
 use crate::config::{HashKey, UpstreamConfig};
 
-/// A named group of servers and the balancer that chooses among them.
+/// A named group of servers and the balancers that choose among them.
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
     pub servers: Box<[Arc<Server>]>,
-    pub balancer: Box<dyn Balancer>,
+    /// Servers that take requests first.
+    primary: Tier,
+    /// Servers that take requests only when no primary could be reached.
+    backup: Tier,
     /// What the balancer hashes, for `consistent_hash`.
     pub hash_key: Option<HashKey>,
     /// Forward the client's Host header rather than the server's own address.
@@ -53,9 +56,24 @@ impl Server {
     }
 }
 
-impl crate::balance::Loads for Box<[Arc<Server>]> {
+/// Servers of one rank that take new requests (drained ones do not), and the balancer
+/// that picks among them by their position in `members`.
+#[derive(Debug)]
+struct Tier {
+    /// Indices into the upstream's server list.
+    members: Box<[usize]>,
+    balancer: Box<dyn Balancer>,
+}
+
+/// A tier's view of the servers' loads, indexed as the tier's balancer sees them.
+struct TierLoads<'a> {
+    servers: &'a [Arc<Server>],
+    members: &'a [usize],
+}
+
+impl Loads for TierLoads<'_> {
     fn active(&self, server: usize) -> usize {
-        self[server].active()
+        self.servers[self.members[server]].active()
     }
 }
 
@@ -97,12 +115,61 @@ impl Upstream {
                 })
             })
             .collect();
+        let tier = |backup: bool| {
+            let members: Box<[usize]> = (0..config.servers.len())
+                .filter(|&i| config.servers[i].backup == backup && !config.servers[i].drain)
+                .collect();
+            let configs: Vec<_> = members.iter().map(|&i| config.servers[i].clone()).collect();
+            Tier {
+                members,
+                balancer: balance::build(config.balance, &configs),
+            }
+        };
         Upstream {
             name: config.name.clone(),
             servers,
-            balancer: balance::build(config.balance, &config.servers),
+            primary: tier(false),
+            backup: tier(true),
             hash_key: config.hash_key.clone(),
             preserve_host: config.preserve_host,
         }
+    }
+}
+
+impl Upstream {
+    /// How many tries a request may make: each primary once, then each backup once.
+    pub fn tries(&self) -> usize {
+        self.primary.members.len() + self.backup.members.len()
+    }
+
+    /// The server for try number `attempt` of a request: picked among the primaries until
+    /// every one has been tried, then among the backups.
+    pub fn pick(
+        &self,
+        attempt: usize,
+        client_ip: IpAddr,
+        key: Option<u64>,
+    ) -> Option<&Arc<Server>> {
+        let primaries = self.primary.members.len();
+        // Past the last server, tries start over: a request that found a pooled connection
+        // closed may go once more.
+        let attempt = attempt % self.tries().max(1);
+        let (tier, attempt) = if attempt < primaries {
+            (&self.primary, attempt)
+        } else {
+            (&self.backup, attempt - primaries)
+        };
+        let loads = TierLoads {
+            servers: &self.servers,
+            members: &tier.members,
+        };
+        let cx = PickContext {
+            attempt,
+            client_ip,
+            loads: &loads,
+            key,
+        };
+        let index = tier.balancer.pick(&cx)?;
+        Some(&self.servers[tier.members[index]])
     }
 }

@@ -17,7 +17,6 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{AccessRecord, balance_key, local_body, route, upgrade_protocol};
-use crate::balance::PickContext;
 use crate::config::Timeouts;
 use crate::http1::body::Framing;
 use crate::http1::head::{self, HeadError};
@@ -411,16 +410,10 @@ async fn connect(
     pooled: Pooled,
 ) -> Result<(&Arc<Server>, RawConn), ConnectError> {
     let mut last_error = None;
-    for attempt in 0..upstream.servers.len() {
-        let Some(index) = upstream.balancer.pick(&PickContext {
-            attempt,
-            client_ip,
-            loads: &upstream.servers,
-            key,
-        }) else {
+    for attempt in 0..upstream.tries() {
+        let Some(server) = upstream.pick(attempt, client_ip, key) else {
             break;
         };
-        let server = &upstream.servers[index];
         if let Pooled::Any { probe } = pooled
             && let Some(conn) = server.pool.take_raw(probe)
         {

@@ -11,7 +11,6 @@ use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
-use crate::balance::PickContext;
 use crate::upstream::{ConnectError, InFlight, RequestBody, Server, Upstream};
 
 /// Why no upstream response could be had.
@@ -59,18 +58,13 @@ pub async fn send(
     key: Option<u64>,
     response_timeout: Duration,
 ) -> Result<Forwarded, ForwardError> {
-    let tries = upstream.servers.len() + 1;
+    // One try per server, and one more for a pooled connection found closed.
+    let tries = upstream.tries() + 1;
     let mut last_error = ForwardError::NoServer(upstream.name.clone());
     for attempt in 0..tries {
-        let Some(index) = upstream.balancer.pick(&PickContext {
-            attempt,
-            client_ip,
-            loads: &upstream.servers,
-            key,
-        }) else {
+        let Some(server) = upstream.pick(attempt, client_ip, key) else {
             break;
         };
-        let server = &upstream.servers[index];
         let mut conn = match server.pool.get().await {
             Ok(conn) => conn,
             Err(e) => {
