@@ -2,9 +2,7 @@
 //! address, a header, a cookie or the path) maps to the next server point clockwise. When a
 //! server leaves, only the keys it held move; when one joins, only keys it takes move.
 
-use std::hash::{Hash, Hasher};
-
-use super::{Balancer, PickContext};
+use super::{Balancer, PickContext, hash};
 
 /// Points per unit of weight: enough for shares within a few percent of the weights.
 const POINTS_PER_WEIGHT: u32 = 160;
@@ -56,14 +54,6 @@ impl Balancer for ConsistentHash {
         }
         Some(server as usize)
     }
-}
-
-/// The hash that places points and keys: SipHash with fixed keys, the same on every worker
-/// and after a restart.
-pub fn hash(value: &impl Hash) -> u64 {
-    let mut hasher = std::hash::DefaultHasher::new();
-    value.hash(&mut hasher);
-    hasher.finish()
 }
 
 #[cfg(test)]

@@ -2,9 +2,7 @@
 //! is unchanged, with clients spread in proportion to the weights. (Consistent hashing,
 //! which moves few clients when the list changes, is a separate algorithm.)
 
-use std::hash::{Hash, Hasher};
-
-use super::{Balancer, PickContext, smooth_schedule};
+use super::{Balancer, PickContext, hash, smooth_schedule};
 
 #[derive(Debug)]
 pub struct IpHash {
@@ -26,11 +24,7 @@ impl Balancer for IpHash {
         if self.schedule.is_empty() {
             return None;
         }
-        // SipHash with fixed keys: the same client maps the same way on every worker and
-        // after a restart.
-        let mut hasher = std::hash::DefaultHasher::new();
-        cx.client_ip.hash(&mut hasher);
-        let slot = hasher.finish() as usize;
+        let slot = hash(&cx.client_ip) as usize;
         // A retry moves on through the cycle, past the server that just failed.
         Some(self.schedule[slot.wrapping_add(cx.attempt) % self.schedule.len()] as usize)
     }

@@ -10,7 +10,7 @@ mod two_choices;
 
 use std::net::IpAddr;
 
-pub use consistent_hash::{ConsistentHash, hash};
+pub use consistent_hash::ConsistentHash;
 pub use ip_hash::IpHash;
 pub use least_connections::LeastConnections;
 pub use random::Random;
@@ -31,7 +31,7 @@ pub struct PickContext<'a> {
     pub key: Option<u64>,
 }
 
-/// Requests in flight per server, by index in the upstream's server list.
+/// Requests in flight per server, indexed like the list the balancer was built from.
 pub trait Loads {
     fn active(&self, server: usize) -> usize;
 }
@@ -45,7 +45,8 @@ impl Loads for Vec<usize> {
 /// Picks a server for a request. Implementations must be cheap and lock-free: `pick` runs
 /// once per request on every core.
 pub trait Balancer: Send + Sync + std::fmt::Debug {
-    /// Index of the chosen server in the upstream's server list, or `None` if it has none.
+    /// Index of the chosen server in the list the balancer was built from, or `None` if
+    /// that list is empty.
     fn pick(&self, cx: &PickContext<'_>) -> Option<usize>;
 }
 
@@ -96,6 +97,15 @@ pub(crate) fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
 
 pub(crate) fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// The hash behind `ip_hash`, `consistent_hash` and request keys: SipHash with fixed keys,
+/// so a key maps the same way on every worker and after a restart.
+pub fn hash(value: &impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::hash::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Whether server `a` is less loaded than `b` for its weight: `active_a / weight_a <
