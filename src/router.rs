@@ -92,6 +92,7 @@ mod tests {
             name: name.into(),
             balance: BalanceKind::RoundRobin,
             hash_key: None,
+            sticky_cookie: None,
             servers: vec![],
             preserve_host: true,
             pool_max_idle_per_server: 0,

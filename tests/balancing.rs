@@ -183,3 +183,68 @@ async fn backups_serve_only_when_no_primary_can_be_reached_and_drained_servers_g
     }
     assert_eq!(drained.seen.count(), 0);
 }
+
+#[tokio::test]
+async fn a_sticky_cookie_keeps_a_client_on_its_server_and_moves_it_when_that_server_goes() {
+    let backends = [
+        Backend::named("a").await,
+        Backend::named("b").await,
+        Backend::named("c").await,
+    ];
+    let config = config("round_robin").replace(
+        "servers = ",
+        "sticky_cookie = \"fulcrum_server\"\npool_max_idle_per_server = 0\nservers = ",
+    );
+    let proxy = Proxy::start(&config, &[&backends[0], &backends[1], &backends[2]]).await;
+    let client = support::client();
+    let pin = |resp: &reqwest::Response| {
+        resp.headers()
+            .get("set-cookie")
+            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+    };
+
+    let first = client.get(proxy.url("/")).send().await.unwrap();
+    let cookie = pin(&first).expect("the first response pins the client");
+    assert!(cookie.starts_with("fulcrum_server="), "{cookie}");
+    let home = first.text().await.unwrap();
+    for backend in &backends {
+        assert!(
+            !cookie.contains(&backend.addr.port().to_string()),
+            "the cookie names an address: {cookie}"
+        );
+    }
+    for _ in 0..100 {
+        let resp = client
+            .get(proxy.url("/"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(pin(&resp), None, "a pinned client was pinned again");
+        assert_eq!(resp.text().await.unwrap(), home);
+    }
+
+    // Its server goes away: the client is served elsewhere, never an error, and re-pinned.
+    let gone = ["a", "b", "c"].iter().position(|n| *n == home).unwrap();
+    backends[gone].stop();
+    let resp = client
+        .get(proxy.url("/"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let new_cookie = pin(&resp).expect("a moved client is pinned again");
+    assert_ne!(new_cookie, cookie);
+    let new_home = resp.text().await.unwrap();
+    assert_ne!(new_home, home);
+    for _ in 0..10 {
+        let resp = client
+            .get(proxy.url("/"))
+            .header("cookie", &new_cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.text().await.unwrap(), new_home);
+    }
+}

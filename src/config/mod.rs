@@ -273,9 +273,18 @@ impl Checker {
             }
         }
         let hash_key = self.hash_key(balance, up.hash_key.as_ref());
+        let sticky_cookie = up.sticky_cookie.as_ref().and_then(|c| {
+            let name = c.get_ref();
+            let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid {
+                self.error(c.span(), format!("sticky_cookie `{name}` is not a cookie name: use letters, digits, `_` and `-`"));
+            }
+            valid.then(|| name.clone())
+        });
         UpstreamConfig {
             name: name.to_string(),
             hash_key,
+            sticky_cookie,
             balance,
             servers,
             preserve_host: up.preserve_host.unwrap_or(true),

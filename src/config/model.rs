@@ -73,6 +73,8 @@ pub struct UpstreamConfig {
     pub balance: BalanceKind,
     /// What `consistent_hash` hashes; `None` for the other algorithms.
     pub hash_key: Option<HashKey>,
+    /// The cookie that pins a client to the server it first reached, if sessions are sticky.
+    pub sticky_cookie: Option<String>,
     pub servers: Vec<ServerConfig>,
     /// Forward the client's Host header (true) or replace it with the server's address.
     pub preserve_host: bool,

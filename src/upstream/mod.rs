@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http::HeaderValue;
+use std::collections::HashMap;
+
+use http::{HeaderMap, HeaderValue};
 
 pub use body::{RequestBody, RequestBodyError};
 pub use pool::{ConnectError, Connection, Pool, RawConn};
@@ -28,6 +30,8 @@ pub struct Upstream {
     backup: Tier,
     /// What the balancer hashes, for `consistent_hash`.
     pub hash_key: Option<HashKey>,
+    /// Pinning clients to a server with a cookie, if sessions are sticky.
+    sticky: Option<Sticky>,
     /// Forward the client's Host header rather than the server's own address.
     pub preserve_host: bool,
 }
@@ -54,6 +58,27 @@ impl Server {
         self.active.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
+}
+
+/// Sticky sessions by a cookie Fulcrum sets: its value is an opaque token per server (a
+/// hash of the upstream's name and the server's address, never the address itself).
+#[derive(Debug)]
+struct Sticky {
+    cookie: String,
+    /// Per server, the `Set-Cookie` value that pins a client to it.
+    set_cookie: Box<[HeaderValue]>,
+    /// Token → server index, for servers that take new requests.
+    by_token: HashMap<u64, usize>,
+}
+
+/// What ties a request to a server beside the balancer's own choice.
+#[derive(Debug, Clone, Copy)]
+pub struct Affinity {
+    pub client_ip: IpAddr,
+    /// The hash of the request's `hash_key`, for `consistent_hash`.
+    pub key: Option<u64>,
+    /// The server the request's sticky cookie names, if it still takes requests.
+    pub pinned: Option<usize>,
 }
 
 /// Servers of one rank that take new requests (drained ones do not), and the balancer
@@ -125,8 +150,32 @@ impl Upstream {
                 balancer: balance::build(config.balance, &configs),
             }
         };
+        let sticky = config.sticky_cookie.as_ref().map(|cookie| {
+            let tokens: Vec<u64> = config
+                .servers
+                .iter()
+                .map(|s| balance::hash(&(&config.name, s.address)))
+                .collect();
+            Sticky {
+                cookie: cookie.clone(),
+                set_cookie: tokens
+                    .iter()
+                    .map(|t| {
+                        HeaderValue::from_str(&format!("{cookie}={t:016x}; Path=/; HttpOnly"))
+                            .expect("a cookie name and hex are valid")
+                    })
+                    .collect(),
+                by_token: tokens
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, _)| !config.servers[i].drain)
+                    .map(|(i, &t)| (t, i))
+                    .collect(),
+            }
+        });
         Upstream {
             name: config.name.clone(),
+            sticky,
             servers,
             primary: tier(false),
             backup: tier(true),
@@ -137,23 +186,27 @@ impl Upstream {
 }
 
 impl Upstream {
-    /// How many tries a request may make: each primary once, then each backup once.
-    pub fn tries(&self) -> usize {
-        self.primary.members.len() + self.backup.members.len()
+    /// How many tries a request may make: its pinned server, then each primary once, then
+    /// each backup once.
+    pub fn tries(&self, affinity: &Affinity) -> usize {
+        usize::from(affinity.pinned.is_some())
+            + self.primary.members.len()
+            + self.backup.members.len()
     }
 
-    /// The server for try number `attempt` of a request: picked among the primaries until
-    /// every one has been tried, then among the backups.
-    pub fn pick(
-        &self,
-        attempt: usize,
-        client_ip: IpAddr,
-        key: Option<u64>,
-    ) -> Option<&Arc<Server>> {
-        let primaries = self.primary.members.len();
+    /// The server for try number `attempt` of a request: its pinned server first, then
+    /// picked among the primaries until every one has been tried, then among the backups.
+    pub fn pick(&self, attempt: usize, affinity: &Affinity) -> Option<&Arc<Server>> {
         // Past the last server, tries start over: a request that found a pooled connection
         // closed may go once more.
-        let attempt = attempt % self.tries().max(1);
+        let mut attempt = attempt % self.tries(affinity).max(1);
+        if let Some(pinned) = affinity.pinned {
+            if attempt == 0 {
+                return Some(&self.servers[pinned]);
+            }
+            attempt -= 1;
+        }
+        let primaries = self.primary.members.len();
         let (tier, attempt) = if attempt < primaries {
             (&self.primary, attempt)
         } else {
@@ -165,11 +218,36 @@ impl Upstream {
         };
         let cx = PickContext {
             attempt,
-            client_ip,
+            client_ip: affinity.client_ip,
             loads: &loads,
-            key,
+            key: affinity.key,
         };
         let index = tier.balancer.pick(&cx)?;
         Some(&self.servers[tier.members[index]])
+    }
+
+    /// The server the request's sticky cookie names, if sessions are sticky and that server
+    /// still takes requests.
+    pub fn pinned(&self, headers: &HeaderMap) -> Option<usize> {
+        let sticky = self.sticky.as_ref()?;
+        let token = crate::proxy::cookie(headers, &sticky.cookie)?;
+        sticky
+            .by_token
+            .get(&u64::from_str_radix(token, 16).ok()?)
+            .copied()
+    }
+
+    /// The `Set-Cookie` value that pins the client to `server`, when sessions are sticky and
+    /// the request was not pinned to it already.
+    pub fn pin_cookie(&self, affinity: &Affinity, server: &Arc<Server>) -> Option<&HeaderValue> {
+        let sticky = self.sticky.as_ref()?;
+        if affinity
+            .pinned
+            .is_some_and(|p| Arc::ptr_eq(&self.servers[p], server))
+        {
+            return None;
+        }
+        let index = self.servers.iter().position(|s| Arc::ptr_eq(s, server))?;
+        Some(&sticky.set_cookie[index])
     }
 }

@@ -54,6 +54,7 @@ impl Seen {
 pub struct Backend {
     pub addr: SocketAddr,
     pub seen: Arc<Seen>,
+    accept: tokio::task::AbortHandle,
 }
 
 impl Backend {
@@ -79,7 +80,7 @@ impl Backend {
         let seen = Arc::new(Seen::default());
         let handler = Arc::new(handler);
         let seen2 = seen.clone();
-        tokio::spawn(async move {
+        let accept = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
@@ -102,7 +103,16 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, seen }
+        Backend {
+            addr,
+            seen,
+            accept: accept.abort_handle(),
+        }
+    }
+
+    /// Stops accepting connections: new ones are refused (ones already open stay).
+    pub fn stop(&self) {
+        self.accept.abort();
     }
 }
 

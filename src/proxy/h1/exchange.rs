@@ -29,6 +29,8 @@ pub(super) struct Context<'a> {
     pub(super) keep_alive: bool,
     pub(super) max_body: u64,
     pub(super) started: Instant,
+    /// A sticky-session cookie to set on the response, pinning the client to this server.
+    pub(super) set_cookie: Option<HeaderValue>,
 }
 
 pub(super) enum Outcome {

@@ -24,7 +24,7 @@ use crate::http1::io::{read_some, wait_readable, write_all};
 use crate::idle_timeout::IdleTimeout;
 use crate::runtime::{Runtime, Shared};
 use crate::server::stopping;
-use crate::upstream::{ConnectError, RawConn, Server, Upstream};
+use crate::upstream::{Affinity, ConnectError, RawConn, Server, Upstream};
 
 mod exchange;
 mod request;
@@ -229,12 +229,16 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
 
-    let key = balance_key(
-        routed.upstream,
-        client.peer.ip(),
-        &parts.uri,
-        &parts.headers,
-    );
+    let affinity = Affinity {
+        client_ip: client.peer.ip(),
+        key: balance_key(
+            routed.upstream,
+            client.peer.ip(),
+            &parts.uri,
+            &parts.headers,
+        ),
+        pinned: routed.upstream.pinned(&parts.headers),
+    };
 
     // Balance, connect, and send; a request that never left is retried on a new connection.
     let mut attempt = 0;
@@ -248,8 +252,7 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
         } else {
             Pooled::No
         };
-        let (server, mut conn) = match connect(routed.upstream, client.peer.ip(), key, pooled).await
-        {
+        let (server, mut conn) = match connect(routed.upstream, &affinity, pooled).await {
             Ok(found) => found,
             Err(e) => {
                 let (status, reason) = match e {
@@ -318,6 +321,7 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
             keep_alive: client_keep_alive,
             max_body: rt.config.limits.max_body_bytes,
             started,
+            set_cookie: routed.upstream.pin_cookie(&affinity, server).cloned(),
         };
         let outcome = forward(client, &mut conn, framing, &context, &mut log).await;
         // A pooled connection the server had already closed fails before any response byte;
@@ -403,15 +407,14 @@ enum Pooled {
 
 /// A pooled or new connection to a server the balancer picks, trying the next server when
 /// one cannot be reached.
-async fn connect(
-    upstream: &Upstream,
-    client_ip: IpAddr,
-    key: Option<u64>,
+async fn connect<'u>(
+    upstream: &'u Upstream,
+    affinity: &Affinity,
     pooled: Pooled,
-) -> Result<(&Arc<Server>, RawConn), ConnectError> {
+) -> Result<(&'u Arc<Server>, RawConn), ConnectError> {
     let mut last_error = None;
-    for attempt in 0..upstream.tries() {
-        let Some(server) = upstream.pick(attempt, client_ip, key) else {
+    for attempt in 0..upstream.tries(affinity) {
+        let Some(server) = upstream.pick(attempt, affinity) else {
             break;
         };
         if let Pooled::Any { probe } = pooled

@@ -68,7 +68,10 @@ pub(super) async fn relay_response(
     let facts = loop {
         let parsed = rewrite::relay_response_head(ubuf, cx.is_head, out, |facts| {
             let p = client_plan(facts, cx, request_done.load(Ordering::Relaxed))?;
-            let head = p.head(cx.client_version);
+            let head = p.head(
+                cx.client_version,
+                cx.set_cookie.as_ref().map(|c| c.as_bytes()),
+            );
             plan = Some(p);
             Some(head)
         });
@@ -249,7 +252,7 @@ fn client_plan(facts: &ResponseFacts, cx: &Context<'_>, request_done: bool) -> O
 }
 
 impl Plan {
-    fn head(&self, client_version: Version) -> ClientHead {
+    fn head<'a>(&self, client_version: Version, set_cookie: Option<&'a [u8]>) -> ClientHead<'a> {
         let connection = match (self.switched, self.keep_alive, client_version) {
             (true, _, _) => Some("upgrade"),
             (false, false, _) => Some("close"),
@@ -260,6 +263,7 @@ impl Plan {
             chunked: self.client_chunked,
             connection,
             upgrade: self.switched,
+            set_cookie,
         }
     }
 }

@@ -132,13 +132,15 @@ pub(super) struct ResponseFacts {
 }
 
 /// How the client's response head is to be written.
-pub(super) struct ClientHead {
+pub(super) struct ClientHead<'a> {
     /// Re-frame a body of unknown length as chunked.
     pub chunked: bool,
     /// The `Connection` header to add, if any (`close`, `keep-alive`, `upgrade`).
     pub connection: Option<&'static str>,
     /// Pass on the upstream's `Upgrade` header (on a `101`).
     pub upgrade: bool,
+    /// A `Set-Cookie` of Fulcrum's own to add (sticky sessions).
+    pub set_cookie: Option<&'a [u8]>,
 }
 
 /// Few response heads have more fields than this; a larger head is parsed again with room.
@@ -149,11 +151,11 @@ const MAX_FIELDS: usize = 256;
 /// if `plan` asks for it, writes the client's head into `out` in the same pass. The framing
 /// follows RFC 9112 §6.3; a head with both `Content-Length` and `Transfer-Encoding`, or
 /// conflicting lengths, is refused.
-pub(super) fn relay_response_head(
+pub(super) fn relay_response_head<'c>(
     buf: &[u8],
     head_request: bool,
     out: &mut Vec<u8>,
-    plan: impl FnOnce(&ResponseFacts) -> Option<ClientHead>,
+    plan: impl FnOnce(&ResponseFacts) -> Option<ClientHead<'c>>,
 ) -> Result<Option<ResponseFacts>, HeadError> {
     with_response(buf, |resp, head_len| {
         let facts = facts(resp, head_len, head_request)?;
@@ -223,7 +225,7 @@ fn facts(
 }
 
 /// Writes the client's response head, ending with the empty line.
-fn write_response(out: &mut Vec<u8>, resp: &httparse::Response<'_, '_>, client: &ClientHead) {
+fn write_response(out: &mut Vec<u8>, resp: &httparse::Response<'_, '_>, client: &ClientHead<'_>) {
     let status =
         StatusCode::from_u16(resp.code.unwrap_or(500)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -279,6 +281,9 @@ fn write_response(out: &mut Vec<u8>, resp: &httparse::Response<'_, '_>, client: 
     }
     if let Some(connection) = client.connection {
         line(out, b"connection", connection.as_bytes());
+    }
+    if let Some(cookie) = client.set_cookie {
+        line(out, b"set-cookie", cookie);
     }
     out.extend_from_slice(b"\r\n");
 }

@@ -11,7 +11,7 @@ use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
-use crate::upstream::{ConnectError, InFlight, RequestBody, Server, Upstream};
+use crate::upstream::{Affinity, ConnectError, InFlight, RequestBody, Server, Upstream};
 
 /// Why no upstream response could be had.
 #[derive(Debug, thiserror::Error)]
@@ -54,15 +54,14 @@ pub fn to_origin_form(req: &mut Request<RequestBody>) {
 pub async fn send(
     mut req: Request<RequestBody>,
     upstream: &Upstream,
-    client_ip: std::net::IpAddr,
-    key: Option<u64>,
+    affinity: &Affinity,
     response_timeout: Duration,
 ) -> Result<Forwarded, ForwardError> {
     // One try per server, and one more for a pooled connection found closed.
-    let tries = upstream.tries() + 1;
+    let tries = upstream.tries(affinity) + 1;
     let mut last_error = ForwardError::NoServer(upstream.name.clone());
     for attempt in 0..tries {
-        let Some(server) = upstream.pick(attempt, client_ip, key) else {
+        let Some(server) = upstream.pick(attempt, affinity) else {
             break;
         };
         let mut conn = match server.pool.get().await {

@@ -18,7 +18,7 @@ use super::AccessRecord;
 use super::{ClientConn, Routed, balance_key, local_body, route};
 use crate::http::headers::{self, ClientHop};
 use crate::runtime::Runtime;
-use crate::upstream::{ConnectError, RequestBody, RequestBodyError};
+use crate::upstream::{Affinity, ConnectError, RequestBody, RequestBodyError};
 pub use body::ResponseBody;
 use forward::ForwardError;
 
@@ -46,7 +46,11 @@ pub async fn handle(
         host: routed.host.as_ref().and_then(|h| h.to_str().ok()),
         version,
     };
-    let key = balance_key(routed.upstream, conn.peer.ip(), &parts.uri, &parts.headers);
+    let affinity = Affinity {
+        client_ip: conn.peer.ip(),
+        key: balance_key(routed.upstream, conn.peer.ip(), &parts.uri, &parts.headers),
+        pinned: routed.upstream.pinned(&parts.headers),
+    };
     upstream_request_headers(&mut parts.headers, &hop, &routed);
     let mut upstream_req = Request::from_parts(
         parts,
@@ -57,8 +61,7 @@ pub async fn handle(
     let forwarded = match forward::send(
         upstream_req,
         routed.upstream,
-        conn.peer.ip(),
-        key,
+        &affinity,
         rt.config.timeouts.upstream_response_header,
     )
     .await
@@ -91,6 +94,9 @@ pub async fn handle(
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::add_via(&mut parts.headers, Version::HTTP_11);
+    if let Some(cookie) = routed.upstream.pin_cookie(&affinity, &server) {
+        parts.headers.append(header::SET_COOKIE, cookie.clone());
+    }
     Response::from_parts(
         parts,
         ResponseBody::upstream(body, Some((sender, server)), Some(in_flight), log),
