@@ -123,3 +123,22 @@ fn hash_key_is_checked_and_goes_with_consistent_hash_only() {
         Some(HashKey::Cookie("session".into()))
     );
 }
+
+#[test]
+fn sticky_cookie_names_are_checked() {
+    let bad = GOOD.replace(
+        "[upstreams.app]\n",
+        "[upstreams.app]\nsticky_cookie = \"a b\"\n",
+    );
+    assert!(error_text(&bad).contains("sticky_cookie `a b` is not a cookie name"));
+    let good = GOOD.replace(
+        "[upstreams.app]\n",
+        "[upstreams.app]\nsticky_cookie = \"srv_id\"\n",
+    );
+    assert_eq!(
+        parse("test.toml", &good).unwrap().upstreams[0]
+            .sticky_cookie
+            .as_deref(),
+        Some("srv_id")
+    );
+}
