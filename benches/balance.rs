@@ -13,12 +13,13 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fulcrum::balance::{self, Balancer, PickContext};
 use fulcrum::config::{BalanceKind, ServerConfig};
 
-const KINDS: [(&str, BalanceKind); 6] = [
+const KINDS: [(&str, BalanceKind); 7] = [
     ("round_robin", BalanceKind::RoundRobin),
     ("random", BalanceKind::Random),
     ("ip_hash", BalanceKind::IpHash),
     ("least_connections", BalanceKind::LeastConnections),
     ("two_choices", BalanceKind::TwoChoices),
+    ("least_time", BalanceKind::LeastTime),
     ("consistent_hash", BalanceKind::ConsistentHash),
 ];
 

@@ -93,6 +93,7 @@ mod tests {
             balance: BalanceKind::RoundRobin,
             hash_key: None,
             sticky_cookie: None,
+            latency_decay: Duration::from_secs(10),
             servers: vec![],
             preserve_host: true,
             pool_max_idle_per_server: 0,

@@ -248,3 +248,44 @@ async fn a_sticky_cookie_keeps_a_client_on_its_server_and_moves_it_when_that_ser
         assert_eq!(resp.text().await.unwrap(), new_home);
     }
 }
+
+#[tokio::test]
+async fn least_time_starves_a_slow_server_and_gives_it_back_its_share_when_it_recovers() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let slow_now = Arc::new(AtomicBool::new(true));
+    let flag = slow_now.clone();
+    let varying = Backend::with(move |_req| {
+        let slow = flag.load(Ordering::Relaxed);
+        async move {
+            if slow {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            http::Response::new(support::full("varying"))
+        }
+    })
+    .await;
+    let (fast1, fast2) = (Backend::named("fast1").await, Backend::named("fast2").await);
+    let config =
+        config("least_time").replace("servers = ", "latency_decay = \"300ms\"\nservers = ");
+    let proxy = Proxy::start(&config, &[&varying, &fast1, &fast2]).await;
+
+    let counts = load(&proxy, Duration::from_millis(1500)).await;
+    let total: usize = counts.values().sum();
+    let share = *counts.get("varying").unwrap_or(&0) as f64 / total as f64;
+    assert!(
+        share < 0.10,
+        "while slow it took {share:.3} of {total}: {counts:?}"
+    );
+
+    slow_now.store(false, Ordering::Relaxed);
+    // Its old estimate fades, it is tried again, and being fast it is used like the others.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let counts = load(&proxy, Duration::from_millis(1500)).await;
+    let total: usize = counts.values().sum();
+    let share = *counts.get("varying").unwrap_or(&0) as f64 / total as f64;
+    assert!(
+        share > 0.20,
+        "after recovering it took only {share:.3} of {total}: {counts:?}"
+    );
+}

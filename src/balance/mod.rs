@@ -4,6 +4,7 @@
 mod consistent_hash;
 mod ip_hash;
 mod least_connections;
+mod least_time;
 mod random;
 mod round_robin;
 mod two_choices;
@@ -13,6 +14,7 @@ use std::net::IpAddr;
 pub use consistent_hash::ConsistentHash;
 pub use ip_hash::IpHash;
 pub use least_connections::LeastConnections;
+pub use least_time::LeastTime;
 pub use random::Random;
 pub use round_robin::RoundRobin;
 pub use two_choices::TwoChoices;
@@ -31,9 +33,15 @@ pub struct PickContext<'a> {
     pub key: Option<u64>,
 }
 
-/// Requests in flight per server, indexed like the list the balancer was built from.
+/// How busy each server is, indexed like the list the balancer was built from.
 pub trait Loads {
+    /// Requests in flight.
     fn active(&self, server: usize) -> usize;
+
+    /// The server's recent response time estimate, in nanoseconds (0 when unknown).
+    fn latency_ns(&self, _server: usize) -> f64 {
+        0.0
+    }
 }
 
 impl Loads for Vec<usize> {
@@ -59,6 +67,7 @@ pub fn build(kind: BalanceKind, servers: &[ServerConfig]) -> Box<dyn Balancer> {
         BalanceKind::IpHash => Box::new(IpHash::new(weights)),
         BalanceKind::LeastConnections => Box::new(LeastConnections::new(weights)),
         BalanceKind::TwoChoices => Box::new(TwoChoices::new(weights)),
+        BalanceKind::LeastTime => Box::new(LeastTime::new(weights)),
         BalanceKind::ConsistentHash => {
             let names: Vec<String> = servers.iter().map(|s| s.address.to_string()).collect();
             Box::new(ConsistentHash::new(

@@ -281,10 +281,16 @@ impl Checker {
             }
             valid.then(|| name.clone())
         });
+        let latency_decay = self.duration(
+            up.latency_decay.as_ref(),
+            "latency_decay",
+            Duration::from_secs(10),
+        );
         UpstreamConfig {
             name: name.to_string(),
             hash_key,
             sticky_cookie,
+            latency_decay,
             balance,
             servers,
             preserve_host: up.preserve_host.unwrap_or(true),

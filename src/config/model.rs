@@ -43,6 +43,7 @@ pub enum BalanceKind {
     LeastConnections,
     TwoChoices,
     ConsistentHash,
+    LeastTime,
 }
 
 impl BalanceKind {
@@ -62,6 +63,7 @@ impl BalanceKind {
             "least_connections" => Some(BalanceKind::LeastConnections),
             "two_choices" => Some(BalanceKind::TwoChoices),
             "consistent_hash" => Some(BalanceKind::ConsistentHash),
+            "least_time" => Some(BalanceKind::LeastTime),
             _ => None,
         }
     }
@@ -75,6 +77,8 @@ pub struct UpstreamConfig {
     pub hash_key: Option<HashKey>,
     /// The cookie that pins a client to the server it first reached, if sessions are sticky.
     pub sticky_cookie: Option<String>,
+    /// How fast `least_time` forgets a server's old response times.
+    pub latency_decay: Duration,
     pub servers: Vec<ServerConfig>,
     /// Forward the client's Host header (true) or replace it with the server's address.
     pub preserve_host: bool,

@@ -2,6 +2,7 @@
 //! its own pool of kept-alive connections.
 
 mod body;
+mod latency;
 mod pool;
 
 use std::net::{IpAddr, SocketAddr};
@@ -14,6 +15,7 @@ use std::collections::HashMap;
 use http::{HeaderMap, HeaderValue};
 
 pub use body::{RequestBody, RequestBodyError};
+pub use latency::PeakEwma;
 pub use pool::{ConnectError, Connection, Pool, RawConn};
 
 use crate::balance::{self, Balancer, Loads, PickContext};
@@ -45,12 +47,19 @@ pub struct Server {
     pub pool: Pool,
     /// Requests in flight to this server from every worker, for load-aware balancers.
     active: AtomicUsize,
+    /// Response times seen from this server, for `least_time`.
+    latency: PeakEwma,
 }
 
 impl Server {
     /// Requests in flight to this server now.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Records how long the server took to start answering a request.
+    pub fn observe(&self, response_time: Duration) {
+        self.latency.observe(response_time);
     }
 
     /// Counts a request as in flight until the returned guard is dropped.
@@ -100,6 +109,10 @@ impl Loads for TierLoads<'_> {
     fn active(&self, server: usize) -> usize {
         self.servers[self.members[server]].active()
     }
+
+    fn latency_ns(&self, server: usize) -> f64 {
+        self.servers[self.members[server]].latency.estimate_ns()
+    }
 }
 
 /// One request in flight to a server; dropping it ends the count.
@@ -120,6 +133,7 @@ impl Upstream {
         connect_timeout: Duration,
         stream_idle: Duration,
     ) -> Self {
+        let latency_decay = config.latency_decay;
         let servers = config
             .servers
             .iter()
@@ -137,6 +151,7 @@ impl Upstream {
                         stream_idle,
                     ),
                     active: AtomicUsize::new(0),
+                    latency: PeakEwma::new(latency_decay),
                 })
             })
             .collect();

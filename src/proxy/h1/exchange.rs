@@ -44,6 +44,8 @@ pub(super) enum Outcome {
 }
 
 pub(super) struct Responded {
+    /// From the start of the exchange to the upstream's response head.
+    pub(super) response_time: std::time::Duration,
     pub(super) bytes: u64,
     pub(super) switched: bool,
     pub(super) upstream_reusable: bool,

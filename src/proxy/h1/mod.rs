@@ -375,6 +375,7 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
             return Next::Close;
         }
     };
+    server.observe(responded.response_time);
     if let Some(log) = log.as_mut() {
         log.bytes = responded.bytes;
         log.complete = true;

@@ -145,9 +145,10 @@ pub(super) async fn relay_response(
     };
     ubuf.advance(facts.head_len);
     head_sent.store(true, Ordering::Relaxed);
+    let response_time = cx.started.elapsed();
     if let Some(log) = log.as_mut() {
         log.status = facts.status;
-        log.upstream_time = Some(cx.started.elapsed());
+        log.upstream_time = Some(response_time);
     }
     let framing = facts.framing;
     if matches!(framing, Framing::Chunked | Framing::UntilClose) || switched {
@@ -160,6 +161,7 @@ pub(super) async fn relay_response(
             .map_err(|e| Relay::AfterHead(format!("writing to the client failed: {e}")))?;
         out.clear();
         return Ok(Responded {
+            response_time,
             bytes: 0,
             switched,
             upstream_reusable: false,
@@ -217,6 +219,7 @@ pub(super) async fn relay_response(
     out.clear();
     let upstream_reusable = facts.keep_alive && !decoder.until_close() && ubuf.is_empty();
     Ok(Responded {
+        response_time,
         bytes,
         switched,
         upstream_reusable,

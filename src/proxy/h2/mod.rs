@@ -78,10 +78,12 @@ pub async fn handle(
         sender,
         in_flight,
     } = forwarded;
+    let response_time = started.elapsed();
+    server.observe(response_time);
     if let Some(log) = log.as_mut() {
         log.status = response.status();
         log.upstream = Some(server.address);
-        log.upstream_time = Some(started.elapsed());
+        log.upstream_time = Some(response_time);
     }
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         return local_response(

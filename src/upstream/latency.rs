@@ -1,0 +1,77 @@
+//! Peak-EWMA of a server's response times (as Finagle and linkerd measure it): a slower
+//! response than the estimate replaces it at once, faster ones pull it down gradually, and
+//! with no responses at all it decays toward zero, so a server that was slow is tried again
+//! after a while and wins traffic back if it has recovered.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct PeakEwma {
+    /// The estimate in nanoseconds, as `f64` bits, as of `updated`.
+    estimate: AtomicU64,
+    /// When the estimate was last updated, in nanoseconds since the process's epoch.
+    updated: AtomicU64,
+    /// How fast old observations fade: after `decay` they weigh 1/e.
+    decay_ns: f64,
+}
+
+impl PeakEwma {
+    pub fn new(decay: Duration) -> Self {
+        PeakEwma {
+            estimate: AtomicU64::new(0f64.to_bits()),
+            updated: AtomicU64::new(now_ns()),
+            decay_ns: decay.as_nanos().max(1) as f64,
+        }
+    }
+
+    /// The current estimate, decayed for the time since the last observation.
+    pub fn estimate_ns(&self) -> f64 {
+        let (estimate, weight) = self.load(now_ns());
+        estimate * weight
+    }
+
+    pub fn observe(&self, response_time: Duration) {
+        let now = now_ns();
+        let sample = response_time.as_nanos() as f64;
+        let (estimate, weight) = self.load(now);
+        let next = if sample > estimate {
+            sample
+        } else {
+            estimate * weight + sample * (1.0 - weight)
+        };
+        // Two workers observing at once may lose one sample; an estimate can afford that.
+        self.estimate.store(next.to_bits(), Ordering::Relaxed);
+        self.updated.store(now, Ordering::Relaxed);
+    }
+
+    /// The stored estimate and the weight it keeps after the time since it was stored.
+    fn load(&self, now: u64) -> (f64, f64) {
+        let estimate = f64::from_bits(self.estimate.load(Ordering::Relaxed));
+        let elapsed = now.saturating_sub(self.updated.load(Ordering::Relaxed)) as f64;
+        (estimate, (-elapsed / self.decay_ns).exp())
+    }
+}
+
+fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_response_counts_at_once_and_fades_with_time() {
+        let ewma = PeakEwma::new(Duration::from_millis(100));
+        ewma.observe(Duration::from_millis(1));
+        let fast = ewma.estimate_ns();
+        ewma.observe(Duration::from_millis(50));
+        assert!(ewma.estimate_ns() > 40e6, "the peak was not taken at once");
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(ewma.estimate_ns() < 5e6, "the estimate did not decay");
+        assert!(fast > 0.0);
+    }
+}
