@@ -1,21 +1,21 @@
 //! Upstream groups and their servers: where a routed request can be sent, each server with
-//! its own pool of kept-alive connections.
+//! its own pool of kept-alive connections and its load (requests in flight, response
+//! times); the order in which a request tries servers (sticky pin, primaries, backups).
 
 mod body;
 mod latency;
 mod pool;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use std::collections::HashMap;
-
 use http::{HeaderMap, HeaderValue};
 
 pub use body::{RequestBody, RequestBodyError};
-pub use latency::PeakEwma;
+use latency::PeakEwma;
 pub use pool::{ConnectError, Connection, Pool, RawConn};
 
 use crate::balance::{self, Balancer, Loads, PickContext};
