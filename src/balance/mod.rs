@@ -4,7 +4,6 @@
 mod consistent_hash;
 mod ip_hash;
 mod least_connections;
-mod least_time;
 mod random;
 mod round_robin;
 mod two_choices;
@@ -14,10 +13,9 @@ use std::net::IpAddr;
 pub use consistent_hash::ConsistentHash;
 pub use ip_hash::IpHash;
 pub use least_connections::LeastConnections;
-pub use least_time::LeastTime;
 pub use random::Random;
 pub use round_robin::RoundRobin;
-pub use two_choices::TwoChoices;
+pub use two_choices::{Measure, TwoChoices};
 
 use crate::config::{BalanceKind, ServerConfig};
 
@@ -66,8 +64,8 @@ pub fn build(kind: BalanceKind, servers: &[ServerConfig]) -> Box<dyn Balancer> {
         BalanceKind::Random => Box::new(Random::new(weights)),
         BalanceKind::IpHash => Box::new(IpHash::new(weights)),
         BalanceKind::LeastConnections => Box::new(LeastConnections::new(weights)),
-        BalanceKind::TwoChoices => Box::new(TwoChoices::new(weights)),
-        BalanceKind::LeastTime => Box::new(LeastTime::new(weights)),
+        BalanceKind::TwoChoices => Box::new(TwoChoices::new(weights, Measure::InFlight)),
+        BalanceKind::LeastTime => Box::new(TwoChoices::new(weights, Measure::ResponseTime)),
         BalanceKind::ConsistentHash => {
             let names: Vec<String> = servers.iter().map(|s| s.address.to_string()).collect();
             Box::new(ConsistentHash::new(
