@@ -135,10 +135,6 @@ impl Server {
         &self.local_addrs
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
-
     /// Stops accepting, asks every connection to finish its requests in flight and close,
     /// and waits up to `grace`. Returns whether every connection closed in time.
     pub async fn shutdown(self, grace: Duration) -> bool {

@@ -157,10 +157,7 @@ async fn an_idle_keep_alive_connection_is_closed() {
 #[tokio::test]
 async fn the_connection_limit_holds_further_clients_until_a_slot_frees() {
     let backend = Backend::named("a").await;
-    let config = simple_config(1, "").replace(
-        "bind = \"127.0.0.1:0\"",
-        "bind = \"127.0.0.1:0\"\nmax_connections = 2",
-    );
+    let config = limited_config(2);
     let proxy_limited = Proxy::start(&config, &[&backend]).await;
     // Two clients that started a request and are slow to finish it hold both slots.
     let mut first = TcpStream::connect(proxy_limited.addr).await.unwrap();
@@ -278,10 +275,7 @@ async fn a_client_that_connects_and_sends_nothing_takes_no_slot() {
     // With deferred accept (the default), silent connections wait in the kernel and do not
     // count against the limit.
     let backend = Backend::named("a").await;
-    let config = simple_config(1, "").replace(
-        "bind = \"127.0.0.1:0\"",
-        "bind = \"127.0.0.1:0\"\nmax_connections = 1",
-    );
+    let config = limited_config(1);
     let proxy = Proxy::start(&config, &[&backend]).await;
     let _silent: Vec<TcpStream> =
         futures_util::future::join_all((0..3).map(|_| TcpStream::connect(proxy.addr)))
@@ -323,4 +317,12 @@ async fn a_connection_idle_past_its_buffers_serves_its_next_request() {
         );
     }
     assert_eq!(backend.seen.count(), 2);
+}
+
+/// One listener with at most `max` connections in front of one backend.
+fn limited_config(max: usize) -> String {
+    simple_config(1, "").replace(
+        "bind = \"127.0.0.1:0\"",
+        &format!("bind = \"127.0.0.1:0\"\nmax_connections = {max}"),
+    )
 }

@@ -15,6 +15,34 @@ fn config(balance: &str) -> String {
     )
 }
 
+/// Three backends answering `a`, `b` and `c`.
+async fn abc() -> [Backend; 3] {
+    [
+        Backend::named("a").await,
+        Backend::named("b").await,
+        Backend::named("c").await,
+    ]
+}
+
+/// Asserts that every key got one answer only, and that the keys between them reached all
+/// three servers.
+fn assert_each_key_stays_and_all_servers_serve<K: std::fmt::Debug>(answers: Vec<(K, Vec<String>)>) {
+    let mut used = HashSet::new();
+    for (key, got) in &answers {
+        assert!(
+            got.iter().all(|a| *a == got[0]),
+            "{key:?} moved between servers: {got:?}"
+        );
+        used.insert(got[0].clone());
+    }
+    assert_eq!(
+        used.len(),
+        3,
+        "{} keys all landed on {used:?}",
+        answers.len()
+    );
+}
+
 fn client_from(ip: IpAddr) -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
@@ -26,33 +54,24 @@ fn client_from(ip: IpAddr) -> reqwest::Client {
 
 #[tokio::test]
 async fn ip_hash_keeps_each_client_on_one_server_and_spreads_clients() {
-    let (a, b, c) = (
-        Backend::named("a").await,
-        Backend::named("b").await,
-        Backend::named("c").await,
-    );
+    let [a, b, c] = abc().await;
     let proxy = Proxy::start(&config("ip_hash"), &[&a, &b, &c]).await;
-    let mut server_of: HashMap<IpAddr, String> = HashMap::new();
+    let mut answers = Vec::new();
     for last in 2..32u8 {
         let ip = IpAddr::from([127, 0, 0, last]);
         let client = client_from(ip);
+        let mut got = Vec::new();
         for _ in 0..4 {
-            let answer = get_text(&client, &proxy.url("/")).await;
-            let first = server_of.entry(ip).or_insert_with(|| answer.clone());
-            assert_eq!(*first, answer, "client {ip} moved between servers");
+            got.push(get_text(&client, &proxy.url("/")).await);
         }
+        answers.push((ip, got));
     }
-    let used: HashSet<&String> = server_of.values().collect();
-    assert_eq!(used.len(), 3, "30 clients all landed on {used:?}");
+    assert_each_key_stays_and_all_servers_serve(answers);
 }
 
 #[tokio::test]
 async fn random_reaches_every_server() {
-    let (a, b, c) = (
-        Backend::named("a").await,
-        Backend::named("b").await,
-        Backend::named("c").await,
-    );
+    let [a, b, c] = abc().await;
     let proxy = Proxy::start(&config("random"), &[&a, &b, &c]).await;
     let client = support::client();
     let mut seen = HashSet::new();
@@ -121,11 +140,7 @@ async fn load_aware_algorithms_steer_away_from_a_slow_server() {
 
 #[tokio::test]
 async fn consistent_hash_on_a_header_keeps_each_user_on_one_server() {
-    let (a, b, c) = (
-        Backend::named("a").await,
-        Backend::named("b").await,
-        Backend::named("c").await,
-    );
+    let [a, b, c] = abc().await;
     let proxy = Proxy::start(
         &config("consistent_hash")
             .replace("servers = ", "hash_key = \"header:x-user\"\nservers = "),
@@ -133,8 +148,9 @@ async fn consistent_hash_on_a_header_keeps_each_user_on_one_server() {
     )
     .await;
     let client = support::client();
-    let mut server_of = HashMap::new();
+    let mut answers = Vec::new();
     for user in 0..40 {
+        let mut got = Vec::new();
         for _ in 0..3 {
             let resp = client
                 .get(proxy.url("/"))
@@ -142,13 +158,11 @@ async fn consistent_hash_on_a_header_keeps_each_user_on_one_server() {
                 .send()
                 .await
                 .unwrap();
-            let answer = resp.text().await.unwrap();
-            let first = server_of.entry(user).or_insert_with(|| answer.clone());
-            assert_eq!(*first, answer, "user {user} moved between servers");
+            got.push(resp.text().await.unwrap());
         }
+        answers.push((user, got));
     }
-    let used: HashSet<&String> = server_of.values().collect();
-    assert_eq!(used.len(), 3, "40 users all landed on {used:?}");
+    assert_each_key_stays_and_all_servers_serve(answers);
 }
 
 #[tokio::test]

@@ -243,7 +243,7 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
     // Balance, connect, and send; a request that never left is retried on a new connection.
     let mut attempt = 0;
     let mut _in_flight = None;
-    let (server, mut conn, outcome) = loop {
+    let (server, conn, outcome) = loop {
         // A retry goes on a new connection: the pool may hold more that the server closed.
         let pooled = if attempt == 0 {
             Pooled::Any {
@@ -385,7 +385,6 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
         return Next::Close;
     }
     if responded.upstream_reusable {
-        conn.reused = false;
         server.pool.put_raw(conn);
     }
     if responded.client_keep_alive {
