@@ -303,3 +303,33 @@ async fn least_time_starves_a_slow_server_and_gives_it_back_its_share_when_it_re
         "after recovering it took only {share:.3} of {total}: {counts:?}"
     );
 }
+
+#[tokio::test]
+async fn a_retry_never_goes_back_to_a_server_that_just_failed() {
+    // A dead server has nothing in flight and no slow responses on record, so load-aware
+    // algorithms like it best; the request must still reach the live one.
+    let alive = Backend::named("alive").await;
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    for balance in [
+        "least_connections",
+        "two_choices",
+        "least_time",
+        "ip_hash",
+        "consistent_hash",
+    ] {
+        let config = format!(
+            "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
+             [upstreams.app]\nbalance = \"{balance}\"\nservers = [{{ address = \"{dead}\" }}, {{ address = \"{{0}}\" }}]\n"
+        );
+        let proxy = Proxy::start(&config, &[&alive]).await;
+        let client = support::client();
+        for _ in 0..10 {
+            let resp = client.get(proxy.url("/")).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "{balance}");
+        }
+    }
+}

@@ -211,13 +211,35 @@ impl Upstream {
 
     /// The server for try number `attempt` of a request: its pinned server first, then
     /// picked among the primaries until every one has been tried, then among the backups.
-    pub fn pick(&self, attempt: usize, affinity: &Affinity) -> Option<&Arc<Server>> {
+    /// A server in `failed` (indices of servers this request could not reach) is never
+    /// picked again while another is left: a dead server has nothing in flight and no slow
+    /// responses on record, so load-aware balancers would otherwise choose it every time.
+    pub fn pick(
+        &self,
+        attempt: usize,
+        affinity: &Affinity,
+        failed: &[usize],
+    ) -> Option<(usize, &Arc<Server>)> {
+        let chosen = self.choose(attempt, affinity)?;
+        let index = if failed.contains(&chosen) {
+            let untried = |tier: &Tier| tier.members.iter().copied().find(|m| !failed.contains(m));
+            untried(&self.primary)
+                .or_else(|| untried(&self.backup))
+                .unwrap_or(chosen)
+        } else {
+            chosen
+        };
+        Some((index, &self.servers[index]))
+    }
+
+    /// What the pin, the tiers and the balancers choose for try number `attempt`.
+    fn choose(&self, attempt: usize, affinity: &Affinity) -> Option<usize> {
         // Past the last server, tries start over: a request that found a pooled connection
         // closed may go once more.
         let mut attempt = attempt % self.tries(affinity).max(1);
         if let Some(pinned) = affinity.pinned {
             if attempt == 0 {
-                return Some(&self.servers[pinned]);
+                return Some(pinned);
             }
             attempt -= 1;
         }
@@ -238,7 +260,7 @@ impl Upstream {
             key: affinity.key,
         };
         let index = tier.balancer.pick(&cx)?;
-        Some(&self.servers[tier.members[index]])
+        Some(tier.members[index])
     }
 
     /// The server the request's sticky cookie names, if sessions are sticky and that server

@@ -413,8 +413,9 @@ async fn connect<'u>(
     pooled: Pooled,
 ) -> Result<(&'u Arc<Server>, RawConn), ConnectError> {
     let mut last_error = None;
+    let mut failed = Vec::new();
     for attempt in 0..upstream.tries(affinity) {
-        let Some(server) = upstream.pick(attempt, affinity) else {
+        let Some((index, server)) = upstream.pick(attempt, affinity, &failed) else {
             break;
         };
         if let Pooled::Any { probe } = pooled
@@ -427,6 +428,7 @@ async fn connect<'u>(
             Err(e) => {
                 tracing::warn!(upstream = %upstream.name, server = %server.address, error = %e, "upstream server unavailable");
                 last_error = Some(e);
+                failed.push(index);
             }
         }
     }

@@ -60,8 +60,9 @@ pub async fn send(
     // One try per server, and one more for a pooled connection found closed.
     let tries = upstream.tries(affinity) + 1;
     let mut last_error = ForwardError::NoServer(upstream.name.clone());
+    let mut failed = Vec::new();
     for attempt in 0..tries {
-        let Some(server) = upstream.pick(attempt, affinity) else {
+        let Some((index, server)) = upstream.pick(attempt, affinity, &failed) else {
             break;
         };
         let mut conn = match server.pool.get().await {
@@ -69,6 +70,7 @@ pub async fn send(
             Err(e) => {
                 tracing::warn!(upstream = %upstream.name, server = %server.address, error = %e, "upstream server unavailable");
                 last_error = e.into();
+                failed.push(index);
                 continue;
             }
         };
