@@ -94,6 +94,8 @@ mod tests {
             hash_key: None,
             sticky_cookie: None,
             latency_decay: Duration::from_secs(10),
+            slow_start: Duration::ZERO,
+            fail_timeout: Duration::ZERO,
             servers: vec![],
             preserve_host: true,
             pool_max_idle_per_server: 0,
@@ -104,6 +106,7 @@ mod tests {
             1,
             Duration::from_secs(1),
             Duration::from_secs(1),
+            None,
         ))
     }
 

@@ -28,16 +28,23 @@ pub struct ListenerRuntime {
 }
 
 impl Runtime {
-    pub fn build(config: Config) -> Self {
+    /// Builds the snapshot for `config`. Replacing `previous` (a reload), upstreams of the
+    /// same name keep the state of servers at the same address: pooled connections, load,
+    /// marked down or ramping up.
+    pub fn build(config: Config, previous: Option<&Runtime>) -> Self {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|u| {
+                let before = previous
+                    .and_then(|p| p.upstreams.iter().find(|old| old.name == u.name))
+                    .map(|old| &**old);
                 Arc::new(Upstream::build(
                     u,
                     config.workers,
                     config.timeouts.upstream_connect,
                     config.timeouts.upstream_idle,
+                    before,
                 ))
             })
             .collect();

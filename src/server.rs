@@ -117,7 +117,7 @@ impl Server {
                 connections,
             });
         }
-        let shared = Arc::new(Shared::new(Runtime::build(config)));
+        let shared = Arc::new(Shared::new(Runtime::build(config, None)));
         let (shutdown, _) = watch::channel(false);
         Ok((
             Server {

@@ -2,7 +2,7 @@
 //! address, a header, a cookie or the path) maps to the next server point clockwise. When a
 //! server leaves, only the keys it held move; when one joins, only keys it takes move.
 
-use super::{Balancer, PickContext, hash};
+use super::{Balancer, PickContext, Thinning, hash};
 
 /// Points per unit of weight: enough for shares within a few percent of the weights.
 const POINTS_PER_WEIGHT: u32 = 160;
@@ -35,6 +35,10 @@ impl ConsistentHash {
 }
 
 impl Balancer for ConsistentHash {
+    fn thinning(&self) -> Thinning {
+        Thinning::ByKey
+    }
+
     fn pick(&self, cx: &PickContext<'_>) -> Option<usize> {
         if self.ring.is_empty() {
             return None;

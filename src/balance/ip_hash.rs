@@ -2,7 +2,7 @@
 //! is unchanged, with clients spread in proportion to the weights. (Consistent hashing,
 //! which moves few clients when the list changes, is a separate algorithm.)
 
-use super::{Balancer, PickContext, hash, smooth_schedule};
+use super::{Balancer, PickContext, Thinning, hash, smooth_schedule};
 
 #[derive(Debug)]
 pub struct IpHash {
@@ -20,6 +20,10 @@ impl IpHash {
 }
 
 impl Balancer for IpHash {
+    fn thinning(&self) -> Thinning {
+        Thinning::ByKey
+    }
+
     fn pick(&self, cx: &PickContext<'_>) -> Option<usize> {
         if self.schedule.is_empty() {
             return None;

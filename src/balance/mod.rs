@@ -40,7 +40,16 @@ pub trait Loads {
     fn latency_ns(&self, _server: usize) -> f64 {
         0.0
     }
+
+    /// How much of its weight the server takes now, in thousandths: `FULL_SHARE` normally,
+    /// less while it ramps up after slow start began, 0 while it is marked down.
+    fn share(&self, _server: usize) -> u32 {
+        FULL_SHARE
+    }
 }
+
+/// A server's whole weight, as a share in thousandths.
+pub const FULL_SHARE: u32 = 1000;
 
 impl Loads for Vec<usize> {
     fn active(&self, server: usize) -> usize {
@@ -54,6 +63,26 @@ pub trait Balancer: Send + Sync + std::fmt::Debug {
     /// Index of the chosen server in the list the balancer was built from, or `None` if
     /// that list is empty.
     fn pick(&self, cx: &PickContext<'_>) -> Option<usize>;
+
+    /// Told after a server's requests in flight or share changed, for balancers that keep
+    /// servers ordered by load rather than reading `PickContext::loads` at each pick.
+    fn load_changed(&self, _server: usize, _loads: &dyn Loads) {}
+
+    /// How the upstream lets a server ramping up take only its share of requests.
+    fn thinning(&self) -> Thinning {
+        Thinning::Random
+    }
+}
+
+/// How a server's share (slow start) is applied to a balancer's picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Thinning {
+    /// The balancer weighs shares itself, as load-aware ones do.
+    Weighed,
+    /// A random part of the server's picks is passed on to another server.
+    Random,
+    /// The same part of the keys is passed on each time, so that clients stay put.
+    ByKey,
 }
 
 /// Builds the balancer an upstream's config asks for.
@@ -115,11 +144,21 @@ pub fn hash(value: &impl std::hash::Hash) -> u64 {
     hasher.finish()
 }
 
-/// Whether server `a` is less loaded than `b` for its weight: `active_a / weight_a <
-/// active_b / weight_b`, compared without division.
+/// Whether server `a` is less loaded than `b` for its weight and share, on the load each
+/// would have with one more request (as least connections orders them).
 pub(crate) fn lighter(loads: &dyn Loads, weights: &[u32], a: usize, b: usize) -> bool {
-    (loads.active(a) as u64) * u64::from(weights[b])
-        < (loads.active(b) as u64) * u64::from(weights[a])
+    least_connections::score(loads.active(a), weights[a], loads.share(a))
+        < least_connections::score(loads.active(b), weights[b], loads.share(b))
+}
+
+/// Between two equally good sides holding `left` and `right` servers: whether to go right,
+/// at random in proportion to their sizes.
+pub(crate) fn tie_break(left: usize, right: usize) -> bool {
+    match (left, right) {
+        (_, 0) => false,
+        (0, _) => true,
+        _ => fastrand::usize(..left + right) >= left,
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! (`least_time`, as Finagle and linkerd balance) a slow server gets little traffic while it
 //! is slow, and since its estimate fades when unused, it wins its share back once recovered.
 
-use super::{Balancer, PickContext, Random, lighter};
+use super::{Balancer, PickContext, Random, Thinning, lighter};
 
 /// What the two candidates are compared on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,13 +40,21 @@ impl TwoChoices {
     }
 
     fn cost(&self, cx: &PickContext<'_>, server: usize) -> f64 {
+        let share = cx.loads.share(server);
+        if share == 0 {
+            return f64::INFINITY;
+        }
         // One nanosecond at least, so servers with no history still compare by load.
         (cx.loads.latency_ns(server) + 1.0) * (cx.loads.active(server) as f64 + 1.0)
-            / f64::from(self.weights[server])
+            / (f64::from(self.weights[server]) * f64::from(share))
     }
 }
 
 impl Balancer for TwoChoices {
+    fn thinning(&self) -> Thinning {
+        Thinning::Weighed
+    }
+
     fn pick(&self, cx: &PickContext<'_>) -> Option<usize> {
         let first = self.draw.pick(cx)?;
         let n = self.weights.len();

@@ -52,6 +52,8 @@ pub struct Upstream {
     pub preserve_host: Option<bool>,
     pub sticky_cookie: Option<Spanned<String>>,
     pub latency_decay: Option<Spanned<String>>,
+    pub slow_start: Option<Spanned<String>>,
+    pub fail_timeout: Option<Spanned<String>>,
     pub pool_max_idle_per_server: Option<Spanned<i64>>,
     pub pool_idle_timeout: Option<Spanned<String>>,
 }

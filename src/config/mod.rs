@@ -286,11 +286,19 @@ impl Checker {
             "latency_decay",
             Duration::from_secs(10),
         );
+        let slow_start = self.duration_or_off(up.slow_start.as_ref(), "slow_start", Duration::ZERO);
+        let fail_timeout = self.duration_or_off(
+            up.fail_timeout.as_ref(),
+            "fail_timeout",
+            Duration::from_secs(10),
+        );
         UpstreamConfig {
             name: name.to_string(),
             hash_key,
             sticky_cookie,
             latency_decay,
+            slow_start,
+            fail_timeout,
             balance,
             servers,
             preserve_host: up.preserve_host.unwrap_or(true),
@@ -483,9 +491,29 @@ impl Checker {
         key: &str,
         default: Duration,
     ) -> Duration {
+        self.duration_from(value, key, default, false)
+    }
+
+    /// A duration where zero means "off".
+    fn duration_or_off(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        self.duration_from(value, key, default, true)
+    }
+
+    fn duration_from(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+        zero_allowed: bool,
+    ) -> Duration {
         let Some(value) = value else { return default };
         match humantime::parse_duration(value.get_ref()) {
-            Ok(d) if !d.is_zero() => d,
+            Ok(d) if zero_allowed || !d.is_zero() => d,
             Ok(_) => {
                 self.error(value.span(), format!("{key} must be longer than zero"));
                 default

@@ -79,6 +79,11 @@ pub struct UpstreamConfig {
     pub sticky_cookie: Option<String>,
     /// How fast `least_time` forgets a server's old response times.
     pub latency_decay: Duration,
+    /// How long a server that joins (a reload adds or re-enables it) or recovers (its
+    /// `fail_timeout` is over) takes to ramp from a small share to its whole weight.
+    pub slow_start: Duration,
+    /// How long a server that could not be reached is left alone; zero: never.
+    pub fail_timeout: Duration,
     pub servers: Vec<ServerConfig>,
     /// Forward the client's Host header (true) or replace it with the server's address.
     pub preserve_host: bool,

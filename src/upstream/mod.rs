@@ -1,15 +1,17 @@
 //! Upstream groups and their servers: where a routed request can be sent, each server with
-//! its own pool of kept-alive connections and its load (requests in flight, response
-//! times); the order in which a request tries servers (sticky pin, primaries, backups).
+//! its own pool of kept-alive connections, its load (requests in flight, response times)
+//! and its state (down, ramping up); the order in which a request tries servers (sticky
+//! pin, primaries, backups).
 
 mod body;
 mod latency;
 mod pool;
+mod state;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
@@ -17,8 +19,9 @@ use http::{HeaderMap, HeaderValue};
 pub use body::{RequestBody, RequestBodyError};
 use latency::PeakEwma;
 pub use pool::{ConnectError, Connection, Pool, RawConn};
+use state::{ServerState, Settled, now_ms};
 
-use crate::balance::{self, Balancer, Loads, PickContext};
+use crate::balance::{self, Balancer, FULL_SHARE, Loads, PickContext, Thinning};
 use crate::config::{HashKey, UpstreamConfig};
 
 /// A named group of servers and the balancers that choose among them.
@@ -36,6 +39,23 @@ pub struct Upstream {
     sticky: Option<Sticky>,
     /// Forward the client's Host header rather than the server's own address.
     pub preserve_host: bool,
+    /// Per server, its tier and position there; `None` for drained servers.
+    placement: Box<[Option<(Rank, usize)>]>,
+    /// How long a server that could not be reached is left alone (0: never).
+    fail_timeout: Duration,
+    /// How long a server takes to ramp up to its whole weight (0: at once).
+    slow_start: Duration,
+    /// Servers down or ramping up. While there are any, picks bring their shares up to
+    /// date and thin out their picks; otherwise a pick costs just this one load.
+    unsettled: AtomicUsize,
+    /// When shares were last brought up to date, in `now_ms` time.
+    settled_at: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rank {
+    Primary,
+    Backup,
 }
 
 /// One backend server.
@@ -49,9 +69,43 @@ pub struct Server {
     active: AtomicUsize,
     /// Response times seen from this server, for `least_time`.
     latency: PeakEwma,
+    state: ServerState,
+    /// What the server was built with, so a reload knows whether it can keep it.
+    pool_settings: PoolSettings,
+}
+
+/// Everything a server's pool is built from besides its address.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PoolSettings {
+    workers: usize,
+    max_idle: usize,
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+    stream_idle: Duration,
+    latency_decay: Duration,
 }
 
 impl Server {
+    fn new(address: SocketAddr, settings: PoolSettings) -> Self {
+        Server {
+            address,
+            host_header: HeaderValue::from_str(&address.to_string())
+                .expect("a socket address is a valid header value"),
+            pool: Pool::new(
+                address,
+                settings.workers,
+                settings.max_idle,
+                settings.idle_timeout,
+                settings.connect_timeout,
+                settings.stream_idle,
+            ),
+            active: AtomicUsize::new(0),
+            latency: PeakEwma::new(settings.latency_decay),
+            state: ServerState::new(),
+            pool_settings: settings,
+        }
+    }
+
     /// Requests in flight to this server now.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
@@ -62,10 +116,10 @@ impl Server {
         self.latency.observe(response_time);
     }
 
-    /// Counts a request as in flight until the returned guard is dropped.
-    pub fn track(self: &Arc<Self>) -> InFlight {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+    /// Thousandths of its weight the server takes now: 0 while down, less than
+    /// `FULL_SHARE` while ramping up.
+    pub fn share(&self) -> u32 {
+        self.state.share()
     }
 }
 
@@ -88,6 +142,12 @@ pub struct Affinity {
     pub key: Option<u64>,
     /// The server the request's sticky cookie names, if it still takes requests.
     pub pinned: Option<usize>,
+}
+
+/// Where one try of a request goes.
+enum Turn<'a> {
+    Pinned(usize),
+    Tier(&'a Tier, usize),
 }
 
 /// Servers of one rank that take new requests (drained ones do not), and the balancer
@@ -113,58 +173,90 @@ impl Loads for TierLoads<'_> {
     fn latency_ns(&self, server: usize) -> f64 {
         self.servers[self.members[server]].latency.estimate_ns()
     }
+
+    fn share(&self, server: usize) -> u32 {
+        self.servers[self.members[server]].share()
+    }
 }
 
 /// One request in flight to a server; dropping it ends the count.
 #[derive(Debug)]
-pub struct InFlight(Arc<Server>);
+pub struct InFlight {
+    upstream: Arc<Upstream>,
+    server: usize,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.upstream.servers[self.server]
+            .active
+            .fetch_sub(1, Ordering::Relaxed);
+        self.upstream.load_changed(self.server);
     }
 }
 
+/// At most this many picks look for a server that takes the request (one not down, and a
+/// ramping one only for its share) before the first fitting server in list order is used.
+const MAX_PICKS: usize = 8;
+
 impl Upstream {
-    /// Builds an upstream whose pools keep one queue per worker.
+    /// Builds an upstream whose pools keep one queue per worker. With the same upstream
+    /// from the runtime being replaced (`previous`), servers at the same address keep their
+    /// connections, load and state, and servers that were not taking requests there (new or
+    /// drained) ramp up over `slow_start`.
     pub fn build(
         config: &UpstreamConfig,
         workers: usize,
         connect_timeout: Duration,
         stream_idle: Duration,
+        previous: Option<&Upstream>,
     ) -> Self {
-        let latency_decay = config.latency_decay;
-        let servers = config
+        let settings = PoolSettings {
+            workers,
+            max_idle: config.pool_max_idle_per_server,
+            idle_timeout: config.pool_idle_timeout,
+            connect_timeout,
+            stream_idle,
+            latency_decay: config.latency_decay,
+        };
+        let mut joining = Vec::new();
+        let servers: Box<[Arc<Server>]> = config
             .servers
             .iter()
-            .map(|s| {
-                Arc::new(Server {
-                    address: s.address,
-                    host_header: HeaderValue::from_str(&s.address.to_string())
-                        .expect("a socket address is a valid header value"),
-                    pool: Pool::new(
-                        s.address,
-                        workers,
-                        config.pool_max_idle_per_server,
-                        config.pool_idle_timeout,
-                        connect_timeout,
-                        stream_idle,
-                    ),
-                    active: AtomicUsize::new(0),
-                    latency: PeakEwma::new(latency_decay),
-                })
+            .enumerate()
+            .map(|(i, s)| {
+                let kept = previous.and_then(|p| {
+                    let old = p.servers.iter().position(|o| o.address == s.address)?;
+                    Some((old, p.placement[old].is_some()))
+                });
+                if previous.is_some() && !s.drain && !kept.is_some_and(|(_, served)| served) {
+                    joining.push(i);
+                }
+                match (previous, kept) {
+                    (Some(p), Some((old, _))) if p.servers[old].pool_settings == settings => {
+                        p.servers[old].clone()
+                    }
+                    _ => Arc::new(Server::new(s.address, settings)),
+                }
             })
             .collect();
-        let tier = |backup: bool| {
+        let mut placement = vec![None; servers.len()].into_boxed_slice();
+        let mut tier = |rank: Rank| {
             let members: Box<[usize]> = (0..config.servers.len())
-                .filter(|&i| config.servers[i].backup == backup && !config.servers[i].drain)
+                .filter(|&i| {
+                    config.servers[i].backup == (rank == Rank::Backup) && !config.servers[i].drain
+                })
                 .collect();
+            for (position, &i) in members.iter().enumerate() {
+                placement[i] = Some((rank, position));
+            }
             let configs: Vec<_> = members.iter().map(|&i| config.servers[i].clone()).collect();
             Tier {
                 members,
                 balancer: balance::build(config.balance, &configs),
             }
         };
+        let (primary, backup) = (tier(Rank::Primary), tier(Rank::Backup));
         let sticky = config.sticky_cookie.as_ref().map(|cookie| {
             let tokens: Vec<u64> = config
                 .servers
@@ -188,15 +280,32 @@ impl Upstream {
                     .collect(),
             }
         });
-        Upstream {
+        let upstream = Upstream {
             name: config.name.clone(),
             sticky,
             servers,
-            primary: tier(false),
-            backup: tier(true),
+            primary,
+            backup,
             hash_key: config.hash_key.clone(),
             preserve_host: config.preserve_host,
+            placement,
+            fail_timeout: config.fail_timeout,
+            slow_start: config.slow_start,
+            unsettled: AtomicUsize::new(0),
+            settled_at: AtomicU64::new(0),
+        };
+        for i in joining {
+            if upstream.servers[i].state.ramp_up(upstream.slow_start) {
+                tracing::info!(upstream = %upstream.name, server = %upstream.servers[i].address, slow_start = ?upstream.slow_start, "server joins; ramping up");
+            }
         }
+        // Kept servers bring their state along: let the new balancers see every server's
+        // load and share.
+        upstream.settle(now_ms());
+        for i in 0..upstream.servers.len() {
+            upstream.load_changed(i);
+        }
+        upstream
     }
 }
 
@@ -211,56 +320,207 @@ impl Upstream {
 
     /// The server for try number `attempt` of a request: its pinned server first, then
     /// picked among the primaries until every one has been tried, then among the backups.
-    /// A server in `failed` (indices of servers this request could not reach) is never
-    /// picked again while another is left: a dead server has nothing in flight and no slow
+    ///
+    /// A server in `failed` (indices of servers this request could not reach) is not picked
+    /// again while another is left: a dead server has nothing in flight and no slow
     /// responses on record, so load-aware balancers would otherwise choose it every time.
+    /// Nor is a server marked down, and one ramping up is passed over for all but its share
+    /// of picks; with no other server left, the first that fits best is used.
     pub fn pick(
         &self,
         attempt: usize,
         affinity: &Affinity,
         failed: &[usize],
     ) -> Option<(usize, &Arc<Server>)> {
-        let chosen = self.choose(attempt, affinity)?;
-        let index = if failed.contains(&chosen) {
-            let untried = |tier: &Tier| tier.members.iter().copied().find(|m| !failed.contains(m));
-            untried(&self.primary)
-                .or_else(|| untried(&self.backup))
-                .unwrap_or(chosen)
-        } else {
-            chosen
-        };
-        Some((index, &self.servers[index]))
-    }
-
-    /// What the pin, the tiers and the balancers choose for try number `attempt`.
-    fn choose(&self, attempt: usize, affinity: &Affinity) -> Option<usize> {
-        // Past the last server, tries start over: a request that found a pooled connection
-        // closed may go once more.
-        let mut attempt = attempt % self.tries(affinity).max(1);
-        if let Some(pinned) = affinity.pinned {
-            if attempt == 0 {
-                return Some(pinned);
-            }
-            attempt -= 1;
+        let unsettled = self.unsettled.load(Ordering::Relaxed) != 0;
+        if unsettled {
+            self.settle_now();
         }
-        let primaries = self.primary.members.len();
-        let (tier, attempt) = if attempt < primaries {
-            (&self.primary, attempt)
+        let (tier, tier_attempt) = match self.turn(attempt, affinity) {
+            Turn::Pinned(index) => {
+                // A pin holds through a ramp (the client's session is there); not through
+                // failures.
+                if !failed.contains(&index) && self.servers[index].share() > 0 {
+                    return Some((index, &self.servers[index]));
+                }
+                (&self.primary, 0)
+            }
+            Turn::Tier(tier, attempt) => (tier, attempt),
+        };
+        let picks = if unsettled || !failed.is_empty() {
+            tier.members.len().min(MAX_PICKS)
         } else {
-            (&self.backup, attempt - primaries)
+            1
         };
         let loads = TierLoads {
             servers: &self.servers,
             members: &tier.members,
         };
-        let cx = PickContext {
-            attempt,
-            client_ip: affinity.client_ip,
-            loads: &loads,
-            key: affinity.key,
+        let mut first = None;
+        for skip in 0..picks {
+            let cx = PickContext {
+                attempt: tier_attempt + skip,
+                client_ip: affinity.client_ip,
+                loads: &loads,
+                key: affinity.key,
+            };
+            let index = tier.members[tier.balancer.pick(&cx)?];
+            first.get_or_insert(index);
+            if failed.contains(&index) {
+                continue;
+            }
+            if !unsettled || self.takes(tier, index, affinity) {
+                return Some((index, &self.servers[index]));
+            }
+        }
+        // Nothing the balancer offered fits: the first server in list order that is up and
+        // not yet failed, primaries before backups; then one merely not failed (everything
+        // is down, and down may be wrong); then what the balancer chose.
+        let members = || {
+            self.primary
+                .members
+                .iter()
+                .chain(self.backup.members.iter())
         };
-        let index = tier.balancer.pick(&cx)?;
-        Some(tier.members[index])
+        let index = members()
+            .find(|&&i| !failed.contains(&i) && self.servers[i].share() > 0)
+            .or_else(|| members().find(|&&i| !failed.contains(&i)))
+            .copied()
+            .or(first)?;
+        Some((index, &self.servers[index]))
+    }
+
+    /// Whether a server the balancer chose takes this request: not while it is down, and
+    /// while it ramps up, only its share of the picks of balancers that do not weigh shares
+    /// themselves: a random share, or for hashing balancers the same share of keys each
+    /// time, so that clients do not move back and forth.
+    fn takes(&self, tier: &Tier, index: usize, affinity: &Affinity) -> bool {
+        let share = self.servers[index].share();
+        if share == 0 {
+            return false;
+        }
+        if share >= FULL_SHARE {
+            return true;
+        }
+        let draw = match tier.balancer.thinning() {
+            Thinning::Weighed => return true,
+            Thinning::Random => fastrand::u32(..FULL_SHARE),
+            Thinning::ByKey => {
+                let key = affinity
+                    .key
+                    .unwrap_or_else(|| balance::hash(&affinity.client_ip));
+                let mixed = (key ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                    .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                ((mixed >> 32) % u64::from(FULL_SHARE)) as u32
+            }
+        };
+        draw < share
+    }
+
+    /// Where try number `attempt` goes: the pinned server, or a tier and the try's number
+    /// within it.
+    fn turn(&self, attempt: usize, affinity: &Affinity) -> Turn<'_> {
+        // Past the last server, tries start over: a request that found a pooled connection
+        // closed may go once more.
+        let mut attempt = attempt % self.tries(affinity).max(1);
+        if let Some(pinned) = affinity.pinned {
+            if attempt == 0 {
+                return Turn::Pinned(pinned);
+            }
+            attempt -= 1;
+        }
+        let primaries = self.primary.members.len();
+        if attempt < primaries {
+            Turn::Tier(&self.primary, attempt)
+        } else {
+            Turn::Tier(&self.backup, attempt - primaries)
+        }
+    }
+
+    /// Counts a request as in flight to server `index` until the returned guard is dropped.
+    pub fn track(self: &Arc<Self>, index: usize) -> InFlight {
+        self.servers[index].active.fetch_add(1, Ordering::Relaxed);
+        self.load_changed(index);
+        InFlight {
+            upstream: self.clone(),
+            server: index,
+        }
+    }
+
+    /// Tells the balancer of the server's tier that its load or share changed.
+    fn load_changed(&self, index: usize) {
+        if let Some((rank, position)) = self.placement[index] {
+            let tier = match rank {
+                Rank::Primary => &self.primary,
+                Rank::Backup => &self.backup,
+            };
+            let loads = TierLoads {
+                servers: &self.servers,
+                members: &tier.members,
+            };
+            tier.balancer.load_changed(position, &loads);
+        }
+    }
+
+    /// A connection to server `index` could not be made: it is left alone for
+    /// `fail_timeout` (as nginx's `max_fails=1`), so that requests stop paying for it.
+    pub fn unreachable(&self, index: usize) {
+        if self.fail_timeout.is_zero() {
+            return;
+        }
+        let server = &self.servers[index];
+        if server.share() != 0 {
+            tracing::warn!(upstream = %self.name, server = %server.address, fail_timeout = ?self.fail_timeout, "server marked down");
+        }
+        if server.state.mark_down(self.fail_timeout) {
+            self.unsettled.fetch_add(1, Ordering::Relaxed);
+        }
+        self.load_changed(index);
+    }
+
+    /// A connection to server `index` was made: if it was marked down, it is up again
+    /// (with every server down, one is tried anyway), and ramps up.
+    pub fn reached(&self, index: usize) {
+        let server = &self.servers[index];
+        if server.share() == 0 {
+            tracing::info!(upstream = %self.name, server = %server.address, "server reachable again");
+            if server.state.ramp_up(self.slow_start) {
+                self.unsettled.fetch_add(1, Ordering::Relaxed);
+            }
+            self.load_changed(index);
+        }
+    }
+
+    /// Brings the shares of servers down or ramping up to date, at most every 10 ms.
+    fn settle_now(&self) {
+        let now = now_ms();
+        let last = self.settled_at.load(Ordering::Relaxed);
+        if now < last + 10
+            || self
+                .settled_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        self.settle(now);
+    }
+
+    /// Brings every server's share up to date and counts those still unsettled.
+    fn settle(&self, now: u64) {
+        let mut unsettled = 0;
+        for (index, server) in self.servers.iter().enumerate() {
+            match server.state.settle(now, self.slow_start) {
+                Settled::Unchanged => {}
+                Settled::Changed => self.load_changed(index),
+                Settled::Done => {
+                    tracing::info!(upstream = %self.name, server = %server.address, "server takes its whole weight");
+                    self.load_changed(index);
+                }
+            }
+            unsettled += usize::from(server.state.is_unsettled());
+        }
+        self.unsettled.store(unsettled, Ordering::Relaxed);
     }
 
     /// The server the request's sticky cookie names, if sessions are sticky and that server

@@ -252,7 +252,7 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
         } else {
             Pooled::No
         };
-        let (server, mut conn) = match connect(routed.upstream, &affinity, pooled).await {
+        let (index, server, mut conn) = match connect(routed.upstream, &affinity, pooled).await {
             Ok(found) => found,
             Err(e) => {
                 let (status, reason) = match e {
@@ -282,7 +282,7 @@ async fn exchange(client: &mut Client, req: Request<()>, rt: &Runtime, stopping:
             log.upstream = Some(server.address);
         }
         // Counted from here to the end of the exchange, for load-aware balancing.
-        _in_flight = Some(server.track());
+        _in_flight = Some(routed.upstream.track(index));
         let client_host = routed.host.as_ref();
         let host = match client_host {
             Some(host) if routed.upstream.preserve_host => host,
@@ -411,7 +411,7 @@ async fn connect<'u>(
     upstream: &'u Upstream,
     affinity: &Affinity,
     pooled: Pooled,
-) -> Result<(&'u Arc<Server>, RawConn), ConnectError> {
+) -> Result<(usize, &'u Arc<Server>, RawConn), ConnectError> {
     let mut last_error = None;
     let mut failed = Vec::new();
     for attempt in 0..upstream.tries(affinity) {
@@ -421,12 +421,16 @@ async fn connect<'u>(
         if let Pooled::Any { probe } = pooled
             && let Some(conn) = server.pool.take_raw(probe)
         {
-            return Ok((server, conn));
+            return Ok((index, server, conn));
         }
         match server.pool.connect_raw().await {
-            Ok(conn) => return Ok((server, conn)),
+            Ok(conn) => {
+                upstream.reached(index);
+                return Ok((index, server, conn));
+            }
             Err(e) => {
                 tracing::warn!(upstream = %upstream.name, server = %server.address, error = %e, "upstream server unavailable");
+                upstream.unreachable(index);
                 last_error = Some(e);
                 failed.push(index);
             }

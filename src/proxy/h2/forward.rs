@@ -53,7 +53,7 @@ pub fn to_origin_form(req: &mut Request<RequestBody>) {
 /// next server the balancer picks, up to one try per server plus one.
 pub async fn send(
     mut req: Request<RequestBody>,
-    upstream: &Upstream,
+    upstream: &Arc<Upstream>,
     affinity: &Affinity,
     response_timeout: Duration,
 ) -> Result<Forwarded, ForwardError> {
@@ -66,15 +66,19 @@ pub async fn send(
             break;
         };
         let mut conn = match server.pool.get().await {
-            Ok(conn) => conn,
+            Ok(conn) => {
+                upstream.reached(index);
+                conn
+            }
             Err(e) => {
                 tracing::warn!(upstream = %upstream.name, server = %server.address, error = %e, "upstream server unavailable");
+                upstream.unreachable(index);
                 last_error = e.into();
                 failed.push(index);
                 continue;
             }
         };
-        let in_flight = server.track();
+        let in_flight = upstream.track(index);
         if !upstream.preserve_host || !req.headers().contains_key(header::HOST) {
             req.headers_mut()
                 .insert(header::HOST, server.host_header.clone());
