@@ -54,8 +54,8 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Check { config } => check(&config),
-            Command::Run { config } => match config::load(&config) {
-                Ok(config) => run(config).await,
+            Command::Run { config: path } => match config::load(&path) {
+                Ok(config) => run(config, Some(&path)).await,
                 Err(e) => {
                     eprintln!("{e}");
                     ExitCode::FAILURE
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
             Command::Demo { listen } => match fulcrum::demo::start(listen).await {
                 Ok(Ok(config)) => {
                     println!("Fulcrum demo: try `curl http://{listen}/` a few times to see the backends take turns.");
-                    run(config).await
+                    run(config, None).await
                 }
                 Ok(Err(e)) => {
                     eprintln!("{e}");
@@ -98,7 +98,9 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> ExitCode {
+/// Serves until SIGTERM or SIGINT; on SIGHUP, reads the config file at `path` again and
+/// applies it if it is good.
+async fn run(config: Config, path: Option<&std::path::Path>) -> ExitCode {
     fulcrum::logging::init(&config.access_log);
     let grace = config.timeouts.shutdown_grace;
     let server = match Server::start_workers(config) {
@@ -108,7 +110,19 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let signal = wait_for_signal().await;
+    let signal = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
+        let mut int = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
+        let mut hup = signal(SignalKind::hangup()).expect("cannot listen for SIGHUP");
+        loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => reload(&server, path),
+            }
+        }
+    };
     tracing::info!(
         signal,
         ?grace,
@@ -125,12 +139,19 @@ async fn run(config: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
-    let mut int = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+fn reload(server: &Server, path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        tracing::warn!("SIGHUP: the demo has no config file to reload");
+        return;
+    };
+    let outcome = config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|config| server.reload(config));
+    match outcome {
+        Ok(()) => tracing::info!(config = %path.display(), "SIGHUP: config reloaded"),
+        Err(e) => tracing::error!(
+            config = %path.display(),
+            "SIGHUP: config not reloaded; still serving with the previous one:\n{e}"
+        ),
     }
 }

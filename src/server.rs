@@ -130,6 +130,25 @@ impl Server {
         ))
     }
 
+    /// Makes `config` the one new requests are served with: routes, upstreams, balancing,
+    /// timeouts and limits. Servers that stay keep their pooled connections and state;
+    /// servers that join (added, or no longer drained) ramp up over `slow_start`.
+    /// Listeners, workers and logging are set up at start, so a config that changes them
+    /// is refused, with what changed; the running config stays either way.
+    pub fn reload(&self, config: Config) -> Result<(), String> {
+        let current = self.shared.load();
+        let changed = needs_restart(&current.config, &config);
+        if !changed.is_empty() {
+            return Err(format!(
+                "{}: restart Fulcrum to apply {}",
+                changed.join("; "),
+                if changed.len() == 1 { "this" } else { "these" }
+            ));
+        }
+        self.shared.replace(Runtime::build(config, Some(&current)));
+        Ok(())
+    }
+
     /// The addresses actually bound, in config order (useful with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
@@ -146,6 +165,51 @@ impl Server {
         };
         tokio::time::timeout(grace, drained).await.is_ok()
     }
+}
+
+/// What differs between `old` and `new` that only a restart can apply.
+fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
+    let mut changed = Vec::new();
+    if old.workers != new.workers {
+        changed.push(format!(
+            "workers changed from {} to {}",
+            old.workers, new.workers
+        ));
+    }
+    let names = |c: &Config| {
+        c.listeners
+            .iter()
+            .map(|l| l.name.clone())
+            .collect::<Vec<_>>()
+    };
+    if names(old) != names(new) {
+        changed.push(format!(
+            "listeners changed from [{}] to [{}]",
+            names(old).join(", "),
+            names(new).join(", ")
+        ));
+    } else {
+        for (o, n) in old.listeners.iter().zip(&new.listeners) {
+            if o.bind != n.bind {
+                changed.push(format!(
+                    "listener `{}` bind changed from {} to {}",
+                    o.name, o.bind, n.bind
+                ));
+            }
+            if o.max_connections != n.max_connections {
+                changed.push(format!("listener `{}` max_connections changed", o.name));
+            }
+            if o.defer_accept != n.defer_accept {
+                changed.push(format!("listener `{}` defer_accept changed", o.name));
+            }
+        }
+    }
+    if old.access_log.enabled != new.access_log.enabled
+        || old.access_log.format != new.access_log.format
+    {
+        changed.push("access_log changed".to_string());
+    }
+    changed
 }
 
 thread_local! {

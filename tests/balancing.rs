@@ -333,3 +333,104 @@ async fn a_retry_never_goes_back_to_a_server_that_just_failed() {
         }
     }
 }
+
+#[tokio::test]
+async fn least_connections_over_many_servers_steers_away_from_slow_ones() {
+    // Past 16 servers least_connections keeps them in a tree ordered by load instead of
+    // scanning: 3 slow servers among 20 must still get little traffic.
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        backends.push(
+            Backend::with(|_req| async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                http::Response::new(support::full("slow"))
+            })
+            .await,
+        );
+    }
+    for _ in 0..17 {
+        backends.push(Backend::named("fast").await);
+    }
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let proxy = Proxy::simple(&refs, "balance = \"least_connections\"").await;
+    let counts = load(&proxy, Duration::from_millis(1500)).await;
+    let total: usize = counts.values().sum();
+    let slow_share = *counts.get("slow").unwrap_or(&0) as f64 / total as f64;
+    // Round robin would give them 15%.
+    assert!(
+        slow_share < 0.05,
+        "the slow servers took {slow_share:.3} of {total}: {counts:?}"
+    );
+}
+
+/// How many of the requests sent one after another during each of `windows` went to
+/// `server`, as a share.
+async fn shares_over_time(proxy: &Proxy, server: &str, windows: &[(u64, u64)]) -> Vec<f64> {
+    let client = support::client();
+    let started = tokio::time::Instant::now();
+    let end = Duration::from_millis(windows.iter().map(|w| w.1).max().unwrap());
+    let mut answers = Vec::new();
+    while started.elapsed() < end {
+        let at = started.elapsed().as_millis() as u64;
+        answers.push((at, get_text(&client, &proxy.url("/")).await));
+    }
+    let shares: Vec<f64> = windows
+        .iter()
+        .map(|&(from, to)| {
+            let inside: Vec<_> = answers
+                .iter()
+                .filter(|(at, _)| (from..to).contains(at))
+                .collect();
+            assert!(inside.len() > 20, "too few requests in {from}..{to} ms");
+            inside.iter().filter(|(_, a)| a == server).count() as f64 / inside.len() as f64
+        })
+        .collect();
+    eprintln!("share of {server}: {shares:?} ({} requests)", answers.len());
+    shares
+}
+
+#[tokio::test]
+async fn slow_start_ramps_up_a_server_that_a_reload_adds() {
+    let (old, new) = (Backend::named("old").await, Backend::named("new").await);
+    let config = |servers: &str| {
+        format!(
+            "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
+             [upstreams.app]\nslow_start = \"2s\"\nservers = [{servers}]\n"
+        )
+    };
+    let proxy = Proxy::start(&config("{ address = \"{0}\" }"), &[&old]).await;
+    let bigger = support::fill(
+        &config("{ address = \"{0}\" }, { address = \"{1}\" }"),
+        &[&old, &new],
+    );
+    let bigger = fulcrum::config::parse("test.toml", &bigger).unwrap();
+    proxy.server.reload(bigger).unwrap();
+    // Round robin between two: "new" should climb from a sliver towards half.
+    let shares = shares_over_time(&proxy, "new", &[(0, 400), (900, 1100), (2300, 2800)]).await;
+    assert!(shares[0] < 0.15, "first 400 ms: {shares:?}");
+    assert!((0.1..0.45).contains(&shares[1]), "around 1 s: {shares:?}");
+    assert!(shares[2] > 0.40, "after 2 s: {shares:?}");
+}
+
+#[tokio::test]
+async fn a_server_that_cannot_be_reached_is_left_alone_for_fail_timeout_then_ramps_up() {
+    let steady = Backend::named("steady").await;
+    let flaky = Backend::named("flaky").await;
+    let proxy = Proxy::simple(
+        &[&steady, &flaky],
+        "fail_timeout = \"1s\"\nslow_start = \"1s\"",
+    )
+    .await;
+    let client = support::client();
+    flaky.stop();
+    // Both requests are served: the one that found "flaky" gone went on to "steady".
+    for _ in 0..2 {
+        assert_eq!(get_text(&client, &proxy.url("/")).await, "steady");
+    }
+    // Back at once, but left alone until fail_timeout is over; then it ramps up.
+    let flaky = Backend::named_at("flaky", flaky.addr).await;
+    let shares = shares_over_time(&proxy, "flaky", &[(0, 600), (2300, 2800)]).await;
+    assert_eq!(shares[0], 0.0, "{shares:?}");
+    assert!(shares[1] > 0.35, "{shares:?}");
+    assert!(flaky.seen.count() > 0);
+}

@@ -237,7 +237,7 @@ impl Checker {
                         format!(
                             "unknown balance algorithm `{}`: expected one of {}",
                             b.get_ref(),
-                            quoted(BalanceKind::NAMES)
+                            quoted(&BalanceKind::ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>())
                         ),
                     );
                     BalanceKind::RoundRobin

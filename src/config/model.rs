@@ -47,25 +47,22 @@ pub enum BalanceKind {
 }
 
 impl BalanceKind {
-    pub const NAMES: &'static [&'static str] = &[
-        "round_robin",
-        "random",
-        "ip_hash",
-        "least_connections",
-        "two_choices",
+    /// Every algorithm by its config name, in the order error messages list them.
+    pub const ALL: &'static [(&'static str, BalanceKind)] = &[
+        ("round_robin", BalanceKind::RoundRobin),
+        ("random", BalanceKind::Random),
+        ("ip_hash", BalanceKind::IpHash),
+        ("least_connections", BalanceKind::LeastConnections),
+        ("two_choices", BalanceKind::TwoChoices),
+        ("least_time", BalanceKind::LeastTime),
+        ("consistent_hash", BalanceKind::ConsistentHash),
     ];
 
     pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "round_robin" => Some(BalanceKind::RoundRobin),
-            "random" => Some(BalanceKind::Random),
-            "ip_hash" => Some(BalanceKind::IpHash),
-            "least_connections" => Some(BalanceKind::LeastConnections),
-            "two_choices" => Some(BalanceKind::TwoChoices),
-            "consistent_hash" => Some(BalanceKind::ConsistentHash),
-            "least_time" => Some(BalanceKind::LeastTime),
-            _ => None,
-        }
+        Self::ALL
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|&(_, kind)| kind)
     }
 }
 

@@ -55,7 +55,7 @@ servers = [{ address = "localhost:80", weight = 0 }]
         "{e}"
     );
     assert!(e.contains("test.toml:6:12: error: route sends to upstream `nope`, which is not defined (defined: `app`)"), "{e}");
-    assert!(e.contains("test.toml:9:11: error: unknown balance algorithm `fastest`: expected one of `round_robin`"), "{e}");
+    assert!(e.contains("test.toml:9:11: error: unknown balance algorithm `fastest`: expected one of `round_robin`, `random`, `ip_hash`, `least_connections`, `two_choices`, `least_time`, `consistent_hash`"), "{e}");
     assert!(
         e.contains("test.toml:10:24: error: address `localhost:80`"),
         "{e}"

@@ -69,13 +69,33 @@ impl Backend {
         .await
     }
 
+    /// As [`Backend::named`], on a given address (to come back where a stopped one was).
+    pub async fn named_at(name: &'static str, addr: SocketAddr) -> Backend {
+        Backend::listen_with(
+            TcpListener::bind(addr).await.unwrap(),
+            move |_req| async move {
+                Response::builder()
+                    .header("x-backend", name)
+                    .body(full(name))
+                    .unwrap()
+            },
+        )
+    }
+
     /// Answers with whatever `handler` returns; the request head is recorded first.
     pub async fn with<F, Fut>(handler: F) -> Backend
     where
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Backend::listen_with(TcpListener::bind("127.0.0.1:0").await.unwrap(), handler)
+    }
+
+    fn listen_with<F, Fut>(listener: TcpListener, handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Seen::default());
         let handler = Arc::new(handler);
@@ -185,6 +205,10 @@ pub struct Process {
     pub child: std::process::Child,
     pub addr: SocketAddr,
     pub stdout: Arc<Mutex<String>>,
+    /// Fulcrum's own log lines.
+    pub stderr: Arc<Mutex<String>>,
+    /// The config file it runs with, to rewrite before a reload.
+    pub config: std::path::PathBuf,
     _dir: TempDir,
 }
 
@@ -232,12 +256,17 @@ impl Process {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(String::new()));
+        let log_sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = line.split("addr=").nth(1) {
                     let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
                 }
                 eprintln!("[fulcrum] {line}");
+                let mut log = log_sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
             }
         });
         let stdout = Arc::new(Mutex::new(String::new()));
@@ -261,6 +290,8 @@ impl Process {
             child,
             addr,
             stdout,
+            stderr: log,
+            config: path,
             _dir: dir,
         }
     }
@@ -271,20 +302,36 @@ impl Process {
 
     /// Waits (up to 10 s) for a line on stdout containing `needle`, and returns it.
     pub async fn stdout_line(&self, needle: &str) -> String {
+        wait_for_line(&self.stdout, needle).await
+    }
+
+    /// Waits (up to 10 s) for a log line containing `needle`, and returns it with the
+    /// lines after it.
+    pub async fn log_from(&self, needle: &str) -> String {
+        let line = wait_for_line(&self.stderr, needle).await;
+        let log = self.stderr.lock().unwrap().clone();
+        log[log.find(&line).unwrap()..].to_string()
+    }
+}
+
+async fn wait_for_line(output: &Mutex<String>, needle: &str) -> String {
+    {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let out = self.stdout.lock().unwrap().clone();
+            let out = output.lock().unwrap().clone();
             if let Some(line) = out.lines().find(|l| l.contains(needle)) {
                 return line.to_string();
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "no line with {needle:?} on stdout: {out}"
+                "no line with {needle:?} in: {out}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
 
+impl Process {
     /// A field of /proc/PID/status in KiB (VmRSS, VmHWM, …).
     pub fn memory_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
