@@ -434,3 +434,66 @@ async fn a_server_that_cannot_be_reached_is_left_alone_for_fail_timeout_then_ram
     assert!(shares[1] > 0.35, "{shares:?}");
     assert!(flaky.seen.count() > 0);
 }
+
+#[tokio::test]
+async fn draining_keeps_sticky_sessions_and_removing_moves_them() {
+    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
+    let (a_addr, b_addr) = (a.addr, b.addr);
+    let both = format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
+         [upstreams.app]\nsticky_cookie = \"s\"\nservers = [{{ address = \"{a_addr}\" }}, {{ address = \"{b_addr}\"DRAIN }}]\n"
+    );
+    let proxy = Proxy::start(&both.replace("DRAIN", ""), &[]).await;
+    let client = support::client();
+    // A client pinned to "b".
+    let cookie = loop {
+        let resp = client.get(proxy.url("/")).send().await.unwrap();
+        let cookie = resp.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        if resp.text().await.unwrap() == "b" {
+            break cookie;
+        }
+    };
+    let reload = |text: String| {
+        proxy
+            .server
+            .reload(fulcrum::config::parse("test.toml", &text).unwrap())
+            .unwrap()
+    };
+    let pinned = |cookie: String| {
+        let (client, url) = (client.clone(), proxy.url("/"));
+        async move {
+            let mut seen = HashSet::new();
+            for _ in 0..20 {
+                let resp = client
+                    .get(&url)
+                    .header("cookie", &cookie)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+                seen.insert(resp.text().await.unwrap());
+            }
+            seen
+        }
+    };
+
+    // "b" drained: its client's session goes on there; new clients go to "a" only.
+    reload(both.replace("DRAIN", ", drain = true"));
+    assert_eq!(
+        pinned(cookie.clone()).await,
+        HashSet::from(["b".to_string()])
+    );
+    for _ in 0..10 {
+        assert_eq!(get_text(&client, &proxy.url("/")).await, "a");
+    }
+
+    // "b" removed: the client moves to "a" without an error.
+    reload(both.replace(&format!(", {{ address = \"{b_addr}\"DRAIN }}"), ""));
+    assert_eq!(pinned(cookie).await, HashSet::from(["a".to_string()]));
+}

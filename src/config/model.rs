@@ -103,7 +103,7 @@ pub struct ServerConfig {
     pub weight: u32,
     /// Used only when no primary server can be reached.
     pub backup: bool,
-    /// Takes no new requests; in-flight ones finish.
+    /// Takes no new clients: only requests pinned to it by a sticky cookie, and those in flight.
     pub drain: bool,
 }
 

@@ -142,3 +142,22 @@ fn sticky_cookie_names_are_checked() {
         Some("srv_id")
     );
 }
+
+#[test]
+fn slow_start_and_fail_timeout_may_be_off_but_must_be_durations() {
+    let c = parse("test.toml", GOOD).unwrap();
+    assert_eq!(c.upstreams[0].slow_start, Duration::ZERO);
+    assert_eq!(c.upstreams[0].fail_timeout, Duration::from_secs(10));
+    let text = GOOD.replace(
+        "[upstreams.app]",
+        "[upstreams.app]\nslow_start = \"30s\"\nfail_timeout = \"0s\"",
+    );
+    let c = parse("test.toml", &text).unwrap();
+    assert_eq!(c.upstreams[0].slow_start, Duration::from_secs(30));
+    assert_eq!(c.upstreams[0].fail_timeout, Duration::ZERO);
+    let e = error_text(&GOOD.replace("[upstreams.app]", "[upstreams.app]\nslow_start = \"soon\""));
+    assert!(
+        e.starts_with("test.toml:9:14: error: slow_start = \"soon\" is not a duration"),
+        "{e}"
+    );
+}

@@ -130,7 +130,7 @@ struct Sticky {
     cookie: String,
     /// Per server, the `Set-Cookie` value that pins a client to it.
     set_cookie: Box<[HeaderValue]>,
-    /// Token → server index, for servers that take new requests.
+    /// Token → server index, for every server listed (drained ones finish their sessions).
     by_token: HashMap<u64, usize>,
 }
 
@@ -140,7 +140,7 @@ pub struct Affinity {
     pub client_ip: IpAddr,
     /// The hash of the request's `hash_key`, for `consistent_hash`.
     pub key: Option<u64>,
-    /// The server the request's sticky cookie names, if it still takes requests.
+    /// The server the request's sticky cookie names, if it is still listed.
     pub pinned: Option<usize>,
 }
 
@@ -272,12 +272,9 @@ impl Upstream {
                             .expect("a cookie name and hex are valid")
                     })
                     .collect(),
-                by_token: tokens
-                    .iter()
-                    .enumerate()
-                    .filter(|&(i, _)| !config.servers[i].drain)
-                    .map(|(i, &t)| (t, i))
-                    .collect(),
+                // Drained servers too: their clients' sessions finish there (as nginx's and
+                // HAProxy's `drain`), while new clients go elsewhere.
+                by_token: tokens.iter().enumerate().map(|(i, &t)| (t, i)).collect(),
             }
         });
         let upstream = Upstream {
@@ -524,7 +521,7 @@ impl Upstream {
     }
 
     /// The server the request's sticky cookie names, if sessions are sticky and that server
-    /// still takes requests.
+    /// is still listed (drained or not).
     pub fn pinned(&self, headers: &HeaderMap) -> Option<usize> {
         let sticky = self.sticky.as_ref()?;
         let token = crate::proxy::cookie(headers, &sticky.cookie)?;

@@ -92,11 +92,10 @@ pub async fn serve(
     drop(shared);
     let mut first = true;
     loop {
-        let rt = arc_swap::cache::Access::load(&mut runtime);
-        let timeouts = &rt.config.timeouts;
         if client.rbuf.is_empty() {
             // A new connection has `client_header` to start its request; a kept-alive one
             // may idle for `client_idle`.
+            let timeouts = &arc_swap::cache::Access::load(&mut runtime).config.timeouts;
             let wait = if first {
                 timeouts.client_header
             } else {
@@ -124,6 +123,10 @@ pub async fn serve(
                 _ => return,
             }
         }
+        // Loaded once the request has begun, so that it sees a reload made while the
+        // connection waited for it.
+        let rt = arc_swap::cache::Access::load(&mut runtime);
+        let timeouts = &rt.config.timeouts;
         let req = match read_head(&mut client, rt).await {
             Ok(Some(req)) => req,
             Ok(None) => return,
