@@ -2,9 +2,11 @@
 //!
 //! A scan over every server (as nginx does) costs microseconds at a thousand servers, so the
 //! servers' scores live in a tournament tree instead: each inner node holds the least score
-//! below it, a load change walks one path up (stopping early where the minimum did not
-//! move), and a pick walks one path down. Ties are broken at random in proportion to the
-//! number of servers on each side, so equally loaded servers share evenly.
+//! below it, a load change walks one path up (stopping where no minimum moved), and a pick
+//! walks one path down. Ties are broken at random in proportion to the number of servers on
+//! each side, so equally loaded servers share evenly. The tree wins at three servers too:
+//! a pick writes nothing shared, where a scan's rotating start is written by every pick
+//! (measured with two threads: bench/README.md).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,6 +34,10 @@ impl Balancer for LeastConnections {
         self.tree.least()
     }
 
+    fn ordered_by_load(&self) -> bool {
+        true
+    }
+
     fn load_changed(&self, server: usize, loads: &dyn Loads) {
         let weight = self.weights[server];
         self.tree.set(server, || {
@@ -54,9 +60,10 @@ pub(crate) fn score(active: usize, weight: u32, share: u32) -> u64 {
     if share == 0 {
         return UNAVAILABLE;
     }
-    let numerator = ((active as u128 + 1) << 20) * u128::from(FULL_SHARE);
-    let denominator = u128::from(weight.max(1)) * u128::from(share);
-    (numerator / denominator).min(u128::from(UNAVAILABLE - 1)) as u64
+    // Past 2^24 requests in flight a server counts as that busy, so the numerator stays
+    // within 2^54 and the division is a machine one.
+    let in_flight = (active as u64).min((1 << 24) - 1) + 1;
+    (in_flight << 20) * u64::from(FULL_SHARE) / (u64::from(weight.max(1)) * u64::from(share))
 }
 
 /// A complete binary tree over a power-of-two number of leaves, stored as an array with the
@@ -231,8 +238,8 @@ mod tests {
 
     #[test]
     fn ties_are_shared_evenly() {
-        // 3 servers are scanned; 20 fill 20 of 32 leaves of a tree, where an even split
-        // needs the tie-break to count servers, not halves.
+        // 3 servers fill 3 of 4 leaves, 20 fill 20 of 32: an even split needs the
+        // tie-break to count servers, not halves.
         for n in [3, 20] {
             let (lc, loads) = with_loads(&vec![1; n], &vec![0; n]);
             let mut counts = vec![0usize; n];
@@ -257,7 +264,7 @@ mod tests {
 
     #[test]
     fn a_server_that_is_down_is_passed_over_and_one_ramping_up_counts_for_less() {
-        // Scanned, and in a tree (the other servers busier still).
+        // Small and large trees (the other servers busier still).
         for n in [3, 40] {
             let mut active = vec![9; n];
             active[..3].copy_from_slice(&[5, 0, 3]);

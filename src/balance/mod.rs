@@ -68,6 +68,12 @@ pub trait Balancer: Send + Sync + std::fmt::Debug {
     /// servers ordered by load rather than reading `PickContext::loads` at each pick.
     fn load_changed(&self, _server: usize, _loads: &dyn Loads) {}
 
+    /// Whether `load_changed` must hear of every request that starts or ends (otherwise
+    /// only of changes in share).
+    fn ordered_by_load(&self) -> bool {
+        false
+    }
+
     /// How the upstream lets a server ramping up take only its share of requests.
     fn thinning(&self) -> Thinning {
         Thinning::Random

@@ -50,6 +50,9 @@ pub struct Upstream {
     unsettled: AtomicUsize,
     /// When shares were last brought up to date, in `now_ms` time.
     settled_at: AtomicU64,
+    /// Whether a balancer keeps servers ordered by load, and so must hear of every request
+    /// that starts or ends.
+    ordered_by_load: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +194,9 @@ impl Drop for InFlight {
         self.upstream.servers[self.server]
             .active
             .fetch_sub(1, Ordering::Relaxed);
-        self.upstream.load_changed(self.server);
+        if self.upstream.ordered_by_load {
+            self.upstream.load_changed(self.server);
+        }
     }
 }
 
@@ -281,8 +286,6 @@ impl Upstream {
             name: config.name.clone(),
             sticky,
             servers,
-            primary,
-            backup,
             hash_key: config.hash_key.clone(),
             preserve_host: config.preserve_host,
             placement,
@@ -290,6 +293,10 @@ impl Upstream {
             slow_start: config.slow_start,
             unsettled: AtomicUsize::new(0),
             settled_at: AtomicU64::new(0),
+            ordered_by_load: primary.balancer.ordered_by_load()
+                || backup.balancer.ordered_by_load(),
+            primary,
+            backup,
         };
         for i in joining {
             if upstream.servers[i].state.ramp_up(upstream.slow_start) {
@@ -322,7 +329,8 @@ impl Upstream {
     /// again while another is left: a dead server has nothing in flight and no slow
     /// responses on record, so load-aware balancers would otherwise choose it every time.
     /// Nor is a server marked down, and one ramping up is passed over for all but its share
-    /// of picks; with no other server left, the first that fits best is used.
+    /// of picks. With no primary left the backups are chosen from, and with no server left
+    /// at all, one is tried anyway.
     pub fn pick(
         &self,
         attempt: usize,
@@ -344,7 +352,64 @@ impl Upstream {
             }
             Turn::Tier(tier, attempt) => (tier, attempt),
         };
-        let picks = if unsettled || !failed.is_empty() {
+        let checked = unsettled || !failed.is_empty();
+        if !checked {
+            // Every server up and at its whole share, no failures yet: what the balancer
+            // says goes.
+            let loads = TierLoads {
+                servers: &self.servers,
+                members: &tier.members,
+            };
+            let cx = PickContext {
+                attempt: tier_attempt,
+                client_ip: affinity.client_ip,
+                loads: &loads,
+                key: affinity.key,
+            };
+            if let Some(member) = tier.balancer.pick(&cx) {
+                let index = tier.members[member];
+                return Some((index, &self.servers[index]));
+            }
+        }
+        let mut first = None;
+        let found = self
+            .pick_in(tier, tier_attempt, affinity, failed, checked, &mut first)
+            .or_else(|| {
+                // No primary takes it: the backups' own balancer chooses among them.
+                let backups = !std::ptr::eq(tier, &self.backup);
+                backups
+                    .then(|| self.pick_in(&self.backup, 0, affinity, failed, checked, &mut first))
+                    .flatten()
+            })
+            .or_else(|| {
+                // Nothing fits: the first server in list order not yet failed (everything
+                // is down, and down may be wrong), then what the balancer chose first.
+                self.primary
+                    .members
+                    .iter()
+                    .chain(self.backup.members.iter())
+                    .copied()
+                    .find(|i| !failed.contains(i))
+            })
+            .or(first)?;
+        Some((found, &self.servers[found]))
+    }
+
+    /// A server of `tier` for this request. Unless `checked`, the balancer's first choice;
+    /// otherwise up to `MAX_PICKS` choices are looked at for one that takes the request,
+    /// falling back to a server that is up and not failed. `first` keeps the very first
+    /// choice, for when nothing fits anywhere. Off the fast path: only while a server is
+    /// down or ramping, or after a failure, or when the tier is empty.
+    fn pick_in(
+        &self,
+        tier: &Tier,
+        tier_attempt: usize,
+        affinity: &Affinity,
+        failed: &[usize],
+        checked: bool,
+        first: &mut Option<usize>,
+    ) -> Option<usize> {
+        let picks = if checked {
             tier.members.len().min(MAX_PICKS)
         } else {
             1
@@ -353,7 +418,7 @@ impl Upstream {
             servers: &self.servers,
             members: &tier.members,
         };
-        let mut first = None;
+        let mut first_up = None;
         for skip in 0..picks {
             let cx = PickContext {
                 attempt: tier_attempt + skip,
@@ -363,39 +428,34 @@ impl Upstream {
             };
             let index = tier.members[tier.balancer.pick(&cx)?];
             first.get_or_insert(index);
-            if failed.contains(&index) {
+            if !checked {
+                return Some(index);
+            }
+            if failed.contains(&index) || self.servers[index].share() == 0 {
                 continue;
             }
-            if !unsettled || self.takes(tier, index, affinity) {
-                return Some((index, &self.servers[index]));
+            if self.takes(tier, index, affinity) {
+                return Some(index);
             }
+            first_up.get_or_insert(index);
         }
-        // Nothing the balancer offered fits: the first server in list order that is up and
-        // not yet failed, primaries before backups; then one merely not failed (everything
-        // is down, and down may be wrong); then what the balancer chose.
-        let members = || {
-            self.primary
-                .members
-                .iter()
-                .chain(self.backup.members.iter())
-        };
-        let index = members()
-            .find(|&&i| !failed.contains(&i) && self.servers[i].share() > 0)
-            .or_else(|| members().find(|&&i| !failed.contains(&i)))
-            .copied()
-            .or(first)?;
-        Some((index, &self.servers[index]))
+        // Only ramping servers came up (random draws can repeat): the next server after the
+        // first of them that takes its whole share, if any.
+        let ramping = first_up?;
+        let (_, from) = self.placement[ramping]?;
+        let n = tier.members.len();
+        (1..n)
+            .map(|k| tier.members[(from + k) % n])
+            .find(|&i| !failed.contains(&i) && self.servers[i].share() >= FULL_SHARE)
+            .or(Some(ramping))
     }
 
-    /// Whether a server the balancer chose takes this request: not while it is down, and
-    /// while it ramps up, only its share of the picks of balancers that do not weigh shares
-    /// themselves: a random share, or for hashing balancers the same share of keys each
-    /// time, so that clients do not move back and forth.
+    /// Whether a server that is up takes this request: while it ramps up, only its share
+    /// of the picks of balancers that do not weigh shares themselves: a random share, or for
+    /// hashing balancers the same share of keys each time, so that clients do not move back
+    /// and forth.
     fn takes(&self, tier: &Tier, index: usize, affinity: &Affinity) -> bool {
         let share = self.servers[index].share();
-        if share == 0 {
-            return false;
-        }
         if share >= FULL_SHARE {
             return true;
         }
@@ -437,7 +497,9 @@ impl Upstream {
     /// Counts a request as in flight to server `index` until the returned guard is dropped.
     pub fn track(self: &Arc<Self>, index: usize) -> InFlight {
         self.servers[index].active.fetch_add(1, Ordering::Relaxed);
-        self.load_changed(index);
+        if self.ordered_by_load {
+            self.load_changed(index);
+        }
         InFlight {
             upstream: self.clone(),
             server: index,
@@ -545,3 +607,6 @@ impl Upstream {
         Some(&sticky.set_cookie[index])
     }
 }
+
+#[cfg(test)]
+mod tests;

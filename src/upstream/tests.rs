@@ -1,0 +1,142 @@
+//! Which server `Upstream::pick` chooses as servers go down, come back and ramp up.
+
+use std::collections::HashMap;
+
+use super::*;
+use crate::config::{BalanceKind, ServerConfig};
+
+fn upstream(balance: BalanceKind, servers: &[(u16, bool)]) -> Upstream {
+    let config = UpstreamConfig {
+        name: "app".into(),
+        balance,
+        hash_key: (balance == BalanceKind::ConsistentHash).then_some(HashKey::ClientIp),
+        sticky_cookie: None,
+        latency_decay: Duration::from_secs(10),
+        slow_start: Duration::from_secs(60),
+        fail_timeout: Duration::from_secs(60),
+        servers: servers
+            .iter()
+            .map(|&(port, backup)| ServerConfig {
+                address: SocketAddr::from(([127, 0, 0, 1], port)),
+                weight: 1,
+                backup,
+                drain: false,
+            })
+            .collect(),
+        preserve_host: true,
+        pool_max_idle_per_server: 0,
+        pool_idle_timeout: Duration::from_secs(1),
+    };
+    Upstream::build(
+        &config,
+        1,
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+        None,
+    )
+}
+
+/// How often each server (by port) is picked for `n` requests from different clients.
+fn picks(upstream: &Upstream, n: u32) -> HashMap<u16, u32> {
+    let mut counts = HashMap::new();
+    for client in 0..n {
+        let client_ip = IpAddr::from(client.to_be_bytes());
+        let affinity = Affinity {
+            client_ip,
+            key: Some(balance::hash(&client_ip)),
+            pinned: None,
+        };
+        let (_, server) = upstream.pick(0, &affinity, &[]).unwrap();
+        *counts.entry(server.address.port()).or_insert(0) += 1;
+    }
+    counts
+}
+
+const ALL: [BalanceKind; 7] = [
+    BalanceKind::RoundRobin,
+    BalanceKind::Random,
+    BalanceKind::IpHash,
+    BalanceKind::LeastConnections,
+    BalanceKind::TwoChoices,
+    BalanceKind::LeastTime,
+    BalanceKind::ConsistentHash,
+];
+
+#[test]
+fn a_server_marked_down_gets_nothing_from_any_algorithm() {
+    for balance in ALL {
+        let up = upstream(balance, &[(1, false), (2, false), (3, false)]);
+        up.unreachable(1);
+        let counts = picks(&up, 3000);
+        assert_eq!(counts.get(&2), None, "{balance:?}: {counts:?}");
+        assert!(
+            counts[&1] > 900 && counts[&3] > 900,
+            "{balance:?}: {counts:?}"
+        );
+    }
+}
+
+#[test]
+fn with_every_primary_down_the_backups_share_the_requests() {
+    for balance in ALL {
+        let up = upstream(balance, &[(1, false), (2, false), (3, true), (4, true)]);
+        up.unreachable(0);
+        up.unreachable(1);
+        let counts = picks(&up, 2000);
+        assert!(
+            counts[&3] > 600 && counts[&4] > 600,
+            "{balance:?}: {counts:?}"
+        );
+        // Everything down: still tried rather than refused.
+        up.unreachable(2);
+        up.unreachable(3);
+        assert_eq!(picks(&up, 10).values().sum::<u32>(), 10);
+    }
+}
+
+#[test]
+fn a_ramping_server_takes_a_sliver_of_its_share() {
+    for balance in ALL {
+        let up = upstream(balance, &[(1, false), (2, false), (3, false)]);
+        // Back from being down: it starts its ramp at 1% of its weight.
+        up.unreachable(1);
+        up.reached(1);
+        let counts = picks(&up, 6000);
+        let ramping = counts.get(&2).copied().unwrap_or(0);
+        // A third at full weight would be 2000.
+        assert!(ramping < 200, "{balance:?}: {counts:?}");
+        assert_eq!(counts.values().sum::<u32>(), 6000);
+    }
+}
+
+#[test]
+fn hashing_passes_the_same_keys_over_while_a_server_ramps() {
+    for balance in [BalanceKind::IpHash, BalanceKind::ConsistentHash] {
+        let up = upstream(balance, &[(1, false), (2, false), (3, false)]);
+        up.unreachable(1);
+        up.reached(1);
+        let once: Vec<u16> = (0..500u32)
+            .map(|c| {
+                let client_ip = IpAddr::from(c.to_be_bytes());
+                let affinity = Affinity {
+                    client_ip,
+                    key: Some(balance::hash(&client_ip)),
+                    pinned: None,
+                };
+                up.pick(0, &affinity, &[]).unwrap().1.address.port()
+            })
+            .collect();
+        let again: Vec<u16> = (0..500u32)
+            .map(|c| {
+                let client_ip = IpAddr::from(c.to_be_bytes());
+                let affinity = Affinity {
+                    client_ip,
+                    key: Some(balance::hash(&client_ip)),
+                    pinned: None,
+                };
+                up.pick(0, &affinity, &[]).unwrap().1.address.port()
+            })
+            .collect();
+        assert_eq!(once, again, "{balance:?}");
+    }
+}
