@@ -352,8 +352,7 @@ impl Upstream {
             }
             Turn::Tier(tier, attempt) => (tier, attempt),
         };
-        let checked = unsettled || !failed.is_empty();
-        if !checked {
+        if !unsettled && failed.is_empty() {
             // Every server up and at its whole share, no failures yet: what the balancer
             // says goes.
             let loads = TierLoads {
@@ -368,17 +367,22 @@ impl Upstream {
             };
             if let Some(member) = tier.balancer.pick(&cx) {
                 let index = tier.members[member];
-                return Some((index, &self.servers[index]));
+                if self.servers[index].share() >= FULL_SHARE {
+                    return Some((index, &self.servers[index]));
+                }
+                // Marked down through the snapshot a reload replaced, so not counted
+                // here: count again, and look further.
+                self.settle(now_ms());
             }
         }
         let mut first = None;
         let found = self
-            .pick_in(tier, tier_attempt, affinity, failed, checked, &mut first)
+            .pick_in(tier, tier_attempt, affinity, failed, &mut first)
             .or_else(|| {
                 // No primary takes it: the backups' own balancer chooses among them.
                 let backups = !std::ptr::eq(tier, &self.backup);
                 backups
-                    .then(|| self.pick_in(&self.backup, 0, affinity, failed, checked, &mut first))
+                    .then(|| self.pick_in(&self.backup, 0, affinity, failed, &mut first))
                     .flatten()
             })
             .or_else(|| {
@@ -395,25 +399,19 @@ impl Upstream {
         Some((found, &self.servers[found]))
     }
 
-    /// A server of `tier` for this request. Unless `checked`, the balancer's first choice;
-    /// otherwise up to `MAX_PICKS` choices are looked at for one that takes the request,
-    /// falling back to a server that is up and not failed. `first` keeps the very first
-    /// choice, for when nothing fits anywhere. Off the fast path: only while a server is
-    /// down or ramping, or after a failure, or when the tier is empty.
+    /// A server of `tier` for this request, off the fast path (a server is down or ramping,
+    /// the request failed somewhere, or the tier is empty): up to `MAX_PICKS` choices are
+    /// looked at for one that takes the request, falling back to a server that is up and
+    /// not failed. `first` keeps the very first choice, for when nothing fits anywhere.
     fn pick_in(
         &self,
         tier: &Tier,
         tier_attempt: usize,
         affinity: &Affinity,
         failed: &[usize],
-        checked: bool,
         first: &mut Option<usize>,
     ) -> Option<usize> {
-        let picks = if checked {
-            tier.members.len().min(MAX_PICKS)
-        } else {
-            1
-        };
+        let picks = tier.members.len().min(MAX_PICKS);
         let loads = TierLoads {
             servers: &self.servers,
             members: &tier.members,
@@ -428,9 +426,6 @@ impl Upstream {
             };
             let index = tier.members[tier.balancer.pick(&cx)?];
             first.get_or_insert(index);
-            if !checked {
-                return Some(index);
-            }
             if failed.contains(&index) || self.servers[index].share() == 0 {
                 continue;
             }
