@@ -10,7 +10,8 @@
 //! - [`http1`]: the hand-written HTTP/1.1 codec (heads, body framing, I/O) under `proxy::h1`.
 //! - [`router`]: host and path prefix → upstream.
 //! - [`balance`]: which server of an upstream takes the request.
-//! - [`upstream`]: servers and their pools of kept-alive connections.
+//! - [`upstream`]: servers, their pools of kept-alive connections and their state (marked
+//!   down, ramping up), and the order in which a request tries them.
 //!
 //! Around them:
 //! - [`config`]: TOML file → validated config, with errors that name file, line and column.
