@@ -1,5 +1,6 @@
 //! How long one pick takes for each balancing algorithm, with 3 and with 1,000 servers,
-//! alone and while another thread picks from the same balancer.
+//! alone and while another thread picks from the same balancer; and a whole request's
+//! balancing (pick, start, end) on two threads at once.
 //!
 //! `cargo bench --bench balance`
 
@@ -12,16 +13,6 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fulcrum::balance::{self, Balancer, Loads, PickContext};
 use fulcrum::config::{BalanceKind, ServerConfig};
-
-const KINDS: [(&str, BalanceKind); 7] = [
-    ("round_robin", BalanceKind::RoundRobin),
-    ("random", BalanceKind::Random),
-    ("ip_hash", BalanceKind::IpHash),
-    ("least_connections", BalanceKind::LeastConnections),
-    ("two_choices", BalanceKind::TwoChoices),
-    ("least_time", BalanceKind::LeastTime),
-    ("consistent_hash", BalanceKind::ConsistentHash),
-];
 
 fn servers(n: usize) -> Vec<ServerConfig> {
     (0..n)
@@ -41,22 +32,13 @@ fn picks(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500));
     for n in [3usize, 1000] {
         let loads: Vec<usize> = (0..n).map(|i| i % 7).collect();
-        for (name, kind) in KINDS {
-            let balancer = balance::build(kind, &servers(n));
-            for i in 0..n {
-                balancer.load_changed(i, &loads);
-            }
+        for &(name, kind) in BalanceKind::ALL {
+            let balancer = built(kind, n, &loads);
             let mut client = 0u32;
-            group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+            group.bench_function(BenchmarkId::new(name, n), |b| {
                 b.iter(|| {
                     client = client.wrapping_add(1);
-                    let cx = PickContext {
-                        attempt: 0,
-                        client_ip: IpAddr::V4(Ipv4Addr::from(client)),
-                        loads: &loads,
-                        key: None,
-                    };
-                    black_box(balancer.pick(&cx))
+                    black_box(balancer.pick(&context(&loads, client)))
                 })
             });
         }
@@ -64,8 +46,58 @@ fn picks(c: &mut Criterion) {
     group.finish();
 }
 
-/// The same picks while a second thread picks from the same balancer as fast as it can,
-/// so shared counters are contended as they are with two workers.
+/// Benchmarks `work` while a second thread does the same work on the same balancer as fast
+/// as it can, so that shared state is contended as it is with two workers.
+fn contended<L: Loads + Send + Sync + 'static>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: BenchmarkId,
+    balancer: Arc<dyn Balancer>,
+    loads: Arc<L>,
+    work: fn(&dyn Balancer, &L, u32),
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let rival = {
+        let (balancer, loads, stop) = (balancer.clone(), loads.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut client = 1u32 << 31;
+            while !stop.load(Ordering::Relaxed) {
+                client = client.wrapping_add(1);
+                work(&*balancer, &loads, client);
+            }
+        })
+    };
+    group.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            let started = Instant::now();
+            for i in 0..iters {
+                work(&*balancer, &loads, i as u32);
+            }
+            started.elapsed()
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    rival.join().unwrap();
+}
+
+/// A balancer of `kind` over `n` servers that has been told of every server's load.
+fn built(kind: BalanceKind, n: usize, loads: &dyn Loads) -> Arc<dyn Balancer> {
+    let balancer: Arc<dyn Balancer> = Arc::from(balance::build(kind, &servers(n)));
+    for i in 0..n {
+        balancer.load_changed(i, loads);
+    }
+    balancer
+}
+
+fn context(loads: &dyn Loads, client: u32) -> PickContext<'_> {
+    PickContext {
+        attempt: 0,
+        client_ip: IpAddr::V4(Ipv4Addr::from(client)),
+        loads,
+        key: None,
+    }
+}
+
+/// The same picks while a second thread picks from the same balancer.
 fn contended_picks(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick_contended");
     group
@@ -73,45 +105,17 @@ fn contended_picks(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500));
     for n in [3usize, 1000] {
         let loads = Arc::new((0..n).map(|i| i % 7).collect::<Vec<usize>>());
-        for (name, kind) in KINDS {
-            let balancer: Arc<dyn Balancer> = Arc::from(balance::build(kind, &servers(n)));
-            for i in 0..n {
-                balancer.load_changed(i, &*loads);
-            }
-            let stop = Arc::new(AtomicBool::new(false));
-            let rival = {
-                let (balancer, loads, stop) = (balancer.clone(), loads.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    let mut client = 1u32 << 31;
-                    while !stop.load(Ordering::Relaxed) {
-                        client = client.wrapping_add(1);
-                        let cx = PickContext {
-                            attempt: 0,
-                            client_ip: IpAddr::V4(Ipv4Addr::from(client)),
-                            loads: &*loads,
-                            key: None,
-                        };
-                        black_box(balancer.pick(&cx));
-                    }
-                })
-            };
-            group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
-                b.iter_custom(|iters| {
-                    let started = Instant::now();
-                    for i in 0..iters {
-                        let cx = PickContext {
-                            attempt: 0,
-                            client_ip: IpAddr::V4(Ipv4Addr::from(i as u32)),
-                            loads: &*loads,
-                            key: None,
-                        };
-                        black_box(balancer.pick(&cx));
-                    }
-                    started.elapsed()
-                })
-            });
-            stop.store(true, Ordering::Relaxed);
-            rival.join().unwrap();
+        for &(name, kind) in BalanceKind::ALL {
+            let balancer = built(kind, n, &*loads);
+            contended(
+                &mut group,
+                BenchmarkId::new(name, n),
+                balancer,
+                loads.clone(),
+                |balancer, loads, client| {
+                    black_box(balancer.pick(&context(loads, client)));
+                },
+            );
         }
     }
     group.finish();
@@ -134,49 +138,24 @@ fn requests(c: &mut Criterion) {
     group
         .measurement_time(Duration::from_secs(2))
         .warm_up_time(Duration::from_millis(500));
-    fn request(balancer: &dyn Balancer, loads: &Counting, client: u32) {
-        let cx = PickContext {
-            attempt: 0,
-            client_ip: IpAddr::V4(Ipv4Addr::from(client)),
-            loads,
-            key: None,
-        };
-        let server = balancer.pick(&cx).unwrap();
-        loads.0[server].fetch_add(1, Ordering::Relaxed);
-        balancer.load_changed(server, loads);
-        loads.0[server].fetch_sub(1, Ordering::Relaxed);
-        balancer.load_changed(server, loads);
-    }
     for n in [3usize, 1000] {
-        for (name, kind) in KINDS {
+        for &(name, kind) in BalanceKind::ALL {
             // A few requests stay in flight everywhere, so loads differ as they would.
             let loads = Arc::new(Counting((0..n).map(|i| AtomicUsize::new(i % 7)).collect()));
-            let balancer: Arc<dyn Balancer> = Arc::from(balance::build(kind, &servers(n)));
-            for i in 0..n {
-                balancer.load_changed(i, &*loads);
-            }
-            let stop = Arc::new(AtomicBool::new(false));
-            let rival = {
-                let (balancer, loads, stop) = (balancer.clone(), loads.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    let mut client = 1u32 << 31;
-                    while !stop.load(Ordering::Relaxed) {
-                        client = client.wrapping_add(1);
-                        request(&*balancer, &loads, client);
-                    }
-                })
-            };
-            group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
-                b.iter_custom(|iters| {
-                    let started = Instant::now();
-                    for i in 0..iters {
-                        request(&*balancer, &loads, i as u32);
-                    }
-                    started.elapsed()
-                })
-            });
-            stop.store(true, Ordering::Relaxed);
-            rival.join().unwrap();
+            let balancer = built(kind, n, &*loads);
+            contended(
+                &mut group,
+                BenchmarkId::new(name, n),
+                balancer,
+                loads,
+                |balancer, loads, client| {
+                    let server = balancer.pick(&context(loads, client)).unwrap();
+                    loads.0[server].fetch_add(1, Ordering::Relaxed);
+                    balancer.load_changed(server, loads);
+                    loads.0[server].fetch_sub(1, Ordering::Relaxed);
+                    balancer.load_changed(server, loads);
+                },
+            );
         }
     }
     group.finish();

@@ -39,18 +39,22 @@ fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamConfig {
     }
 }
 
+/// The port of the server picked for a first try from `client`.
+fn chosen(upstream: &Upstream, client: u32) -> u16 {
+    let client_ip = IpAddr::from(client.to_be_bytes());
+    let affinity = Affinity {
+        client_ip,
+        key: Some(balance::hash(&client_ip)),
+        pinned: None,
+    };
+    upstream.pick(0, &affinity, &[]).unwrap().1.address.port()
+}
+
 /// How often each server (by port) is picked for `n` requests from different clients.
 fn picks(upstream: &Upstream, n: u32) -> HashMap<u16, u32> {
     let mut counts = HashMap::new();
     for client in 0..n {
-        let client_ip = IpAddr::from(client.to_be_bytes());
-        let affinity = Affinity {
-            client_ip,
-            key: Some(balance::hash(&client_ip)),
-            pinned: None,
-        };
-        let (_, server) = upstream.pick(0, &affinity, &[]).unwrap();
-        *counts.entry(server.address.port()).or_insert(0) += 1;
+        *counts.entry(chosen(upstream, client)).or_insert(0) += 1;
     }
     counts
 }
@@ -118,28 +122,8 @@ fn hashing_passes_the_same_keys_over_while_a_server_ramps() {
         let up = upstream(balance, &[(1, false), (2, false), (3, false)]);
         up.unreachable(1);
         up.reached(1);
-        let once: Vec<u16> = (0..500u32)
-            .map(|c| {
-                let client_ip = IpAddr::from(c.to_be_bytes());
-                let affinity = Affinity {
-                    client_ip,
-                    key: Some(balance::hash(&client_ip)),
-                    pinned: None,
-                };
-                up.pick(0, &affinity, &[]).unwrap().1.address.port()
-            })
-            .collect();
-        let again: Vec<u16> = (0..500u32)
-            .map(|c| {
-                let client_ip = IpAddr::from(c.to_be_bytes());
-                let affinity = Affinity {
-                    client_ip,
-                    key: Some(balance::hash(&client_ip)),
-                    pinned: None,
-                };
-                up.pick(0, &affinity, &[]).unwrap().1.address.port()
-            })
-            .collect();
+        let once: Vec<u16> = (0..500).map(|c| chosen(&up, c)).collect();
+        let again: Vec<u16> = (0..500).map(|c| chosen(&up, c)).collect();
         assert_eq!(once, again, "{balance:?}");
     }
 }
