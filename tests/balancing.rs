@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use support::{Backend, Proxy, get_text};
 
+/// Held by the tests that measure how traffic divides over time, so that they do not run
+/// at once and skew each other's timings on a two-core machine.
+static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn config(balance: &str) -> String {
     format!(
         "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
@@ -119,6 +123,7 @@ async fn slow_and_fast() -> (Backend, Backend, Backend) {
 
 #[tokio::test]
 async fn load_aware_algorithms_steer_away_from_a_slow_server() {
+    let _timed = TIMED.lock().await;
     for balance in ["least_connections", "two_choices"] {
         let (slow, fast1, fast2) = slow_and_fast().await;
         let proxy = Proxy::start(&config(balance), &[&slow, &fast1, &fast2]).await;
@@ -265,6 +270,7 @@ async fn a_sticky_cookie_keeps_a_client_on_its_server_and_moves_it_when_that_ser
 
 #[tokio::test]
 async fn least_time_starves_a_slow_server_and_gives_it_back_its_share_when_it_recovers() {
+    let _timed = TIMED.lock().await;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let slow_now = Arc::new(AtomicBool::new(true));
@@ -336,6 +342,7 @@ async fn a_retry_never_goes_back_to_a_server_that_just_failed() {
 
 #[tokio::test]
 async fn least_connections_over_many_servers_steers_away_from_slow_ones() {
+    let _timed = TIMED.lock().await;
     // Past 16 servers least_connections keeps them in a tree ordered by load instead of
     // scanning: 3 slow servers among 20 must still get little traffic.
     let mut backends = Vec::new();
@@ -391,6 +398,7 @@ async fn shares_over_time(proxy: &Proxy, server: &str, windows: &[(u64, u64)]) -
 
 #[tokio::test]
 async fn slow_start_ramps_up_a_server_that_a_reload_adds() {
+    let _timed = TIMED.lock().await;
     let (old, new) = (Backend::named("old").await, Backend::named("new").await);
     let config = |servers: &str| {
         format!(
@@ -414,6 +422,7 @@ async fn slow_start_ramps_up_a_server_that_a_reload_adds() {
 
 #[tokio::test]
 async fn a_server_that_cannot_be_reached_is_left_alone_for_fail_timeout_then_ramps_up() {
+    let _timed = TIMED.lock().await;
     let steady = Backend::named("steady").await;
     let flaky = Backend::named("flaky").await;
     let proxy = Proxy::simple(
