@@ -201,7 +201,7 @@ impl Drop for InFlight {
 }
 
 /// At most this many picks look for a server that takes the request (one not down, and a
-/// ramping one only for its share) before the first fitting server in list order is used.
+/// ramping one only for its share) before `Upstream::pick_in` settles for another way.
 const MAX_PICKS: usize = 8;
 
 impl Upstream {
@@ -380,8 +380,8 @@ impl Upstream {
             .pick_in(tier, tier_attempt, affinity, failed, &mut first)
             .or_else(|| {
                 // No primary takes it: the backups' own balancer chooses among them.
-                let backups = !std::ptr::eq(tier, &self.backup);
-                backups
+                let in_primaries = !std::ptr::eq(tier, &self.backup);
+                in_primaries
                     .then(|| self.pick_in(&self.backup, 0, affinity, failed, &mut first))
                     .flatten()
             })
