@@ -19,6 +19,23 @@ fn config(balance: &str) -> String {
     )
 }
 
+/// A GET of `url` carrying `cookie` (`name=value`).
+async fn get_with_cookie(client: &reqwest::Client, url: &str, cookie: &str) -> reqwest::Response {
+    client
+        .get(url)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `name=value` the response sets, if it sets a cookie.
+fn set_cookie(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+}
+
 /// Three backends answering `a`, `b` and `c`.
 async fn abc() -> [Backend; 3] {
     [
@@ -216,14 +233,9 @@ async fn a_sticky_cookie_keeps_a_client_on_its_server_and_moves_it_when_that_ser
     );
     let proxy = Proxy::start(&config, &[&backends[0], &backends[1], &backends[2]]).await;
     let client = support::client();
-    let pin = |resp: &reqwest::Response| {
-        resp.headers()
-            .get("set-cookie")
-            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
-    };
 
     let first = client.get(proxy.url("/")).send().await.unwrap();
-    let cookie = pin(&first).expect("the first response pins the client");
+    let cookie = set_cookie(&first).expect("the first response pins the client");
     assert!(cookie.starts_with("fulcrum_server="), "{cookie}");
     let home = first.text().await.unwrap();
     for backend in &backends {
@@ -233,37 +245,22 @@ async fn a_sticky_cookie_keeps_a_client_on_its_server_and_moves_it_when_that_ser
         );
     }
     for _ in 0..100 {
-        let resp = client
-            .get(proxy.url("/"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(pin(&resp), None, "a pinned client was pinned again");
+        let resp = get_with_cookie(&client, &proxy.url("/"), &cookie).await;
+        assert_eq!(set_cookie(&resp), None, "a pinned client was pinned again");
         assert_eq!(resp.text().await.unwrap(), home);
     }
 
     // Its server goes away: the client is served elsewhere, never an error, and re-pinned.
     let gone = ["a", "b", "c"].iter().position(|n| *n == home).unwrap();
     backends[gone].stop();
-    let resp = client
-        .get(proxy.url("/"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with_cookie(&client, &proxy.url("/"), &cookie).await;
     assert_eq!(resp.status(), 200);
-    let new_cookie = pin(&resp).expect("a moved client is pinned again");
+    let new_cookie = set_cookie(&resp).expect("a moved client is pinned again");
     assert_ne!(new_cookie, cookie);
     let new_home = resp.text().await.unwrap();
     assert_ne!(new_home, home);
     for _ in 0..10 {
-        let resp = client
-            .get(proxy.url("/"))
-            .header("cookie", &new_cookie)
-            .send()
-            .await
-            .unwrap();
+        let resp = get_with_cookie(&client, &proxy.url("/"), &new_cookie).await;
         assert_eq!(resp.text().await.unwrap(), new_home);
     }
 }
@@ -447,44 +444,35 @@ async fn a_server_that_cannot_be_reached_is_left_alone_for_fail_timeout_then_ram
 #[tokio::test]
 async fn draining_keeps_sticky_sessions_and_removing_moves_them() {
     let (a, b) = (Backend::named("a").await, Backend::named("b").await);
-    let (a_addr, b_addr) = (a.addr, b.addr);
-    let both = format!(
-        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
-         [upstreams.app]\nsticky_cookie = \"s\"\nservers = [{{ address = \"{a_addr}\" }}, {{ address = \"{b_addr}\"DRAIN }}]\n"
-    );
-    let proxy = Proxy::start(&both.replace("DRAIN", ""), &[]).await;
+    let config = |servers: &str| {
+        support::fill(
+            &format!(
+                "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
+                 [upstreams.app]\nsticky_cookie = \"s\"\nservers = [{servers}]\n"
+            ),
+            &[&a, &b],
+        )
+    };
+    let proxy = Proxy::start(&config("{ address = \"{0}\" }, { address = \"{1}\" }"), &[]).await;
     let client = support::client();
     // A client pinned to "b".
     let cookie = loop {
         let resp = client.get(proxy.url("/")).send().await.unwrap();
-        let cookie = resp.headers()["set-cookie"]
-            .to_str()
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string();
+        let cookie = set_cookie(&resp).expect("a new client is pinned");
         if resp.text().await.unwrap() == "b" {
             break cookie;
         }
     };
-    let reload = |text: String| {
-        proxy
-            .server
-            .reload(fulcrum::config::parse("test.toml", &text).unwrap())
-            .unwrap()
+    let reload = |servers: &str| {
+        let config = fulcrum::config::parse("test.toml", &config(servers)).unwrap();
+        proxy.server.reload(config).unwrap()
     };
     let pinned = |cookie: String| {
         let (client, url) = (client.clone(), proxy.url("/"));
         async move {
             let mut seen = HashSet::new();
             for _ in 0..20 {
-                let resp = client
-                    .get(&url)
-                    .header("cookie", &cookie)
-                    .send()
-                    .await
-                    .unwrap();
+                let resp = get_with_cookie(&client, &url, &cookie).await;
                 assert_eq!(resp.status(), 200);
                 seen.insert(resp.text().await.unwrap());
             }
@@ -493,7 +481,7 @@ async fn draining_keeps_sticky_sessions_and_removing_moves_them() {
     };
 
     // "b" drained: its client's session goes on there; new clients go to "a" only.
-    reload(both.replace("DRAIN", ", drain = true"));
+    reload("{ address = \"{0}\" }, { address = \"{1}\", drain = true }");
     assert_eq!(
         pinned(cookie.clone()).await,
         HashSet::from(["b".to_string()])
@@ -503,6 +491,6 @@ async fn draining_keeps_sticky_sessions_and_removing_moves_them() {
     }
 
     // "b" removed: the client moves to "a" without an error.
-    reload(both.replace(&format!(", {{ address = \"{b_addr}\"DRAIN }}"), ""));
+    reload("{ address = \"{0}\" }");
     assert_eq!(pinned(cookie).await, HashSet::from(["a".to_string()]));
 }
