@@ -101,13 +101,7 @@ mod tests {
             pool_max_idle_per_server: 0,
             pool_idle_timeout: Duration::from_secs(1),
         };
-        Arc::new(Upstream::build(
-            &config,
-            1,
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-            None,
-        ))
+        Arc::new(Upstream::build(&config, 1, Duration::from_secs(1), None))
     }
 
     fn route(host: Option<&str>, prefix: &str, upstream: usize) -> RouteConfig {

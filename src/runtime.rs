@@ -5,8 +5,6 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Config;
 use crate::router::Router;
@@ -18,9 +16,9 @@ pub struct Runtime {
     /// In the order of `config.listeners`.
     pub listeners: Vec<ListenerRuntime>,
     pub upstreams: Vec<Arc<Upstream>>,
-    /// HTTP/2 settings for client connections (stream and header limits), shared by every
-    /// listener. HTTP/1.1 reads its limits from `config` directly.
-    pub http2: http2::Builder<TokioExecutor>,
+    /// HTTP/2 settings for client connections (stream, header and flow-control limits),
+    /// shared by every listener. HTTP/1.1 reads its limits from `config` directly.
+    pub http2: h2::server::Builder,
 }
 
 pub struct ListenerRuntime {
@@ -43,7 +41,6 @@ impl Runtime {
                     u,
                     config.workers,
                     config.timeouts.upstream_connect,
-                    config.timeouts.upstream_idle,
                     before,
                 ))
             })
@@ -65,16 +62,25 @@ impl Runtime {
     }
 }
 
-fn http2_builder(config: &Config) -> http2::Builder<TokioExecutor> {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+fn http2_builder(config: &Config) -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
     builder
-        .timer(TokioTimer::new())
         .max_concurrent_streams(config.http2.max_concurrent_streams)
         .max_header_list_size(config.http2.max_header_list_bytes)
         .max_pending_accept_reset_streams(config.http2.max_pending_resets)
-        .max_local_error_reset_streams(Some(1024));
+        .max_local_error_reset_streams(Some(1024))
+        // Room for a stream to upload at speed before its server reads it; the connection's
+        // window bounds what all streams of one client may have buffered here at once.
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buffer_size(SEND_BUFFER);
     builder
 }
+
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Response bytes buffered per stream waiting for the client's window.
+const SEND_BUFFER: usize = 400 * 1024;
 
 /// The current snapshot, swapped whole on reload.
 pub struct Shared {

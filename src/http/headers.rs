@@ -1,10 +1,7 @@
-//! Header hygiene between hops: hop-by-hop headers removed, forwarding headers
-//! (`X-Forwarded-*`, RFC 7239 `Forwarded`, `Via`) added.
+//! The header policy between hops, for every client protocol: which headers are hop-by-hop
+//! (never cross the proxy), which of a response's headers go on to the client, and how
+//! `Via` grows. The request side is written by `proxy::rewrite`, which uses the same lists.
 
-use std::fmt::Write as _;
-use std::net::IpAddr;
-
-use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that belong to one connection and never cross the proxy (RFC 9110 §7.6.1), plus
@@ -44,26 +41,6 @@ pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
         .any(|h| h.len() == name.len() && name.eq_ignore_ascii_case(h))
 }
 
-/// Removes hop-by-hop headers and every header the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        // Collected first: the map cannot be changed while its values are borrowed.
-        let listed: Vec<HeaderValue> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .cloned()
-            .collect();
-        for value in &listed {
-            for token in tokens(value) {
-                headers.remove(token);
-            }
-        }
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
-
 /// The comma-separated tokens of a header value, trimmed; invalid UTF-8 yields none.
 pub fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
     value
@@ -82,81 +59,55 @@ pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
         .any(|v| tokens(v).any(|t| t.eq_ignore_ascii_case(token)))
 }
 
-/// What the proxy knows about the hop a request arrived on.
-pub struct ClientHop<'a> {
-    pub client_ip: IpAddr,
-    pub host: Option<&'a str>,
-    pub version: Version,
+/// The trimmed, non-empty items of a comma-separated raw header value; invalid UTF-8
+/// yields none.
+pub fn list(value: &[u8]) -> impl Iterator<Item = &str> {
+    std::str::from_utf8(value)
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
-/// Adds `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host`, `Forwarded`
-/// (appended) and `Via` (appended) to a request on its way upstream.
-pub fn add_forwarding(headers: &mut HeaderMap, hop: &ClientHop<'_>) {
-    let mut buf = String::with_capacity(64);
-
-    let _ = write!(buf, "{}", hop.client_ip);
-    append(headers, HeaderName::from_static("x-forwarded-for"), &buf);
-
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
-    if let Some(host) = hop.host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
-    }
-
-    buf.clear();
-    match hop.client_ip {
-        IpAddr::V4(ip) => {
-            let _ = write!(buf, "for={ip}");
-        }
-        IpAddr::V6(ip) => {
-            let _ = write!(buf, "for=\"[{ip}]\"");
-        }
-    }
-    if let Some(host) = hop.host {
-        // Host was checked to hold only authority characters, so quoting it is enough.
-        let _ = write!(buf, ";host=\"{host}\"");
-    }
-    buf.push_str(";proto=http");
-    append(headers, header::FORWARDED, &buf);
-
-    add_via(headers, hop.version);
+/// The fields of an upstream's response that go on to the client: all but the hop-by-hop
+/// ones, those its `Connection` headers name (however many), `Upgrade` (passed on by the
+/// writer of a `101` alone) and `Via` (which [`write_via`] extends).
+pub fn forwarded_fields<'r, 'b>(
+    resp: &'r httparse::Response<'_, 'b>,
+) -> impl Iterator<Item = &'r httparse::Header<'b>> {
+    let has_connection = resp
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("connection"));
+    resp.headers.iter().filter(move |h| {
+        let name = h.name.as_bytes();
+        let dropped = is_hop_by_hop_name(name)
+            || name.eq_ignore_ascii_case(b"via")
+            || (has_connection && connection_lists(resp.headers, h.name));
+        !dropped
+    })
 }
 
-/// Appends this proxy to `Via`, naming the protocol version the message arrived with.
-pub fn add_via(headers: &mut HeaderMap, version: Version) {
-    let hop = match version {
-        Version::HTTP_2 => "2 fulcrum",
-        Version::HTTP_10 => "1.0 fulcrum",
-        _ => "1.1 fulcrum",
-    };
-    if headers.contains_key(header::VIA) {
-        append(headers, header::VIA, hop);
-    } else {
-        headers.insert(header::VIA, HeaderValue::from_static(hop));
-    }
+/// Whether any `Connection` header among `headers` lists `name`.
+fn connection_lists(headers: &[httparse::Header<'_>], name: &str) -> bool {
+    headers
+        .iter()
+        .filter(|c| c.name.eq_ignore_ascii_case("connection"))
+        .any(|c| list(c.value).any(|t| t.eq_ignore_ascii_case(name)))
 }
 
-/// Sets `name` to `value`, or to `old, value` when the header is already there (all
-/// existing lines folded into one, as RFC 9110 allows for list headers).
-fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    let mut joined = String::new();
-    for old in headers.get_all(&name) {
-        if let Ok(old) = old.to_str() {
-            joined.push_str(old);
-            joined.push_str(", ");
-        }
+/// Writes the value of the response's `Via`: the upstream's own hops, then this one (the
+/// response reached Fulcrum over HTTP/1.1).
+pub fn write_via(out: &mut Vec<u8>, resp: &httparse::Response<'_, '_>) {
+    for old in resp
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("via"))
+    {
+        out.extend_from_slice(old.value);
+        out.extend_from_slice(b", ");
     }
-    let new = if joined.is_empty() {
-        HeaderValue::from_str(value)
-    } else {
-        joined.push_str(value);
-        HeaderValue::from_str(&joined)
-    };
-    if let Ok(new) = new {
-        headers.insert(name, new);
-    }
+    out.extend_from_slice(b"1.1 fulcrum");
 }
 
 #[cfg(test)]
@@ -174,40 +125,53 @@ mod tests {
     }
 
     #[test]
-    fn connection_listed_and_standard_hop_headers_go() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, X-Secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-kept"));
-    }
-
-    #[test]
-    fn forwarding_headers_append_to_earlier_hops() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        h.insert("via", HeaderValue::from_static("1.1 edge"));
-        let hop = ClientHop {
-            client_ip: "::1".parse().unwrap(),
-            host: Some("example.com:8080"),
-            version: Version::HTTP_11,
+    fn every_connection_listed_field_and_hop_by_hop_field_stays_behind() {
+        // More names than any fixed-size list would hold, over two Connection headers.
+        let listed: Vec<String> = (0..40).map(|i| format!("x-private-{i}")).collect();
+        let first = format!("keep-alive, {}", listed[..20].join(", "));
+        let second = listed[20..].join(",");
+        let mut fields = vec![
+            httparse::Header {
+                name: "Connection",
+                value: first.as_bytes(),
+            },
+            httparse::Header {
+                name: "connection",
+                value: second.as_bytes(),
+            },
+            httparse::Header {
+                name: "Keep-Alive",
+                value: b"timeout=5",
+            },
+            httparse::Header {
+                name: "Transfer-Encoding",
+                value: b"chunked",
+            },
+            httparse::Header {
+                name: "Via",
+                value: b"1.1 origin",
+            },
+            httparse::Header {
+                name: "Content-Type",
+                value: b"text/plain",
+            },
+        ];
+        for name in &listed {
+            fields.push(httparse::Header {
+                name,
+                value: b"secret",
+            });
+        }
+        let resp = httparse::Response {
+            version: Some(1),
+            code: Some(200),
+            reason: Some("OK"),
+            headers: &mut fields,
         };
-        add_forwarding(&mut h, &hop);
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
-        assert_eq!(h["x-forwarded-host"], "example.com:8080");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(
-            h["forwarded"],
-            "for=\"[::1]\";host=\"example.com:8080\";proto=http"
-        );
-        assert_eq!(h["via"], "1.1 edge, 1.1 fulcrum");
+        let kept: Vec<&str> = forwarded_fields(&resp).map(|h| h.name).collect();
+        assert_eq!(kept, ["Content-Type"]);
+        let mut via = Vec::new();
+        write_via(&mut via, &resp);
+        assert_eq!(via, b"1.1 origin, 1.1 fulcrum");
     }
 }

@@ -1,27 +1,25 @@
 //! The client side of HTTP: telling an HTTP/1.1 connection from an HTTP/2 one (prior
-//! knowledge) by its first bytes and handing it to the matching path, plus the header
-//! hygiene and request checks both paths share.
+//! knowledge) by its first bytes and handing it to that protocol's adapter ([`h1`], [`h2`]),
+//! which feeds each request into the phases in `proxy`; plus the header policy and request
+//! checks every protocol shares.
 
+pub mod h1;
+pub mod h2;
 pub mod headers;
 mod prefixed;
 pub mod validate;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::BytesMut;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::http1::io::read_some;
-use crate::idle_timeout::IdleTimeout;
-use crate::proxy::{self, ClientConn};
 use crate::runtime::Shared;
 use crate::server::stopping;
-use prefixed::Prefixed;
 
 /// What every HTTP/2 connection starts with (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -36,12 +34,16 @@ pub async fn serve_connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let runtime = shared.load();
+    // One deadline for the first bytes, however they trickle in.
+    let deadline = Instant::now() + runtime.config.timeouts.client_header;
+    drop(runtime);
     let mut buf = BytesMut::with_capacity(16 * 1024);
     // Read until the bytes either stop matching the HTTP/2 preface or match all of it.
     let is_h2 = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
         tokio::select! {
             biased;
-            read = read_some(&stream, &mut buf, runtime.config.timeouts.client_header) => match read {
+            read = read_some(&stream, &mut buf, left) => match read {
                 Ok(n) if n > 0 => {}
                 _ => return,
             },
@@ -55,48 +57,11 @@ pub async fn serve_connection(
             break true;
         }
     };
-    drop(runtime);
     if is_h2 {
         // Boxed: HTTP/2's connection state is large and rare; kept inline it would grow every
         // HTTP/1.1 connection's future too.
-        Box::pin(serve_h2(stream, buf, peer, listener, shared, shutdown)).await;
+        Box::pin(h2::serve(stream, buf, peer, listener, shared, shutdown)).await;
     } else {
-        proxy::h1::serve(stream, buf, peer, listener, shared, shutdown).await;
-    }
-}
-
-/// Serves an HTTP/2 connection whose first bytes (the preface) are in `read`.
-async fn serve_h2(
-    stream: TcpStream,
-    read: BytesMut,
-    peer: SocketAddr,
-    listener: usize,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let runtime = shared.load();
-    let _ = stream.set_nodelay(true);
-    let io = TokioIo::new(IdleTimeout::new(
-        Prefixed::new(read.freeze(), stream),
-        runtime.config.timeouts.client_idle,
-    ));
-    let client = Arc::new(ClientConn { peer, listener });
-    let service = service_fn(move |req| {
-        let client = client.clone();
-        let runtime = shared.load();
-        async move { Ok::<_, Infallible>(proxy::h2::handle(req, &client, runtime).await) }
-    });
-    let conn = runtime.http2.serve_connection(io, service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        biased;
-        result = conn.as_mut() => result,
-        _ = stopping(&mut shutdown) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "HTTP/2 client connection ended with an error");
+        h1::serve(stream, buf, peer, listener, shared, shutdown).await;
     }
 }

@@ -16,6 +16,13 @@ pub enum Framing {
     UntilClose,
 }
 
+impl Framing {
+    /// Whether any body bytes follow the head.
+    pub fn has_body(self) -> bool {
+        !matches!(self, Framing::Empty | Framing::Length(0))
+    }
+}
+
 /// Reads a body out of a connection's read buffer, one piece at a time.
 #[derive(Debug)]
 pub struct Decoder {

@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 
+use super::body::Framing;
 use crate::http::headers::has_token;
 
 /// Headers parsed at most; `limits.max_headers` may ask for fewer, never more.
@@ -83,6 +84,27 @@ pub fn keep_alive<B>(req: &Request<B>) -> bool {
         Version::HTTP_11 => !has_token(req.headers(), header::CONNECTION, "close"),
         _ => has_token(req.headers(), header::CONNECTION, "keep-alive"),
     }
+}
+
+/// The request's body framing. The headers were validated (`http::validate`) before the
+/// body is read, so a request with both `Transfer-Encoding` and `Content-Length` never gets
+/// this far.
+pub fn request_framing<B>(req: &Request<B>) -> Framing {
+    if req.headers().contains_key(header::TRANSFER_ENCODING) {
+        return Framing::Chunked;
+    }
+    match crate::http::validate::content_length(req.headers()) {
+        Ok(Some(n)) => Framing::Length(n),
+        _ => Framing::Empty,
+    }
+}
+
+/// Writes one header field line.
+pub fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Parses a complete request head; `head` holds exactly the head's bytes, which the

@@ -1,34 +1,272 @@
-//! The life of one request, in named phases: validate → route → balance and forward →
-//! respond → log. The phases that do not depend on the client's protocol live here; [`h1`]
-//! runs them for HTTP/1.1 clients on hand-written I/O, [`h2`] for HTTP/2 clients on hyper.
-//! Everything a phase needs comes from the runtime snapshot the request started with.
+//! The life of one request, written once for every client protocol. [`serve_request`] runs
+//! its phases in order:
+//!
+//! 1. **validate and route**: strict checks, then host and path → upstream ([`route`]);
+//! 2. **request filters**: the place for rate limits, auth and cache lookups (none yet);
+//! 3. **pick a server and connect**: the upstream's balancer chooses, a pooled connection is
+//!    taken or a new one opened, the next server tried when one cannot be reached
+//!    ([`connect`]);
+//! 4. **send and relay**: the request head and body go up while the response comes down
+//!    ([`exchange`]), over the one HTTP/1.1 upstream client;
+//! 5. **respond and log**: the response (or Fulcrum's own answer, [`answer`]) finishes, the
+//!    connection goes back to its pool, and the access log line is written ([`log`]).
+//!
+//! A client protocol is an adapter that reads request heads and implements
+//! [`downstream::RequestBody`] and [`downstream::ResponseWriter`]: `http::h1` and `http::h2`.
 
-pub mod h1;
-pub mod h2;
+mod answer;
+mod connect;
+pub mod downstream;
+mod exchange;
 mod log;
+mod request;
+mod response;
+mod rewrite;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::Uri;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Request, StatusCode, Version};
+use http::{Method, Request, StatusCode, Version};
 
+pub use answer::Failure;
+use downstream::{RequestBody, ResponseWriter};
+use exchange::{Context, Outcome};
 pub use log::AccessRecord;
+pub use rewrite::ResponseFacts;
 
 use crate::balance;
 use crate::config::HashKey;
 use crate::http::headers;
 use crate::http::validate::{self, Reject};
+use crate::http1::body::Framing;
 use crate::runtime::Runtime;
-use crate::upstream::Upstream;
+use crate::upstream::{Affinity, RawConn, Upstream};
 
-/// The client connection a request arrived on.
+/// The client connection a request arrived on, as the phases see it.
 #[derive(Debug)]
 pub struct ClientConn {
     pub peer: SocketAddr,
     /// Index of the listener in the runtime's listener list.
     pub listener: usize,
+    /// The client's address as `X-Forwarded-For` and `Forwarded` write it, made once per
+    /// connection rather than per request.
+    pub ip: String,
+    pub forwarded_for: String,
+}
+
+impl ClientConn {
+    pub fn new(peer: SocketAddr, listener: usize) -> Self {
+        ClientConn {
+            peer,
+            listener,
+            ip: ip_text(peer.ip()),
+            forwarded_for: match peer.ip() {
+                IpAddr::V4(_) => format!("for={}", ip_text(peer.ip())),
+                IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+            },
+        }
+    }
+}
+
+/// A request head as a client adapter hands it to the phases.
+pub struct Incoming {
+    pub head: Request<()>,
+    /// How the request body arrives (HTTP/2: `Empty` when the stream ended with its
+    /// headers, `Length` when declared, otherwise `Chunked` as it must go upstream).
+    pub framing: Framing,
+}
+
+/// How a request left its client connection.
+pub enum Finished {
+    /// The connection may carry another request.
+    KeepAlive,
+    Close,
+    /// The upstream switched protocols: bytes are copied both ways from now on.
+    Tunnel(RawConn),
+}
+
+/// Runs one request through every phase and answers it, whatever happens: with the
+/// upstream's response, or with Fulcrum's own answer when it cannot be had.
+pub async fn serve_request<B, W>(
+    client: &ClientConn,
+    rt: &Runtime,
+    incoming: Incoming,
+    body: &mut B,
+    writer: &mut W,
+    upstream_out: &mut Vec<u8>,
+) -> Finished
+where
+    B: RequestBody + Send,
+    W: ResponseWriter + Send,
+{
+    let started = Instant::now();
+    let Incoming { head: req, framing } = incoming;
+    let mut log = rt
+        .config
+        .access_log
+        .enabled
+        .then(|| AccessRecord::new(&req, client.peer.ip(), started));
+    let is_head = req.method() == Method::HEAD;
+    let unread = framing.has_body();
+    let fail = |failure: Failure| Refusal {
+        failure,
+        is_head,
+        unread,
+    };
+
+    // 1. Validate and route.
+    let routed = match route(&req, client.listener, rt) {
+        Ok(routed) => routed,
+        Err(reject) => return fail(reject.into()).answer(writer, &mut log).await,
+    };
+
+    // 2. Request filters: none yet.
+
+    // 3. Pick a server and connect.
+    let upgrade = upgrade_protocol(&req);
+    let idempotent = req.method().is_idempotent();
+    let version = req.version();
+    let (parts, ()) = req.into_parts();
+    // Answered here, once an upstream connection is ready, rather than by the upstream.
+    let expect_continue = framing.has_body()
+        && parts
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let affinity = Affinity {
+        client_ip: client.peer.ip(),
+        key: balance_key(
+            routed.upstream,
+            client.peer.ip(),
+            &parts.uri,
+            &parts.headers,
+        ),
+        pinned: routed.upstream.pinned(&parts.headers),
+    };
+    let timeouts = &rt.config.timeouts;
+    let mut fresh_only = false;
+    let (server, conn, outcome, _in_flight) = loop {
+        let probe = framing.has_body();
+        let found = connect::connect(routed.upstream, &affinity, probe, fresh_only).await;
+        let (index, server, mut conn) = match found {
+            Ok(found) => found,
+            Err(e) => return fail(Failure::from(e)).answer(writer, &mut log).await,
+        };
+        if let Some(log) = log.as_mut() {
+            log.upstream = Some(server.address);
+        }
+        // Counted from here to the end of the exchange, for load-aware balancing.
+        let in_flight = routed.upstream.track(index);
+
+        // 4. Send the request and relay the response.
+        let client_host = routed.host.as_ref();
+        let host = match client_host {
+            Some(host) if routed.upstream.preserve_host => host,
+            _ => &server.host_header,
+        };
+        upstream_out.clear();
+        rewrite::write_request(
+            upstream_out,
+            &parts,
+            &rewrite::UpstreamHead {
+                client_ip: &client.ip,
+                forwarded_for: &client.forwarded_for,
+                client_host,
+                host,
+                client_version: version,
+                framing,
+                upgrade: upgrade.as_ref(),
+                drop_expect: expect_continue,
+            },
+        );
+        if expect_continue && !fresh_only && writer.send_continue().await.is_err() {
+            return Finished::Close;
+        }
+        let cx = Context {
+            timeouts,
+            is_head,
+            upgrade: upgrade.is_some(),
+            max_body: rt.config.limits.max_body_bytes,
+            started,
+            set_cookie: routed.upstream.pin_cookie(&affinity, server),
+        };
+        let outcome = exchange::forward(
+            body,
+            writer,
+            upstream_out,
+            &mut conn,
+            framing,
+            &cx,
+            &mut log,
+        )
+        .await;
+        // A pooled connection the server had already closed fails before any response byte;
+        // a request without a body can go again, once, on a fresh connection.
+        if outcome.never_reached_server()
+            && conn.reused
+            && idempotent
+            && !framing.has_body()
+            && !fresh_only
+        {
+            fresh_only = true;
+            continue;
+        }
+        break (server, conn, outcome, in_flight);
+    };
+
+    // 5. Respond and log.
+    let responded = match outcome {
+        Outcome::Responded(responded) => responded,
+        Outcome::Failed(failure) => return fail(failure).answer(writer, &mut log).await,
+        Outcome::Broken(why) => {
+            if let Some(log) = log.as_mut() {
+                log.reason = Some(why);
+            }
+            return Finished::Close;
+        }
+    };
+    server.observe(responded.response_time);
+    if let Some(log) = log.as_mut() {
+        log.bytes = responded.bytes;
+        log.complete = true;
+    }
+    if responded.switched {
+        return Finished::Tunnel(conn);
+    }
+    if responded.upstream_reusable {
+        server.pool.put_raw(conn);
+    }
+    if responded.client_keep_alive {
+        Finished::KeepAlive
+    } else {
+        Finished::Close
+    }
+}
+
+/// Fulcrum's own answer to a request whose head could not be read (HTTP/1.1's malformed or
+/// oversized heads), outside the phases.
+pub async fn refuse<W: ResponseWriter>(writer: &mut W, status: StatusCode, reason: &'static str) {
+    answer::write(writer, Failure::new(status, reason), false, true, &mut None).await;
+}
+
+/// A request Fulcrum answers itself, and what the answer must respect.
+struct Refusal {
+    failure: Failure,
+    is_head: bool,
+    unread: bool,
+}
+
+impl Refusal {
+    async fn answer<W: ResponseWriter>(
+        self,
+        writer: &mut W,
+        log: &mut Option<AccessRecord>,
+    ) -> Finished {
+        answer::write(writer, self.failure, self.is_head, self.unread, log).await
+    }
 }
 
 /// Where a validated request goes.
@@ -99,11 +337,20 @@ pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .map(|(_, value)| value)
 }
 
-/// The body of a response Fulcrum writes itself.
-pub fn local_body(status: StatusCode, reason: &str) -> String {
-    format!(
-        "{} {}: {reason}\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("")
-    )
+/// An address as text; IPv4 without the formatting machinery, which costs more than the
+/// rest of a short connection's setup.
+fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut text = String::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push('.');
+                }
+                text.push_str(itoa::Buffer::new().format(octet));
+            }
+            text
+        }
+        IpAddr::V6(v6) => v6.to_string(),
+    }
 }

@@ -3,7 +3,6 @@
 //! and its state (down, ramping up); the order in which a request tries servers (sticky
 //! pin, primaries, backups).
 
-mod body;
 mod latency;
 mod pool;
 mod state;
@@ -16,9 +15,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
-pub use body::{RequestBody, RequestBodyError};
 use latency::PeakEwma;
-pub use pool::{ConnectError, Connection, Pool, RawConn};
+pub use pool::{ConnectError, Pool, RawConn};
 use state::{ServerState, Settled, now_ms};
 
 use crate::balance::{self, Balancer, FULL_SHARE, Loads, PickContext, Thinning};
@@ -84,7 +82,6 @@ struct PoolSettings {
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
-    stream_idle: Duration,
     latency_decay: Duration,
 }
 
@@ -100,7 +97,6 @@ impl Server {
                 settings.max_idle,
                 settings.idle_timeout,
                 settings.connect_timeout,
-                settings.stream_idle,
             ),
             active: AtomicUsize::new(0),
             latency: PeakEwma::new(settings.latency_decay),
@@ -213,7 +209,6 @@ impl Upstream {
         config: &UpstreamConfig,
         workers: usize,
         connect_timeout: Duration,
-        stream_idle: Duration,
         previous: Option<&Upstream>,
     ) -> Self {
         let settings = PoolSettings {
@@ -221,7 +216,6 @@ impl Upstream {
             max_idle: config.pool_max_idle_per_server,
             idle_timeout: config.pool_idle_timeout,
             connect_timeout,
-            stream_idle,
             latency_decay: config.latency_decay,
         };
         let mut joining = Vec::new();

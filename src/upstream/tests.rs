@@ -6,13 +6,7 @@ use super::*;
 use crate::config::{BalanceKind, ServerConfig};
 
 fn upstream(balance: BalanceKind, servers: &[(u16, bool)]) -> Upstream {
-    Upstream::build(
-        &config(balance, servers),
-        1,
-        Duration::from_secs(1),
-        Duration::from_secs(1),
-        None,
-    )
+    Upstream::build(&config(balance, servers), 1, Duration::from_secs(1), None)
 }
 
 fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamConfig {
@@ -131,13 +125,7 @@ fn hashing_passes_the_same_keys_over_while_a_server_ramps() {
 #[test]
 fn a_reload_ramps_up_servers_that_join_and_keeps_the_state_of_those_that_stay() {
     let build = |config: &UpstreamConfig, previous: Option<&Upstream>| {
-        Upstream::build(
-            config,
-            1,
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-            previous,
-        )
+        Upstream::build(config, 1, Duration::from_secs(1), previous)
     };
     let mut before = config(
         BalanceKind::RoundRobin,
@@ -171,20 +159,8 @@ fn a_server_marked_down_through_the_replaced_snapshot_is_still_passed_over() {
     // server down through the old upstream, whose count of unsettled servers is not the
     // new one's.
     let config = config(BalanceKind::RoundRobin, &[(1, false), (2, false)]);
-    let old = Upstream::build(
-        &config,
-        1,
-        Duration::from_secs(1),
-        Duration::from_secs(1),
-        None,
-    );
-    let new = Upstream::build(
-        &config,
-        1,
-        Duration::from_secs(1),
-        Duration::from_secs(1),
-        Some(&old),
-    );
+    let old = Upstream::build(&config, 1, Duration::from_secs(1), None);
+    let new = Upstream::build(&config, 1, Duration::from_secs(1), Some(&old));
     old.unreachable(0);
     let counts = picks(&new, 100);
     assert_eq!(counts.get(&1), None, "{counts:?}");

@@ -1,14 +1,16 @@
-//! The heads Fulcrum writes on each side of an HTTP/1.1 exchange, built straight from the
-//! parsed ones: hop-by-hop headers left out, forwarding headers added, framing set for the
-//! next hop. No header map is rebuilt on the way, which keeps per-request work small.
+//! The upstream side's heads: the request head Fulcrum writes for the server (whatever
+//! protocol the client spoke), built straight from the parsed request with hop-by-hop
+//! headers left out and forwarding headers added; and the server's response head, parsed
+//! for the facts that decide what happens next. The client's response head is written by
+//! the client's protocol from the same parse, without a header map in between.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{StatusCode, Version};
 
-use crate::http::headers::{is_hop_by_hop, is_hop_by_hop_name, tokens};
+use crate::http::headers::{is_hop_by_hop, list, tokens};
 use crate::http1::body::Framing;
-use crate::http1::head::HeadError;
+use crate::http1::head::{HeadError, write_field};
 
 /// What the upstream request head carries beside the client's own headers.
 pub(super) struct UpstreamHead<'a> {
@@ -58,17 +60,17 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
         {
             continue;
         }
-        line(out, name.as_str().as_bytes(), value.as_bytes());
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
 
-    line(out, b"host", head.host.as_bytes());
+    write_field(out, b"host", head.host.as_bytes());
     match head.framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
             out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        Framing::Chunked => line(out, b"transfer-encoding", b"chunked"),
+        Framing::Chunked => write_field(out, b"transfer-encoding", b"chunked"),
         Framing::Empty | Framing::UntilClose => {}
     }
     appended(
@@ -78,9 +80,9 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
         &X_FORWARDED_FOR,
         &[head.client_ip.as_bytes()],
     );
-    line(out, b"x-forwarded-proto", b"http");
+    write_field(out, b"x-forwarded-proto", b"http");
     if let Some(host) = head.client_host {
-        line(out, b"x-forwarded-host", host.as_bytes());
+        write_field(out, b"x-forwarded-host", host.as_bytes());
         // The host was checked to hold only authority characters, so quoting is enough.
         appended(
             out,
@@ -111,8 +113,8 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
         &[via(head.client_version).as_bytes()],
     );
     if let Some(protocol) = head.upgrade {
-        line(out, b"connection", b"upgrade");
-        line(out, b"upgrade", protocol.as_bytes());
+        write_field(out, b"connection", b"upgrade");
+        write_field(out, b"upgrade", protocol.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -123,7 +125,7 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 
 /// The facts of an upstream's response head that decide what happens next.
 #[derive(Debug)]
-pub(super) struct ResponseFacts {
+pub struct ResponseFacts {
     pub status: StatusCode,
     pub head_len: usize,
     pub framing: Framing,
@@ -131,37 +133,22 @@ pub(super) struct ResponseFacts {
     pub keep_alive: bool,
 }
 
-/// How the client's response head is to be written.
-pub(super) struct ClientHead<'a> {
-    /// Re-frame a body of unknown length as chunked.
-    pub chunked: bool,
-    /// The `Connection` header to add, if any (`close`, `keep-alive`, `upgrade`).
-    pub connection: Option<&'static str>,
-    /// Pass on the upstream's `Upgrade` header (on a `101`).
-    pub upgrade: bool,
-    /// A `Set-Cookie` of Fulcrum's own to add (sticky sessions).
-    pub set_cookie: Option<&'a [u8]>,
-}
-
 /// Few response heads have more fields than this; a larger head is parsed again with room.
 const COMMON_FIELDS: usize = 32;
 const MAX_FIELDS: usize = 256;
 
-/// Reads an upstream's response head at the front of `buf` (`None` while incomplete) and,
-/// if `plan` asks for it, writes the client's head into `out` in the same pass. The framing
-/// follows RFC 9112 §6.3; a head with both `Content-Length` and `Transfer-Encoding`, or
-/// conflicting lengths, is refused.
-pub(super) fn relay_response_head<'c>(
+/// Reads an upstream's response head at the front of `buf` (`None` while incomplete) and
+/// shows it, parsed, to `inspect` before returning its facts. The framing follows RFC 9112
+/// §6.3; a head with both `Content-Length` and `Transfer-Encoding`, or conflicting lengths,
+/// is refused.
+pub(super) fn parse_response_head(
     buf: &[u8],
     head_request: bool,
-    out: &mut Vec<u8>,
-    plan: impl FnOnce(&ResponseFacts) -> Option<ClientHead<'c>>,
+    inspect: impl FnOnce(&httparse::Response<'_, '_>, &ResponseFacts),
 ) -> Result<Option<ResponseFacts>, HeadError> {
     with_response(buf, |resp, head_len| {
         let facts = facts(resp, head_len, head_request)?;
-        if let Some(client) = plan(&facts) {
-            write_response(out, resp, &client);
-        }
+        inspect(resp, &facts);
         Ok(facts)
     })
 }
@@ -224,79 +211,6 @@ fn facts(
     })
 }
 
-/// Writes the client's response head, ending with the empty line.
-fn write_response(out: &mut Vec<u8>, resp: &httparse::Response<'_, '_>, client: &ClientHead<'_>) {
-    let status =
-        StatusCode::from_u16(resp.code.unwrap_or(500)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    // The upstream's own reason phrase, if it gave one.
-    let reason = resp
-        .reason
-        .filter(|r| !r.is_empty())
-        .or(status.canonical_reason())
-        .unwrap_or("");
-    out.extend_from_slice(reason.as_bytes());
-    out.extend_from_slice(b"\r\n");
-
-    // Names the upstream's `Connection` header lists are hop-by-hop too.
-    let mut listed: [&str; 16] = [""; 16];
-    let mut n_listed = 0;
-    for h in resp
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-    {
-        for t in list(h.value) {
-            if n_listed < listed.len() {
-                listed[n_listed] = t;
-                n_listed += 1;
-            }
-        }
-    }
-    let mut via = None;
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"via") {
-            via.get_or_insert_with(Vec::new).push(h.value);
-        } else if client.upgrade && name.eq_ignore_ascii_case(b"upgrade") {
-            line(out, b"upgrade", h.value);
-        } else if !is_hop_by_hop_name(name)
-            && !listed[..n_listed]
-                .iter()
-                .any(|t| h.name.eq_ignore_ascii_case(t))
-        {
-            line(out, name, h.value);
-        }
-    }
-    out.extend_from_slice(b"via: ");
-    for old in via.into_iter().flatten() {
-        out.extend_from_slice(old);
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(b"1.1 fulcrum\r\n");
-    if client.chunked {
-        line(out, b"transfer-encoding", b"chunked");
-    }
-    if let Some(connection) = client.connection {
-        line(out, b"connection", connection.as_bytes());
-    }
-    if let Some(cookie) = client.set_cookie {
-        line(out, b"set-cookie", cookie);
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
-/// The trimmed, non-empty items of a comma-separated header value.
-fn list(value: &[u8]) -> impl Iterator<Item = &str> {
-    std::str::from_utf8(value)
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
 /// Parses a response head with room for a common number of fields, again with more room if
 /// that was not enough, and hands the parsed head and its length to `f`.
 fn with_response<R>(
@@ -347,13 +261,6 @@ fn connection_listed(headers: &HeaderMap) -> Vec<&str> {
     listed
 }
 
-fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// Writes `name: <earlier values>, <parts of the new one>`.
 fn appended(out: &mut Vec<u8>, name: &[u8], headers: &HeaderMap, key: &HeaderName, new: &[&[u8]]) {
     out.extend_from_slice(name);
@@ -371,6 +278,7 @@ fn appended(out: &mut Vec<u8>, name: &[u8], headers: &HeaderMap, key: &HeaderNam
 fn via(version: Version) -> &'static str {
     match version {
         Version::HTTP_10 => "1.0 fulcrum",
+        Version::HTTP_2 => "2 fulcrum",
         _ => "1.1 fulcrum",
     }
 }

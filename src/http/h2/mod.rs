@@ -1,0 +1,132 @@
+//! HTTP/2 clients (prior knowledge), on the `h2` crate: the connection is driven here and
+//! each stream becomes a request through the phases (`proxy::serve_request`), with
+//! [`stream`]'s body reader and response writer, on a task of its own. A connection with no
+//! open stream for `client_idle` is closed; a busy one is not, however slow its streams'
+//! servers are.
+
+mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::prefixed::Prefixed;
+use crate::proxy::ClientConn;
+use crate::runtime::Shared;
+use crate::server::stopping;
+
+/// Serves an HTTP/2 connection whose first bytes (the preface, at least) are in `read`.
+pub async fn serve(
+    stream: TcpStream,
+    read: BytesMut,
+    peer: SocketAddr,
+    listener: usize,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let rt = shared.load();
+    let client_idle = rt.config.timeouts.client_idle;
+    let _ = stream.set_nodelay(true);
+    let io = Prefixed::new(read.freeze(), stream);
+    // The client's SETTINGS must follow its preface within the header deadline too.
+    let handshake = rt.http2.handshake(io);
+    let mut conn = match tokio::time::timeout(rt.config.timeouts.client_header, handshake).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    drop(rt);
+    let client = Arc::new(ClientConn::new(peer, listener));
+    let activity = Arc::new(Activity::new());
+    let idle_check = tokio::time::sleep(client_idle);
+    tokio::pin!(idle_check);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            biased;
+            accepted = conn.accept() => match accepted {
+                Some(Ok((req, respond))) => {
+                    let open = OpenStream::new(&activity);
+                    let (client, rt) = (client.clone(), shared.load());
+                    tokio::spawn(async move {
+                        stream::serve(req, respond, &client, &rt).await;
+                        drop(open);
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "HTTP/2 client connection ended with an error");
+                    break;
+                }
+                None => break,
+            },
+            () = &mut idle_check, if !closing => match activity.idle_until(client_idle) {
+                Some(until) => idle_check.as_mut().reset(until.into()),
+                None => {
+                    closing = true;
+                    conn.graceful_shutdown();
+                }
+            },
+            () = stopping(&mut shutdown), if !closing => {
+                // GOAWAY: no new streams; the open ones finish, then the connection ends.
+                closing = true;
+                conn.graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// How many streams are open on a connection, and when the last one ended.
+struct Activity {
+    started: Instant,
+    open: AtomicUsize,
+    /// Milliseconds from `started` to the end of the latest stream.
+    last_end_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            started: Instant::now(),
+            open: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// When the connection will have idled for `limit`, or `None` if it already has: a
+    /// connection is idle while no stream is open.
+    fn idle_until(&self, limit: Duration) -> Option<Instant> {
+        let now = Instant::now();
+        if self.open.load(Ordering::Relaxed) > 0 {
+            return Some(now + limit);
+        }
+        let last = self.started + Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
+        let until = last + limit;
+        (until > now).then_some(until)
+    }
+}
+
+/// Counts a stream as open until dropped.
+struct OpenStream(Arc<Activity>);
+
+impl OpenStream {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.open.fetch_add(1, Ordering::Relaxed);
+        OpenStream(activity.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let ms = self.0.started.elapsed().as_millis() as u64;
+        self.0.last_end_ms.fetch_max(ms, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}

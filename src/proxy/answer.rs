@@ -1,0 +1,177 @@
+//! Fulcrum's own answers: every way a request can fail before a response exists, mapped to
+//! one status and one client-facing text in one place, with the detail kept for the log.
+
+use std::borrow::Cow;
+
+use http::StatusCode;
+
+use super::downstream::{ClientBodyError, OwnAnswer, ResponseWriter};
+use super::{AccessRecord, Finished};
+use crate::http::validate::Reject;
+use crate::upstream::ConnectError;
+
+/// A request that gets Fulcrum's own answer instead of a response.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: StatusCode,
+    /// Safe to show the client.
+    pub reason: &'static str,
+    /// What the access log says, when it knows more than `reason`.
+    pub detail: Option<Cow<'static, str>>,
+    /// Nothing was sent to any server: the request may go to another one, or again.
+    pub never_reached_server: bool,
+}
+
+impl Failure {
+    pub fn new(status: StatusCode, reason: &'static str) -> Self {
+        Failure {
+            status,
+            reason,
+            detail: None,
+            never_reached_server: false,
+        }
+    }
+
+    pub fn detail(mut self, detail: impl Into<Cow<'static, str>>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    // === The upstream side ===
+
+    /// The upstream closed or reset before its response head. `nothing_received`: not a
+    /// byte came back, so a stale pooled connection is the likely cause.
+    pub fn upstream_closed(detail: String, nothing_received: bool) -> Self {
+        Failure {
+            never_reached_server: nothing_received,
+            ..Failure::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream server closed the connection without answering",
+            )
+            .detail(detail)
+        }
+    }
+
+    pub fn upstream_invalid(detail: impl Into<Cow<'static, str>>) -> Self {
+        Failure::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream server sent an invalid response",
+        )
+        .detail(detail)
+    }
+
+    pub fn upstream_timeout(detail: String) -> Self {
+        Failure::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream server did not answer in time",
+        )
+        .detail(detail)
+    }
+
+    /// Writing the request upstream failed. On a reused connection before any response
+    /// byte, the server most likely closed it while it was idle.
+    pub fn upstream_write(e: std::io::Error) -> Self {
+        Failure {
+            never_reached_server: true,
+            ..Failure::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream server stopped reading the request",
+            )
+            .detail(format!("writing the request upstream failed: {e}"))
+        }
+    }
+
+    // === The client side ===
+
+    pub fn body_too_large(limit: u64) -> Self {
+        Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body is larger than allowed",
+        )
+        .detail(format!("request body over the limit of {limit} bytes"))
+    }
+
+    pub fn client_body(e: ClientBodyError) -> Self {
+        match e {
+            ClientBodyError::Malformed(why) => {
+                Failure::new(StatusCode::BAD_REQUEST, "malformed request body")
+                    .detail(format!("malformed request body: {why}"))
+            }
+            ClientBodyError::Gone => {
+                Failure::new(StatusCode::BAD_REQUEST, "request body not received")
+                    .detail("client closed or stalled before sending its whole body")
+            }
+        }
+    }
+
+    /// The HTTP/2 client reset its stream while the upstream was still to answer.
+    pub fn abandoned() -> Self {
+        Failure::new(StatusCode::BAD_REQUEST, "request abandoned by the client")
+    }
+}
+
+impl From<Reject> for Failure {
+    fn from(reject: Reject) -> Self {
+        Failure::new(reject.status, reject.reason)
+    }
+}
+
+impl From<ConnectError> for Failure {
+    fn from(e: ConnectError) -> Self {
+        let (status, reason) = match &e {
+            ConnectError::TimedOut(..) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream server did not accept the connection in time",
+            ),
+            ConnectError::NoServer => (StatusCode::BAD_GATEWAY, "no upstream server is available"),
+            ConnectError::Local(..) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the proxy is out of resources for upstream connections",
+            ),
+            ConnectError::Failed(..) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream server could not be reached",
+            ),
+        };
+        Failure::new(status, reason).detail(e.to_string())
+    }
+}
+
+/// The body of an answer Fulcrum writes itself.
+pub fn body_text(status: StatusCode, reason: &str) -> String {
+    format!(
+        "{} {}: {reason}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+}
+
+/// Writes `failure` as Fulcrum's own answer and records it in the access log.
+pub async fn write<W: ResponseWriter>(
+    writer: &mut W,
+    failure: Failure,
+    head_request: bool,
+    unread: bool,
+    log: &mut Option<AccessRecord>,
+) -> Finished {
+    let body = body_text(failure.status, failure.reason);
+    let keep_alive = writer
+        .answer(&OwnAnswer {
+            status: failure.status,
+            body: &body,
+            head_request,
+            unread,
+        })
+        .await;
+    if let Some(log) = log.as_mut() {
+        log.status = failure.status;
+        log.bytes = if head_request { 0 } else { body.len() as u64 };
+        log.complete = true;
+        log.reason = Some(failure.detail.unwrap_or(Cow::Borrowed(failure.reason)));
+    }
+    if keep_alive {
+        Finished::KeepAlive
+    } else {
+        Finished::Close
+    }
+}
