@@ -38,6 +38,10 @@ impl Server {
     /// (tests, embedding). Fails without serving anything if a listener cannot be bound.
     pub async fn start(config: Config) -> io::Result<Server> {
         let (server, bound) = Server::bind_all(config)?;
+        tokio::spawn(sweep_idle_connections(
+            server.shared.clone(),
+            server.shutdown.subscribe(),
+        ));
         for (index, b) in bound.into_iter().enumerate() {
             let listener = Listener {
                 socket: TcpListener::from_std(b.socket)?,
@@ -72,6 +76,7 @@ impl Server {
                         .expect("cannot start a worker's runtime");
                     WORKER.set(worker);
                     runtime.block_on(async move {
+                        tokio::spawn(sweep_idle_connections(shared.clone(), shutdown.clone()));
                         for (index, socket, connections) in listeners {
                             let socket = TcpListener::from_std(socket)
                                 .expect("a bound listener registers with the runtime");
@@ -266,6 +271,28 @@ fn set_defer_accept(socket: &socket2::Socket, wait: Duration) -> io::Result<()> 
 #[cfg(not(target_os = "linux"))]
 fn set_defer_accept(_socket: &socket2::Socket, _wait: Duration) -> io::Result<()> {
     Ok(())
+}
+
+/// How often each worker looks over its idle upstream connections.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Closes, on the calling worker, pooled upstream connections that their server closed or
+/// that are past their idle time, every `SWEEP_EVERY` until shutdown.
+async fn sweep_idle_connections(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stopping(&mut shutdown) => return,
+            _ = tick.tick() => {}
+        }
+        for upstream in &shared.load().upstreams {
+            for server in upstream.servers.iter() {
+                server.pool.sweep();
+            }
+        }
+    }
 }
 
 /// Resolves once shutdown has been signalled (or the server is gone).

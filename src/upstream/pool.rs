@@ -123,6 +123,22 @@ impl Pool {
         })
     }
 
+    /// Closes this worker's idle connections that the server has closed (or that sent
+    /// bytes unasked) or that outlived `pool_idle_timeout`, so that none sits half-closed
+    /// until it is next taken.
+    pub fn sweep(&self) {
+        let Some(raw) = self.raw.get(worker()) else {
+            return;
+        };
+        for _ in 0..raw.len() {
+            let Some(idle) = raw.pop() else { break };
+            if idle.since.elapsed() < self.idle_timeout && !crate::http1::io::is_stale(&idle.stream)
+            {
+                let _ = raw.push(idle);
+            }
+        }
+    }
+
     /// Returns a connection whose last response was read completely and which holds
     /// no unread bytes.
     pub fn put_raw(&self, conn: RawConn) {

@@ -70,8 +70,9 @@ pub async fn serve(
             () = &mut idle_check, if !closing => match activity.idle_until(client_idle) {
                 Some(until) => idle_check.as_mut().reset(until.into()),
                 None => {
+                    // Nothing open to finish: GOAWAY naming the last stream served, and close.
                     closing = true;
-                    conn.graceful_shutdown();
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
                 }
             },
             () = stopping(&mut shutdown), if !closing => {

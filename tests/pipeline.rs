@@ -1,0 +1,432 @@
+//! The one request pipeline, seen from both client protocols: Fulcrum's own answers obey
+//! the framing rules, early answers close lingeringly, deadlines are whole, per-stream
+//! timers mean what they say, and HTTP/2 streams reach servers through the same HTTP/1.1
+//! client, pool and header policy as HTTP/1.1 requests.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use support::h2raw::{self, Conn};
+use support::{Backend, Proxy, RawBackend, full, read_until_close};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An HTTP/2 (prior knowledge) client.
+fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A backend that answers each request with its own body.
+async fn echo() -> Backend {
+    Backend::with(|req| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        hyper::Response::new(full(body))
+    })
+    .await
+}
+
+/// The bytes of one raw HTTP/1.1 response head at the start of `out`, and what follows it.
+fn split_head(out: &str) -> (&str, &str) {
+    let end = out.find("\r\n\r\n").expect("a complete response head") + 4;
+    out.split_at(end)
+}
+
+// === Fulcrum's own answers ===
+
+#[tokio::test]
+async fn own_answers_to_head_have_no_body_on_a_kept_alive_connection() {
+    // 404 (no route for the host) and 502 (nothing listens at the server's address), each
+    // followed on the same connection by a request the client must read as its own.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let backend = Backend::named("alive").await;
+    let config = format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n\
+         [[listeners.web.routes]]\nhost = \"alive\"\nupstream = \"alive\"\n\
+         [[listeners.web.routes]]\nhost = \"dead\"\nupstream = \"dead\"\n\
+         [upstreams.alive]\nservers = [{{ address = \"{{0}}\" }}]\n\
+         [upstreams.dead]\nservers = [{{ address = \"{dead_addr}\" }}]\n"
+    );
+    let proxy = Proxy::start(&config, &[&backend]).await;
+    for (host, status) in [("nowhere", "404"), ("dead", "502")] {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let requests = format!(
+            "HEAD / HTTP/1.1\r\nHost: {host}\r\n\r\nGET / HTTP/1.1\r\nHost: alive\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(requests.as_bytes()).await.unwrap();
+        let out = read_until_close(&mut stream, Duration::from_secs(10)).await;
+        let (head, rest) = split_head(&out);
+        assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{out:?}");
+        assert!(
+            head.to_ascii_lowercase().contains("content-length: "),
+            "a HEAD answer states the length a GET would get: {head:?}"
+        );
+        assert!(
+            rest.starts_with("HTTP/1.1 200"),
+            "the answer to HEAD carried a body, read as the next response: {rest:?}"
+        );
+        assert!(rest.ends_with("alive"), "{rest:?}");
+    }
+}
+
+#[tokio::test]
+async fn own_answers_to_head_over_http2_end_with_the_headers() {
+    let backend = Backend::named("a").await;
+    let config = "[listeners.web]\nbind = \"127.0.0.1:0\"\n\
+                  [[listeners.web.routes]]\nhost = \"only.example\"\nupstream = \"app\"\n\
+                  [upstreams.app]\nservers = [{ address = \"{0}\" }]\n";
+    let proxy = Proxy::start(config, &[&backend]).await;
+    let mut conn = Conn::open(proxy.addr).await;
+    conn.send(&h2raw::frame(
+        h2raw::HEADERS,
+        h2raw::END_HEADERS | h2raw::END_STREAM,
+        1,
+        &h2raw::request_block("HEAD", "/", &[]),
+    ))
+    .await;
+    loop {
+        let f = conn
+            .next(Duration::from_secs(10))
+            .await
+            .expect("an answer to the HEAD stream");
+        if f.stream != 1 {
+            continue;
+        }
+        assert_ne!(f.kind, h2raw::DATA, "a DATA frame answered HEAD");
+        if f.kind == h2raw::HEADERS {
+            assert_ne!(
+                f.flags & h2raw::END_STREAM,
+                0,
+                "HEAD answer must end the stream"
+            );
+            break;
+        }
+    }
+    assert_eq!(backend.seen.count(), 0);
+}
+
+// === Closing ===
+
+#[tokio::test]
+async fn an_early_answer_survives_the_request_body_it_did_not_read() {
+    // Refused on its Content-Length, before any body is read: the client keeps sending, and
+    // must still read the whole 413 rather than a reset.
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::simple(&[&backend], "[limits]\nmax_body_bytes = 1000\n").await;
+    for _ in 0..3 {
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut read, mut write) = stream.into_split();
+        let sender = tokio::spawn(async move {
+            let _ = write
+                .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4000000\r\n\r\n")
+                .await;
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..60 {
+                if write.write_all(&chunk).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        // Give the client's bytes time to pile up unread at the proxy.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut out = Vec::new();
+        let result =
+            tokio::time::timeout(Duration::from_secs(15), read.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            matches!(result, Ok(Ok(_))),
+            "reading the answer failed ({result:?}) after {text:?}"
+        );
+        assert!(text.starts_with("HTTP/1.1 413"), "{text:?}");
+        assert!(text.ends_with("larger than allowed\n"), "{text:?}");
+        sender.abort();
+    }
+    assert_eq!(backend.seen.count(), 0);
+}
+
+// === Whole deadlines ===
+
+#[tokio::test]
+async fn a_server_trickling_its_response_head_gets_one_deadline() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n").await;
+                // A header byte every 200 ms, well inside any per-read timeout.
+                for _ in 0..100 {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if stream.write_all(b"x").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let config = format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
+         [upstreams.app]\nservers = [{{ address = \"{addr}\" }}]\n\
+         [timeouts]\nupstream_response_header = \"1s\"\n"
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    let started = Instant::now();
+    let resp = support::client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_client_trickling_its_first_bytes_gets_one_deadline() {
+    let backend = Backend::named("a").await;
+    let config = "[listeners.web]\nbind = \"127.0.0.1:0\"\ndefer_accept = false\n\
+                  [[listeners.web.routes]]\nupstream = \"app\"\n\
+                  [upstreams.app]\nservers = [{ address = \"{0}\" }]\n\
+                  [timeouts]\nclient_header = \"1s\"\n";
+    let proxy = Proxy::start(config, &[&backend]).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = Instant::now();
+    // The HTTP/2 preface, a byte every 200 ms: each read comes well within the deadline.
+    for byte in b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" {
+        if stream.write_all(&[*byte]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut probe = [0u8; 64];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(1), stream.read(&mut probe)).await
+        {
+            break;
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the connection stayed open {:?} while its preface trickled in",
+        started.elapsed()
+    );
+}
+
+// === HTTP/2 per-stream timers ===
+
+#[tokio::test]
+async fn an_http2_upload_longer_than_the_response_header_timeout_is_served() {
+    let backend = echo().await;
+    let proxy = Proxy::simple(
+        &[&backend],
+        "[timeouts]\nupstream_response_header = \"1s\"\nclient_idle = \"5s\"\n",
+    )
+    .await;
+    let pieces = futures_util::stream::unfold(0u32, |i| async move {
+        if i == 6 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        Some((
+            Ok::<_, std::io::Error>(Bytes::from(format!("piece{i};"))),
+            i + 1,
+        ))
+    });
+    let started = Instant::now();
+    let resp = h2_client()
+        .post(proxy.url("/upload"))
+        .body(reqwest::Body::wrap_stream(pieces))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(started.elapsed() > Duration::from_secs(2));
+    assert_eq!(
+        resp.text().await.unwrap(),
+        "piece0;piece1;piece2;piece3;piece4;piece5;"
+    );
+    let seen = backend.seen.last();
+    assert_eq!(seen.headers["transfer-encoding"], "chunked");
+}
+
+#[tokio::test]
+async fn a_busy_http2_connection_outlives_client_idle_and_an_idle_one_does_not() {
+    let backend = Backend::with(|_req| async {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        hyper::Response::new(full("slow"))
+    })
+    .await;
+    let proxy = Proxy::simple(&[&backend], "[timeouts]\nclient_idle = \"1s\"\n").await;
+    let client = h2_client();
+    let resp = client.get(proxy.url("/slow")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "slow");
+
+    // With no stream open, the connection goes after about `client_idle`.
+    let mut conn = Conn::open(proxy.addr).await;
+    let started = Instant::now();
+    while conn.next(Duration::from_secs(10)).await.is_some() {}
+    assert!(conn.closed, "an idle HTTP/2 connection was never closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+// === One upstream client, one header policy ===
+
+#[tokio::test]
+async fn http2_requests_reuse_pooled_upstream_connections() {
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::simple(&[&backend], "").await;
+    let client = h2_client();
+    for _ in 0..20 {
+        let resp = client.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(resp.text().await.unwrap(), "a");
+    }
+    // Sequential requests from one worker: one upstream connection carries them all.
+    assert_eq!(backend.seen.count(), 20);
+    assert_eq!(
+        backend
+            .seen
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}
+
+#[tokio::test]
+async fn every_field_a_response_lists_in_connection_stays_behind_for_both_protocols() {
+    let names: Vec<String> = (0..24).map(|i| format!("x-hop-{i}")).collect();
+    let mut head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: {}\r\nX-Kept: yes\r\n",
+        names.join(", ")
+    );
+    for name in &names {
+        head.push_str(&format!("{name}: secret\r\n"));
+    }
+    head.push_str("\r\nok");
+    let backend = RawBackend::start(move |_| (head.clone().into_bytes(), false)).await;
+    let config = format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
+         [upstreams.app]\nservers = [{{ address = \"{}\" }}]\n",
+        backend.addr
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    for client in [support::client(), h2_client()] {
+        let resp = client.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(resp.headers()["x-kept"], "yes");
+        let leaked: Vec<_> = names
+            .iter()
+            .filter(|n| resp.headers().contains_key(n.as_str()))
+            .collect();
+        assert!(leaked.is_empty(), "{:?} leaked: {leaked:?}", resp.version());
+        assert_eq!(resp.text().await.unwrap(), "ok");
+    }
+}
+
+#[tokio::test]
+async fn a_non_utf8_forwarded_for_is_kept_for_both_protocols() {
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::simple(&[&backend], "").await;
+    // HTTP/1.1, raw.
+    let out = support::raw(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.1 \xe9\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+    let seen = backend.seen.last();
+    assert_eq!(
+        seen.headers["x-forwarded-for"].as_bytes(),
+        b"10.0.0.1 \xe9, 127.0.0.1"
+    );
+    // HTTP/2, raw frames.
+    let mut conn = Conn::open(proxy.addr).await;
+    conn.send(&h2raw::frame(
+        h2raw::HEADERS,
+        h2raw::END_HEADERS | h2raw::END_STREAM,
+        1,
+        &h2raw::request_block("GET", "/", &[("x-forwarded-for", b"10.0.0.2 \xe9")]),
+    ))
+    .await;
+    assert_eq!(
+        conn.outcome(1).await,
+        h2raw::Outcome::Answered(Some(h2raw::STATUS_200))
+    );
+    let seen = backend.seen.last();
+    assert_eq!(
+        seen.headers["x-forwarded-for"].as_bytes(),
+        b"10.0.0.2 \xe9, 127.0.0.1"
+    );
+    assert_eq!(seen.headers["via"], "2 fulcrum");
+}
+
+// === The pool ===
+
+/// How many of this process's TCP sockets to `port` are in CLOSE_WAIT (the peer closed,
+/// we have not), from /proc/net/tcp.
+fn close_wait_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields[2].rsplit(':').next().unwrap();
+            u16::from_str_radix(remote_port, 16) == Ok(port) && fields[3] == "08"
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn pooled_connections_the_server_closes_are_closed_while_idle() {
+    // A server that keeps a connection alive after its response, then closes it 100 ms later.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            });
+        }
+    });
+    let config = format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
+         [upstreams.app]\nservers = [{{ address = \"{addr}\" }}]\npool_idle_timeout = \"60s\"\n"
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    let client = support::client();
+    for _ in 0..3 {
+        // Concurrent, so that several connections go back to the pool.
+        let requests = (0..4).map(|_| client.get(proxy.url("/")).send());
+        for resp in futures_util::future::join_all(requests).await {
+            assert_eq!(resp.unwrap().text().await.unwrap(), "ok");
+        }
+    }
+    // The server has closed them all by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut waiting = close_wait_to(addr.port());
+    while waiting > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        waiting = close_wait_to(addr.port());
+    }
+    assert_eq!(waiting, 0, "pooled connections left half-closed");
+}
