@@ -33,10 +33,10 @@ const CLIENT_OUT: usize = 16 * 1024;
 const UPSTREAM_OUT: usize = 4 * 1024;
 /// Closing with request bytes unread would make the kernel answer them with a reset,
 /// which can destroy the response before the client reads it: after the response, what
-/// the client still sends is read and dropped, up to these bounds (nginx's
-/// `lingering_close`).
+/// the client still sends is read and dropped for at most this long (nginx's
+/// `lingering_close`, bounded by time alone: a byte cap would end the wait early exactly
+/// for a client still uploading, which is the one a reset hurts).
 const LINGER_TIME: Duration = Duration::from_secs(5);
-const LINGER_BYTES: usize = 1024 * 1024;
 
 /// One HTTP/1.1 client connection and the buffers it reuses for every request.
 struct Client {
@@ -237,19 +237,18 @@ impl Client {
 
     /// Closes a connection whose client may still be sending: stop writing (the response
     /// is out), then read and drop what arrives until the client closes too, for at most
-    /// `LINGER_TIME` and `LINGER_BYTES`.
+    /// `LINGER_TIME`.
     async fn close_lingering(mut self) {
         if self.stream.shutdown().await.is_err() {
             return;
         }
         let deadline = Instant::now() + LINGER_TIME;
-        let mut drained = 0;
-        let mut scratch = BytesMut::new();
-        while drained < LINGER_BYTES {
+        let mut scratch = std::mem::take(&mut self.rbuf);
+        loop {
             scratch.clear();
             let left = deadline.saturating_duration_since(Instant::now());
             match read_some(&self.stream, &mut scratch, left).await {
-                Ok(n) if n > 0 => drained += n,
+                Ok(n) if n > 0 => {}
                 _ => return,
             }
         }
