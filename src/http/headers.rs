@@ -75,25 +75,65 @@ pub fn list(value: &[u8]) -> impl Iterator<Item = &str> {
 pub fn forwarded_fields<'r, 'b>(
     resp: &'r httparse::Response<'_, 'b>,
 ) -> impl Iterator<Item = &'r httparse::Header<'b>> {
-    let has_connection = resp
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("connection"));
+    let listed = Listed::of(resp.headers);
     resp.headers.iter().filter(move |h| {
         let name = h.name.as_bytes();
-        let dropped = is_hop_by_hop_name(name)
-            || name.eq_ignore_ascii_case(b"via")
-            || (has_connection && connection_lists(resp.headers, h.name));
+        let dropped =
+            is_hop_by_hop_name(name) || name.eq_ignore_ascii_case(b"via") || listed.names(h.name);
         !dropped
     })
 }
 
-/// Whether any `Connection` header among `headers` lists `name`.
-fn connection_lists(headers: &[httparse::Header<'_>], name: &str) -> bool {
-    headers
-        .iter()
-        .filter(|c| c.name.eq_ignore_ascii_case("connection"))
-        .any(|c| list(c.value).any(|t| t.eq_ignore_ascii_case(name)))
+/// The names a response's `Connection` headers list, found once per response. Tokens that
+/// name no field to drop (`close`, or hop-by-hop names dropped anyway, as in the usual
+/// `Connection: keep-alive`) are left out, so the common response checks nothing per field.
+const LISTED_HELD: usize = 8;
+
+struct Listed<'r, 'b> {
+    first: [&'b str; LISTED_HELD],
+    held: usize,
+    /// More names than `first` holds: every field is checked against the headers again.
+    overflow: Option<&'r [httparse::Header<'b>]>,
+}
+
+impl<'r, 'b> Listed<'r, 'b> {
+    fn of(headers: &'r [httparse::Header<'b>]) -> Self {
+        let mut listed = Listed {
+            first: [""; LISTED_HELD],
+            held: 0,
+            overflow: None,
+        };
+        for token in Self::tokens(headers) {
+            if listed.held == LISTED_HELD {
+                listed.overflow = Some(headers);
+                break;
+            }
+            listed.first[listed.held] = token;
+            listed.held += 1;
+        }
+        listed
+    }
+
+    fn tokens(headers: &'r [httparse::Header<'b>]) -> impl Iterator<Item = &'b str> + 'r {
+        headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|h| list(h.value))
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !is_hop_by_hop_name(t.as_bytes()))
+    }
+
+    #[inline]
+    fn names(&self, name: &str) -> bool {
+        if self.held == 0 {
+            return false;
+        }
+        match self.overflow {
+            Some(headers) => Self::tokens(headers).any(|t| t.eq_ignore_ascii_case(name)),
+            None => self.first[..self.held]
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name)),
+        }
+    }
 }
 
 /// Writes the value of the response's `Via`: the upstream's own hops, then this one (the

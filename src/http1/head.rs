@@ -100,6 +100,7 @@ pub fn request_framing<B>(req: &Request<B>) -> Framing {
 }
 
 /// Writes one header field line.
+#[inline]
 pub fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
