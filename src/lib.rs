@@ -3,11 +3,14 @@
 //! # Layout
 //! A request travels through the modules in this order:
 //! - [`listener`]: accepts connections, within each listener's connection limit.
-//! - [`http`]: tells HTTP/1.1 from HTTP/2 on a new connection; checks each request
-//!   strictly, and keeps hop-by-hop and forwarding headers right.
-//! - [`proxy`]: the phases of one request: validate → route → balance and forward →
-//!   respond → log; `proxy::h1` runs them for HTTP/1.1 clients, `proxy::h2` for HTTP/2.
-//! - [`http1`]: the hand-written HTTP/1.1 codec (heads, body framing, I/O) under `proxy::h1`.
+//! - [`http`]: tells HTTP/1.1 from HTTP/2 on a new connection and hands it to that
+//!   protocol's adapter (`http::h1`, `http::h2`); checks each request strictly, and holds
+//!   the header policy every protocol shares.
+//! - [`proxy`]: the life of one request, written once for every protocol: validate → route
+//!   → request filters → pick a server and connect → send and relay → respond and log, over
+//!   the adapter traits in `proxy::downstream`; the one HTTP/1.1 upstream client.
+//! - [`http1`]: the hand-written HTTP/1.1 codec (heads, body framing, I/O) used by `http::h1`
+//!   and by the upstream client.
 //! - [`router`]: host and path prefix → upstream.
 //! - [`balance`]: which server of an upstream takes the request.
 //! - [`upstream`]: servers, their pools of kept-alive connections and their state (marked

@@ -5,11 +5,11 @@
 //! 2. **request filters**: the place for rate limits, auth and cache lookups (none yet);
 //! 3. **pick a server and connect**: the upstream's balancer chooses, a pooled connection is
 //!    taken or a new one opened, the next server tried when one cannot be reached
-//!    ([`connect`]);
+//!    (`connect`);
 //! 4. **send and relay**: the request head and body go up while the response comes down
-//!    ([`exchange`]), over the one HTTP/1.1 upstream client;
-//! 5. **respond and log**: the response (or Fulcrum's own answer, [`answer`]) finishes, the
-//!    connection goes back to its pool, and the access log line is written ([`log`]).
+//!    (`exchange`), over the one HTTP/1.1 upstream client;
+//! 5. **respond and log**: the response (or Fulcrum's own answer, `answer`) finishes, the
+//!    connection goes back to its pool, and the access log line is written (`log`).
 //!
 //! A client protocol is an adapter that reads request heads and implements
 //! [`downstream::RequestBody`] and [`downstream::ResponseWriter`]: `http::h1` and `http::h2`.

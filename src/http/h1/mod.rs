@@ -1,6 +1,6 @@
 //! HTTP/1.1 clients, on the hand-written codec: one task per connection reads each request
 //! head within its deadline and hands the request to the phases (`proxy::serve_request`),
-//! with [`stream`]'s body reader and response writer; it keeps the connection alive between
+//! with `stream`'s body reader and response writer; it keeps the connection alive between
 //! requests, tunnels after a `101`, and closes lingeringly when request bytes may be left.
 
 mod stream;

@@ -1,6 +1,6 @@
 //! HTTP/2 clients (prior knowledge), on the `h2` crate: the connection is driven here and
 //! each stream becomes a request through the phases (`proxy::serve_request`), with
-//! [`stream`]'s body reader and response writer, on a task of its own. A connection with no
+//! `stream`'s body reader and response writer, on a task of its own. A connection with no
 //! open stream for `client_idle` is closed; a busy one is not, however slow its streams'
 //! servers are.
 
