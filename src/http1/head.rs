@@ -65,7 +65,8 @@ pub fn find_head_end(buf: &[u8], scanned: &mut usize) -> Result<Option<usize>, H
             return Ok(Some(i + 1));
         }
     }
-    // Resume where the last scan stopped, minus what a split CRLF CRLF may need.
+    // Next time, resume after what was scanned: each LF is checked against the bytes before
+    // it, so a CRLF CRLF split across reads is still found.
     *scanned = buf.len();
     Ok(None)
 }
