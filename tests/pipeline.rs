@@ -447,3 +447,45 @@ async fn pooled_connections_the_server_closes_are_closed_while_idle() {
     }
     assert_eq!(waiting, 0, "pooled connections left half-closed");
 }
+
+// === Several workers ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_workers_serve_both_protocols_from_their_own_pools() {
+    let a = Backend::named("a").await;
+    let b = Backend::named("b").await;
+    let proxy = Proxy::start_workers(&support::simple_config(2, ""), &[&a, &b], 3);
+    let clients = (0..12).map(|i| {
+        let client = if i % 2 == 0 {
+            support::client()
+        } else {
+            h2_client()
+        };
+        let url = proxy.url("/");
+        async move {
+            let mut answers = Vec::new();
+            for _ in 0..40 {
+                let resp = client.get(&url).send().await.unwrap();
+                assert_eq!(resp.status(), 200);
+                answers.push(resp.text().await.unwrap());
+            }
+            answers
+        }
+    });
+    let answers: Vec<String> = futures_util::future::join_all(clients)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(answers.len(), 480);
+    let to_a = answers.iter().filter(|x| *x == "a").count();
+    assert_eq!(to_a, 240, "round robin shares one counter across workers");
+    // Connections are pooled per worker: far fewer than requests, and each backend saw
+    // at least one per worker that used it.
+    let connections = a.seen.connections.load(std::sync::atomic::Ordering::SeqCst)
+        + b.seen.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (2..=48).contains(&connections),
+        "{connections} upstream connections for 480 requests"
+    );
+}

@@ -155,6 +155,18 @@ impl Proxy {
         }
     }
 
+    /// Like [`Proxy::start`], but on `workers` worker threads of their own, each with its
+    /// own event loop and connection pools, as `fulcrum run` serves.
+    pub fn start_workers(config: &str, backends: &[&Backend], workers: usize) -> Proxy {
+        let text = format!("workers = {workers}\n{}", fill(config, backends));
+        let config = fulcrum::config::parse("test.toml", &text).unwrap_or_else(|e| panic!("{e}"));
+        let server = fulcrum::server::Server::start_workers(config).unwrap();
+        Proxy {
+            addr: server.local_addrs()[0],
+            server,
+        }
+    }
+
     /// One listener routing everything to one upstream of `backends`, plus `extra` TOML.
     pub async fn simple(backends: &[&Backend], extra: &str) -> Proxy {
         Proxy::start(&simple_config(backends.len(), extra), backends).await
