@@ -9,8 +9,10 @@ use tokio::net::TcpStream;
 
 use super::body;
 
-/// Room a read of message heads asks for; bodies read in larger steps.
-const HEAD_READ: usize = 16 * 1024;
+/// Room the first read of a message head asks for: most heads fit, and a connection
+/// waiting for its head holds no more than this. A longer head doubles the room.
+const HEAD_READ: usize = 2 * 1024;
+/// Bodies read in larger steps.
 const BODY_READ: usize = 64 * 1024;
 /// Body pieces at least this large are written straight from the read buffer, not copied.
 const DIRECT_WRITE: usize = 16 * 1024;
@@ -24,7 +26,7 @@ pub async fn read_some(
     buf: &mut BytesMut,
     idle: Duration,
 ) -> io::Result<usize> {
-    read_with_room(stream, buf, HEAD_READ, idle).await
+    read_with_room(stream, buf, HEAD_READ.max(buf.len()), idle).await
 }
 
 /// Like [`read_some`], with room for a large piece of body.

@@ -65,8 +65,10 @@ pub async fn serve(
         stream,
         conn: ClientConn::new(peer, listener),
         rbuf,
-        wbuf: Vec::with_capacity(CLIENT_OUT),
-        ubuf: Vec::with_capacity(UPSTREAM_OUT),
+        // Made when the first request arrives: a connection that never completes its head
+        // costs no more than its read buffer.
+        wbuf: Vec::new(),
+        ubuf: Vec::new(),
     };
     let mut runtime = shared.cache();
     drop(shared);
@@ -118,8 +120,8 @@ pub async fn serve(
                     false,
                     timeouts,
                 );
-                proxy::refuse(&mut writer, e.status(), e.reason()).await;
-                client.close_lingering().await;
+                Box::pin(proxy::refuse(&mut writer, e.status(), e.reason())).await;
+                Box::pin(client.close_lingering()).await;
                 return;
             }
         };
@@ -142,22 +144,25 @@ pub async fn serve(
             timeouts,
         );
         let incoming = Incoming { head: req, framing };
-        let finished = proxy::serve_request(
+        // Boxed: a request's phases hold several KiB of state while they run, which a
+        // connection waiting for its next request should not carry.
+        let finished = Box::pin(proxy::serve_request(
             &client.conn,
             rt,
             incoming,
             &mut body,
             &mut writer,
             &mut client.ubuf,
-        )
+        ))
         .await;
         let body_unread = framing.has_body() && !body.is_done();
         match finished {
             Finished::KeepAlive if !*shutdown.borrow() => {}
-            Finished::Tunnel(conn) => return client.tunnel(conn, timeouts).await,
+            // Rare paths, boxed for the same reason as the phases.
+            Finished::Tunnel(conn) => return Box::pin(client.tunnel(conn, timeouts)).await,
             _ => {
                 if body_unread || !client.rbuf.is_empty() {
-                    client.close_lingering().await;
+                    Box::pin(client.close_lingering()).await;
                 }
                 return;
             }
