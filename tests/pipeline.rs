@@ -489,3 +489,68 @@ async fn several_workers_serve_both_protocols_from_their_own_pools() {
         "{connections} upstream connections for 480 requests"
     );
 }
+
+// === Connections to a server are capped ===
+
+/// A backend that answers after `delay` and counts the connections it has open at once.
+async fn slow_counting(
+    delay: Duration,
+) -> (Backend, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let busy = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (busy2, most2) = (busy.clone(), most.clone());
+    let backend = Backend::with(move |_req| {
+        let (busy, most) = (busy2.clone(), most2.clone());
+        async move {
+            let now = busy.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            busy.fetch_sub(1, Ordering::SeqCst);
+            hyper::Response::new(full("done"))
+        }
+    })
+    .await;
+    (backend, most)
+}
+
+fn capped_config(max: usize, connect: &str) -> String {
+    format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
+         [upstreams.app]\nservers = [{{ address = \"{{0}}\", max_connections = {max} }}]\n\
+         [timeouts]\nupstream_connect = \"{connect}\"\n"
+    )
+}
+
+#[tokio::test]
+async fn http2_streams_beyond_a_servers_connection_cap_wait_then_get_503_with_retry_after() {
+    let (backend, most) = slow_counting(Duration::from_millis(1500)).await;
+    let proxy = Proxy::start(&capped_config(2, "300ms"), &[&backend]).await;
+    let client = h2_client();
+    // Six streams on one client connection: each would open its own upstream connection.
+    let requests = (0..6).map(|_| client.get(proxy.url("/")).send());
+    let mut statuses = Vec::new();
+    for resp in futures_util::future::join_all(requests).await {
+        let resp = resp.unwrap();
+        if resp.status() == 503 {
+            assert_eq!(resp.headers()["retry-after"], "1");
+        }
+        statuses.push(resp.status().as_u16());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 503, 503, 503, 503]);
+    assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_request_waiting_for_a_slot_gets_one_when_a_connection_is_done() {
+    let (backend, most) = slow_counting(Duration::from_millis(200)).await;
+    let proxy = Proxy::start(&capped_config(1, "5s"), &[&backend]).await;
+    let client = h2_client();
+    let requests = (0..4).map(|_| client.get(proxy.url("/")).send());
+    for resp in futures_util::future::join_all(requests).await {
+        assert_eq!(resp.unwrap().status(), 200);
+    }
+    assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

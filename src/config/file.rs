@@ -65,6 +65,7 @@ pub struct Server {
     pub weight: Option<Spanned<i64>>,
     pub backup: Option<bool>,
     pub drain: Option<bool>,
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

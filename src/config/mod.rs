@@ -13,6 +13,10 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+/// Connections to one server at most, unless its entry says otherwise: generous, so that
+/// only a runaway (every HTTP/2 stream of a flood opening its own) meets it.
+const DEFAULT_SERVER_CONNECTIONS: i64 = 10_000;
+
 pub use error::{ConfigError, Problem};
 pub use model::*;
 
@@ -257,6 +261,13 @@ impl Checker {
         for server in up.servers.into_inner() {
             let server = server.into_inner();
             let weight = self.int(server.weight.as_ref(), "weight", 1, 1000, 1) as u32;
+            let max_connections = self.int(
+                server.max_connections.as_ref(),
+                "max_connections",
+                1,
+                1_000_000,
+                DEFAULT_SERVER_CONNECTIONS,
+            ) as usize;
             if let Some(address) = self.socket_addr(&server.address, "address") {
                 if !seen.insert(address) {
                     self.error(
@@ -269,6 +280,7 @@ impl Checker {
                     weight,
                     backup: server.backup.unwrap_or(false),
                     drain: server.drain.unwrap_or(false),
+                    max_connections,
                 });
             }
         }

@@ -105,6 +105,9 @@ pub struct ServerConfig {
     pub backup: bool,
     /// Takes no new clients: only requests pinned to it by a sticky cookie, and those in flight.
     pub drain: bool,
+    /// Connections Fulcrum may hold open to it at once, in use or idle in a pool, over all
+    /// workers.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]

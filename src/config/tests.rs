@@ -47,7 +47,7 @@ upstream = "nope"
 
 [upstreams.app]
 balance = "fastest"
-servers = [{ address = "localhost:80", weight = 0 }]
+servers = [{ address = "localhost:80", weight = 0, max_connections = 0 }]
 "#;
     let e = error_text(text);
     assert!(
@@ -62,6 +62,10 @@ servers = [{ address = "localhost:80", weight = 0 }]
     );
     assert!(
         e.contains("error: weight = 0 is out of range: allowed 1 to 1000"),
+        "{e}"
+    );
+    assert!(
+        e.contains("error: max_connections = 0 is out of range: allowed 1 to 1000000"),
         "{e}"
     );
 }

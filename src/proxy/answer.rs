@@ -20,6 +20,8 @@ pub struct Failure {
     pub detail: Option<Cow<'static, str>>,
     /// Nothing was sent to any server: the request may go to another one, or again.
     pub never_reached_server: bool,
+    /// Tell the client when to try again (`Retry-After`): the refusal is about load.
+    pub retry_after: bool,
 }
 
 impl Failure {
@@ -29,6 +31,7 @@ impl Failure {
             reason,
             detail: None,
             never_reached_server: false,
+            retry_after: false,
         }
     }
 
@@ -128,6 +131,16 @@ impl From<ConnectError> for Failure {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the proxy is out of resources for upstream connections",
             ),
+            ConnectError::Busy(..) => {
+                return Failure {
+                    retry_after: true,
+                    ..Failure::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream servers are at their connection limit",
+                    )
+                    .detail(e.to_string())
+                };
+            }
             ConnectError::Failed(..) => (
                 StatusCode::BAD_GATEWAY,
                 "upstream server could not be reached",
@@ -161,6 +174,7 @@ pub async fn write<W: ResponseWriter>(
             body: &body,
             head_request,
             unread,
+            retry_after: failure.retry_after,
         })
         .await;
     if let Some(log) = log.as_mut() {

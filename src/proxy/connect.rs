@@ -36,6 +36,12 @@ pub async fn connect<'u>(
                 last_error = Some(e);
                 failed.push(index);
             }
+            // At its connection limit: busy, not down; another server may have room.
+            Err(e @ ConnectError::Busy(..)) => {
+                tracing::warn!(upstream = %upstream.name, server = %server.address, error = %e, "upstream server at its connection limit");
+                last_error = Some(e);
+                failed.push(index);
+            }
             // Out of descriptors, ports or buffers: Fulcrum's own trouble, which another
             // server would not cure, and no reason to mark this one down.
             Err(e) => {

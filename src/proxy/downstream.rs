@@ -64,6 +64,8 @@ pub struct OwnAnswer<'a> {
     /// Part of the request is still unread, so the client's connection cannot carry
     /// another request (HTTP/1.1); HTTP/2 ends just the stream.
     pub unread: bool,
+    /// Add `Retry-After`: the refusal is about load, and passes.
+    pub retry_after: bool,
 }
 
 /// The response to the client, written as it comes.

@@ -82,6 +82,8 @@ struct PoolSettings {
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    /// The server's own `max_connections`.
+    max_connections: usize,
     latency_decay: Duration,
 }
 
@@ -97,6 +99,7 @@ impl Server {
                 settings.max_idle,
                 settings.idle_timeout,
                 settings.connect_timeout,
+                settings.max_connections,
             ),
             active: AtomicUsize::new(0),
             latency: PeakEwma::new(settings.latency_decay),
@@ -216,6 +219,7 @@ impl Upstream {
             max_idle: config.pool_max_idle_per_server,
             idle_timeout: config.pool_idle_timeout,
             connect_timeout,
+            max_connections: 0,
             latency_decay: config.latency_decay,
         };
         let mut joining = Vec::new();
@@ -224,6 +228,10 @@ impl Upstream {
             .iter()
             .enumerate()
             .map(|(i, s)| {
+                let settings = PoolSettings {
+                    max_connections: s.max_connections,
+                    ..settings
+                };
                 let kept = previous.and_then(|p| {
                     let old = p.servers.iter().position(|o| o.address == s.address)?;
                     Some((old, p.placement[old].is_some()))

@@ -3,11 +3,14 @@
 //! pooled connection never holds bytes of an earlier exchange.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::server::worker;
 
@@ -20,6 +23,13 @@ pub struct Pool {
     raw: Box<[ArrayQueue<RawIdle>]>,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    /// One permit per connection open to the server, in use or idle, over all workers
+    /// (`max_connections`).
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    /// Requests waiting for a slot: while there are any, a connection whose exchange ends
+    /// is closed rather than pooled, so that its slot goes to them.
+    waiting: AtomicUsize,
 }
 
 /// A raw connection to a server with its read buffer, which is empty whenever pooled.
@@ -29,6 +39,8 @@ pub struct RawConn {
     pub buf: BytesMut,
     /// Taken from the pool rather than opened for this request.
     pub reused: bool,
+    /// The connection's place under the server's `max_connections`, given back on close.
+    slot: OwnedSemaphorePermit,
 }
 
 #[derive(Debug)]
@@ -36,6 +48,7 @@ struct RawIdle {
     stream: TcpStream,
     buf: BytesMut,
     since: Instant,
+    slot: OwnedSemaphorePermit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,13 +63,16 @@ pub enum ConnectError {
     /// buffers): not the server's fault.
     #[error("cannot open a connection to {0}: {1}")]
     Local(SocketAddr, std::io::Error),
+    /// The server has `max_connections` open and none came free in time.
+    #[error("{0} has its {1} connections open and none came free within {2:?}")]
+    Busy(SocketAddr, usize, Duration),
 }
 
 impl ConnectError {
     /// Whether the failure says something about the server (and should count against it),
     /// rather than about this process.
     pub fn is_servers_fault(&self) -> bool {
-        !matches!(self, ConnectError::Local(..))
+        !matches!(self, ConnectError::Local(..) | ConnectError::Busy(..))
     }
 
     fn from_io(address: SocketAddr, e: std::io::Error) -> Self {
@@ -79,6 +95,7 @@ impl Pool {
         max_idle: usize,
         idle_timeout: Duration,
         connect_timeout: Duration,
+        max_connections: usize,
     ) -> Self {
         let queues = if max_idle > 0 { workers } else { 0 };
         let raw = (0..queues).map(|_| ArrayQueue::new(max_idle)).collect();
@@ -87,6 +104,9 @@ impl Pool {
             raw,
             idle_timeout,
             connect_timeout,
+            slots: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -103,14 +123,33 @@ impl Pool {
                     stream: idle.stream,
                     buf: idle.buf,
                     reused: true,
+                    slot: idle.slot,
                 });
             }
         }
         None
     }
 
-    /// Opens a new connection.
+    /// Opens a new connection, once the server is under its `max_connections`: at the cap,
+    /// an idle connection (of any worker) is closed to make room, or else one in use is
+    /// waited for, up to `upstream_connect`.
     pub async fn connect_raw(&self) -> Result<RawConn, ConnectError> {
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                self.close_one_idle();
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                let slot =
+                    tokio::time::timeout(self.connect_timeout, self.slots.clone().acquire_owned())
+                        .await;
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
+                slot.ok().and_then(Result::ok).ok_or(ConnectError::Busy(
+                    self.address,
+                    self.max_connections,
+                    self.connect_timeout,
+                ))?
+            }
+        };
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address))
             .await
             .map_err(|_| ConnectError::TimedOut(self.address, self.connect_timeout))?
@@ -120,7 +159,23 @@ impl Pool {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),
             reused: false,
+            slot,
         })
+    }
+
+    /// Closes one idle connection, this worker's first, to free its slot.
+    fn close_one_idle(&self) {
+        let own = worker();
+        let others = (0..self.raw.len()).filter(|&w| w != own);
+        for queue in std::iter::once(own)
+            .chain(others)
+            .filter_map(|w| self.raw.get(w))
+        {
+            // Dropped here even if another worker's: closing a socket needs no event loop.
+            if queue.pop().is_some() {
+                return;
+            }
+        }
     }
 
     /// Closes this worker's idle connections that the server has closed (or that sent
@@ -144,11 +199,13 @@ impl Pool {
     pub fn put_raw(&self, conn: RawConn) {
         if let Some(raw) = self.raw.get(worker())
             && conn.buf.is_empty()
+            && self.waiting.load(Ordering::Relaxed) == 0
         {
             let _ = raw.push(RawIdle {
                 stream: conn.stream,
                 buf: conn.buf,
                 since: Instant::now(),
+                slot: conn.slot,
             });
         }
     }

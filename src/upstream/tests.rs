@@ -25,6 +25,7 @@ fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamConfig {
                 weight: 1,
                 backup,
                 drain: false,
+                max_connections: 100,
             })
             .collect(),
         preserve_host: true,

@@ -154,11 +154,16 @@ impl ResponseWriter for H1Writer<'_> {
         self.out.clear();
         let _ = write!(
             self.out,
-            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\ndate: {}\r\n{}\r\n",
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\ndate: {}\r\n{}{}\r\n",
             answer.status.as_str(),
             answer.status.canonical_reason().unwrap_or(""),
             answer.body.len(),
             httpdate::fmt_http_date(std::time::SystemTime::now()),
+            if answer.retry_after {
+                "retry-after: 1\r\n"
+            } else {
+                ""
+            },
             if keep_alive {
                 ""
             } else {

@@ -217,6 +217,9 @@ impl ResponseWriter for H2Writer {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         fields.insert(header::CONTENT_LENGTH, HeaderValue::from(answer.body.len()));
+        if answer.retry_after {
+            fields.insert(header::RETRY_AFTER, HeaderValue::from(1));
+        }
         // No body after HEAD: the stream ends with the headers.
         if self.send_head(response, answer.head_request).is_err() {
             return true;
