@@ -326,3 +326,53 @@ fn limited_config(max: usize) -> String {
         &format!("bind = \"127.0.0.1:0\"\nmax_connections = {max}"),
     )
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fulcrums_own_descriptor_shortage_is_not_blamed_on_its_servers() {
+    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
+    let config = format!(
+        "workers = 1\n{}",
+        simple_config(2, "fail_timeout = \"60s\"\n")
+    );
+    const LIMIT: u64 = 64;
+    let fulcrum = Process::start_with_open_files(&config, &[&a, &b], LIMIT);
+    // Fill Fulcrum's descriptor table with clients, each sending part of a head (a
+    // connection is accepted only once its first bytes arrive).
+    let mut clients = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (fulcrum.open_files_below(LIMIT) as u64) < LIMIT && Instant::now() < deadline {
+        let before = fulcrum.open_files_below(LIMIT);
+        let mut stream = TcpStream::connect(fulcrum.addr).await.unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let accepted = Instant::now() + Duration::from_secs(2);
+        while fulcrum.open_files_below(LIMIT) == before && Instant::now() < accepted {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        clients.push(stream);
+    }
+    assert_eq!(
+        fulcrum.open_files_below(LIMIT) as u64,
+        LIMIT,
+        "the table did not fill"
+    );
+    // The first client finishes its request: no descriptor is left for the upstream side.
+    let first = &mut clients[0];
+    first
+        .write_all(b"Host: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let out = support::read_until_close(first, Duration::from_secs(10)).await;
+    assert!(out.starts_with("HTTP/1.1 503"), "{out:?}");
+    // With descriptors free again, both servers take their turns: neither was marked down.
+    clients.clear();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let http = client();
+    let mut answers = Vec::new();
+    for _ in 0..10 {
+        answers.push(support::get_text(&http, &fulcrum.url("/")).await);
+    }
+    let to_a = answers.iter().filter(|x| *x == "a").count();
+    assert_eq!(to_a, 5, "{answers:?}");
+    let log = fulcrum.stderr.lock().unwrap().clone();
+    assert!(!log.contains("server marked down"), "{log}");
+}

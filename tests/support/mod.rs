@@ -254,11 +254,42 @@ impl Process {
     /// Runs `fulcrum run` with `config` (backend placeholders as in [`Proxy::start`]) and
     /// waits until it listens.
     pub fn start(config: &str, backends: &[&Backend]) -> Process {
+        Process::start_with(config, backends, |_| {})
+    }
+
+    /// Like [`Process::start`], allowed at most `files` open descriptors (`RLIMIT_NOFILE`).
+    pub fn start_with_open_files(config: &str, backends: &[&Backend], files: u64) -> Process {
+        use std::os::unix::process::CommandExt;
+        Process::start_with(config, backends, |command| {
+            let limit = libc::rlimit {
+                rlim_cur: files,
+                rlim_max: files,
+            };
+            // SAFETY: setrlimit is async-signal-safe, and the pointer is to a live rlimit.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        })
+    }
+
+    fn start_with(
+        config: &str,
+        backends: &[&Backend],
+        configure: impl FnOnce(&mut std::process::Command),
+    ) -> Process {
         use std::io::{BufRead, BufReader, Read};
         let dir = TempDir::new();
         let path = dir.0.join("fulcrum.toml");
         std::fs::write(&path, fill(config, backends)).unwrap();
-        let mut child = binary()
+        let mut command = binary();
+        configure(&mut command);
+        let mut child = command
             .args(["run", "-c"])
             .arg(&path)
             .env("RUST_LOG", "info")
@@ -310,6 +341,18 @@ impl Process {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// How many of the descriptors numbered below `limit` the process has open (one
+    /// inherited from the test harness may sit above a lowered limit, taking no slot).
+    pub fn open_files_below(&self, limit: u64) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+                    .filter(|&fd| fd < limit)
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     /// Waits (up to 10 s) for a line on stdout containing `needle`, and returns it.
