@@ -52,19 +52,24 @@ pub(super) async fn relay_response<W: ResponseWriter>(
     let mut received_any = !ubuf.is_empty();
     let mut client_keep_alive = None;
     let facts = loop {
-        let parsed = rewrite::parse_response_head(ubuf, cx.is_head, |parsed, facts| {
-            let interim =
-                facts.status.is_informational() && facts.status != StatusCode::SWITCHING_PROTOCOLS;
-            let unasked_switch = facts.status == StatusCode::SWITCHING_PROTOCOLS && !cx.upgrade;
-            if !interim && !unasked_switch {
-                client_keep_alive = Some(writer.head(&UpstreamHead {
-                    parsed,
-                    facts,
-                    set_cookie: cx.set_cookie,
-                    request_done: request_done.load(Ordering::Relaxed),
-                }));
-            }
-        });
+        // Nothing to parse yet (the usual case right after sending): read first.
+        let parsed = if ubuf.is_empty() {
+            Ok(None)
+        } else {
+            rewrite::parse_response_head(ubuf, cx.is_head, |parsed, facts| {
+                let interim = facts.status.is_informational()
+                    && facts.status != StatusCode::SWITCHING_PROTOCOLS;
+                let unasked_switch = facts.status == StatusCode::SWITCHING_PROTOCOLS && !cx.upgrade;
+                if !interim && !unasked_switch {
+                    client_keep_alive = Some(writer.head(&UpstreamHead {
+                        parsed,
+                        facts,
+                        set_cookie: cx.set_cookie,
+                        request_done: request_done.load(Ordering::Relaxed),
+                    }));
+                }
+            })
+        };
         match parsed {
             // Interim responses (100, 103) are dropped; the final one follows.
             Ok(Some(facts))
