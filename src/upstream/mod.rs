@@ -137,6 +137,19 @@ struct Sticky {
     by_token: HashMap<u64, usize>,
 }
 
+/// A server's sticky token: the hash of the upstream's name (its length first, so that name
+/// and address cannot run into each other) and the server's address (IP octets, then port).
+fn sticky_token(upstream: &str, address: SocketAddr) -> u64 {
+    let mut bytes = (upstream.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(upstream.as_bytes());
+    match address.ip() {
+        IpAddr::V4(ip) => bytes.extend_from_slice(&ip.octets()),
+        IpAddr::V6(ip) => bytes.extend_from_slice(&ip.octets()),
+    }
+    bytes.extend_from_slice(&address.port().to_be_bytes());
+    balance::hash(&bytes[..])
+}
+
 /// What ties a request to a server beside the balancer's own choice.
 #[derive(Debug, Clone, Copy)]
 pub struct Affinity {
@@ -266,7 +279,7 @@ impl Upstream {
             let tokens: Vec<u64> = config
                 .servers
                 .iter()
-                .map(|s| balance::hash(&(&config.name, s.address)))
+                .map(|s| sticky_token(&config.name, s.address))
                 .collect();
             Sticky {
                 cookie: cookie.clone(),
