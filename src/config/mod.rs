@@ -7,7 +7,7 @@ pub mod model;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,6 +15,14 @@ use toml::Spanned;
 
 pub use error::{ConfigError, Problem};
 pub use model::*;
+
+/// Bounds of durations in the config. Timers keep milliseconds, so nothing shorter than one
+/// is honoured; the upper bounds are generous for each use but catch a slip of unit
+/// (`"30d"` for `"30s"`) and keep deadlines far from overflowing.
+const MS: Duration = Duration::from_millis(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -115,31 +123,38 @@ impl Checker {
             client_header: self.duration(
                 t.client_header.as_ref(),
                 "client_header",
+                MS..=HOUR,
                 Duration::from_secs(30),
             ),
             client_idle: self.duration(
                 t.client_idle.as_ref(),
                 "client_idle",
+                MS..=DAY,
                 Duration::from_secs(60),
             ),
             upstream_connect: self.duration(
                 t.upstream_connect.as_ref(),
                 "upstream_connect",
+                // The kernel gives up a connect after about two minutes on its own.
+                MS..=5 * MINUTE,
                 Duration::from_secs(5),
             ),
             upstream_response_header: self.duration(
                 t.upstream_response_header.as_ref(),
                 "upstream_response_header",
+                MS..=DAY,
                 Duration::from_secs(60),
             ),
             upstream_idle: self.duration(
                 t.upstream_idle.as_ref(),
                 "upstream_idle",
+                MS..=DAY,
                 Duration::from_secs(60),
             ),
             shutdown_grace: self.duration(
                 t.shutdown_grace.as_ref(),
                 "shutdown_grace",
+                MS..=HOUR,
                 Duration::from_secs(30),
             ),
         };
@@ -284,12 +299,20 @@ impl Checker {
         let latency_decay = self.duration(
             up.latency_decay.as_ref(),
             "latency_decay",
+            MS..=HOUR,
             Duration::from_secs(10),
         );
-        let slow_start = self.duration_or_off(up.slow_start.as_ref(), "slow_start", Duration::ZERO);
-        let fail_timeout = self.duration_or_off(
+        // 0 turns these off.
+        let slow_start = self.duration(
+            up.slow_start.as_ref(),
+            "slow_start",
+            Duration::ZERO..=HOUR,
+            Duration::ZERO,
+        );
+        let fail_timeout = self.duration(
             up.fail_timeout.as_ref(),
             "fail_timeout",
+            Duration::ZERO..=HOUR,
             Duration::from_secs(10),
         );
         UpstreamConfig {
@@ -312,6 +335,7 @@ impl Checker {
             pool_idle_timeout: self.duration(
                 up.pool_idle_timeout.as_ref(),
                 "pool_idle_timeout",
+                MS..=HOUR,
                 Duration::from_secs(60),
             ),
         }
@@ -485,41 +509,33 @@ impl Checker {
         }
     }
 
+    /// A duration within `range`; one whose range starts at zero is off at zero.
     fn duration(
         &mut self,
         value: Option<&Spanned<String>>,
         key: &str,
+        range: RangeInclusive<Duration>,
         default: Duration,
-    ) -> Duration {
-        self.duration_from(value, key, default, false)
-    }
-
-    /// A duration where zero means "off".
-    fn duration_or_off(
-        &mut self,
-        value: Option<&Spanned<String>>,
-        key: &str,
-        default: Duration,
-    ) -> Duration {
-        self.duration_from(value, key, default, true)
-    }
-
-    fn duration_from(
-        &mut self,
-        value: Option<&Spanned<String>>,
-        key: &str,
-        default: Duration,
-        zero_allowed: bool,
     ) -> Duration {
         let Some(value) = value else { return default };
-        match humantime::parse_duration(value.get_ref()) {
-            Ok(d) if zero_allowed || !d.is_zero() => d,
+        let text = value.get_ref();
+        match humantime::parse_duration(text) {
+            Ok(d) if range.contains(&d) => d,
             Ok(_) => {
-                self.error(value.span(), format!("{key} must be longer than zero"));
+                let min = if range.start().is_zero() {
+                    "0s (off)".to_string()
+                } else {
+                    humantime::format_duration(*range.start()).to_string()
+                };
+                let max = humantime::format_duration(*range.end());
+                self.error(
+                    value.span(),
+                    format!("{key} = \"{text}\" is out of range: allowed {min} to {max}"),
+                );
                 default
             }
             Err(e) => {
-                self.error(value.span(), format!("{key} = \"{}\" is not a duration ({e}): write it like \"500ms\", \"30s\" or \"2m\"", value.get_ref()));
+                self.error(value.span(), format!("{key} = \"{text}\" is not a duration ({e}): write it like \"500ms\", \"30s\" or \"2m\""));
                 default
             }
         }

@@ -161,3 +161,70 @@ fn slow_start_and_fail_timeout_may_be_off_but_must_be_durations() {
         "{e}"
     );
 }
+
+/// Every duration key: its table, and its range as errors state it.
+const DURATIONS: &[(&str, &str, &str, &str)] = &[
+    ("timeouts", "client_header", "1ms", "1h"),
+    ("timeouts", "client_idle", "1ms", "1day"),
+    ("timeouts", "upstream_connect", "1ms", "5m"),
+    ("timeouts", "upstream_response_header", "1ms", "1day"),
+    ("timeouts", "upstream_idle", "1ms", "1day"),
+    ("timeouts", "shutdown_grace", "1ms", "1h"),
+    ("upstreams.app", "latency_decay", "1ms", "1h"),
+    ("upstreams.app", "pool_idle_timeout", "1ms", "1h"),
+    ("upstreams.app", "slow_start", "0s (off)", "1h"),
+    ("upstreams.app", "fail_timeout", "0s (off)", "1h"),
+];
+
+/// `GOOD` with `key = "value"` in `table`.
+fn with_duration(table: &str, key: &str, value: &str) -> String {
+    let line = format!("{key} = \"{value}\"\n");
+    if table == "timeouts" {
+        format!("{GOOD}\n[timeouts]\n{line}")
+    } else {
+        GOOD.replace(&format!("[{table}]\n"), &format!("[{table}]\n{line}"))
+    }
+}
+
+#[test]
+fn every_duration_has_a_range_and_its_ends_are_allowed() {
+    for &(table, key, min, max) in DURATIONS {
+        let e = error_text(&with_duration(table, key, "100000000000d"));
+        assert!(
+            e.contains(&format!(
+                "{key} = \"100000000000d\" is out of range: allowed {min} to {max}"
+            )),
+            "{e}"
+        );
+        let min = min.trim_end_matches(" (off)");
+        for end in [min, max] {
+            let config = with_duration(table, key, end);
+            assert!(parse("test.toml", &config).is_ok(), "{key} = {end}");
+        }
+        if min != "0s" {
+            let e = error_text(&with_duration(table, key, "0s"));
+            assert!(
+                e.contains(&format!("{key} = \"0s\" is out of range")),
+                "{e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_duration_out_of_range_is_shown_where_it_is() {
+    let e = error_text(&with_duration("timeouts", "client_header", "100000000000d"));
+    assert_eq!(
+        e,
+        "test.toml:12:17: error: client_header = \"100000000000d\" is out of range: allowed 1ms to 1h\n   \
+         12 | client_header = \"100000000000d\"\n      \
+         |                 ^^^^^^^^^^^^^^^"
+    );
+    let e = error_text(&with_duration("upstreams.app", "fail_timeout", "2h"));
+    assert!(
+        e.starts_with(
+            "test.toml:9:16: error: fail_timeout = \"2h\" is out of range: allowed 0s (off) to 1h"
+        ),
+        "{e}"
+    );
+}
