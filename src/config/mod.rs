@@ -8,7 +8,7 @@ pub mod model;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::{Range, RangeInclusive};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
@@ -41,7 +41,13 @@ pub fn parse(name: &str, text: &str) -> Result<Config, ConfigError> {
         };
         ConfigError::new(name, text, vec![problem])
     })?;
-    let mut check = Checker::default();
+    let mut check = Checker {
+        dir: Path::new(name)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+        problems: Vec::new(),
+    };
     let config = check.config(file);
     if check.problems.is_empty() {
         Ok(config)
@@ -51,8 +57,9 @@ pub fn parse(name: &str, text: &str) -> Result<Config, ConfigError> {
 }
 
 /// Collects every problem rather than stopping at the first, so one `fulcrum check` shows all.
-#[derive(Default)]
 struct Checker {
+    /// The config file's directory, which relative paths in it start from.
+    dir: PathBuf,
     problems: Vec<Problem>,
 }
 
@@ -72,11 +79,16 @@ impl Checker {
             });
         }
 
+        let sticky_secret = self.sticky_secret(
+            file.sticky_secret.as_ref(),
+            file.sticky_secret_file.as_ref(),
+        );
         let mut upstream_index = HashMap::new();
         let mut upstreams = Vec::new();
         for (name, upstream) in file.upstreams {
             self.name(&name, "upstream");
-            let up = self.upstream(name.get_ref(), upstream.into_inner());
+            let mut up = self.upstream(name.get_ref(), upstream.into_inner());
+            up.sticky_secret = sticky_secret.clone();
             upstream_index.insert(name.into_inner(), upstreams.len());
             upstreams.push(up);
         }
@@ -319,6 +331,7 @@ impl Checker {
             name: name.to_string(),
             hash_key,
             sticky_cookie,
+            sticky_secret: None,
             latency_decay,
             slow_start,
             fail_timeout,
@@ -338,6 +351,55 @@ impl Checker {
                 MS..=HOUR,
                 Duration::from_secs(60),
             ),
+        }
+    }
+
+    /// The secret that keys sticky tokens: `sticky_secret`, or the contents of
+    /// `sticky_secret_file` (relative to the config's directory, surrounding whitespace
+    /// trimmed), not both. The secret itself is never repeated in an error.
+    fn sticky_secret(
+        &mut self,
+        inline: Option<&Spanned<String>>,
+        file: Option<&Spanned<String>>,
+    ) -> Option<StickySecret> {
+        let min = StickySecret::MIN_CHARS;
+        match (inline, file) {
+            (None, None) => None,
+            (Some(_), Some(file)) => {
+                self.error(
+                    file.span(),
+                    "give sticky_secret or sticky_secret_file, not both",
+                );
+                None
+            }
+            (Some(secret), None) => {
+                let found = StickySecret::new(secret.get_ref());
+                if found.is_none() {
+                    self.error(secret.span(), format!("sticky_secret has {} characters: it needs at least {min}, such as the output of `openssl rand -hex 32`", secret.get_ref().chars().count()));
+                }
+                found
+            }
+            (None, Some(file)) => {
+                let path = self.dir.join(file.get_ref());
+                let text = match std::fs::read_to_string(&path) {
+                    Ok(text) => text,
+                    Err(e) => {
+                        self.error(
+                            file.span(),
+                            format!(
+                                "sticky_secret_file `{}` cannot be read: {e}",
+                                path.display()
+                            ),
+                        );
+                        return None;
+                    }
+                };
+                let found = StickySecret::new(text.trim());
+                if found.is_none() {
+                    self.error(file.span(), format!("sticky_secret_file `{}` holds {} characters: a secret needs at least {min}, such as the output of `openssl rand -hex 32`", path.display(), text.trim().chars().count()));
+                }
+                found
+            }
         }
     }
 

@@ -228,3 +228,80 @@ fn a_duration_out_of_range_is_shown_where_it_is() {
         "{e}"
     );
 }
+
+#[test]
+fn the_sticky_secret_goes_to_every_upstream_and_must_be_long_enough() {
+    let secret = "0123456789abcdef0123456789abcdef";
+    let api = "\n[upstreams.api]\nservers = [{ address = \"127.0.0.1:9003\" }]\n";
+    let config = parse(
+        "test.toml",
+        &format!("sticky_secret = \"{secret}\"\n{GOOD}{api}"),
+    )
+    .unwrap();
+    assert_eq!(config.upstreams.len(), 2);
+    for upstream in &config.upstreams {
+        assert_eq!(upstream.sticky_secret, StickySecret::new(secret));
+    }
+    assert_eq!(
+        format!("{:?}", config.upstreams[0].sticky_secret),
+        "Some(StickySecret(..))"
+    );
+    assert_eq!(
+        parse("test.toml", GOOD).unwrap().upstreams[0].sticky_secret,
+        None
+    );
+
+    let e = error_text(&format!("sticky_secret = \"{}\"\n{GOOD}", &secret[1..]));
+    assert!(
+        e.starts_with(
+            "test.toml:1:17: error: sticky_secret has 31 characters: it needs at least 32"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_sticky_secret_file_is_read_from_the_config_files_directory() {
+    let dir = std::env::temp_dir().join(format!("fulcrum-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = dir.join("fulcrum.toml").display().to_string();
+    let secret = "0123456789abcdef0123456789abcdef";
+    std::fs::write(dir.join("secret"), format!("{secret}\n")).unwrap();
+    std::fs::write(dir.join("short"), "0123456789\n").unwrap();
+    let with = |line: &str| format!("{line}\n{GOOD}");
+
+    let config = parse(&name, &with("sticky_secret_file = \"secret\"")).unwrap();
+    assert_eq!(config.upstreams[0].sticky_secret, StickySecret::new(secret));
+    let short = parse(&name, &with("sticky_secret_file = \"short\""))
+        .unwrap_err()
+        .to_string();
+    let missing = parse(&name, &with("sticky_secret_file = \"missing\""))
+        .unwrap_err()
+        .to_string();
+    let both = parse(
+        &name,
+        &with(&format!(
+            "sticky_secret = \"{secret}\"\nsticky_secret_file = \"secret\""
+        )),
+    )
+    .unwrap_err()
+    .to_string();
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    assert!(
+        short.contains(&format!(
+            ":1:22: error: sticky_secret_file `{}` holds 10 characters: a secret needs at least 32",
+            dir.join("short").display()
+        )),
+        "{short}"
+    );
+    assert!(
+        missing.contains(":1:22: error: sticky_secret_file `"),
+        "{missing}"
+    );
+    assert!(missing.contains("cannot be read"), "{missing}");
+    assert!(
+        both.contains(":2:22: error: give sticky_secret or sticky_secret_file, not both"),
+        "{both}"
+    );
+}

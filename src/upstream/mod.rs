@@ -7,8 +7,8 @@ mod body;
 mod latency;
 mod pool;
 mod state;
+mod sticky;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,6 +20,7 @@ pub use body::{RequestBody, RequestBodyError};
 use latency::PeakEwma;
 pub use pool::{ConnectError, Connection, Pool, RawConn};
 use state::{ServerState, Settled, now_ms};
+use sticky::Sticky;
 
 use crate::balance::{self, Balancer, FULL_SHARE, Loads, PickContext, Thinning};
 use crate::config::{HashKey, UpstreamConfig};
@@ -124,30 +125,6 @@ impl Server {
     pub fn share(&self) -> u32 {
         self.state.share()
     }
-}
-
-/// Sticky sessions by a cookie Fulcrum sets: its value is an opaque token per server (a
-/// hash of the upstream's name and the server's address, never the address itself).
-#[derive(Debug)]
-struct Sticky {
-    cookie: String,
-    /// Per server, the `Set-Cookie` value that pins a client to it.
-    set_cookie: Box<[HeaderValue]>,
-    /// Token → server index, for every server listed (drained ones finish their sessions).
-    by_token: HashMap<u64, usize>,
-}
-
-/// A server's sticky token: the hash of the upstream's name (its length first, so that name
-/// and address cannot run into each other) and the server's address (IP octets, then port).
-fn sticky_token(upstream: &str, address: SocketAddr) -> u64 {
-    let mut bytes = (upstream.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(upstream.as_bytes());
-    match address.ip() {
-        IpAddr::V4(ip) => bytes.extend_from_slice(&ip.octets()),
-        IpAddr::V6(ip) => bytes.extend_from_slice(&ip.octets()),
-    }
-    bytes.extend_from_slice(&address.port().to_be_bytes());
-    balance::hash(&bytes[..])
 }
 
 /// What ties a request to a server beside the balancer's own choice.
@@ -276,24 +253,12 @@ impl Upstream {
         };
         let (primary, backup) = (tier(Rank::Primary), tier(Rank::Backup));
         let sticky = config.sticky_cookie.as_ref().map(|cookie| {
-            let tokens: Vec<u64> = config
-                .servers
-                .iter()
-                .map(|s| sticky_token(&config.name, s.address))
-                .collect();
-            Sticky {
-                cookie: cookie.clone(),
-                set_cookie: tokens
-                    .iter()
-                    .map(|t| {
-                        HeaderValue::from_str(&format!("{cookie}={t:016x}; Path=/; HttpOnly"))
-                            .expect("a cookie name and hex are valid")
-                    })
-                    .collect(),
-                // Drained servers too: their clients' sessions finish there (as nginx's and
-                // HAProxy's `drain`), while new clients go elsewhere.
-                by_token: tokens.iter().enumerate().map(|(i, &t)| (t, i)).collect(),
-            }
+            Sticky::new(
+                cookie,
+                &config.name,
+                &config.servers,
+                config.sticky_secret.as_ref(),
+            )
         });
         let upstream = Upstream {
             name: config.name.clone(),
@@ -593,12 +558,7 @@ impl Upstream {
     /// The server the request's sticky cookie names, if sessions are sticky and that server
     /// is still listed (drained or not).
     pub fn pinned(&self, headers: &HeaderMap) -> Option<usize> {
-        let sticky = self.sticky.as_ref()?;
-        let token = crate::proxy::cookie(headers, &sticky.cookie)?;
-        sticky
-            .by_token
-            .get(&u64::from_str_radix(token, 16).ok()?)
-            .copied()
+        self.sticky.as_ref()?.pinned(headers)
     }
 
     /// The `Set-Cookie` value that pins the client to `server`, when sessions are sticky and
@@ -612,7 +572,7 @@ impl Upstream {
             return None;
         }
         let index = self.servers.iter().position(|s| Arc::ptr_eq(s, server))?;
-        Some(&sticky.set_cookie[index])
+        Some(sticky.set_cookie(index))
     }
 }
 

@@ -22,6 +22,7 @@ fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamConfig {
         balance,
         hash_key: (balance == BalanceKind::ConsistentHash).then_some(HashKey::ClientIp),
         sticky_cookie: None,
+        sticky_secret: None,
         latency_decay: Duration::from_secs(10),
         slow_start: Duration::from_secs(60),
         fail_timeout: Duration::from_secs(60),
