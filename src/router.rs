@@ -93,6 +93,7 @@ mod tests {
             balance: BalanceKind::RoundRobin,
             hash_key: None,
             sticky_cookie: None,
+            sticky_secret: None,
             latency_decay: Duration::from_secs(10),
             slow_start: Duration::ZERO,
             fail_timeout: Duration::ZERO,

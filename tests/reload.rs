@@ -61,3 +61,48 @@ async fn sighup_applies_a_good_config_and_keeps_serving_through_a_bad_one() {
     assert!(log.contains("restart Fulcrum to apply"), "{log}");
     assert_eq!(answers(&process, 6).await.len(), 2);
 }
+
+/// One server behind a sticky cookie, with `top` at the top of the file.
+fn sticky(top: &str) -> String {
+    let config = config("{ address = \"{0}\" }", "127.0.0.1:0");
+    format!(
+        "{top}{}",
+        config.replace("servers = ", "sticky_cookie = \"s\"\nservers = ")
+    )
+}
+
+/// The `s=TOKEN` that pins a new client to the (only) server.
+async fn pin(process: &Process) -> String {
+    let resp = support::client()
+        .get(process.url("/"))
+        .send()
+        .await
+        .unwrap();
+    let value = resp.headers()["set-cookie"].to_str().unwrap();
+    value.split(';').next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn sticky_tokens_survive_a_reload_and_with_a_configured_secret_a_restart() {
+    let app = Backend::named("app").await;
+    let secret = "sticky_secret = \"0123456789abcdef0123456789abcdef\"\n";
+
+    // Without a secret each process draws its own key: a restart moves pinned clients.
+    let first = Process::start(&sticky(""), &[&app]);
+    let second = Process::start(&sticky(""), &[&app]);
+    let token = pin(&first).await;
+    assert_ne!(pin(&second).await, token);
+    // A reload keeps the process's key.
+    first.signal("HUP");
+    first.log_from("config reloaded").await;
+    assert_eq!(pin(&first).await, token);
+
+    // A secret configured (here by a reload): the same token in any process given it.
+    std::fs::write(&second.config, support::fill(&sticky(secret), &[&app])).unwrap();
+    second.signal("HUP");
+    second.log_from("config reloaded").await;
+    let keyed = pin(&second).await;
+    assert_ne!(keyed, token);
+    let third = Process::start(&sticky(secret), &[&app]);
+    assert_eq!(pin(&third).await, keyed);
+}

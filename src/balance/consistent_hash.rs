@@ -21,8 +21,14 @@ impl ConsistentHash {
         let mut ring = Vec::new();
         let mut count = 0;
         for (index, (identity, weight)) in servers.into_iter().enumerate() {
+            // Point number `point` of a server hashes its identity's bytes followed by the
+            // point's 4 bytes, little-endian: fixed width, so no two (identity, point) pairs
+            // share their bytes.
+            let mut bytes = identity.as_bytes().to_vec();
             for point in 0..weight * POINTS_PER_WEIGHT {
-                ring.push((hash(&(identity, point)), index as u32));
+                bytes.truncate(identity.len());
+                bytes.extend_from_slice(&point.to_le_bytes());
+                ring.push((hash(&bytes[..]), index as u32));
             }
             count += 1;
         }
@@ -112,7 +118,7 @@ mod tests {
         let ring = ConsistentHash::new(all.iter().zip([1, 1, 1, 3]).map(|(s, w)| (s.as_str(), w)));
         let mut counts = [0u32; 4];
         for key in 0..60_000u64 {
-            counts[pick(&ring, hash(&key))] += 1;
+            counts[pick(&ring, hash(&key.to_le_bytes()[..]))] += 1;
         }
         let heavy = f64::from(counts[3]) / 60_000.0;
         assert!((0.44..0.56).contains(&heavy), "{counts:?}");
@@ -121,13 +127,26 @@ mod tests {
         let before = ConsistentHash::new(five.iter().map(|s| (s.as_str(), 1)));
         let after = ConsistentHash::new(five[..4].iter().map(|s| (s.as_str(), 1)));
         let moved = (0..20_000u64)
-            .filter(|k| pick(&before, hash(k)) != pick(&after, hash(k)))
+            .filter(|k| {
+                let key = hash(&k.to_le_bytes()[..]);
+                pick(&before, key) != pick(&after, key)
+            })
             .count();
         let share = moved as f64 / 20_000.0;
         assert!(
             (0.14..0.26).contains(&share),
             "removing 1 of 5 moved {share:.3} of keys"
         );
+    }
+
+    /// The ring's layout is part of what a build promises: a change moves keys.
+    #[test]
+    fn a_key_reaches_the_same_server_in_every_build() {
+        let all = names(3);
+        let ring = ConsistentHash::new(all.iter().map(|s| (s.as_str(), 1)));
+        let users = (0..12).map(|i| format!("user-{i}"));
+        let picked: Vec<usize> = users.map(|u| pick(&ring, hash(u.as_str()))).collect();
+        assert_eq!(picked, [2, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 0]);
     }
 
     #[test]

@@ -10,6 +10,8 @@ mod two_choices;
 
 use std::net::IpAddr;
 
+use siphasher::sip::SipHasher13;
+
 pub use consistent_hash::ConsistentHash;
 pub use ip_hash::IpHash;
 pub use least_connections::LeastConnections;
@@ -141,13 +143,48 @@ pub(crate) fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// The hash behind `ip_hash`, `consistent_hash` and request keys: SipHash with fixed keys,
-/// so a key maps the same way on every worker and after a restart.
-pub fn hash(value: &impl std::hash::Hash) -> u64 {
-    use std::hash::Hasher;
-    let mut hasher = std::hash::DefaultHasher::new();
-    value.hash(&mut hasher);
-    hasher.finish()
+/// The hash behind `ip_hash`, `consistent_hash` and request keys: SipHash-1-3 with both keys
+/// 0 over the key's bytes as [`Key`] gives them. It is fixed, not std's `DefaultHasher`
+/// (whose algorithm may change with a Rust release), so that a key maps to the same server
+/// on every worker, after a restart and after an upgrade. It needs no secret: it spreads
+/// keys, it does not hide them.
+pub fn hash<K: Key + ?Sized>(key: &K) -> u64 {
+    key.with_bytes(|bytes| SipHasher13::new_with_keys(0, 0).hash(bytes))
+}
+
+/// Something balancers hash, given as bytes spelled out here rather than through
+/// `std::hash::Hash`, whose byte stream for a type is not promised to stay the same.
+pub trait Key {
+    fn with_bytes<R>(&self, hash: impl FnOnce(&[u8]) -> R) -> R;
+}
+
+/// An IPv4 address is its 4 octets, an IPv6 address its 16.
+impl Key for IpAddr {
+    fn with_bytes<R>(&self, hash: impl FnOnce(&[u8]) -> R) -> R {
+        match self {
+            IpAddr::V4(ip) => hash(&ip.octets()),
+            IpAddr::V6(ip) => hash(&ip.octets()),
+        }
+    }
+}
+
+/// A path or cookie value is its UTF-8 bytes.
+impl Key for str {
+    fn with_bytes<R>(&self, hash: impl FnOnce(&[u8]) -> R) -> R {
+        hash(self.as_bytes())
+    }
+}
+
+impl Key for [u8] {
+    fn with_bytes<R>(&self, hash: impl FnOnce(&[u8]) -> R) -> R {
+        hash(self)
+    }
+}
+
+impl<K: Key + ?Sized> Key for &K {
+    fn with_bytes<R>(&self, hash: impl FnOnce(&[u8]) -> R) -> R {
+        (**self).with_bytes(hash)
+    }
 }
 
 /// Whether server `a` is less loaded than `b` for its weight and share, on the load each
@@ -175,5 +212,26 @@ pub(crate) fn cx(attempt: usize, client_ip: &str) -> PickContext<'static> {
         client_ip: client_ip.parse().unwrap(),
         loads: &IDLE,
         key: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A change of hash moves every client of `ip_hash` and every key of `consistent_hash`:
+    /// it must be a decision, made by changing these values.
+    #[test]
+    fn the_hash_gives_the_same_values_in_every_build() {
+        // The same values come from CPython 3.11+, whose `hash(bytes)` is SipHash-1-3 keyed
+        // with zeros under PYTHONHASHSEED=0: `hash(bytes([10, 0, 0, 1])) & (2**64 - 1)`.
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert_eq!(hash(&ip("10.0.0.1")), 11967657435158914590);
+        assert_eq!(hash(&ip("192.168.1.20")), 12327525113044541517);
+        assert_eq!(hash(&ip("::")), 8556445246977061536);
+        assert_eq!(hash(&ip("2001:db8::1")), 17436951306047110292);
+        assert_eq!(hash("/cart"), 942833704336206116);
+        // A header value (bytes) and a path or cookie (text) with the same bytes agree.
+        assert_eq!(hash(&b"/cart"[..]), hash("/cart"));
     }
 }

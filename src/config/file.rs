@@ -11,6 +11,8 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 pub struct File {
     pub workers: Option<Spanned<i64>>,
+    pub sticky_secret: Option<Spanned<String>>,
+    pub sticky_secret_file: Option<Spanned<String>>,
     #[serde(default)]
     pub listeners: BTreeMap<Spanned<String>, Spanned<Listener>>,
     #[serde(default)]

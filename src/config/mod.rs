@@ -7,8 +7,8 @@ pub mod model;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::ops::Range;
-use std::path::Path;
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
@@ -19,6 +19,14 @@ const DEFAULT_SERVER_CONNECTIONS: i64 = 10_000;
 
 pub use error::{ConfigError, Problem};
 pub use model::*;
+
+/// Bounds of durations in the config. Timers keep milliseconds, so nothing shorter than one
+/// is honoured; the upper bounds are generous for each use but catch a slip of unit
+/// (`"30d"` for `"30s"`) and keep deadlines far from overflowing.
+const MS: Duration = Duration::from_millis(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -37,7 +45,13 @@ pub fn parse(name: &str, text: &str) -> Result<Config, ConfigError> {
         };
         ConfigError::new(name, text, vec![problem])
     })?;
-    let mut check = Checker::default();
+    let mut check = Checker {
+        dir: Path::new(name)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+        problems: Vec::new(),
+    };
     let config = check.config(file);
     if check.problems.is_empty() {
         Ok(config)
@@ -47,8 +61,9 @@ pub fn parse(name: &str, text: &str) -> Result<Config, ConfigError> {
 }
 
 /// Collects every problem rather than stopping at the first, so one `fulcrum check` shows all.
-#[derive(Default)]
 struct Checker {
+    /// The config file's directory, which relative paths in it start from.
+    dir: PathBuf,
     problems: Vec<Problem>,
 }
 
@@ -68,11 +83,16 @@ impl Checker {
             });
         }
 
+        let sticky_secret = self.sticky_secret(
+            file.sticky_secret.as_ref(),
+            file.sticky_secret_file.as_ref(),
+        );
         let mut upstream_index = HashMap::new();
         let mut upstreams = Vec::new();
         for (name, upstream) in file.upstreams {
             self.name(&name, "upstream");
-            let up = self.upstream(name.get_ref(), upstream.into_inner());
+            let mut up = self.upstream(name.get_ref(), upstream.into_inner());
+            up.sticky_secret = sticky_secret.clone();
             upstream_index.insert(name.into_inner(), upstreams.len());
             upstreams.push(up);
         }
@@ -119,31 +139,38 @@ impl Checker {
             client_header: self.duration(
                 t.client_header.as_ref(),
                 "client_header",
+                MS..=HOUR,
                 Duration::from_secs(30),
             ),
             client_idle: self.duration(
                 t.client_idle.as_ref(),
                 "client_idle",
+                MS..=DAY,
                 Duration::from_secs(60),
             ),
             upstream_connect: self.duration(
                 t.upstream_connect.as_ref(),
                 "upstream_connect",
+                // The kernel gives up a connect after about two minutes on its own.
+                MS..=5 * MINUTE,
                 Duration::from_secs(5),
             ),
             upstream_response_header: self.duration(
                 t.upstream_response_header.as_ref(),
                 "upstream_response_header",
+                MS..=DAY,
                 Duration::from_secs(60),
             ),
             upstream_idle: self.duration(
                 t.upstream_idle.as_ref(),
                 "upstream_idle",
+                MS..=DAY,
                 Duration::from_secs(60),
             ),
             shutdown_grace: self.duration(
                 t.shutdown_grace.as_ref(),
                 "shutdown_grace",
+                MS..=HOUR,
                 Duration::from_secs(30),
             ),
         };
@@ -296,18 +323,27 @@ impl Checker {
         let latency_decay = self.duration(
             up.latency_decay.as_ref(),
             "latency_decay",
+            MS..=HOUR,
             Duration::from_secs(10),
         );
-        let slow_start = self.duration_or_off(up.slow_start.as_ref(), "slow_start", Duration::ZERO);
-        let fail_timeout = self.duration_or_off(
+        // 0 turns these off.
+        let slow_start = self.duration(
+            up.slow_start.as_ref(),
+            "slow_start",
+            Duration::ZERO..=HOUR,
+            Duration::ZERO,
+        );
+        let fail_timeout = self.duration(
             up.fail_timeout.as_ref(),
             "fail_timeout",
+            Duration::ZERO..=HOUR,
             Duration::from_secs(10),
         );
         UpstreamConfig {
             name: name.to_string(),
             hash_key,
             sticky_cookie,
+            sticky_secret: None,
             latency_decay,
             slow_start,
             fail_timeout,
@@ -324,8 +360,58 @@ impl Checker {
             pool_idle_timeout: self.duration(
                 up.pool_idle_timeout.as_ref(),
                 "pool_idle_timeout",
+                MS..=HOUR,
                 Duration::from_secs(60),
             ),
+        }
+    }
+
+    /// The secret that keys sticky tokens: `sticky_secret`, or the contents of
+    /// `sticky_secret_file` (relative to the config's directory, surrounding whitespace
+    /// trimmed), not both. The secret itself is never repeated in an error.
+    fn sticky_secret(
+        &mut self,
+        inline: Option<&Spanned<String>>,
+        file: Option<&Spanned<String>>,
+    ) -> Option<StickySecret> {
+        let min = StickySecret::MIN_CHARS;
+        match (inline, file) {
+            (None, None) => None,
+            (Some(_), Some(file)) => {
+                self.error(
+                    file.span(),
+                    "give sticky_secret or sticky_secret_file, not both",
+                );
+                None
+            }
+            (Some(secret), None) => {
+                let found = StickySecret::new(secret.get_ref());
+                if found.is_none() {
+                    self.error(secret.span(), format!("sticky_secret has {} characters: it needs at least {min}, such as the output of `openssl rand -hex 32`", secret.get_ref().chars().count()));
+                }
+                found
+            }
+            (None, Some(file)) => {
+                let path = self.dir.join(file.get_ref());
+                let text = match std::fs::read_to_string(&path) {
+                    Ok(text) => text,
+                    Err(e) => {
+                        self.error(
+                            file.span(),
+                            format!(
+                                "sticky_secret_file `{}` cannot be read: {e}",
+                                path.display()
+                            ),
+                        );
+                        return None;
+                    }
+                };
+                let found = StickySecret::new(text.trim());
+                if found.is_none() {
+                    self.error(file.span(), format!("sticky_secret_file `{}` holds {} characters: a secret needs at least {min}, such as the output of `openssl rand -hex 32`", path.display(), text.trim().chars().count()));
+                }
+                found
+            }
         }
     }
 
@@ -497,41 +583,33 @@ impl Checker {
         }
     }
 
+    /// A duration within `range`; one whose range starts at zero is off at zero.
     fn duration(
         &mut self,
         value: Option<&Spanned<String>>,
         key: &str,
+        range: RangeInclusive<Duration>,
         default: Duration,
-    ) -> Duration {
-        self.duration_from(value, key, default, false)
-    }
-
-    /// A duration where zero means "off".
-    fn duration_or_off(
-        &mut self,
-        value: Option<&Spanned<String>>,
-        key: &str,
-        default: Duration,
-    ) -> Duration {
-        self.duration_from(value, key, default, true)
-    }
-
-    fn duration_from(
-        &mut self,
-        value: Option<&Spanned<String>>,
-        key: &str,
-        default: Duration,
-        zero_allowed: bool,
     ) -> Duration {
         let Some(value) = value else { return default };
-        match humantime::parse_duration(value.get_ref()) {
-            Ok(d) if zero_allowed || !d.is_zero() => d,
+        let text = value.get_ref();
+        match humantime::parse_duration(text) {
+            Ok(d) if range.contains(&d) => d,
             Ok(_) => {
-                self.error(value.span(), format!("{key} must be longer than zero"));
+                let min = if range.start().is_zero() {
+                    "0s (off)".to_string()
+                } else {
+                    humantime::format_duration(*range.start()).to_string()
+                };
+                let max = humantime::format_duration(*range.end());
+                self.error(
+                    value.span(),
+                    format!("{key} = \"{text}\" is out of range: allowed {min} to {max}"),
+                );
                 default
             }
             Err(e) => {
-                self.error(value.span(), format!("{key} = \"{}\" is not a duration ({e}): write it like \"500ms\", \"30s\" or \"2m\"", value.get_ref()));
+                self.error(value.span(), format!("{key} = \"{text}\" is not a duration ({e}): write it like \"500ms\", \"30s\" or \"2m\""));
                 default
             }
         }

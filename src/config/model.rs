@@ -1,7 +1,9 @@
 //! The validated config that the runtime is built from: every value parsed, in range and
 //! cross-checked. Holding one of these means the config is good.
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -74,6 +76,9 @@ pub struct UpstreamConfig {
     pub hash_key: Option<HashKey>,
     /// The cookie that pins a client to the server it first reached, if sessions are sticky.
     pub sticky_cookie: Option<String>,
+    /// The config's `sticky_secret`, which keys sticky tokens; `None`: a key drawn at random
+    /// once per process.
+    pub sticky_secret: Option<StickySecret>,
     /// How fast `least_time` forgets a server's old response times.
     pub latency_decay: Duration,
     /// How long a server that joins (a reload adds or re-enables it) or recovers (its
@@ -86,6 +91,31 @@ pub struct UpstreamConfig {
     pub preserve_host: bool,
     pub pool_max_idle_per_server: usize,
     pub pool_idle_timeout: Duration,
+}
+
+/// A secret of at least [`StickySecret::MIN_CHARS`] characters, shared by every upstream.
+/// Its `Debug` hides it, so that printing a config does not give it away.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StickySecret(Arc<str>);
+
+impl StickySecret {
+    /// As many as 32 hex digits hold: 128 bits, the size of the key made from it.
+    pub const MIN_CHARS: usize = 32;
+
+    /// `None` when `text` is too short.
+    pub fn new(text: &str) -> Option<Self> {
+        (text.chars().count() >= Self::MIN_CHARS).then(|| StickySecret(text.into()))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for StickySecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StickySecret(..)")
+    }
 }
 
 /// The part of a request that `consistent_hash` balances on.

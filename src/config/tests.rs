@@ -165,3 +165,147 @@ fn slow_start_and_fail_timeout_may_be_off_but_must_be_durations() {
         "{e}"
     );
 }
+
+/// Every duration key: its table, and its range as errors state it.
+const DURATIONS: &[(&str, &str, &str, &str)] = &[
+    ("timeouts", "client_header", "1ms", "1h"),
+    ("timeouts", "client_idle", "1ms", "1day"),
+    ("timeouts", "upstream_connect", "1ms", "5m"),
+    ("timeouts", "upstream_response_header", "1ms", "1day"),
+    ("timeouts", "upstream_idle", "1ms", "1day"),
+    ("timeouts", "shutdown_grace", "1ms", "1h"),
+    ("upstreams.app", "latency_decay", "1ms", "1h"),
+    ("upstreams.app", "pool_idle_timeout", "1ms", "1h"),
+    ("upstreams.app", "slow_start", "0s (off)", "1h"),
+    ("upstreams.app", "fail_timeout", "0s (off)", "1h"),
+];
+
+/// `GOOD` with `key = "value"` in `table`.
+fn with_duration(table: &str, key: &str, value: &str) -> String {
+    let line = format!("{key} = \"{value}\"\n");
+    if table == "timeouts" {
+        format!("{GOOD}\n[timeouts]\n{line}")
+    } else {
+        GOOD.replace(&format!("[{table}]\n"), &format!("[{table}]\n{line}"))
+    }
+}
+
+#[test]
+fn every_duration_has_a_range_and_its_ends_are_allowed() {
+    for &(table, key, min, max) in DURATIONS {
+        let e = error_text(&with_duration(table, key, "100000000000d"));
+        assert!(
+            e.contains(&format!(
+                "{key} = \"100000000000d\" is out of range: allowed {min} to {max}"
+            )),
+            "{e}"
+        );
+        let min = min.trim_end_matches(" (off)");
+        for end in [min, max] {
+            let config = with_duration(table, key, end);
+            assert!(parse("test.toml", &config).is_ok(), "{key} = {end}");
+        }
+        if min != "0s" {
+            let e = error_text(&with_duration(table, key, "0s"));
+            assert!(
+                e.contains(&format!("{key} = \"0s\" is out of range")),
+                "{e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_duration_out_of_range_is_shown_where_it_is() {
+    let e = error_text(&with_duration("timeouts", "client_header", "100000000000d"));
+    assert_eq!(
+        e,
+        "test.toml:12:17: error: client_header = \"100000000000d\" is out of range: allowed 1ms to 1h\n   \
+         12 | client_header = \"100000000000d\"\n      \
+         |                 ^^^^^^^^^^^^^^^"
+    );
+    let e = error_text(&with_duration("upstreams.app", "fail_timeout", "2h"));
+    assert!(
+        e.starts_with(
+            "test.toml:9:16: error: fail_timeout = \"2h\" is out of range: allowed 0s (off) to 1h"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_sticky_secret_goes_to_every_upstream_and_must_be_long_enough() {
+    let secret = "0123456789abcdef0123456789abcdef";
+    let api = "\n[upstreams.api]\nservers = [{ address = \"127.0.0.1:9003\" }]\n";
+    let config = parse(
+        "test.toml",
+        &format!("sticky_secret = \"{secret}\"\n{GOOD}{api}"),
+    )
+    .unwrap();
+    assert_eq!(config.upstreams.len(), 2);
+    for upstream in &config.upstreams {
+        assert_eq!(upstream.sticky_secret, StickySecret::new(secret));
+    }
+    assert_eq!(
+        format!("{:?}", config.upstreams[0].sticky_secret),
+        "Some(StickySecret(..))"
+    );
+    assert_eq!(
+        parse("test.toml", GOOD).unwrap().upstreams[0].sticky_secret,
+        None
+    );
+
+    let e = error_text(&format!("sticky_secret = \"{}\"\n{GOOD}", &secret[1..]));
+    assert!(
+        e.starts_with(
+            "test.toml:1:17: error: sticky_secret has 31 characters: it needs at least 32"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_sticky_secret_file_is_read_from_the_config_files_directory() {
+    let dir = std::env::temp_dir().join(format!("fulcrum-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = dir.join("fulcrum.toml").display().to_string();
+    let secret = "0123456789abcdef0123456789abcdef";
+    std::fs::write(dir.join("secret"), format!("{secret}\n")).unwrap();
+    std::fs::write(dir.join("short"), "0123456789\n").unwrap();
+    let with = |line: &str| format!("{line}\n{GOOD}");
+
+    let config = parse(&name, &with("sticky_secret_file = \"secret\"")).unwrap();
+    assert_eq!(config.upstreams[0].sticky_secret, StickySecret::new(secret));
+    let short = parse(&name, &with("sticky_secret_file = \"short\""))
+        .unwrap_err()
+        .to_string();
+    let missing = parse(&name, &with("sticky_secret_file = \"missing\""))
+        .unwrap_err()
+        .to_string();
+    let both = parse(
+        &name,
+        &with(&format!(
+            "sticky_secret = \"{secret}\"\nsticky_secret_file = \"secret\""
+        )),
+    )
+    .unwrap_err()
+    .to_string();
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    assert!(
+        short.contains(&format!(
+            ":1:22: error: sticky_secret_file `{}` holds 10 characters: a secret needs at least 32",
+            dir.join("short").display()
+        )),
+        "{short}"
+    );
+    assert!(
+        missing.contains(":1:22: error: sticky_secret_file `"),
+        "{missing}"
+    );
+    assert!(missing.contains("cannot be read"), "{missing}");
+    assert!(
+        both.contains(":2:22: error: give sticky_secret or sticky_secret_file, not both"),
+        "{both}"
+    );
+}

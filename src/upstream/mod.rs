@@ -6,8 +6,8 @@
 mod latency;
 mod pool;
 mod state;
+mod sticky;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -18,6 +18,7 @@ use http::{HeaderMap, HeaderValue};
 use latency::PeakEwma;
 pub use pool::{ConnectError, Pool, RawConn};
 use state::{ServerState, Settled, now_ms};
+use sticky::Sticky;
 
 use crate::balance::{self, Balancer, FULL_SHARE, Loads, PickContext, Thinning};
 use crate::config::{HashKey, UpstreamConfig};
@@ -123,17 +124,6 @@ impl Server {
     pub fn share(&self) -> u32 {
         self.state.share()
     }
-}
-
-/// Sticky sessions by a cookie Fulcrum sets: its value is an opaque token per server (a
-/// hash of the upstream's name and the server's address, never the address itself).
-#[derive(Debug)]
-struct Sticky {
-    cookie: String,
-    /// Per server, the `Set-Cookie` value that pins a client to it.
-    set_cookie: Box<[HeaderValue]>,
-    /// Token → server index, for every server listed (drained ones finish their sessions).
-    by_token: HashMap<u64, usize>,
 }
 
 /// What ties a request to a server beside the balancer's own choice.
@@ -265,24 +255,12 @@ impl Upstream {
         };
         let (primary, backup) = (tier(Rank::Primary), tier(Rank::Backup));
         let sticky = config.sticky_cookie.as_ref().map(|cookie| {
-            let tokens: Vec<u64> = config
-                .servers
-                .iter()
-                .map(|s| balance::hash(&(&config.name, s.address)))
-                .collect();
-            Sticky {
-                cookie: cookie.clone(),
-                set_cookie: tokens
-                    .iter()
-                    .map(|t| {
-                        HeaderValue::from_str(&format!("{cookie}={t:016x}; Path=/; HttpOnly"))
-                            .expect("a cookie name and hex are valid")
-                    })
-                    .collect(),
-                // Drained servers too: their clients' sessions finish there (as nginx's and
-                // HAProxy's `drain`), while new clients go elsewhere.
-                by_token: tokens.iter().enumerate().map(|(i, &t)| (t, i)).collect(),
-            }
+            Sticky::new(
+                cookie,
+                &config.name,
+                &config.servers,
+                config.sticky_secret.as_ref(),
+            )
         });
         let upstream = Upstream {
             name: config.name.clone(),
@@ -582,12 +560,7 @@ impl Upstream {
     /// The server the request's sticky cookie names, if sessions are sticky and that server
     /// is still listed (drained or not).
     pub fn pinned(&self, headers: &HeaderMap) -> Option<usize> {
-        let sticky = self.sticky.as_ref()?;
-        let token = crate::proxy::cookie(headers, &sticky.cookie)?;
-        sticky
-            .by_token
-            .get(&u64::from_str_radix(token, 16).ok()?)
-            .copied()
+        self.sticky.as_ref()?.pinned(headers)
     }
 
     /// The `Set-Cookie` value that pins the client to `server`, when sessions are sticky and
@@ -601,7 +574,7 @@ impl Upstream {
             return None;
         }
         let index = self.servers.iter().position(|s| Arc::ptr_eq(s, server))?;
-        Some(&sticky.set_cookie[index])
+        Some(sticky.set_cookie(index))
     }
 }
 

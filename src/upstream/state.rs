@@ -3,7 +3,7 @@
 //! it) ramping from a small share to its whole weight over `slow_start`.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::balance::FULL_SHARE;
@@ -13,14 +13,44 @@ const FIRST_SHARE: u32 = FULL_SHARE / 100;
 
 #[derive(Debug)]
 pub struct ServerState {
-    /// Thousandths of the weight the server takes now; 0 while it is down.
-    share: AtomicU32,
+    /// The server's [`Status`], packed in one word so that share and unsettled always change
+    /// together: a settle that brings the server to its whole share and a failure marked
+    /// meanwhile on another worker cannot each do half.
+    status: AtomicU64,
     /// While down: when it may be tried again, in `now_ms` time.
     down_until: AtomicU64,
     /// While ramping: when the ramp began, in `now_ms` time.
     ramp_from: AtomicU64,
+}
+
+/// What `status` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Status {
+    /// Thousandths of the weight the server takes now; 0 while it is down.
+    share: u32,
     /// Down or ramping: counted in the upstream's `unsettled` until back to its whole share.
-    unsettled: AtomicBool,
+    unsettled: bool,
+    /// Moved on by every `mark_down` and `ramp_up`, so that a settle computed from an older
+    /// status fails its compare-exchange even when share and unsettled read the same again.
+    generation: u32,
+}
+
+impl Status {
+    const UNSETTLED: u64 = 1 << 16;
+
+    /// Bits 0–15: the share (at most `FULL_SHARE`); bit 16: unsettled; bits 32–63: the
+    /// generation.
+    fn pack(self) -> u64 {
+        u64::from(self.generation) << 32 | u64::from(self.unsettled) << 16 | u64::from(self.share)
+    }
+
+    fn unpack(word: u64) -> Status {
+        Status {
+            share: (word & 0xffff) as u32,
+            unsettled: word & Self::UNSETTLED != 0,
+            generation: (word >> 32) as u32,
+        }
+    }
 }
 
 /// What `settle` did to a server.
@@ -35,20 +65,24 @@ pub enum Settled {
 
 impl ServerState {
     pub fn new() -> Self {
+        let status = Status {
+            share: FULL_SHARE,
+            unsettled: false,
+            generation: 0,
+        };
         ServerState {
-            share: AtomicU32::new(FULL_SHARE),
+            status: AtomicU64::new(status.pack()),
             down_until: AtomicU64::new(0),
             ramp_from: AtomicU64::new(0),
-            unsettled: AtomicBool::new(false),
         }
     }
 
     pub fn share(&self) -> u32 {
-        self.share.load(Ordering::Relaxed)
+        Status::unpack(self.status.load(Ordering::Relaxed)).share
     }
 
     pub fn is_unsettled(&self) -> bool {
-        self.unsettled.load(Ordering::Acquire)
+        Status::unpack(self.status.load(Ordering::Acquire)).unsettled
     }
 
     /// Marks the server down until `fail_timeout` from now. Returns whether it has just
@@ -58,29 +92,58 @@ impl ServerState {
             now_ms() + fail_timeout.as_millis() as u64,
             Ordering::Relaxed,
         );
-        self.share.store(0, Ordering::Relaxed);
-        !self.unsettled.swap(true, Ordering::AcqRel)
+        let before = self.change(|status| Status {
+            share: 0,
+            unsettled: true,
+            ..status
+        });
+        !before.unsettled
     }
 
     /// Starts the climb back to the whole weight (or skips it without `slow_start`).
     /// Returns whether the server has just become unsettled.
     pub fn ramp_up(&self, slow_start: Duration) -> bool {
         if slow_start.is_zero() {
-            self.share.store(FULL_SHARE, Ordering::Relaxed);
+            self.change(|status| Status {
+                share: FULL_SHARE,
+                ..status
+            });
             return false;
         }
         self.ramp_from.store(now_ms(), Ordering::Relaxed);
-        self.share.store(FIRST_SHARE, Ordering::Relaxed);
-        !self.unsettled.swap(true, Ordering::AcqRel)
+        let before = self.change(|status| Status {
+            share: FIRST_SHARE,
+            unsettled: true,
+            ..status
+        });
+        !before.unsettled
+    }
+
+    /// Applies `f` to the status as one step, in a new generation; returns the status before.
+    fn change(&self, f: impl Fn(Status) -> Status) -> Status {
+        let word = self
+            .status
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                let before = Status::unpack(word);
+                let after = Status {
+                    generation: before.generation.wrapping_add(1),
+                    ..f(before)
+                };
+                Some(after.pack())
+            })
+            .unwrap_or_else(|word| word);
+        Status::unpack(word)
     }
 
     /// Brings the share up to date with the clock: a server whose `fail_timeout` is over
     /// starts ramping (is tried again), a ramping one takes more.
     pub fn settle(&self, now: u64, slow_start: Duration) -> Settled {
-        if !self.unsettled.load(Ordering::Acquire) {
+        let word = self.status.load(Ordering::Acquire);
+        let status = Status::unpack(word);
+        if !status.unsettled {
             return Settled::Unchanged;
         }
-        let share = self.share();
+        let share = status.share;
         let next = if share == 0 {
             if now < self.down_until.load(Ordering::Relaxed) {
                 return Settled::Unchanged;
@@ -97,16 +160,20 @@ impl ServerState {
             (elapsed.saturating_mul(u64::from(FULL_SHARE)) / window)
                 .clamp(u64::from(FIRST_SHARE), u64::from(FULL_SHARE)) as u32
         };
-        // A failure marked meanwhile wins over the ramp.
+        let settled = Status {
+            share: next,
+            unsettled: next < FULL_SHARE,
+            ..status
+        };
+        // A failure marked or a ramp begun meanwhile wins over what was computed here.
         if self
-            .share
-            .compare_exchange(share, next, Ordering::Relaxed, Ordering::Relaxed)
+            .status
+            .compare_exchange(word, settled.pack(), Ordering::AcqRel, Ordering::Relaxed)
             .is_err()
         {
             return Settled::Unchanged;
         }
         if next == FULL_SHARE {
-            self.unsettled.store(false, Ordering::Release);
             Settled::Done
         } else if next != share {
             Settled::Changed
@@ -120,6 +187,64 @@ impl ServerState {
 pub fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// Runs `rounds` rounds of a race, for tests: each round `setup` runs alone, then `settle`
+/// and `interfere` at once on two threads, then `check` alone. `settle` starts a little
+/// later each round, sweeping across the moment `interfere` acts: the window where they
+/// collide is a few nanoseconds wide.
+#[cfg(test)]
+pub(super) fn race(
+    rounds: u64,
+    setup: impl Fn(u64),
+    settle: impl Fn(u64),
+    interfere: impl Fn(u64) + Sync,
+    check: impl Fn(u64),
+) {
+    /// Lets every turn go when dropped, so that should `check` fail, the other thread runs
+    /// out its rounds rather than waiting for its turn forever.
+    struct Release<'a>(&'a AtomicU64);
+
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.store(u64::MAX, Ordering::Release);
+        }
+    }
+
+    // Spinning rather than blocking: the race needs both threads running.
+    fn wait_for(turn: &AtomicU64, until: u64) {
+        let mut spins = 0u32;
+        while turn.load(Ordering::Acquire) < until {
+            spins += 1;
+            if spins.is_multiple_of(1024) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    let turn = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for round in 0..rounds {
+                wait_for(&turn, 2 * round + 1);
+                interfere(round);
+                turn.fetch_max(2 * round + 2, Ordering::Release);
+            }
+        });
+        let _release = Release(&turn);
+        for round in 0..rounds {
+            setup(round);
+            turn.store(2 * round + 1, Ordering::Release);
+            for _ in 0..round % 97 {
+                std::hint::spin_loop();
+            }
+            settle(round);
+            wait_for(&turn, 2 * round + 2);
+            check(round);
+        }
+    });
 }
 
 #[cfg(test)]
@@ -151,5 +276,39 @@ mod tests {
         assert_eq!(state.settle(now_ms(), Duration::ZERO), Settled::Done);
         assert_eq!(state.share(), FULL_SHARE);
         assert!(!state.ramp_up(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_failure_or_a_ramp_racing_a_settle_is_never_lost() {
+        // Round after round, one thread settles a recovered server to its whole share while
+        // another marks it down again or starts its ramp. Whichever lands last, a server
+        // short of its whole share must stay unsettled, or it is never settled (nor, at
+        // share 0, picked) again.
+        let state = ServerState::new();
+        let far = now_ms() + 86_400_000;
+        race(
+            200_000,
+            // Down, and free to come back at once.
+            |_| {
+                state.mark_down(Duration::ZERO);
+            },
+            |_| {
+                state.settle(far, Duration::ZERO);
+            },
+            |round| {
+                if round.is_multiple_of(2) {
+                    state.mark_down(Duration::from_secs(3600));
+                } else {
+                    state.ramp_up(Duration::from_secs(3600));
+                }
+            },
+            |round| {
+                assert!(
+                    state.share() == FULL_SHARE || state.is_unsettled(),
+                    "round {round}: share {} and settled",
+                    state.share()
+                );
+            },
+        );
     }
 }

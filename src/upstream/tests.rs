@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use super::state::race;
 use super::*;
 use crate::config::{BalanceKind, ServerConfig};
 
@@ -15,6 +16,7 @@ fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamConfig {
         balance,
         hash_key: (balance == BalanceKind::ConsistentHash).then_some(HashKey::ClientIp),
         sticky_cookie: None,
+        sticky_secret: None,
         latency_decay: Duration::from_secs(10),
         slow_start: Duration::from_secs(60),
         fail_timeout: Duration::from_secs(60),
@@ -166,4 +168,26 @@ fn a_server_marked_down_through_the_replaced_snapshot_is_still_passed_over() {
     let counts = picks(&new, 100);
     assert_eq!(counts.get(&1), None, "{counts:?}");
     assert_eq!(new.unsettled.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_server_marked_down_while_picks_settle_is_picked_again_after_fail_timeout() {
+    // As `state`'s own race test, through the upstream: a request's connect fails (and
+    // marks its server down) while another request's pick settles the shares.
+    let mut config = config(BalanceKind::RoundRobin, &[(1, false), (2, false)]);
+    config.slow_start = Duration::ZERO;
+    let up = Upstream::build(&config, 1, Duration::from_secs(1), None);
+    // Settling as if `fail_timeout` (60 s) had passed: a server down is due back.
+    let later = || now_ms() + 120_000;
+    race(
+        100_000,
+        |_| up.unreachable(0),
+        |_| up.settle(later()),
+        |_| up.unreachable(0),
+        |round| {
+            up.settle(later());
+            let counts = picks(&up, 2);
+            assert_eq!(counts.get(&1), Some(&1), "round {round}: {counts:?}");
+        },
+    );
 }
