@@ -17,14 +17,17 @@ async fn setup(extra: &str) -> (Backend, Proxy) {
     (backend, proxy)
 }
 
-/// Sends `request` and asserts it is answered `status` and that the backend saw nothing.
+/// Sends `request`, followed by a second request that must never be read as one, and
+/// asserts the first is answered `status` and closes the connection, and that the backend
+/// saw nothing.
 async fn refused(request: &str, status: u16) {
     let (backend, proxy) = setup("[limits]\nmax_uri_bytes = 1024\nmax_body_bytes = 1000\n").await;
-    let out = raw(proxy.addr, request.as_bytes()).await;
-    assert_eq!(
-        statuses(&out).first(),
-        Some(&status),
-        "request {request:?} got {out:?}"
+    let smuggled = format!("{request}GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n");
+    let out = raw(proxy.addr, smuggled.as_bytes()).await;
+    assert_eq!(statuses(&out), [status], "request {request:?} got {out:?}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "request {request:?} left its connection open: {out:?}"
     );
     assert_eq!(
         backend.seen.count(),

@@ -120,7 +120,19 @@ where
     // 1. Validate and route.
     let routed = match route(&req, client.listener, rt) {
         Ok(routed) => routed,
-        Err(reject) => return fail(reject.into()).answer(writer, &mut log).await,
+        Err(reject) => {
+            // A request the checks refuse may be framed in a way another parser reads
+            // differently (an invalid Content-Length reads as no body here): nothing after
+            // its head can be trusted as the next request. Only a well-formed request
+            // without a body that no route takes keeps its connection.
+            let unread = unread || reject.status != StatusCode::NOT_FOUND;
+            let refusal = Refusal {
+                failure: reject.into(),
+                is_head,
+                unread,
+            };
+            return refusal.answer(writer, &mut log).await;
+        }
     };
 
     // 2. Request filters: none yet.
