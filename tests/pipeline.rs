@@ -554,3 +554,56 @@ async fn a_request_waiting_for_a_slot_gets_one_when_a_connection_is_done() {
     }
     assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_does_not_hold_its_connection_forever() {
+    // A large answer to a client that grants a huge window and then reads nothing: the
+    // socket fills, the stream times out, and even the GOAWAY can never be written.
+    let big = Bytes::from(vec![b'z'; 32 * 1024 * 1024]);
+    let backend = Backend::with(move |_req| {
+        let big = big.clone();
+        async move { hyper::Response::new(full(big)) }
+    })
+    .await;
+    let proxy = Proxy::simple(&[&backend], "[timeouts]\nclient_idle = \"1s\"\n").await;
+    let mut conn = Conn::open(proxy.addr).await;
+    let mut settings = vec![0x00, 0x04]; // SETTINGS_INITIAL_WINDOW_SIZE
+    settings.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    conn.send(&h2raw::frame(h2raw::SETTINGS, 0, 0, &settings))
+        .await;
+    conn.send(&h2raw::frame(0x8, 0, 0, &0x7fff_0000u32.to_be_bytes())) // WINDOW_UPDATE
+        .await;
+    conn.send(&h2raw::frame(
+        h2raw::HEADERS,
+        h2raw::END_HEADERS | h2raw::END_STREAM,
+        1,
+        &h2raw::request_block("GET", "/", &[]),
+    ))
+    .await;
+    // Read nothing: after the stream's 1 s, the idle 1 s and 1 s to close, Fulcrum must
+    // have let go of its end (which, full of unsent bytes, can only be seen in its state).
+    let client_port = conn.stream.local_addr().unwrap().port();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut state = tcp_state(proxy.addr.port(), client_port);
+    while state.as_deref() == Some("01") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        state = tcp_state(proxy.addr.port(), client_port);
+    }
+    assert_ne!(
+        state.as_deref(),
+        Some("01"),
+        "Fulcrum's end is still ESTABLISHED"
+    );
+}
+
+/// The TCP state (/proc/net/tcp's hex code; `01` is ESTABLISHED) of the socket from
+/// `local_port` to `remote_port`, if there is one.
+fn tcp_state(local_port: u16, remote_port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |field: &str| u16::from_str_radix(field.rsplit(':').next().unwrap(), 16).ok();
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (port(fields[1]) == Some(local_port) && port(fields[2]) == Some(remote_port))
+            .then(|| fields[3].to_string())
+    })
+}

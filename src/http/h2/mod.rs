@@ -31,9 +31,12 @@ pub async fn serve(
 ) {
     let rt = shared.load();
     let client_idle = rt.config.timeouts.client_idle;
+    let grace = rt.config.timeouts.shutdown_grace;
     let _ = stream.set_nodelay(true);
     let io = Prefixed::new(read.freeze(), stream);
-    // The client's SETTINGS must follow its preface within the header deadline too.
+    // Our SETTINGS go out and the client's preface is checked here (its bytes are already
+    // read, within `client_header`); a client silent after it is idle, and goes after
+    // `client_idle` with no stream open.
     let handshake = rt.http2.handshake(io);
     let mut conn = match tokio::time::timeout(rt.config.timeouts.client_header, handshake).await {
         Ok(Ok(conn)) => conn,
@@ -49,7 +52,14 @@ pub async fn serve(
     let idle_check = tokio::time::sleep(client_idle);
     tokio::pin!(idle_check);
     let mut closing = false;
+    // Once closing, the connection gets `client_idle` to finish: a client that stopped
+    // reading would otherwise keep it open forever, its GOAWAY never written.
+    let close_by = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(close_by);
     loop {
+        if closing && close_by.is_elapsed() {
+            break;
+        }
         tokio::select! {
             biased;
             accepted = conn.accept() => match accepted {
@@ -72,13 +82,19 @@ pub async fn serve(
                 None => {
                     // Nothing open to finish: GOAWAY naming the last stream served, and close.
                     closing = true;
+                    close_by.as_mut().reset((Instant::now() + client_idle).into());
                     conn.abrupt_shutdown(h2::Reason::NO_ERROR);
                 }
             },
             () = stopping(&mut shutdown), if !closing => {
                 // GOAWAY: no new streams; the open ones finish, then the connection ends.
                 closing = true;
+                close_by.as_mut().reset((Instant::now() + grace).into());
                 conn.graceful_shutdown();
+            }
+            () = &mut close_by, if closing => {
+                tracing::debug!(%peer, "HTTP/2 connection did not finish closing in time");
+                break;
             }
         }
     }
