@@ -607,3 +607,59 @@ fn tcp_state(local_port: u16, remote_port: u16) -> Option<String> {
             .then(|| fields[3].to_string())
     })
 }
+
+#[tokio::test]
+async fn an_empty_http2_post_goes_upstream_with_a_zero_length() {
+    let backend = echo().await;
+    let proxy = Proxy::simple(&[&backend], "").await;
+    let resp = h2_client().post(proxy.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = backend.seen.last();
+    assert_eq!(seen.headers["content-length"], "0");
+    assert!(!seen.headers.contains_key("transfer-encoding"));
+}
+
+#[tokio::test]
+async fn a_response_listing_its_length_in_connection_keeps_it() {
+    let backend = RawBackend::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: content-length\r\n\r\nok"
+                .to_vec(),
+            false,
+        )
+    })
+    .await;
+    let config = format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
+         [upstreams.app]\nservers = [{{ address = \"{}\" }}]\n",
+        backend.addr
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    // Two requests on one kept-alive connection: the first must be framed for the second
+    // to be read right.
+    let out = support::raw(
+        proxy.addr,
+        b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(support::statuses(&out), [200, 200], "{out:?}");
+    assert_eq!(
+        out.to_ascii_lowercase()
+            .matches("content-length: 2")
+            .count(),
+        2,
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn own_answers_over_http2_carry_a_date() {
+    let backend = Backend::named("a").await;
+    let config = "[listeners.web]\nbind = \"127.0.0.1:0\"\n\
+                  [[listeners.web.routes]]\nhost = \"only.example\"\nupstream = \"app\"\n\
+                  [upstreams.app]\nservers = [{ address = \"{0}\" }]\n";
+    let proxy = Proxy::start(config, &[&backend]).await;
+    let resp = h2_client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(resp.headers().contains_key("date"));
+}

@@ -119,7 +119,13 @@ impl<'r, 'b> Listed<'r, 'b> {
             .iter()
             .filter(|h| h.name.eq_ignore_ascii_case("connection"))
             .flat_map(|h| list(h.value))
-            .filter(|t| !t.eq_ignore_ascii_case("close") && !is_hop_by_hop_name(t.as_bytes()))
+            // A framing field stays whatever `Connection` says: the response is framed by it,
+            // and dropping it would leave the client's copy unframed.
+            .filter(|t| {
+                !t.eq_ignore_ascii_case("close")
+                    && !t.eq_ignore_ascii_case("content-length")
+                    && !is_hop_by_hop_name(t.as_bytes())
+            })
     }
 
     #[inline]

@@ -134,14 +134,14 @@ impl Pool {
     /// an idle connection (of any worker) is closed to make room, or else one in use is
     /// waited for, up to `upstream_connect`.
     pub async fn connect_raw(&self) -> Result<RawConn, ConnectError> {
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
         let slot = match self.slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
                 self.close_one_idle();
                 self.waiting.fetch_add(1, Ordering::Relaxed);
                 let slot =
-                    tokio::time::timeout(self.connect_timeout, self.slots.clone().acquire_owned())
-                        .await;
+                    tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await;
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
                 slot.ok().and_then(Result::ok).ok_or(ConnectError::Busy(
                     self.address,
@@ -150,7 +150,8 @@ impl Pool {
                 ))?
             }
         };
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address))
+        // One deadline for the wait for a slot and the connect together.
+        let stream = tokio::time::timeout_at(deadline, TcpStream::connect(self.address))
             .await
             .map_err(|_| ConnectError::TimedOut(self.address, self.connect_timeout))?
             .map_err(|e| ConnectError::from_io(self.address, e))?;

@@ -10,7 +10,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 
 use crate::http::{headers, validate};
 use crate::http1::body::Framing;
@@ -35,7 +35,12 @@ pub async fn serve(
     // An HTTP/1.1 upstream needs a length or chunks: a body without a declared length is
     // sent chunked.
     let framing = if recv.is_end_stream() {
-        Framing::Empty
+        // An empty POST, PUT or PATCH still says so over HTTP/1.1: servers may answer a
+        // body-carrying method without a length with 411.
+        match *head.method() {
+            Method::POST | Method::PUT | Method::PATCH => Framing::Length(0),
+            _ => Framing::Empty,
+        }
     } else {
         match validate::content_length(head.headers()) {
             Ok(Some(n)) => Framing::Length(n),
@@ -217,6 +222,11 @@ impl ResponseWriter for H2Writer {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         fields.insert(header::CONTENT_LENGTH, HeaderValue::from(answer.body.len()));
+        if let Ok(date) =
+            HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now()))
+        {
+            fields.insert(header::DATE, date);
+        }
         if answer.retry_after {
             fields.insert(header::RETRY_AFTER, HeaderValue::from(1));
         }
