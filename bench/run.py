@@ -7,11 +7,17 @@ medians are reported. Requests per CPU-second divide the requests served by the 
 process's own user+system CPU time over the run (from /proc), so the figure does not
 depend on how much CPU the load generator took.
 
-Usage: python3 bench/run.py [--rounds N] [--duration SECONDS] [--out FILE]
+Scenarios use wrk over HTTP/1.1, except `h2c`: h2load with prior-knowledge HTTP/2 (16
+connections of 10 concurrent streams each) to the proxy, which talks HTTP/1.1 to the backend.
+
+Usage: python3 bench/run.py [--rounds N] [--duration SECONDS] [--scenarios KEY,...]
+                            [--port-base PORT] [--out FILE]
 Installs nginx, haproxy, wrk and h2load (nghttp2-client) from Debian packages if missing.
 """
 
 import argparse
+import collections
+import math
 import os
 import re
 import shutil
@@ -23,16 +29,28 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKEND_PORT = 18001
-PROXY_PORT = 18080
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+
+def set_ports(base):
+    """All ports the benchmark listens on, from one base (default 18000), all on 127.0.0.1."""
+    global BACKEND_PORT, BACKEND_H2C_PORT, PROXY_PORT, PROXY_H2C_PORT
+    BACKEND_PORT = base + 1  # the nginx backend, HTTP/1.1
+    BACKEND_H2C_PORT = base + 2  # the same backend over h2c, for the direct h2c row only
+    PROXY_PORT = base + 80  # the proxy under test, HTTP/1.1 (and h2c for Fulcrum)
+    PROXY_H2C_PORT = base + 82  # nginx's and HAProxy's h2c-only listeners
+
+
+set_ports(18000)
+
+# key (for --scenarios), title, path, connections, extra client args, client
+Scenario = collections.namedtuple("Scenario", "key title path conns extra client")
 SCENARIOS = [
-    # name, path, connections, extra wrk args
-    ("keep-alive 1 KiB, 64 conns", "/1k", 64, []),
-    ("keep-alive 1 KiB, 256 conns", "/1k", 256, []),
-    ("new connection per request", "/1k", 32, ["-H", "Connection: close"]),
-    ("keep-alive 100 KiB, 64 conns", "/100k", 64, []),
+    Scenario("ka64", "keep-alive 1 KiB, 64 conns", "/1k", 64, [], "wrk"),
+    Scenario("ka256", "keep-alive 1 KiB, 256 conns", "/1k", 256, [], "wrk"),
+    Scenario("new", "new connection per request", "/1k", 32, ["-H", "Connection: close"], "wrk"),
+    Scenario("100k", "keep-alive 100 KiB, 64 conns", "/100k", 64, [], "wrk"),
+    Scenario("h2c", "h2c, 16 connections × 10 streams", "/1k", 16, ["-m10"], "h2load"),
 ]
 
 
@@ -73,7 +91,8 @@ def haproxy_bin():
     return shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
-def start_backend(work):
+def start_backend(work, max_conns=4096):
+    """The nginx backend, pinned to CPU 1: static 1 KiB and 100 KiB files."""
     www = os.path.join(work, "www")
     os.makedirs(www, exist_ok=True)
     with open(os.path.join(www, "1k"), "wb") as f:
@@ -84,24 +103,36 @@ def start_backend(work):
     with open(conf, "w") as f:
         f.write(f"""
 worker_processes 1; daemon off; pid {work}/backend.pid; error_log {work}/backend.err;
-events {{ worker_connections 4096; }}
+worker_rlimit_nofile {max_conns + 100};
+events {{ worker_connections {max_conns}; }}
 http {{ access_log off; keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{BACKEND_PORT} backlog=4096; root {www}; location / {{ }} }} }}
+  server {{ listen 127.0.0.1:{BACKEND_PORT} backlog=4096; listen 127.0.0.1:{BACKEND_H2C_PORT} http2;
+    root {www}; location / {{ }} }} }}
 """)
     p = subprocess.Popen(["taskset", "-c", "1", nginx_bin(), "-c", conf, "-p", work], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(BACKEND_PORT)
     return p
 
 
-def proxy_configs(work, fulcrum):
+def proxy_configs(work, fulcrum, max_conns=8192):
+    """Command lines for the three proxies, each with one worker, in front of the backend.
+
+    max_conns bounds the client connections each proxy accepts (nginx counts upstream
+    connections too, so it gets twice that); the file descriptor limits follow from it.
+    nginx and HAProxy serve h2c (prior knowledge) on PROXY_H2C_PORT, Fulcrum on PROXY_PORT.
+    nginx 1.22 (Debian 12) has no `http2 on;` yet: `listen … http2` makes that listener
+    HTTP/2-only, hence the second listener.
+    """
     nginx_conf = os.path.join(work, "nginx-proxy.conf")
     with open(nginx_conf, "w") as f:
         f.write(f"""
 worker_processes 1; daemon off; pid {work}/nginx-proxy.pid; error_log {work}/nginx-proxy.err;
-events {{ worker_connections 8192; }}
+worker_rlimit_nofile {2 * max_conns + 100};
+events {{ worker_connections {2 * max_conns}; }}
 http {{ access_log off; keepalive_requests 1000000;
   upstream backend {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}
   server {{ listen 127.0.0.1:{PROXY_PORT} backlog=4096 deferred;
+    listen 127.0.0.1:{PROXY_H2C_PORT} http2 backlog=4096 deferred;
     location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}
 """)
     haproxy_conf = os.path.join(work, "haproxy.cfg")
@@ -109,9 +140,10 @@ http {{ access_log off; keepalive_requests 1000000;
         f.write(f"""
 global
   nbthread 1
-  maxconn 8192
+  maxconn {max_conns}
 defaults
   mode http
+  maxconn {max_conns}
   timeout connect 5s
   timeout client 60s
   timeout server 60s
@@ -119,6 +151,7 @@ defaults
   http-reuse always
 frontend fe
   bind 127.0.0.1:{PROXY_PORT} defer-accept
+  bind 127.0.0.1:{PROXY_H2C_PORT} defer-accept proto h2
   default_backend be
 backend be
   server s1 127.0.0.1:{BACKEND_PORT}
@@ -126,7 +159,9 @@ backend be
     fulcrum_conf = os.path.join(work, "fulcrum.toml")
     with open(fulcrum_conf, "w") as f:
         f.write(f"""
+workers = 1
 [listeners.bench]
+max_connections = {max_conns}
 bind = "127.0.0.1:{PROXY_PORT}"
 [[listeners.bench.routes]]
 upstream = "backend"
@@ -202,38 +237,95 @@ def run_wrk(port, path, conns, extra, duration):
     }
 
 
-def measure(name, cmd, scenario, duration):
-    title, path, conns, extra = scenario
-    proc = subprocess.Popen(["taskset", "-c", "0", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def run_h2load(port, path, conns, extra, duration):
+    """h2load, prior-knowledge HTTP/2 over cleartext; latency percentiles from its per-request log."""
+    with tempfile.NamedTemporaryFile(prefix="fulcrum-h2load-", suffix=".log") as log:
+        args = ["taskset", "-c", "1", "h2load", "-t1", f"-c{conns}", *extra, f"-D{duration}", f"--log-file={log.name}", f"http://127.0.0.1:{port}{path}"]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60).stdout
+        times = sorted(int(line.split("\t")[2]) / 1000 for line in open(log.name) if line.count("\t") >= 2)
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+    if not m:
+        raise RuntimeError(f"h2load gave no summary:\n{out}")
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    pct = lambda q: times[min(len(times) - 1, math.ceil(q * len(times)) - 1)] if times else float("nan")
+    return {
+        "requests": int(m.group(3)),
+        "rps": float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1)),
+        "p50": pct(0.50),
+        "p99": pct(0.99),
+        "errors": int(codes.group(3)) + int(codes.group(4)),  # 4xx and 5xx, as wrk's non-2xx or 3xx
+        "socket_errors": f"failed {m.group(5)}, errored {m.group(6)}, timeout {m.group(7)}" if int(m.group(5)) + int(m.group(6)) + int(m.group(7)) else "",
+    }
+
+
+def run_client(scenario, port, duration):
+    client = run_h2load if scenario.client == "h2load" else run_wrk
+    return client(port, scenario.path, scenario.conns, scenario.extra, duration)
+
+
+def port_for(name, scenario):
+    """Where the scenario's client connects: nginx and HAProxy take h2c on their own port."""
+    if scenario.client == "h2load":
+        return {"direct": BACKEND_H2C_PORT, "fulcrum": PROXY_PORT}.get(name, PROXY_H2C_PORT)
+    return BACKEND_PORT if name == "direct" else PROXY_PORT
+
+
+def start_proxy(cmd, cpu="0"):
+    """Starts a proxy pinned to one CPU and waits until it listens on PROXY_PORT."""
+    proc = subprocess.Popen(["taskset", "-c", cpu, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(PROXY_PORT)
-        time.sleep(0.3)
+    except BaseException:
+        stop_proxy(proc)
+        raise
+    time.sleep(0.3)
+    return proc
+
+
+def stop_proxy(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    time.sleep(0.3)
+
+
+def measure(name, cmd, scenario, duration):
+    proc = start_proxy(cmd)
+    try:
+        port = port_for(name, scenario)
+        wait_port(port)
         # Warm up pools and caches, uncounted.
-        run_wrk(PROXY_PORT, path, conns, extra, 1)
+        run_client(scenario, port, 1)
         pids = pids_of(proc)
         before = cpu_ticks(pids)
-        result = run_wrk(PROXY_PORT, path, conns, extra, duration)
+        result = run_client(scenario, port, duration)
         cpu = (cpu_ticks(pids) - before) / CLK_TCK
         result["cpu_s"] = cpu
         result["per_cpu_s"] = result["requests"] / cpu if cpu > 0 else float("nan")
         result["rss_mib"] = peak_rss_kib(pids) / 1024
         return result
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        time.sleep(0.3)
+        stop_proxy(proc)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--scenarios", default=",".join(s.key for s in SCENARIOS),
+                        help="comma-separated scenario keys to run, of: " + ", ".join(f"{s.key} ({s.title})" for s in SCENARIOS))
+    parser.add_argument("--port-base", type=int, default=18000, help="listen on 127.0.0.1 ports BASE+1, +2, +80, +82")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
+    keys = [k.strip() for k in args.scenarios.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in {s.key for s in SCENARIOS}]
+    if unknown or not keys:
+        parser.error(f"unknown scenario {', '.join(unknown) or '(none given)'}; known: {', '.join(s.key for s in SCENARIOS)}")
+    scenarios = [s for s in SCENARIOS if s.key in keys]
+    set_ports(args.port_base)
 
     install()
     fulcrum = build_fulcrum()
@@ -244,15 +336,15 @@ def main():
     results = {}  # (scenario, proxy) -> [result]
     try:
         for rnd in range(args.rounds):
-            for scenario in SCENARIOS:
+            for scenario in scenarios:
                 # Direct run: the backend alone, the limit any proxy could reach.
-                direct = run_wrk(BACKEND_PORT, scenario[1], scenario[2], scenario[3], args.duration)
-                results.setdefault((scenario[0], "direct"), []).append(direct)
+                direct = run_client(scenario, port_for("direct", scenario), args.duration)
+                results.setdefault((scenario.title, "direct"), []).append(direct)
                 order = list(proxies) if rnd % 2 == 0 else list(reversed(proxies))
                 for name in order:
                     r = measure(name, proxies[name], scenario, args.duration)
-                    results.setdefault((scenario[0], name), []).append(r)
-                    print(f"round {rnd + 1} {scenario[0]:32} {name:8} {r['rps']:10.0f} req/s {r['per_cpu_s']:10.0f} req/CPU-s  errors {r['errors']} {r['socket_errors']}", file=sys.stderr)
+                    results.setdefault((scenario.title, name), []).append(r)
+                    print(f"round {rnd + 1} {scenario.title:32} {name:8} {r['rps']:10.0f} req/s {r['per_cpu_s']:10.0f} req/CPU-s  errors {r['errors']} {r['socket_errors']}", file=sys.stderr)
     finally:
         backend.send_signal(signal.SIGTERM)
         backend.wait(timeout=10)
@@ -260,14 +352,14 @@ def main():
 
     med = lambda rs, key: statistics.median(r[key] for r in rs)
     lines = [
-        f"Medians of {args.rounds} interleaved rounds of {args.duration}s each; proxy pinned to CPU 0, wrk and the nginx backend to CPU 1.",
+        f"Medians of {args.rounds} interleaved rounds of {args.duration}s each; proxy pinned to CPU 0, wrk (h2load for h2c) and the nginx backend to CPU 1.",
         "",
         "| scenario | proxy | req/s | p50 ms | p99 ms | req per CPU-s | peak RSS MiB | non-2xx |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     ratios = []
-    for scenario in SCENARIOS:
-        title = scenario[0]
+    for scenario in scenarios:
+        title = scenario.title
         for name in ["direct", "fulcrum", "nginx", "haproxy"]:
             rs = results[(title, name)]
             per_cpu = f"{med(rs, 'per_cpu_s'):.0f}" if name != "direct" else "-"
