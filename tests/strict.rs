@@ -232,3 +232,15 @@ async fn an_abandoned_response_never_returns_its_connection_to_the_pool() {
         "the half-read connection was reused"
     );
 }
+
+#[tokio::test]
+async fn an_endless_trailer_section_is_refused_not_read_forever() {
+    let (_backend, proxy) = setup("").await;
+    let mut request =
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n".to_vec();
+    for i in 0..8_000 {
+        request.extend_from_slice(format!("X-Trailer-{i}: 1\r\n").as_bytes());
+    }
+    let out = raw(proxy.addr, &request).await;
+    assert_eq!(statuses(&out), [400], "{out:?}");
+}

@@ -38,8 +38,9 @@ enum State {
     ChunkData(u64),
     /// Expecting the CRLF after a chunk's data.
     ChunkEnd,
-    /// After the last chunk: trailer lines until an empty line.
-    Trailers,
+    /// After the last chunk: trailer lines until an empty line, with the bytes of the
+    /// section read so far (the whole section is bounded, not just each line).
+    Trailers(usize),
     UntilClose,
     Done,
 }
@@ -66,7 +67,7 @@ pub enum BodyError {
 
 /// Longest chunk-size line accepted, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
-/// Largest trailer section accepted; trailers are read and dropped.
+/// Largest trailer section accepted, all lines together; trailers are read and dropped.
 const MAX_TRAILERS: usize = 16 * 1024;
 
 impl Decoder {
@@ -124,7 +125,7 @@ impl Decoder {
                     let size = chunk_size(&buf[..line_end - 2])?;
                     buf.advance(line_end);
                     self.state = if size == 0 {
-                        State::Trailers
+                        State::Trailers(0)
                     } else {
                         State::ChunkData(size)
                     };
@@ -139,15 +140,18 @@ impl Decoder {
                     buf.advance(2);
                     self.state = State::ChunkSize;
                 }
-                State::Trailers => {
-                    let Some(line_end) = line_end(buf, MAX_TRAILERS, BodyError::Trailers)? else {
+                State::Trailers(seen) => {
+                    let room = MAX_TRAILERS - seen;
+                    let Some(line_end) = line_end(buf, room, BodyError::Trailers)? else {
                         return Ok(Decoded::NeedMore);
                     };
                     let empty = line_end == 2;
                     buf.advance(line_end);
-                    if empty {
-                        self.state = State::Done;
-                    }
+                    self.state = if empty {
+                        State::Done
+                    } else {
+                        State::Trailers(seen + line_end)
+                    };
                 }
             }
         }
@@ -237,6 +241,26 @@ mod tests {
             decode_all(Framing::Chunked, input, 1).unwrap(),
             b"hello world"
         );
+    }
+
+    #[test]
+    fn the_whole_trailer_section_is_bounded_not_just_each_line() {
+        let mut endless = b"1\r\na\r\n0\r\n".to_vec();
+        for i in 0..2_000 {
+            endless.extend_from_slice(format!("X-T{i}: 1\r\n").as_bytes());
+        }
+        assert_eq!(
+            decode_all(Framing::Chunked, &endless, 512),
+            Err(BodyError::Trailers)
+        );
+        // Under the bound, however many lines, the section is read and dropped.
+        let mut many = b"1\r\na\r\n0\r\n".to_vec();
+        for i in 0..500 {
+            many.extend_from_slice(format!("X-T{i}: 1\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert!(many.len() < MAX_TRAILERS);
+        assert_eq!(decode_all(Framing::Chunked, &many, 512).unwrap(), b"a");
     }
 
     #[test]
