@@ -1,7 +1,14 @@
 //! Log output: diagnostics go to stderr (filtered by `RUST_LOG`, default `info`); the access
 //! log (target `access`) goes to stdout as text or JSON lines, or nowhere when switched off.
+//!
+//! A worker never waits for stdout: access log lines go through a bounded queue to a writer
+//! thread, and when a slow reader lets the queue fill, lines are dropped, counted, and the
+//! count reported on stderr.
 
 use std::io::IsTerminal;
+use std::time::Duration;
+
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 
 use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
@@ -9,7 +16,18 @@ use tracing_subscriber::{Layer, fmt};
 
 use crate::config::{AccessLogConfig, LogFormat};
 
-pub fn init(access: &AccessLogConfig) {
+/// Access log lines waiting for stdout at most; about 200 bytes each.
+const QUEUED_LINES: usize = 16 * 1024;
+/// How often dropped lines are reported.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps the access log's writer thread; dropping it writes out what is queued (waiting at
+/// most a second for a stalled stdout).
+pub struct LogGuard {
+    _writer: WorkerGuard,
+}
+
+pub fn init(access: &AccessLogConfig) -> LogGuard {
     let diagnostics_filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let diagnostics = fmt::layer()
@@ -29,9 +47,17 @@ pub fn init(access: &AccessLogConfig) {
             LevelFilter::OFF
         },
     );
+    let (stdout, guard) = NonBlockingBuilder::default()
+        .buffered_lines_limit(QUEUED_LINES)
+        .lossy(true)
+        .thread_name("fulcrum-access-log")
+        .finish(std::io::stdout());
+    if access.enabled {
+        report_dropped_lines(stdout.error_counter());
+    }
     let access_layer = match access.format {
         LogFormat::Text => fmt::layer()
-            .with_writer(std::io::stdout)
+            .with_writer(stdout)
             .with_ansi(std::io::stdout().is_terminal())
             .with_target(false)
             .with_filter(access_targets)
@@ -39,7 +65,7 @@ pub fn init(access: &AccessLogConfig) {
         LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
-            .with_writer(std::io::stdout)
+            .with_writer(stdout)
             .with_filter(access_targets)
             .boxed(),
     };
@@ -47,4 +73,28 @@ pub fn init(access: &AccessLogConfig) {
         .with(diagnostics)
         .with(access_layer)
         .try_init();
+    LogGuard { _writer: guard }
+}
+
+/// Says on stderr, at most every `REPORT_EVERY`, how many access log lines were dropped
+/// since the last report because stdout did not keep up.
+fn report_dropped_lines(dropped: ErrorCounter) {
+    let watch = move || {
+        let mut reported = 0;
+        loop {
+            std::thread::sleep(REPORT_EVERY);
+            let now = dropped.dropped_lines();
+            if now > reported {
+                tracing::warn!(
+                    dropped = now - reported,
+                    total = now,
+                    "access log lines dropped: stdout is not keeping up"
+                );
+                reported = now;
+            }
+        }
+    };
+    let _ = std::thread::Builder::new()
+        .name("fulcrum-log-watch".into())
+        .spawn(watch);
 }

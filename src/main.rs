@@ -103,7 +103,8 @@ fn check(path: &std::path::Path) -> ExitCode {
 /// Serves until SIGTERM or SIGINT; on SIGHUP, reads the config file at `path` again and
 /// applies it if it is good.
 async fn run(config: Config, path: Option<&std::path::Path>) -> ExitCode {
-    fulcrum::logging::init(&config.access_log);
+    // Held to the end, so that queued access log lines are written out on exit.
+    let _log = fulcrum::logging::init(&config.access_log);
     let grace = config.timeouts.shutdown_grace;
     let server = match Server::start_workers(config) {
         Ok(server) => server,

@@ -74,3 +74,46 @@ async fn switched_off_means_no_lines() {
         "access log lines despite enabled = false: {out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdout_nobody_reads_never_stops_a_worker() {
+    let backend = Backend::named("a").await;
+    // Stdout into a pipe the test never reads: it fills after about 64 KiB of lines.
+    let (reader, writer) = std::io::pipe().unwrap();
+    let fulcrum = Process::start_with(&simple_config(1, ""), &[&backend], move |command| {
+        command.stdout(writer);
+    });
+    let http = client();
+    let started = std::time::Instant::now();
+    // Far more lines than the pipe and the queue hold, over concurrent clients.
+    let loops = (0..8).map(|_| {
+        let (http, url) = (
+            http.clone(),
+            fulcrum.url("/a-path-that-makes-the-line-longer"),
+        );
+        async move {
+            for _ in 0..3_000 {
+                let resp = http.get(&url).send().await.unwrap();
+                assert_eq!(resp.status(), 200);
+            }
+        }
+    });
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        futures_util::future::join_all(loops),
+    )
+    .await
+    .expect("requests stalled behind a full stdout");
+    eprintln!(
+        "24,000 requests with stdout full took {:?}",
+        started.elapsed()
+    );
+    let warning = tokio::time::timeout(
+        Duration::from_secs(15),
+        fulcrum.log_from("access log lines dropped"),
+    )
+    .await
+    .expect("no warning about dropped lines");
+    assert!(warning.contains("dropped="), "{warning}");
+    drop(reader);
+}

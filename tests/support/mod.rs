@@ -278,7 +278,9 @@ impl Process {
         })
     }
 
-    fn start_with(
+    /// Like [`Process::start`], after `configure` has had its say on the command (its
+    /// stdout, say).
+    pub fn start_with(
         config: &str,
         backends: &[&Backend],
         configure: impl FnOnce(&mut std::process::Command),
@@ -288,15 +290,14 @@ impl Process {
         let path = dir.0.join("fulcrum.toml");
         std::fs::write(&path, fill(config, backends)).unwrap();
         let mut command = binary();
-        configure(&mut command);
-        let mut child = command
+        command
             .args(["run", "-c"])
             .arg(&path)
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(std::process::Stdio::piped());
+        configure(&mut command);
+        let mut child = command.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let log = Arc::new(Mutex::new(String::new()));
@@ -313,19 +314,21 @@ impl Process {
             }
         });
         let stdout = Arc::new(Mutex::new(String::new()));
-        let mut out = child.stdout.take().unwrap();
-        let sink = stdout.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = out.read(&mut buf) {
-                if n == 0 {
-                    break;
+        // Absent when `configure` sent stdout elsewhere.
+        if let Some(mut out) = child.stdout.take() {
+            let sink = stdout.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = out.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+            });
+        }
         let addr = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("fulcrum did not start listening");
