@@ -27,9 +27,10 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
 }
 
-/// A listener socket bound once and shared by every worker's accept loop.
+/// A listener's sockets, one per worker, all bound to its address with `SO_REUSEPORT`: the
+/// kernel hands each new connection to one worker, rather than waking every worker for it.
 struct Bound {
-    socket: std::net::TcpListener,
+    sockets: Vec<std::net::TcpListener>,
     connections: Arc<Semaphore>,
 }
 
@@ -37,14 +38,14 @@ impl Server {
     /// Binds every listener and serves on the current tokio runtime, as a single worker
     /// (tests, embedding). Fails without serving anything if a listener cannot be bound.
     pub async fn start(config: Config) -> io::Result<Server> {
-        let (server, bound) = Server::bind_all(config)?;
+        let (server, bound) = Server::bind_all(config, 1)?;
         tokio::spawn(sweep_idle_connections(
             server.shared.clone(),
             server.shutdown.subscribe(),
         ));
-        for (index, b) in bound.into_iter().enumerate() {
+        for (index, mut b) in bound.into_iter().enumerate() {
             let listener = Listener {
-                socket: TcpListener::from_std(b.socket)?,
+                socket: TcpListener::from_std(b.sockets.remove(0))?,
                 index,
                 connections: b.connections,
             };
@@ -60,11 +61,15 @@ impl Server {
     /// Binds every listener and serves on `config.workers` worker threads.
     pub fn start_workers(config: Config) -> io::Result<Server> {
         let workers = config.workers;
-        let (server, bound) = Server::bind_all(config)?;
+        let (server, mut bound) = Server::bind_all(config, workers)?;
         for worker in 0..workers {
             let mut listeners = Vec::new();
-            for (index, b) in bound.iter().enumerate() {
-                listeners.push((index, b.socket.try_clone()?, b.connections.clone()));
+            for (index, b) in bound.iter_mut().enumerate() {
+                listeners.push((
+                    index,
+                    b.sockets.pop().expect("a socket per worker"),
+                    b.connections.clone(),
+                ));
             }
             let (shared, shutdown) = (server.shared.clone(), server.shutdown.subscribe());
             std::thread::Builder::new()
@@ -99,26 +104,27 @@ impl Server {
         Ok(server)
     }
 
-    fn bind_all(config: Config) -> io::Result<(Server, Vec<Bound>)> {
+    /// Binds `per_listener` sockets for each listener.
+    fn bind_all(config: Config, per_listener: usize) -> io::Result<(Server, Vec<Bound>)> {
         let mut bound = Vec::new();
         let mut local_addrs = Vec::new();
         let mut connection_limits = Vec::new();
         for l in &config.listeners {
             let defer = l.defer_accept.then_some(config.timeouts.client_header);
-            let socket = bind(l.bind, defer).map_err(|e| {
+            let sockets = bind_each(l.bind, defer, per_listener).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("listener `{}` cannot bind {}: {e}", l.name, l.bind),
                 )
             })?;
-            let addr = socket.local_addr()?;
+            let addr = sockets[0].local_addr()?;
             tracing::info!(listener = %l.name, %addr, "listening");
             local_addrs.push(addr);
             let permits = u32::try_from(l.max_connections).unwrap_or(u32::MAX);
             let connections = Arc::new(Semaphore::new(permits as usize));
             connection_limits.push((connections.clone(), permits));
             bound.push(Bound {
-                socket,
+                sockets,
                 connections,
             });
         }
@@ -227,6 +233,34 @@ pub fn worker() -> usize {
     WORKER.get()
 }
 
+/// `count` listening sockets on `addr` (its port chosen once if it is 0), one per worker.
+///
+/// `SO_REUSEPORT` would also let another process bind the same address and silently take
+/// a share of its connections, so the address is first bound without it, which fails if
+/// anything listens there already, and let go just before the worker sockets take it.
+fn bind_each(
+    addr: SocketAddr,
+    defer_accept: Option<Duration>,
+    count: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let probe = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    probe.set_reuse_address(true)?;
+    // Bound, never listening: no connection can land on it.
+    probe.bind(&addr.into())?;
+    let addr = probe
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("a bound socket without an address"))?;
+    drop(probe);
+    (0..count.max(1))
+        .map(|_| bind(addr, defer_accept))
+        .collect()
+}
+
 /// A listening socket. With `defer_accept`, the kernel hands over a connection only once its
 /// first bytes have arrived (or `defer_accept` has passed): a connecting client that sends
 /// nothing costs no wakeup, and the first read finds the request there.
@@ -238,6 +272,7 @@ fn bind(addr: SocketAddr, defer_accept: Option<Duration>) -> io::Result<std::net
     )?;
     // Lets a restarted Fulcrum bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     if let Some(wait) = defer_accept {

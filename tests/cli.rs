@@ -86,6 +86,47 @@ fn run_exits_with_a_clear_error_when_the_port_is_taken() {
 }
 
 #[test]
+fn a_second_fulcrum_cannot_share_a_running_ones_port() {
+    // Each worker's socket is bound with SO_REUSEPORT, which another process of the same
+    // user could join silently, taking a share of the connections.
+    let config = "workers = 2\n[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [{ address = \"127.0.0.1:9\" }]\n";
+    let first = support::Process::start(config, &[]);
+    let addr = first.addr;
+    let dir = TempDir::new();
+    let path = dir.0.join("fulcrum.toml");
+    std::fs::write(&path, config.replace("127.0.0.1:0", &addr.to_string())).unwrap();
+    let mut second = binary()
+        .arg("run")
+        .arg("-c")
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "a second Fulcrum started on {addr}"
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains(&format!("listener `web` cannot bind {addr}")),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn missing_config_file_is_a_clear_error() {
     let out = binary()
         .args(["check", "-c", "/nonexistent/fulcrum.toml"])
