@@ -106,3 +106,75 @@ async fn sticky_tokens_survive_a_reload_and_with_a_configured_secret_a_restart()
     let third = Process::start(&sticky(secret), &[&app]);
     assert_eq!(pin(&third).await, keyed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_steady_load_on_several_workers_fail_no_request() {
+    let backends = [
+        Backend::named("a").await,
+        Backend::named("b").await,
+        Backend::named("c").await,
+    ];
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let with = |servers: &str| format!("workers = 2\n{}", config(servers, "127.0.0.1:0"));
+    let process = Process::start(&with("{ address = \"{0}\" }, { address = \"{1}\" }"), &refs);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Six clients, HTTP/1.1 and HTTP/2, each at most 2,000 requests or until told to stop.
+    let clients = (0..6).map(|i| {
+        let client = if i % 2 == 0 {
+            support::client()
+        } else {
+            reqwest::Client::builder()
+                .no_proxy()
+                .http2_prior_knowledge()
+                .build()
+                .unwrap()
+        };
+        let (url, stop) = (process.url("/"), stop.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for _ in 0..2_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let resp = client.get(&url).send().await;
+                answers.push(match resp {
+                    Ok(resp) if resp.status() == 200 => resp.text().await.unwrap_or_default(),
+                    Ok(resp) => format!("status {}", resp.status()),
+                    Err(e) => format!("error {e}"),
+                });
+            }
+            answers
+        })
+    });
+    let clients: Vec<_> = clients.collect();
+    let sets = [
+        "{ address = \"{1}\" }, { address = \"{2}\" }",
+        "{ address = \"{0}\", weight = 3 }, { address = \"{2}\" }",
+        "{ address = \"{0}\" }, { address = \"{1}\", drain = true }, { address = \"{2}\" }",
+        "{ address = \"{2}\" }",
+        "{ address = \"{0}\" }, { address = \"{1}\" }, { address = \"{2}\" }",
+        "{ address = \"{1}\" }",
+    ];
+    for servers in sets {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        std::fs::write(&process.config, support::fill(&with(servers), &refs)).unwrap();
+        process.signal("HUP");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        for answer in client.await.unwrap() {
+            total += 1;
+            assert!(
+                ["a", "b", "c"].contains(&answer.as_str()),
+                "a request failed: {answer}"
+            );
+        }
+    }
+    assert!(total > 100, "only {total} requests ran");
+    let log = process.stderr.lock().unwrap().clone();
+    assert_eq!(log.matches("config reloaded").count(), 6, "{log}");
+    // The last config is the one in force.
+    assert_eq!(answers(&process, 6).await, HashSet::from(["b".to_string()]));
+}
