@@ -9,9 +9,10 @@ use clap::{Parser, Subcommand};
 use fulcrum::config::{self, Config};
 
 // Connections come and go with a few buffers each; mimalloc serves such churn with far
-// fewer instructions than glibc's allocator (measured: see bench/README.md). Its v2 build
-// without transparent huge pages gives memory back: with v3, or with huge pages, 4,000
-// idle or waiting connections held 2.5-6x the memory (bench/README.md, memory section).
+// fewer instructions than glibc's allocator (measured: see bench/README.md). Built without
+// transparent huge pages: with them, 4,000 connections waiting for their heads held 19 KiB
+// each instead of 7. (Its v2 build gave idle memory back sooner but cost 20% on 100 KiB
+// responses: bench/README.md, memory section.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use fulcrum::server::Server;
