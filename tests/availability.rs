@@ -6,7 +6,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::{Backend, Process, Proxy, client, raw, simple_config, statuses};
+use support::{Backend, Process, Proxy, client, config_for, raw, simple_config, statuses};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -14,17 +14,6 @@ use tokio::net::TcpStream;
 async fn dead_address() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap()
-}
-
-fn config_for(addrs: &[SocketAddr], extra: &str) -> String {
-    let servers: Vec<String> = addrs
-        .iter()
-        .map(|a| format!("{{ address = \"{a}\" }}"))
-        .collect();
-    format!(
-        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [{}]\n{extra}",
-        servers.join(", ")
-    )
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use support::h2raw::{self, Conn};
-use support::{Backend, Proxy, RawBackend, full, read_until_close};
+use support::{Backend, Proxy, RawBackend, config_for, full, read_until_close};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -126,11 +126,7 @@ async fn an_early_response_survives_the_request_body_nobody_read() {
     let mut reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {ANSWER}\r\n\r\n").into_bytes();
     reply.resize(reply.len() + ANSWER, b'y');
     let backend = RawBackend::start(move |_| (reply.clone(), false)).await;
-    let config = format!(
-        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
-         [upstreams.app]\nservers = [{{ address = \"{}\" }}]\n",
-        backend.addr
-    );
+    let config = config_for(&[backend.addr], "");
     let proxy = Proxy::start(&config, &[]).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(16 * 1024).unwrap();
@@ -193,11 +189,7 @@ async fn a_server_trickling_its_response_head_gets_one_deadline() {
             });
         }
     });
-    let config = format!(
-        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
-         [upstreams.app]\nservers = [{{ address = \"{addr}\" }}]\n\
-         [timeouts]\nupstream_response_header = \"1s\"\n"
-    );
+    let config = config_for(&[addr], "[timeouts]\nupstream_response_header = \"1s\"\n");
     let proxy = Proxy::start(&config, &[]).await;
     let started = Instant::now();
     let resp = support::client().get(proxy.url("/")).send().await.unwrap();
@@ -335,11 +327,7 @@ async fn every_field_a_response_lists_in_connection_stays_behind_for_both_protoc
     }
     head.push_str("\r\nok");
     let backend = RawBackend::start(move |_| (head.clone().into_bytes(), false)).await;
-    let config = format!(
-        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
-         [upstreams.app]\nservers = [{{ address = \"{}\" }}]\n",
-        backend.addr
-    );
+    let config = config_for(&[backend.addr], "");
     let proxy = Proxy::start(&config, &[]).await;
     for client in [support::client(), h2_client()] {
         let resp = client.get(proxy.url("/")).send().await.unwrap();
@@ -424,10 +412,7 @@ async fn pooled_connections_the_server_closes_are_closed_while_idle() {
             });
         }
     });
-    let config = format!(
-        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
-         [upstreams.app]\nservers = [{{ address = \"{addr}\" }}]\npool_idle_timeout = \"60s\"\n"
-    );
+    let config = config_for(&[addr], "pool_idle_timeout = \"60s\"\n");
     let proxy = Proxy::start(&config, &[]).await;
     let client = support::client();
     for _ in 0..3 {
@@ -629,11 +614,7 @@ async fn a_response_listing_its_length_in_connection_keeps_it() {
         )
     })
     .await;
-    let config = format!(
-        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
-         [upstreams.app]\nservers = [{{ address = \"{}\" }}]\n",
-        backend.addr
-    );
+    let config = config_for(&[backend.addr], "");
     let proxy = Proxy::start(&config, &[]).await;
     // Two requests on one kept-alive connection: the first must be framed for the second
     // to be read right.

@@ -441,6 +441,19 @@ pub fn simple_config(n: usize, extra: &str) -> String {
     )
 }
 
+/// One listener routing everything to one upstream of servers at `addrs` (servers that are
+/// not [`Backend`]s: raw, dead or misbehaving ones), plus `extra` TOML for that upstream.
+pub fn config_for(addrs: &[SocketAddr], extra: &str) -> String {
+    let servers: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("{{ address = \"{a}\" }}"))
+        .collect();
+    format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [{}]\n{extra}",
+        servers.join(", ")
+    )
+}
+
 /// `config` with `{0}`, `{1}`, … replaced by the backends' addresses.
 pub fn fill(config: &str, backends: &[&Backend]) -> String {
     let mut text = config.to_string();
