@@ -111,11 +111,6 @@ where
         .then(|| AccessRecord::new(&req, client.peer.ip(), started));
     let is_head = req.method() == Method::HEAD;
     let unread = framing.has_body();
-    let fail = |failure: Failure| Refusal {
-        failure,
-        is_head,
-        unread,
-    };
 
     // 1. Validate and route.
     let routed = match route(&req, client.listener, rt) {
@@ -126,12 +121,7 @@ where
             // its head can be trusted as the next request. Only a well-formed request
             // without a body that no route takes keeps its connection.
             let unread = unread || reject.status != StatusCode::NOT_FOUND;
-            let refusal = Refusal {
-                failure: reject.into(),
-                is_head,
-                unread,
-            };
-            return refusal.answer(writer, &mut log).await;
+            return answer::write(writer, reject.into(), is_head, unread, &mut log).await;
         }
     };
 
@@ -165,7 +155,7 @@ where
         let found = connect::connect(routed.upstream, &affinity, probe, fresh_only).await;
         let (index, server, mut conn) = match found {
             Ok(found) => found,
-            Err(e) => return fail(Failure::from(e)).answer(writer, &mut log).await,
+            Err(e) => return answer::write(writer, e.into(), is_head, unread, &mut log).await,
         };
         if let Some(log) = log.as_mut() {
             log.upstream = Some(server.address);
@@ -232,7 +222,9 @@ where
     // 5. Respond and log.
     let responded = match outcome {
         Outcome::Responded(responded) => responded,
-        Outcome::Failed(failure) => return fail(failure).answer(writer, &mut log).await,
+        Outcome::Failed(failure) => {
+            return answer::write(writer, failure, is_head, unread, &mut log).await;
+        }
         Outcome::Broken(why) => {
             if let Some(log) = log.as_mut() {
                 log.reason = Some(why);
@@ -262,23 +254,6 @@ where
 /// oversized heads), outside the phases.
 pub async fn refuse<W: ResponseWriter>(writer: &mut W, status: StatusCode, reason: &'static str) {
     answer::write(writer, Failure::new(status, reason), false, true, &mut None).await;
-}
-
-/// A request Fulcrum answers itself, and what the answer must respect.
-struct Refusal {
-    failure: Failure,
-    is_head: bool,
-    unread: bool,
-}
-
-impl Refusal {
-    async fn answer<W: ResponseWriter>(
-        self,
-        writer: &mut W,
-        log: &mut Option<AccessRecord>,
-    ) -> Finished {
-        answer::write(writer, self.failure, self.is_head, self.unread, log).await
-    }
 }
 
 /// Where a validated request goes.
