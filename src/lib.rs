@@ -3,6 +3,8 @@
 //! # Layout
 //! A request travels through the modules in this order:
 //! - [`listener`]: accepts connections, within each listener's connection limit.
+//! - [`tls`]: on a TLS listener, the handshake (certificate by SNI, protocol by ALPN) and the
+//!   transport the HTTP adapters then read and write through.
 //! - [`http`]: tells HTTP/1.1 from HTTP/2 on a new connection and hands it to that
 //!   protocol's adapter (`http::h1`, `http::h2`); checks each request strictly, and holds
 //!   the header policy every protocol shares.
@@ -37,4 +39,5 @@ pub mod proxy;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod tls;
 pub mod upstream;

@@ -1,0 +1,1 @@
+//! Loading and checking certificate chains and keys (being written).

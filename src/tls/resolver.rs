@@ -1,0 +1,1 @@
+//! Choosing a certificate per client by SNI (being written).
