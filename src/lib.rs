@@ -40,4 +40,5 @@ pub mod router;
 pub mod runtime;
 pub mod server;
 pub mod tls;
+pub mod transport;
 pub mod upstream;

@@ -85,6 +85,9 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(config) => {
+            for warning in &config.warnings {
+                eprintln!("{warning}");
+            }
             let servers: usize = config.upstreams.iter().map(|u| u.servers.len()).sum();
             println!(
                 "{}: ok ({} listeners, {} upstreams, {servers} servers)",
@@ -106,6 +109,9 @@ fn check(path: &std::path::Path) -> ExitCode {
 async fn run(config: Config, path: Option<&std::path::Path>) -> ExitCode {
     // Held to the end, so that queued access log lines are written out on exit.
     let _log = fulcrum::logging::init(&config.access_log);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let grace = config.timeouts.shutdown_grace;
     let server = match Server::start_workers(config) {
         Ok(server) => server,
@@ -150,7 +156,12 @@ fn reload(server: &Server, path: Option<&std::path::Path>) {
     };
     let outcome = config::load(path)
         .map_err(|e| e.to_string())
-        .and_then(|config| server.reload(config));
+        .and_then(|config| {
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
+            server.reload(config)
+        });
     match outcome {
         Ok(()) => tracing::info!(config = %path.display(), "SIGHUP: config reloaded"),
         Err(e) => tracing::error!(

@@ -101,6 +101,7 @@ mod tests {
             preserve_host: true,
             pool_max_idle_per_server: 0,
             pool_idle_timeout: Duration::from_secs(1),
+            tls: None,
         };
         Arc::new(Upstream::build(&config, 1, Duration::from_secs(1), None))
     }

@@ -8,6 +8,8 @@ use arc_swap::ArcSwap;
 
 use crate::config::Config;
 use crate::router::Router;
+use crate::tls::client::Connector;
+use crate::tls::server::TlsListener;
 use crate::upstream::Upstream;
 
 /// One immutable snapshot of everything a request needs.
@@ -23,13 +25,16 @@ pub struct Runtime {
 
 pub struct ListenerRuntime {
     pub router: Router,
+    /// The TLS settings new connections are accepted with, on a TLS listener.
+    pub tls: Option<TlsListener>,
 }
 
 impl Runtime {
     /// Builds the snapshot for `config`. Replacing `previous` (a reload), upstreams of the
     /// same name keep the state of servers at the same address: pooled connections, load,
-    /// marked down or ramping up.
-    pub fn build(config: Config, previous: Option<&Runtime>) -> Self {
+    /// marked down or ramping up; TLS listeners of the same name keep their session cache
+    /// and ticket keys.
+    pub fn build(config: Config, previous: Option<&Runtime>) -> Result<Self, String> {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -37,28 +42,46 @@ impl Runtime {
                 let before = previous
                     .and_then(|p| p.upstreams.iter().find(|old| old.name == u.name))
                     .map(|old| &**old);
-                Arc::new(Upstream::build(
-                    u,
-                    config.workers,
-                    config.timeouts.upstream_connect,
-                    before,
-                ))
+                let mut upstream =
+                    Upstream::build(u, config.workers, config.timeouts.upstream_connect, before);
+                upstream.tls = match &u.tls {
+                    Some(tls) => Some(
+                        Connector::build(tls).map_err(|e| format!("upstream `{}`: {e}", u.name))?,
+                    ),
+                    None => None,
+                };
+                Ok(Arc::new(upstream))
             })
-            .collect();
-        let listeners = config
-            .listeners
-            .iter()
-            .map(|l| ListenerRuntime {
+            .collect::<Result<_, String>>()?;
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let before = previous.and_then(|p| {
+                let i = p
+                    .config
+                    .listeners
+                    .iter()
+                    .position(|old| old.name == l.name)?;
+                p.listeners[i].tls.as_ref()
+            });
+            let tls = match &l.tls {
+                Some(tls) => Some(
+                    TlsListener::build(tls, before)
+                        .map_err(|e| format!("listener `{}`: {e}", l.name))?,
+                ),
+                None => None,
+            };
+            listeners.push(ListenerRuntime {
                 router: Router::build(&l.routes, &upstreams),
-            })
-            .collect();
+                tls,
+            });
+        }
         let http2 = http2_builder(&config);
-        Runtime {
+        Ok(Runtime {
             config,
             listeners,
             upstreams,
             http2,
-        }
+        })
     }
 }
 

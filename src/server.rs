@@ -39,6 +39,10 @@ impl Server {
     /// (tests, embedding). Fails without serving anything if a listener cannot be bound.
     pub async fn start(config: Config) -> io::Result<Server> {
         let (server, bound) = Server::bind_all(config, 1)?;
+        tokio::spawn(crate::tls::watch::watch_certificates(
+            server.shared.clone(),
+            server.shutdown.subscribe(),
+        ));
         tokio::spawn(sweep_idle_connections(
             server.shared.clone(),
             server.shutdown.subscribe(),
@@ -62,6 +66,11 @@ impl Server {
     pub fn start_workers(config: Config) -> io::Result<Server> {
         let workers = config.workers;
         let (server, mut bound) = Server::bind_all(config, workers)?;
+        // Once per process, on the caller's runtime: the workers share what it swaps in.
+        tokio::spawn(crate::tls::watch::watch_certificates(
+            server.shared.clone(),
+            server.shutdown.subscribe(),
+        ));
         for worker in 0..workers {
             let mut listeners = Vec::new();
             for (index, b) in bound.iter_mut().enumerate() {
@@ -128,7 +137,8 @@ impl Server {
                 connections,
             });
         }
-        let shared = Arc::new(Shared::new(Runtime::build(config, None)));
+        let runtime = Runtime::build(config, None).map_err(io::Error::other)?;
+        let shared = Arc::new(Shared::new(runtime));
         let (shutdown, _) = watch::channel(false);
         Ok((
             Server {
@@ -156,7 +166,7 @@ impl Server {
                 if changed.len() == 1 { "this" } else { "these" }
             ));
         }
-        self.shared.replace(Runtime::build(config, Some(&current)));
+        self.shared.replace(Runtime::build(config, Some(&current))?);
         Ok(())
     }
 

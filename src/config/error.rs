@@ -60,26 +60,49 @@ impl fmt::Display for ConfigError {
             if i > 0 {
                 writeln!(f)?;
             }
-            let Some(span) = &problem.span else {
-                write!(f, "{}: error: {}", self.file, problem.message)?;
-                continue;
-            };
-            let (line, col) = self.line_col(span.start);
-            writeln!(
-                f,
-                "{}:{}:{}: error: {}",
-                self.file, line, col, problem.message
-            )?;
-            let text = self.source.lines().nth(line - 1).unwrap_or("");
-            let width = self.source[span.clone()]
-                .lines()
-                .next()
-                .map_or(1, |s| s.chars().count().max(1));
-            let width = width.min(text.chars().count().saturating_sub(col - 1).max(1));
-            writeln!(f, "{line:>5} | {text}")?;
-            write!(f, "      | {}{}", " ".repeat(col - 1), "^".repeat(width))?;
+            self.write_problem(f, problem, "error")?;
         }
         Ok(())
+    }
+}
+
+impl ConfigError {
+    /// Each of `warnings`, located and shown like an error.
+    pub fn warnings(file: &str, source: &str, warnings: Vec<Problem>) -> Vec<String> {
+        let located = ConfigError::new(file, source, Vec::new());
+        warnings
+            .iter()
+            .map(|w| {
+                let mut text = String::new();
+                let _ = located.write_problem(&mut text, w, "warning");
+                text
+            })
+            .collect()
+    }
+
+    fn write_problem(
+        &self,
+        f: &mut impl fmt::Write,
+        problem: &Problem,
+        label: &str,
+    ) -> fmt::Result {
+        let Some(span) = &problem.span else {
+            return write!(f, "{}: {label}: {}", self.file, problem.message);
+        };
+        let (line, col) = self.line_col(span.start);
+        writeln!(
+            f,
+            "{}:{}:{}: {label}: {}",
+            self.file, line, col, problem.message
+        )?;
+        let text = self.source.lines().nth(line - 1).unwrap_or("");
+        let width = self.source[span.clone()]
+            .lines()
+            .next()
+            .map_or(1, |s| s.chars().count().max(1));
+        let width = width.min(text.chars().count().saturating_sub(col - 1).max(1));
+        writeln!(f, "{line:>5} | {text}")?;
+        write!(f, "      | {}{}", " ".repeat(col - 1), "^".repeat(width))
     }
 }
 

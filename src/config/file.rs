@@ -33,8 +33,43 @@ pub struct Listener {
     pub bind: Spanned<String>,
     pub max_connections: Option<Spanned<i64>>,
     pub defer_accept: Option<bool>,
+    pub tls: Option<Spanned<ListenerTls>>,
+    pub redirect_to_https: Option<Spanned<bool>>,
+    pub https_port: Option<Spanned<i64>>,
+    pub hsts: Option<Spanned<String>>,
     #[serde(default)]
     pub routes: Vec<Spanned<Route>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    pub certificates: Spanned<Vec<Spanned<Certificate>>>,
+    pub min_version: Option<Spanned<String>>,
+    pub alpn: Option<Spanned<Vec<Spanned<String>>>>,
+    pub session_tickets: Option<bool>,
+    pub session_cache: Option<Spanned<i64>>,
+    pub client_auth: Option<Spanned<String>>,
+    pub client_ca: Option<Spanned<String>>,
+    pub client_cert_header: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    pub ocsp: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    pub ca: Option<Spanned<String>>,
+    pub server_name: Option<Spanned<String>>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub insecure_skip_verify: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,6 +93,7 @@ pub struct Upstream {
     pub fail_timeout: Option<Spanned<String>>,
     pub pool_max_idle_per_server: Option<Spanned<i64>>,
     pub pool_idle_timeout: Option<Spanned<String>>,
+    pub tls: Option<Spanned<UpstreamTls>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,6 +115,7 @@ pub struct Timeouts {
     pub upstream_response_header: Option<Spanned<String>>,
     pub upstream_idle: Option<Spanned<String>>,
     pub shutdown_grace: Option<Spanned<String>>,
+    pub tls_handshake: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -4,6 +4,7 @@
 mod error;
 pub mod file;
 pub mod model;
+mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -51,9 +52,11 @@ pub fn parse(name: &str, text: &str) -> Result<Config, ConfigError> {
             .map(Path::to_path_buf)
             .unwrap_or_default(),
         problems: Vec::new(),
+        warnings: Vec::new(),
     };
-    let config = check.config(file);
+    let mut config = check.config(file);
     if check.problems.is_empty() {
+        config.warnings = ConfigError::warnings(name, text, check.warnings);
         Ok(config)
     } else {
         Err(ConfigError::new(name, text, check.problems))
@@ -65,11 +68,19 @@ struct Checker {
     /// The config file's directory, which relative paths in it start from.
     dir: PathBuf,
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
 }
 
 impl Checker {
     fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
         self.problems.push(Problem {
+            message: message.into(),
+            span: Some(span),
+        });
+    }
+
+    fn warn(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.warnings.push(Problem {
             message: message.into(),
             span: Some(span),
         });
@@ -102,7 +113,7 @@ impl Checker {
         for (name, listener) in file.listeners {
             self.name(&name, "listener");
             let span = listener.span();
-            let listener = listener.into_inner();
+            let mut listener = listener.into_inner();
             let bind = self.socket_addr(&listener.bind, "bind");
             if let Some(bind) = bind
                 && let Some(other) = binds.insert(bind, name.get_ref().clone())
@@ -122,7 +133,27 @@ impl Checker {
                 10_000_000,
                 100_000,
             );
-            let routes = self.routes(name.get_ref(), listener.routes, span, &upstream_index);
+            let tls = listener
+                .tls
+                .take()
+                .map(|tls| self.listener_tls(name.get_ref(), tls))
+                .and_then(|tls| tls);
+            let redirect_to_https = self.redirect_to_https(&listener, tls.is_some());
+            let hsts = self.hsts(listener.hsts.as_ref(), tls.is_some());
+            let host_spans: Vec<(String, Range<usize>)> = listener
+                .routes
+                .iter()
+                .filter_map(|r| r.get_ref().host.as_ref())
+                .map(|h| (h.get_ref().to_ascii_lowercase(), h.span()))
+                .collect();
+            let routes = if redirect_to_https.is_some() && listener.routes.is_empty() {
+                Vec::new()
+            } else {
+                self.routes(name.get_ref(), listener.routes, span, &upstream_index)
+            };
+            if let Some(tls) = &tls {
+                self.hosts_covered(name.get_ref(), tls, &routes, &host_spans);
+            }
             if let Some(bind) = bind {
                 listeners.push(ListenerConfig {
                     name: name.into_inner(),
@@ -130,6 +161,9 @@ impl Checker {
                     max_connections: max_connections as usize,
                     defer_accept: listener.defer_accept.unwrap_or(true),
                     routes,
+                    tls,
+                    redirect_to_https,
+                    hsts,
                 });
             }
         }
@@ -172,6 +206,12 @@ impl Checker {
                 "shutdown_grace",
                 MS..=HOUR,
                 Duration::from_secs(30),
+            ),
+            tls_handshake: self.duration(
+                t.tls_handshake.as_ref(),
+                "tls_handshake",
+                MS..=5 * MINUTE,
+                Duration::from_secs(10),
             ),
         };
         let l = &file.limits;
@@ -254,6 +294,7 @@ impl Checker {
             limits,
             http2,
             access_log,
+            warnings: Vec::new(),
         }
     }
 
@@ -357,6 +398,7 @@ impl Checker {
                 100_000,
                 64,
             ) as usize,
+            tls: up.tls.map(|tls| self.upstream_tls(tls)).and_then(|tls| tls),
             pool_idle_timeout: self.duration(
                 up.pool_idle_timeout.as_ref(),
                 "pool_idle_timeout",
@@ -512,6 +554,47 @@ impl Checker {
             });
         }
         out
+    }
+
+    /// The HTTPS port a listener redirects every request to, if it does.
+    fn redirect_to_https(&mut self, listener: &file::Listener, is_tls: bool) -> Option<u16> {
+        let on = listener.redirect_to_https.as_ref();
+        if let Some(port) = &listener.https_port
+            && !on.is_some_and(|on| *on.get_ref())
+        {
+            self.error(
+                port.span(),
+                "https_port is only used with redirect_to_https = true",
+            );
+        }
+        let on = on.filter(|on| *on.get_ref())?;
+        if is_tls {
+            self.error(on.span(), "redirect_to_https on a TLS listener would send clients to itself: set it on the plain HTTP listener");
+            return None;
+        }
+        Some(self.int(listener.https_port.as_ref(), "https_port", 1, 65_535, 443) as u16)
+    }
+
+    fn hsts(&mut self, value: Option<&Spanned<String>>, is_tls: bool) -> Option<http::HeaderValue> {
+        let value = value?;
+        let text = value.get_ref();
+        let max_age = text
+            .split(';')
+            .map(str::trim)
+            .filter_map(|d| d.strip_prefix("max-age="))
+            .next()
+            .is_some_and(|age| !age.is_empty() && age.bytes().all(|b| b.is_ascii_digit()));
+        if !is_tls {
+            self.error(value.span(), "hsts only takes effect over HTTPS (browsers ignore it on plain HTTP): set it on the TLS listener");
+            return None;
+        }
+        match http::HeaderValue::from_str(text) {
+            Ok(header) if max_age => Some(header),
+            _ => {
+                self.error(value.span(), format!("hsts \"{text}\" is not a Strict-Transport-Security value: write it like \"max-age=31536000; includeSubDomains\""));
+                None
+            }
+        }
     }
 
     fn host(&mut self, host: &Spanned<String>) -> Option<String> {

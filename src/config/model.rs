@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,9 @@ pub struct Config {
     pub limits: Limits,
     pub http2: Http2,
     pub access_log: AccessLogConfig,
+    /// Things that work but deserve a look (a certificate about to expire), each located
+    /// and worded like an error.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -26,6 +30,94 @@ pub struct ListenerConfig {
     /// Accept a connection only once its first bytes have arrived (Linux `TCP_DEFER_ACCEPT`).
     pub defer_accept: bool,
     pub routes: Vec<RouteConfig>,
+    pub tls: Option<ListenerTls>,
+    /// Answer every request with a redirect to the same URL over HTTPS, on this port.
+    pub redirect_to_https: Option<u16>,
+    /// The `Strict-Transport-Security` value added to responses (TLS listeners only).
+    pub hsts: Option<http::HeaderValue>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    /// In config order: the first is served when no other matches the client's SNI.
+    pub certificates: Vec<CertificateConfig>,
+    pub min_version: TlsVersion,
+    /// Protocols offered by ALPN, in order of preference.
+    pub alpn: Vec<Vec<u8>>,
+    pub session_tickets: bool,
+    /// Sessions remembered for resumption by id; 0: none.
+    pub session_cache: usize,
+    pub client_auth: ClientAuth,
+    /// Where a verified client certificate's subject and names go to the server; the
+    /// client's own copy of this header is always removed.
+    pub client_cert_header: http::HeaderName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+#[derive(Clone)]
+pub struct CertificateConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ocsp: Option<PathBuf>,
+    /// The chain and key as loaded and checked when the config was.
+    pub loaded: Arc<crate::tls::certs::Loaded>,
+}
+
+impl fmt::Debug for CertificateConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateConfig")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("ocsp", &self.ocsp)
+            .field("names", &self.loaded.names)
+            .finish()
+    }
+}
+
+/// Whether clients must show a certificate, and what it is verified against.
+#[derive(Debug, Clone)]
+pub enum ClientAuth {
+    Off,
+    Optional(TrustedCa),
+    Required(TrustedCa),
+}
+
+/// A CA file and the certificates read from it.
+#[derive(Debug, Clone)]
+pub struct TrustedCa {
+    pub path: PathBuf,
+    pub certificates: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+}
+
+/// TLS from Fulcrum to an upstream's servers.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// `None`: the system's roots.
+    pub ca: Option<TrustedCa>,
+    /// The name the servers' certificates are checked against and sent as SNI; `None`:
+    /// each server's IP address.
+    pub server_name: Option<String>,
+    /// A certificate Fulcrum shows to servers that ask for one.
+    pub client_cert: Option<ClientCertificate>,
+    /// Accept any certificate: no protection against a server impersonated on the way.
+    pub insecure_skip_verify: bool,
+}
+
+#[derive(Clone)]
+pub struct ClientCertificate {
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub key: Arc<rustls::pki_types::PrivateKeyDer<'static>>,
+}
+
+impl fmt::Debug for ClientCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientCertificate(..)")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +183,7 @@ pub struct UpstreamConfig {
     pub preserve_host: bool,
     pub pool_max_idle_per_server: usize,
     pub pool_idle_timeout: Duration,
+    pub tls: Option<UpstreamTls>,
 }
 
 /// A secret of at least [`StickySecret::MIN_CHARS`] characters, shared by every upstream.
@@ -148,6 +241,8 @@ pub struct Timeouts {
     pub upstream_response_header: Duration,
     pub upstream_idle: Duration,
     pub shutdown_grace: Duration,
+    /// From a TLS client's connection to its finished handshake.
+    pub tls_handshake: Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -174,6 +174,7 @@ const DURATIONS: &[(&str, &str, &str, &str)] = &[
     ("timeouts", "upstream_response_header", "1ms", "1day"),
     ("timeouts", "upstream_idle", "1ms", "1day"),
     ("timeouts", "shutdown_grace", "1ms", "1h"),
+    ("timeouts", "tls_handshake", "1ms", "5m"),
     ("upstreams.app", "latency_decay", "1ms", "1h"),
     ("upstreams.app", "pool_idle_timeout", "1ms", "1h"),
     ("upstreams.app", "slow_start", "0s (off)", "1h"),

@@ -11,57 +11,115 @@ pub mod validate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::http1::io::read_some;
+use crate::proxy::ClientConn;
 use crate::runtime::Shared;
 use crate::server::stopping;
+use crate::transport::Stream;
 
 /// What every HTTP/2 connection starts with (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Serves requests on `stream` until the client leaves, a timeout ends it, or shutdown is
-/// signalled, in which case requests in flight finish first.
+/// Serves requests on `tcp` until the client leaves, a timeout ends it, or shutdown is
+/// signalled, in which case requests in flight finish first. On a TLS listener the
+/// handshake comes first, and ALPN, when the client offers it, names the protocol.
 pub async fn serve_connection(
-    stream: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     listener: usize,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let runtime = shared.load();
-    // One deadline for the first bytes, however they trickle in.
-    let deadline = Instant::now() + runtime.config.timeouts.client_header;
+    let tls = runtime.listeners[listener]
+        .tls
+        .as_ref()
+        .map(|tls| tls.config.clone());
+    let timeouts = &runtime.config.timeouts;
+    let (header_limit, handshake_limit) = (timeouts.client_header, timeouts.tls_handshake);
     drop(runtime);
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut conn = ClientConn::new(peer, listener);
+    let (stream, protocol) = match tls {
+        None => (Stream::Plain(tcp), None),
+        Some(tls) => {
+            let handshake = crate::tls::handshake::accept(tcp, tls, peer, handshake_limit);
+            let session = tokio::select! {
+                biased;
+                session = handshake => session,
+                _ = stopping(&mut shutdown) => None,
+            };
+            let Some(session) = session else { return };
+            let (protocol, client_cert) = session.session(|s| {
+                let protocol = match s.alpn_protocol() {
+                    Some(b"h2") => Some(Protocol::H2),
+                    Some(_) => Some(Protocol::Http1),
+                    None => None,
+                };
+                let client_cert = s
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(crate::tls::client_cert::describe);
+                (protocol, client_cert)
+            });
+            conn.https = true;
+            conn.client_cert = client_cert;
+            (Stream::from(session), protocol)
+        }
+    };
+    let mut buf = BytesMut::new();
+    let protocol = match protocol {
+        Some(protocol) => protocol,
+        None => match sniff(&stream, &mut buf, header_limit, &mut shutdown).await {
+            Some(protocol) => protocol,
+            None => return,
+        },
+    };
+    match protocol {
+        // Boxed: HTTP/2's connection state is large and rare; kept inline it would grow
+        // every HTTP/1.1 connection's future too.
+        Protocol::H2 => Box::pin(h2::serve(stream, buf, conn, shared, shutdown)).await,
+        Protocol::Http1 => h1::serve(stream, buf, conn, shared, shutdown).await,
+    }
+}
+
+enum Protocol {
+    Http1,
+    H2,
+}
+
+/// Tells HTTP/2 with prior knowledge from HTTP/1.1 by the first bytes, read into `buf`
+/// within `limit`. `None` if the client sends nothing, or leaves, in time.
+async fn sniff(
+    stream: &Stream,
+    buf: &mut BytesMut,
+    limit: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Protocol> {
+    // One deadline for the first bytes, however they trickle in.
+    let deadline = Instant::now() + limit;
     // Read until the bytes either stop matching the HTTP/2 preface or match all of it.
-    let is_h2 = loop {
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         tokio::select! {
             biased;
-            read = read_some(&stream, &mut buf, left) => match read {
+            read = read_some(stream, buf, left) => match read {
                 Ok(n) if n > 0 => {}
-                _ => return,
+                _ => return None,
             },
-            _ = stopping(&mut shutdown) => return,
+            _ = stopping(shutdown) => return None,
         }
         let seen = buf.len().min(H2_PREFACE.len());
         if buf[..seen] != H2_PREFACE[..seen] {
-            break false;
+            return Some(Protocol::Http1);
         }
         if seen == H2_PREFACE.len() {
-            break true;
+            return Some(Protocol::H2);
         }
-    };
-    if is_h2 {
-        // Boxed: HTTP/2's connection state is large and rare; kept inline it would grow every
-        // HTTP/1.1 connection's future too.
-        Box::pin(h2::serve(stream, buf, peer, listener, shared, shutdown)).await;
-    } else {
-        h1::serve(stream, buf, peer, listener, shared, shutdown).await;
     }
 }

@@ -1,13 +1,13 @@
-//! Reading and writing on a shared `&TcpStream` through its readiness API, so one task can
-//! move bytes both ways on two connections at once without splitting or locking them.
+//! Reading and writing on a shared `&Stream` (plain TCP or TLS) through its readiness API,
+//! so one task can move bytes both ways on two connections at once without splitting them.
 
 use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 
 use super::body;
+use crate::transport::Stream;
 
 /// Room the first read of a message head asks for: most heads fit, and a connection
 /// waiting for its head holds no more than this. A longer head doubles the room.
@@ -21,25 +21,17 @@ const FLUSH_AT: usize = 64 * 1024;
 
 /// Reads what is available into `buf`, waiting up to `idle` for anything to arrive.
 /// Returns 0 at end of stream.
-pub async fn read_some(
-    stream: &TcpStream,
-    buf: &mut BytesMut,
-    idle: Duration,
-) -> io::Result<usize> {
+pub async fn read_some(stream: &Stream, buf: &mut BytesMut, idle: Duration) -> io::Result<usize> {
     read_with_room(stream, buf, HEAD_READ.max(buf.len()), idle).await
 }
 
 /// Like [`read_some`], with room for a large piece of body.
-pub async fn read_body(
-    stream: &TcpStream,
-    buf: &mut BytesMut,
-    idle: Duration,
-) -> io::Result<usize> {
+pub async fn read_body(stream: &Stream, buf: &mut BytesMut, idle: Duration) -> io::Result<usize> {
     read_with_room(stream, buf, BODY_READ, idle).await
 }
 
 async fn read_with_room(
-    stream: &TcpStream,
+    stream: &Stream,
     buf: &mut BytesMut,
     room: usize,
     idle: Duration,
@@ -60,12 +52,12 @@ async fn read_with_room(
 
 /// Waits up to `idle` for the stream to have something to read (or to be closed), without
 /// reading it, so no buffer has to be held meanwhile.
-pub async fn wait_readable(stream: &TcpStream, idle: Duration) -> io::Result<()> {
+pub async fn wait_readable(stream: &Stream, idle: Duration) -> io::Result<()> {
     wait(stream.readable(), idle).await
 }
 
 /// Writes all of `data`, waiting up to `idle` each time the peer does not take more.
-pub async fn write_all(stream: &TcpStream, mut data: &[u8], idle: Duration) -> io::Result<()> {
+pub async fn write_all(stream: &Stream, mut data: &[u8], idle: Duration) -> io::Result<()> {
     while !data.is_empty() {
         match stream.try_write(data) {
             Ok(n) => data = &data[n..],
@@ -75,12 +67,25 @@ pub async fn write_all(stream: &TcpStream, mut data: &[u8], idle: Duration) -> i
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    flush(stream, idle).await
+}
+
+/// Sends what the stream still holds of earlier writes (TLS records the socket did not
+/// take yet), so that "written" means on its way to the peer.
+async fn flush(stream: &Stream, idle: Duration) -> io::Result<()> {
+    loop {
+        match stream.try_flush() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait(stream.writable(), idle).await?
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Writes `first` then `second` with as few system calls as the peer allows.
 pub async fn write_all_pair(
-    stream: &TcpStream,
+    stream: &Stream,
     mut first: &[u8],
     mut second: &[u8],
     idle: Duration,
@@ -105,7 +110,7 @@ pub async fn write_all_pair(
 /// Passes one piece of body on in the outgoing framing: gathered in `out` when small,
 /// written straight from the read buffer together with what `out` holds when large.
 pub async fn pass_body(
-    to: &TcpStream,
+    to: &Stream,
     out: &mut Vec<u8>,
     data: &[u8],
     chunked: bool,
@@ -137,15 +142,5 @@ async fn wait(ready: impl Future<Output = io::Result<()>>, idle: Duration) -> io
             io::ErrorKind::TimedOut,
             "no progress within the idle timeout",
         )),
-    }
-}
-
-/// Whether a pooled connection has been closed or sent unasked bytes while idle, checked
-/// without waiting.
-pub fn is_stale(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    match stream.try_read(&mut probe) {
-        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
-        Ok(_) => true,
     }
 }

@@ -145,6 +145,10 @@ impl From<ConnectError> for Failure {
                 StatusCode::BAD_GATEWAY,
                 "upstream server could not be reached",
             ),
+            ConnectError::Tls(..) => (
+                StatusCode::BAD_GATEWAY,
+                "TLS with the upstream server failed",
+            ),
         };
         Failure::new(status, reason).detail(e.to_string())
     }
@@ -175,6 +179,7 @@ pub async fn write<W: ResponseWriter>(
             head_request,
             unread,
             retry_after: failure.retry_after,
+            location: None,
         })
         .await;
     if let Some(log) = log.as_mut() {
@@ -182,6 +187,65 @@ pub async fn write<W: ResponseWriter>(
         log.bytes = if head_request { 0 } else { body.len() as u64 };
         log.complete = true;
         log.reason = Some(failure.detail.unwrap_or(Cow::Borrowed(failure.reason)));
+    }
+    if keep_alive {
+        Finished::KeepAlive
+    } else {
+        Finished::Close
+    }
+}
+
+/// Sends the client to the same URL over HTTPS on `port` (`308 Permanent Redirect`, which
+/// keeps the method and body, unlike `301`), once the request passes the same checks as
+/// any other.
+pub async fn redirect_to_https<B, W: ResponseWriter>(
+    writer: &mut W,
+    req: &http::Request<B>,
+    port: u16,
+    limits: &crate::config::Limits,
+    head_request: bool,
+    unread: bool,
+    log: &mut Option<AccessRecord>,
+) -> Finished {
+    let host = match crate::http::validate::check(req, limits) {
+        Ok(Some(host)) => host,
+        Ok(None) => {
+            let refusal = Failure::new(
+                StatusCode::BAD_REQUEST,
+                "a redirect to HTTPS needs the Host header",
+            );
+            return write(writer, refusal, head_request, true, log).await;
+        }
+        Err(reject) => return write(writer, reject.into(), head_request, true, log).await,
+    };
+    let host = host.to_str().unwrap_or_default();
+    // The host without the port it was reached on: `[v6]:80`, `name:80`.
+    let name = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{name}{path}")
+    } else {
+        format!("https://{name}:{port}{path}")
+    };
+    let status = StatusCode::PERMANENT_REDIRECT;
+    let body = format!("308 Permanent Redirect: {location}\n");
+    let keep_alive = writer
+        .answer(&OwnAnswer {
+            status,
+            body: &body,
+            head_request,
+            unread,
+            retry_after: false,
+            location: Some(&location),
+        })
+        .await;
+    if let Some(log) = log.as_mut() {
+        log.status = status;
+        log.bytes = if head_request { 0 } else { body.len() as u64 };
+        log.complete = true;
     }
     if keep_alive {
         Finished::KeepAlive

@@ -25,7 +25,7 @@ pub async fn connect<'u>(
         if !fresh_only && let Some(conn) = server.pool.take_raw(probe) {
             return Ok((index, server, conn));
         }
-        match server.pool.connect_raw().await {
+        match server.pool.connect_raw(upstream.tls.as_ref()).await {
             Ok(conn) => {
                 upstream.reached(index);
                 return Ok((index, server, conn));

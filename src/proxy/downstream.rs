@@ -51,6 +51,8 @@ pub struct UpstreamHead<'a, 'h, 'b> {
     pub facts: &'a ResponseFacts,
     /// A sticky-session cookie of Fulcrum's own to add.
     pub set_cookie: Option<&'a HeaderValue>,
+    /// A `Strict-Transport-Security` of Fulcrum's own to add.
+    pub hsts: Option<&'a HeaderValue>,
     /// The whole request body was passed on before the response began.
     pub request_done: bool,
 }
@@ -66,6 +68,8 @@ pub struct OwnAnswer<'a> {
     pub unread: bool,
     /// Add `Retry-After`: the refusal is about load, and passes.
     pub retry_after: bool,
+    /// Where the client should go instead (a redirect's `Location`).
+    pub location: Option<&'a str>,
 }
 
 /// The response to the client, written as it comes.

@@ -55,6 +55,11 @@ pub struct ClientConn {
     /// connection rather than per request.
     pub ip: String,
     pub forwarded_for: String,
+    /// The connection is TLS (`X-Forwarded-Proto: https`).
+    pub https: bool,
+    /// A verified client certificate, described for the server in the listener's
+    /// `client_cert_header`.
+    pub client_cert: Option<String>,
 }
 
 impl ClientConn {
@@ -67,6 +72,8 @@ impl ClientConn {
                 IpAddr::V4(_) => format!("for={}", ip_text(peer.ip())),
                 IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
             },
+            https: false,
+            client_cert: None,
         }
     }
 }
@@ -112,7 +119,19 @@ where
     let is_head = req.method() == Method::HEAD;
     let unread = framing.has_body();
 
-    // 1. Validate and route.
+    // 1. Validate and route (or send the client to HTTPS).
+    if let Some(port) = rt.config.listeners[client.listener].redirect_to_https {
+        return answer::redirect_to_https(
+            writer,
+            &req,
+            port,
+            &rt.config.limits,
+            is_head,
+            unread,
+            &mut log,
+        )
+        .await;
+    }
     let routed = match route(&req, client.listener, rt) {
         Ok(routed) => routed,
         Err(reject) => {
@@ -170,6 +189,7 @@ where
             _ => &server.host_header,
         };
         upstream_out.clear();
+        let listener_tls = rt.config.listeners[client.listener].tls.as_ref();
         rewrite::write_request(
             upstream_out,
             &parts,
@@ -182,6 +202,9 @@ where
                 framing,
                 upgrade: upgrade.as_ref(),
                 drop_expect: expect_continue,
+                https: client.https,
+                client_cert: listener_tls
+                    .map(|tls| (&tls.client_cert_header, client.client_cert.as_deref())),
             },
         );
         if expect_continue && !fresh_only && writer.send_continue().await.is_err() {
@@ -194,6 +217,7 @@ where
             max_body: rt.config.limits.max_body_bytes,
             started,
             set_cookie: routed.upstream.pin_cookie(&affinity, server),
+            hsts: rt.config.listeners[client.listener].hsts.as_ref(),
         };
         let outcome = exchange::forward(
             body,

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::net::TcpStream;
+use crate::transport::Stream;
 use tokio::sync::Notify;
 
 use super::Failure;
@@ -16,7 +16,7 @@ use crate::http1::io::{pass_body, write_all};
 /// upstream, chunked when its length is unknown.
 pub(super) async fn send_request<B: RequestBody>(
     body: &mut B,
-    upstream: &TcpStream,
+    upstream: &Stream,
     out: &mut Vec<u8>,
     framing: Framing,
     cx: &Context<'_>,

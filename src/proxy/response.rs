@@ -4,9 +4,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use crate::transport::Stream;
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::downstream::{ResponseWriter, UpstreamHead};
@@ -28,7 +28,7 @@ pub(super) enum Relay {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn relay_response<W: ResponseWriter>(
     writer: &mut W,
-    upstream: &TcpStream,
+    upstream: &Stream,
     ubuf: &mut BytesMut,
     cx: &Context<'_>,
     request_done: &AtomicBool,
@@ -65,6 +65,12 @@ pub(super) async fn relay_response<W: ResponseWriter>(
                         parsed,
                         facts,
                         set_cookie: cx.set_cookie,
+                        hsts: cx.hsts.filter(|_| {
+                            !parsed
+                                .headers
+                                .iter()
+                                .any(|h| h.name.eq_ignore_ascii_case("strict-transport-security"))
+                        }),
                         request_done: request_done.load(Ordering::Relaxed),
                     }));
                 }

@@ -27,6 +27,11 @@ pub(super) struct UpstreamHead<'a> {
     pub upgrade: Option<&'a HeaderValue>,
     /// `Expect: 100-continue` was answered by Fulcrum and is not passed on.
     pub drop_expect: bool,
+    /// The client reached Fulcrum over TLS.
+    pub https: bool,
+    /// On a TLS listener: the header describing the client's certificate, which the
+    /// client's own copy never passes through, and its value if a certificate was verified.
+    pub client_cert: Option<(&'a HeaderName, Option<&'a str>)>,
 }
 
 /// Writes the request line in origin form and the head for the upstream, ending with the
@@ -53,7 +58,8 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
             || name == X_FORWARDED_FOR
             || name == X_FORWARDED_PROTO
             || name == X_FORWARDED_HOST
-            || (head.drop_expect && name == header::EXPECT);
+            || (head.drop_expect && name == header::EXPECT)
+            || head.client_cert.is_some_and(|(header, _)| name == header);
         if replaced
             || is_hop_by_hop(name)
             || listed.iter().any(|t| name.as_str().eq_ignore_ascii_case(t))
@@ -80,7 +86,8 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
         &X_FORWARDED_FOR,
         &[head.client_ip.as_bytes()],
     );
-    write_field(out, b"x-forwarded-proto", b"http");
+    let proto: &[u8] = if head.https { b"https" } else { b"http" };
+    write_field(out, b"x-forwarded-proto", proto);
     if let Some(host) = head.client_host {
         write_field(out, b"x-forwarded-host", host.as_bytes());
         // The host was checked to hold only authority characters, so quoting is enough.
@@ -93,7 +100,8 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
                 head.forwarded_for.as_bytes(),
                 b";host=\"",
                 host.as_bytes(),
-                b"\";proto=http",
+                b"\";proto=",
+                proto,
             ],
         );
     } else {
@@ -102,7 +110,7 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
             b"forwarded",
             headers,
             &header::FORWARDED,
-            &[head.forwarded_for.as_bytes(), b";proto=http"],
+            &[head.forwarded_for.as_bytes(), b";proto=", proto],
         );
     }
     appended(
@@ -112,6 +120,9 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
         &header::VIA,
         &[via(head.client_version).as_bytes()],
     );
+    if let Some((header, Some(value))) = head.client_cert {
+        write_field(out, header.as_str().as_bytes(), value.as_bytes());
+    }
     if let Some(protocol) = head.upgrade {
         write_field(out, b"connection", b"upgrade");
         write_field(out, b"upgrade", protocol.as_bytes());

@@ -21,7 +21,8 @@ use state::{ServerState, Settled, now_ms};
 use sticky::Sticky;
 
 use crate::balance::{self, Balancer, FULL_SHARE, Loads, PickContext, Thinning};
-use crate::config::{HashKey, UpstreamConfig};
+use crate::config::{HashKey, UpstreamConfig, UpstreamTls};
+use crate::tls::client::Connector;
 
 /// A named group of servers and the balancers that choose among them.
 #[derive(Debug)]
@@ -52,6 +53,8 @@ pub struct Upstream {
     /// Whether a balancer keeps servers ordered by load, and so must hear of every request
     /// that starts or ends.
     ordered_by_load: bool,
+    /// How connections to the servers become TLS, if they do.
+    pub tls: Option<Connector>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +89,9 @@ struct PoolSettings {
     /// The server's own `max_connections`.
     max_connections: usize,
     latency_decay: Duration,
+    /// The upstream's TLS settings, as a digest: pooled connections made with other ones
+    /// are not reused (0: plain TCP).
+    tls: u64,
 }
 
 impl Server {
@@ -211,6 +217,7 @@ impl Upstream {
             connect_timeout,
             max_connections: 0,
             latency_decay: config.latency_decay,
+            tls: tls_digest(config.tls.as_ref()),
         };
         let mut joining = Vec::new();
         let servers: Box<[Arc<Server>]> = config
@@ -277,6 +284,7 @@ impl Upstream {
                 || backup.balancer.ordered_by_load(),
             primary,
             backup,
+            tls: None,
         };
         for i in joining {
             if upstream.servers[i].state.ramp_up(upstream.slow_start) {
@@ -291,6 +299,22 @@ impl Upstream {
         }
         upstream
     }
+}
+
+/// A digest of everything TLS to the servers is made with, certificate and key bytes
+/// included, so that a reload changing any of it leaves earlier connections behind.
+fn tls_digest(tls: Option<&UpstreamTls>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let Some(tls) = tls else { return 0 };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    format!("{tls:?}").hash(&mut hasher);
+    if let Some(cert) = &tls.client_cert {
+        for c in &cert.chain {
+            c.as_ref().hash(&mut hasher);
+        }
+        cert.key.secret_der().hash(&mut hasher);
+    }
+    hasher.finish().max(1)
 }
 
 impl Upstream {

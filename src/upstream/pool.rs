@@ -10,9 +10,13 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
 use tokio::net::TcpStream;
+
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::server::worker;
+use crate::tls::client::Connector;
+use crate::tls::handshake::{self, HandshakeError};
+use crate::transport::Stream;
 
 /// Idle connections to one server, capped in number and in age.
 #[derive(Debug)]
@@ -35,7 +39,7 @@ pub struct Pool {
 /// A raw connection to a server with its read buffer, which is empty whenever pooled.
 #[derive(Debug)]
 pub struct RawConn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub buf: BytesMut,
     /// Taken from the pool rather than opened for this request.
     pub reused: bool,
@@ -45,7 +49,7 @@ pub struct RawConn {
 
 #[derive(Debug)]
 struct RawIdle {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     since: Instant,
     slot: OwnedSemaphorePermit,
@@ -63,6 +67,10 @@ pub enum ConnectError {
     /// buffers): not the server's fault.
     #[error("cannot open a connection to {0}: {1}")]
     Local(SocketAddr, std::io::Error),
+    /// The TLS handshake with the server failed (its certificate is not trusted or not for
+    /// the name, say).
+    #[error("TLS with {0} failed: {1}")]
+    Tls(SocketAddr, String),
     /// The server has `max_connections` open and none came free in time.
     #[error("{0} has its {1} connections open and none came free within {2:?}")]
     Busy(SocketAddr, usize, Duration),
@@ -116,9 +124,7 @@ impl Pool {
     pub fn take_raw(&self, probe: bool) -> Option<RawConn> {
         let raw = self.raw.get(worker())?;
         while let Some(idle) = raw.pop() {
-            if idle.since.elapsed() < self.idle_timeout
-                && !(probe && crate::http1::io::is_stale(&idle.stream))
-            {
+            if idle.since.elapsed() < self.idle_timeout && !(probe && idle.stream.is_stale()) {
                 return Some(RawConn {
                     stream: idle.stream,
                     buf: idle.buf,
@@ -133,7 +139,7 @@ impl Pool {
     /// Opens a new connection, once the server is under its `max_connections`: at the cap,
     /// an idle connection (of any worker) is closed to make room, or else one in use is
     /// waited for, up to `upstream_connect`.
-    pub async fn connect_raw(&self) -> Result<RawConn, ConnectError> {
+    pub async fn connect_raw(&self, tls: Option<&Connector>) -> Result<RawConn, ConnectError> {
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
         let slot = match self.slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
@@ -156,6 +162,20 @@ impl Pool {
             .map_err(|_| ConnectError::TimedOut(self.address, self.connect_timeout))?
             .map_err(|e| ConnectError::from_io(self.address, e))?;
         let _ = stream.set_nodelay(true);
+        let stream = match tls {
+            None => Stream::Plain(stream),
+            Some(tls) => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let name = tls.name_for(self.address);
+                match handshake::connect(stream, tls.config.clone(), name, left).await {
+                    Ok(session) => Stream::from(session),
+                    Err(HandshakeError::TimedOut(_)) => {
+                        return Err(ConnectError::TimedOut(self.address, self.connect_timeout));
+                    }
+                    Err(e) => return Err(ConnectError::Tls(self.address, e.to_string())),
+                }
+            }
+        };
         Ok(RawConn {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),
@@ -188,8 +208,7 @@ impl Pool {
         };
         for _ in 0..raw.len() {
             let Some(idle) = raw.pop() else { break };
-            if idle.since.elapsed() < self.idle_timeout && !crate::http1::io::is_stale(&idle.stream)
-            {
+            if idle.since.elapsed() < self.idle_timeout && !idle.stream.is_stale() {
                 let _ = raw.push(idle);
             }
         }

@@ -33,6 +33,7 @@ fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamConfig {
         preserve_host: true,
         pool_max_idle_per_server: 0,
         pool_idle_timeout: Duration::from_secs(1),
+        tls: None,
     }
 }
 

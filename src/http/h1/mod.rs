@@ -5,14 +5,12 @@
 
 mod stream;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::transport::Stream;
 use bytes::BytesMut;
 use http::Request;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::Timeouts;
@@ -40,7 +38,7 @@ const LINGER_TIME: Duration = Duration::from_secs(5);
 
 /// One HTTP/1.1 client connection and the buffers it reuses for every request.
 struct Client {
-    stream: TcpStream,
+    stream: Stream,
     conn: ClientConn,
     /// Bytes read from the client and not yet used: the rest of a head, body, or pipelined
     /// requests.
@@ -54,16 +52,15 @@ struct Client {
 /// Serves HTTP/1.1 requests on `stream` (whose first bytes are already in `rbuf`) until the
 /// client leaves, a timeout or error ends the connection, or shutdown is signalled.
 pub async fn serve(
-    stream: TcpStream,
+    stream: Stream,
     rbuf: BytesMut,
-    peer: SocketAddr,
-    listener: usize,
+    conn: ClientConn,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut client = Client {
         stream,
-        conn: ClientConn::new(peer, listener),
+        conn,
         rbuf,
         // Made when the first request arrives: a connection that never completes its head
         // costs no more than its read buffer.
@@ -244,7 +241,7 @@ impl Client {
     /// is out), then read and drop what arrives until the client closes too, for at most
     /// `LINGER_TIME`.
     async fn close_lingering(mut self) {
-        if self.stream.shutdown().await.is_err() {
+        if self.stream.shutdown_write().is_err() {
             return;
         }
         let deadline = Instant::now() + LINGER_TIME;

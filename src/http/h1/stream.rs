@@ -7,9 +7,9 @@ use std::io;
 use std::io::Write as _;
 use std::time::Duration;
 
+use crate::transport::Stream;
 use bytes::{Buf, BytesMut};
 use http::{StatusCode, Version};
-use tokio::net::TcpStream;
 
 use crate::config::Timeouts;
 use crate::http::headers;
@@ -22,7 +22,7 @@ use crate::proxy::downstream::{
 
 /// The request body, decoded out of the connection's read buffer.
 pub struct H1Body<'a> {
-    stream: &'a TcpStream,
+    stream: &'a Stream,
     rbuf: &'a mut BytesMut,
     decoder: Decoder,
     idle: Duration,
@@ -30,7 +30,7 @@ pub struct H1Body<'a> {
 
 impl<'a> H1Body<'a> {
     pub fn new(
-        stream: &'a TcpStream,
+        stream: &'a Stream,
         rbuf: &'a mut BytesMut,
         decoder: Decoder,
         idle: Duration,
@@ -72,7 +72,7 @@ impl RequestBody for H1Body<'_> {
 
 /// The response, written into `out` and sent in as few writes as the body allows.
 pub struct H1Writer<'a> {
-    stream: &'a TcpStream,
+    stream: &'a Stream,
     out: &'a mut Vec<u8>,
     version: Version,
     /// The client (and shutdown) allow another request on this connection.
@@ -84,7 +84,7 @@ pub struct H1Writer<'a> {
 
 impl<'a> H1Writer<'a> {
     pub fn new(
-        stream: &'a TcpStream,
+        stream: &'a Stream,
         out: &'a mut Vec<u8>,
         version: Version,
         keep_alive: bool,
@@ -154,7 +154,7 @@ impl ResponseWriter for H1Writer<'_> {
         self.out.clear();
         let _ = write!(
             self.out,
-            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\ndate: {}\r\n{}{}\r\n",
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\ndate: {}\r\n{}{}",
             answer.status.as_str(),
             answer.status.canonical_reason().unwrap_or(""),
             answer.body.len(),
@@ -170,6 +170,10 @@ impl ResponseWriter for H1Writer<'_> {
                 "connection: close\r\n"
             },
         );
+        if let Some(location) = answer.location {
+            write_field(self.out, b"location", location.as_bytes());
+        }
+        self.out.extend_from_slice(b"\r\n");
         // A response to HEAD has no body, whatever its headers say: one written anyway
         // would be read as the start of the next response.
         if !answer.head_request {
@@ -232,6 +236,9 @@ fn write_head(
     }
     if let Some(cookie) = head.set_cookie {
         write_field(out, b"set-cookie", cookie.as_bytes());
+    }
+    if let Some(hsts) = head.hsts {
+        write_field(out, b"strict-transport-security", hsts.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
 }

@@ -6,29 +6,28 @@
 
 mod stream;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::prefixed::Prefixed;
 use crate::proxy::ClientConn;
 use crate::runtime::Shared;
 use crate::server::stopping;
+use crate::transport::Stream;
 
 /// Serves an HTTP/2 connection whose first bytes (the preface, at least) are in `read`.
 pub async fn serve(
-    stream: TcpStream,
+    stream: Stream,
     read: BytesMut,
-    peer: SocketAddr,
-    listener: usize,
+    client: ClientConn,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let peer = client.peer;
     let rt = shared.load();
     let client_idle = rt.config.timeouts.client_idle;
     let grace = rt.config.timeouts.shutdown_grace;
@@ -47,7 +46,7 @@ pub async fn serve(
         Err(_) => return,
     };
     drop(rt);
-    let client = Arc::new(ClientConn::new(peer, listener));
+    let client = Arc::new(client);
     let activity = Arc::new(Activity::new());
     let idle_check = tokio::time::sleep(client_idle);
     tokio::pin!(idle_check);

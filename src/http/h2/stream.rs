@@ -187,6 +187,9 @@ impl ResponseWriter for H2Writer {
         if let Some(cookie) = head.set_cookie {
             fields.append(header::SET_COOKIE, cookie.clone());
         }
+        if let Some(hsts) = head.hsts {
+            fields.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
         // A failure shows on the first body write, or as the reset at the end.
         let _ = self.send_head(response, head.facts.framing == Framing::Empty);
         true
@@ -229,6 +232,9 @@ impl ResponseWriter for H2Writer {
         }
         if answer.retry_after {
             fields.insert(header::RETRY_AFTER, HeaderValue::from(1));
+        }
+        if let Some(location) = answer.location.and_then(|l| HeaderValue::from_str(l).ok()) {
+            fields.insert(header::LOCATION, location);
         }
         // No body after HEAD: the stream ends with the headers.
         if self.send_head(response, answer.head_request).is_err() {

@@ -1,0 +1,59 @@
+//! What a server behind Fulcrum learns of a client's verified certificate: one header in
+//! the shape Envoy's `x-forwarded-client-cert` gives it, which servers behind proxies
+//! often parse already: `Hash=<SHA-256 of the DER>;Subject="CN=…";DNS=…;URI=…`.
+
+use std::fmt::Write;
+
+use rustls::pki_types::CertificateDer;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// The header value for `cert`, or `None` if it cannot be parsed (rustls has verified it,
+/// so that would be a bug, not a client's doing).
+pub fn describe(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let mut out = String::with_capacity(160);
+    out.push_str("Hash=");
+    for byte in aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.as_ref()).as_ref() {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out.push_str(";Subject=\"");
+    quoted(&mut out, &parsed.subject().to_string());
+    out.push('"');
+    if let Ok(Some(names)) = parsed.subject_alternative_name() {
+        for name in &names.value.general_names {
+            let (key, value) = match name {
+                GeneralName::DNSName(dns) => ("DNS", (*dns).to_string()),
+                GeneralName::URI(uri) => ("URI", (*uri).to_string()),
+                GeneralName::RFC822Name(email) => ("Email", (*email).to_string()),
+                _ => continue,
+            };
+            out.push(';');
+            out.push_str(key);
+            out.push('=');
+            if value.contains([',', ';', '=', '"']) {
+                out.push('"');
+                quoted(&mut out, &value);
+                out.push('"');
+            } else {
+                quoted(&mut out, &value);
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Appends `text` so that it cannot end the quoted string or the header: `"` and `\` are
+/// escaped, control characters replaced.
+fn quoted(out: &mut String, text: &str) {
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.push('?'),
+            c => out.push(c),
+        }
+    }
+}

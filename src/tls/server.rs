@@ -1,0 +1,88 @@
+//! A TLS listener's running settings, built from its validated config: versions, ALPN,
+//! the certificate resolver, client certificate checks, and session resumption (a ticket
+//! key that rotates, and a bounded cache), which a reload hands on so returning clients
+//! still resume.
+
+use std::sync::Arc;
+
+use rustls::server::{NoServerSessionStorage, ServerSessionMemoryCache, WebPkiClientVerifier};
+
+use super::resolver::{CertStore, Resolver};
+use crate::config::{ClientAuth, ListenerTls, TlsVersion};
+
+pub struct TlsListener {
+    pub config: Arc<rustls::ServerConfig>,
+    /// Swapped in place when certificate files change on disk.
+    pub resolver: Arc<Resolver>,
+}
+
+impl TlsListener {
+    /// `previous`: the same listener's settings before a reload, whose session cache and
+    /// ticket keys carry over.
+    pub fn build(tls: &ListenerTls, previous: Option<&TlsListener>) -> Result<TlsListener, String> {
+        let provider = super::provider();
+        let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
+            TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            TlsVersion::V1_3 => &[&rustls::version::TLS13],
+        };
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .map_err(|e| format!("TLS versions: {e}"))?;
+        let builder = match &tls.client_auth {
+            ClientAuth::Off => builder.with_no_client_auth(),
+            ClientAuth::Optional(ca) | ClientAuth::Required(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in ca.certificates.iter() {
+                    roots
+                        .add(cert.clone())
+                        .map_err(|e| format!("client_ca {}: {e}", ca.path.display()))?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+                let verifier = if matches!(tls.client_auth, ClientAuth::Optional(_)) {
+                    verifier.allow_unauthenticated()
+                } else {
+                    verifier
+                };
+                builder.with_client_cert_verifier(
+                    verifier
+                        .build()
+                        .map_err(|e| format!("client_ca {}: {e}", ca.path.display()))?,
+                )
+            }
+        };
+        let store = CertStore::new(tls.certificates.iter().map(|c| c.loaded.clone()).collect());
+        let resolver = match previous {
+            Some(previous) => {
+                previous.resolver.replace(store);
+                previous.resolver.clone()
+            }
+            None => Arc::new(Resolver::new(store)),
+        };
+        let mut config = builder.with_cert_resolver(resolver.clone());
+        config.alpn_protocols = tls.alpn.clone();
+        let before = previous.map(|p| &p.config);
+        config.session_storage = if tls.session_cache == 0 {
+            Arc::new(NoServerSessionStorage {})
+        } else {
+            match before {
+                Some(before) if before.session_storage.can_cache() => {
+                    before.session_storage.clone()
+                }
+                _ => ServerSessionMemoryCache::new(tls.session_cache),
+            }
+        };
+        if tls.session_tickets {
+            config.ticketer = match before {
+                Some(before) if before.ticketer.enabled() => before.ticketer.clone(),
+                // Rotates its key every few hours, keeping the previous one to decrypt.
+                _ => rustls::crypto::aws_lc_rs::Ticketer::new()
+                    .map_err(|e| format!("cannot make a session ticket key: {e}"))?,
+            };
+        }
+        Ok(TlsListener {
+            config: Arc::new(config),
+            resolver,
+        })
+    }
+}

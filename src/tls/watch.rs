@@ -1,0 +1,120 @@
+//! Certificate files watched on disk: when a TLS listener's certificate, key or OCSP file
+//! changes (a renewal, say), its certificates are loaded again and swapped in for new
+//! handshakes, without a reload; connections already open keep their sessions. A file
+//! that does not load leaves the previous certificates serving, with a log line saying
+//! which file and why.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use super::certs::{self, CertFiles, Which};
+use super::resolver::CertStore;
+use crate::config::ListenerConfig;
+use crate::runtime::Shared;
+use crate::server::stopping;
+use crate::tls::server::TlsListener;
+
+/// How often the files are looked at: a renewal is picked up within this.
+const CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// What tells that a file changed: its modification time, size and inode (a renewal
+/// often writes a new file and renames it over the old).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        inode: meta.ino(),
+    })
+}
+
+/// Watches the certificate files of every TLS listener until shutdown.
+pub async fn watch_certificates(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut seen: HashMap<PathBuf, Option<Stamp>> = HashMap::new();
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stopping(&mut shutdown) => return,
+            _ = tick.tick() => {}
+        }
+        let runtime = shared.load();
+        for (config, listener) in runtime.config.listeners.iter().zip(&runtime.listeners) {
+            let (Some(tls_config), Some(tls)) = (&config.tls, &listener.tls) else {
+                continue;
+            };
+            let mut changed = false;
+            for c in &tls_config.certificates {
+                for path in [Some(&c.cert), Some(&c.key), c.ocsp.as_ref()]
+                    .into_iter()
+                    .flatten()
+                {
+                    let now = stamp(path);
+                    // A file first seen was loaded with the config that named it.
+                    if let Some(before) = seen.insert(path.clone(), now)
+                        && before != now
+                    {
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                reload(config, tls);
+            }
+        }
+    }
+}
+
+/// Loads `config`'s certificates again and, if every one loads, serves them.
+fn reload(config: &ListenerConfig, tls: &TlsListener) {
+    let Some(tls_config) = &config.tls else {
+        return;
+    };
+    let provider = super::provider();
+    let now = SystemTime::now();
+    let mut loaded = Vec::new();
+    for c in &tls_config.certificates {
+        let files = CertFiles {
+            cert: &c.cert,
+            key: &c.key,
+            ocsp: c.ocsp.as_deref(),
+        };
+        match certs::load(&files, &provider, now) {
+            Ok(cert) => {
+                for warning in &cert.warnings {
+                    tracing::warn!(listener = %config.name, "{warning}");
+                }
+                loaded.push(Arc::new(cert));
+            }
+            Err(e) => {
+                let file = match e.which {
+                    Which::Cert => &c.cert,
+                    Which::Key => &c.key,
+                    Which::Ocsp => c.ocsp.as_ref().unwrap_or(&c.cert),
+                };
+                tracing::error!(
+                    listener = %config.name,
+                    file = %file.display(),
+                    "certificates not reloaded, the previous ones keep serving: {}",
+                    e.message
+                );
+                return;
+            }
+        }
+    }
+    tls.resolver.replace(CertStore::new(loaded));
+    tracing::info!(listener = %config.name, "certificate files changed on disk: reloaded");
+}

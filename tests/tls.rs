@@ -1,0 +1,597 @@
+//! HTTPS through real handshakes: rustls and curl/openssl clients against a TLS listener
+//! (SNI, ALPN, versions, resumption, client certificates, certificates swapped on disk,
+//! handshake deadline), and Fulcrum speaking TLS to real HTTPS servers.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::tls::{self, Issued, Key, Pki, TlsBackend};
+use support::{Backend, Process, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A TLS listener with `certificates` (in order) and `tls` lines, routing to backend 0.
+fn https_config(certificates: &[&Issued], tls: &str, listener: &str) -> String {
+    let list: Vec<String> = certificates
+        .iter()
+        .map(|c| {
+            format!(
+                "{{ cert = \"{}\", key = \"{}\" }}",
+                c.cert.display(),
+                c.key.display()
+            )
+        })
+        .collect();
+    format!(
+        "[listeners.https]\nbind = \"127.0.0.1:0\"\n{listener}\n[[listeners.https.routes]]\nupstream = \"app\"\n\n\
+         [listeners.https.tls]\ncertificates = [{}]\n{tls}\n\n\
+         [upstreams.app]\nservers = [{{ address = \"{{0}}\" }}]\n",
+        list.join(", ")
+    )
+}
+
+fn client(pki: &Pki, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
+    Arc::new(tls::client_config(pki, alpn))
+}
+
+#[tokio::test]
+async fn http1_and_http2_share_a_tls_listener_chosen_by_alpn() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::start(&https_config(&[&site], "", ""), &[&backend]).await;
+
+    let mut h1 = tls::connect(proxy.addr, "app.test", client(&pki, &["http/1.1"]))
+        .await
+        .unwrap();
+    assert_eq!(h1.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(tls::get(&mut h1, "app.test", "/x").await, (200, "a".into()));
+    let seen = backend.seen.last();
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert!(
+        seen.headers["forwarded"]
+            .to_str()
+            .unwrap()
+            .ends_with("proto=https"),
+        "{:?}",
+        seen.headers["forwarded"]
+    );
+
+    let h2 = tls::connect(proxy.addr, "app.test", client(&pki, &["h2", "http/1.1"]))
+        .await
+        .unwrap();
+    assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = h2::client::handshake(h2).await.unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let request = http::Request::get("https://app.test/y").body(()).unwrap();
+        let (response, _) = send.send_request(request, true).unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let mut text = Vec::new();
+        while let Some(chunk) = body.data().await {
+            text.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(text, b"a");
+        send = send.ready().await.unwrap();
+    }
+    assert_eq!(backend.seen.count(), 4);
+}
+
+#[tokio::test]
+async fn sni_chooses_among_certificates_and_the_first_is_the_default() {
+    let pki = Pki::new();
+    let first = pki.server("first", &["first.test"], Key::Ecdsa);
+    let wildcard = pki.server("wild", &["*.wild.test"], Key::Ecdsa);
+    let exact = pki.server("exact", &["exact.wild.test"], Key::Ecdsa);
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::start(
+        &https_config(&[&first, &wildcard, &exact], "", ""),
+        &[&backend],
+    )
+    .await;
+    let config = client(&pki, &["http/1.1"]);
+    for (sni, cn) in [
+        ("first.test", "first.test"),
+        ("a.wild.test", "*.wild.test"),
+        ("exact.wild.test", "exact.wild.test"),
+    ] {
+        let mut stream = tls::connect(proxy.addr, sni, config.clone()).await.unwrap();
+        assert_eq!(tls::peer_cn(&stream), cn, "SNI {sni}");
+        assert_eq!(tls::get(&mut stream, sni, "/").await.0, 200);
+    }
+    // A name no certificate has gets the first certificate, which the client then refuses.
+    let refused = tls::connect(proxy.addr, "other.test", config.clone()).await;
+    let error = refused.expect_err("a certificate for another name was accepted");
+    assert!(error.to_string().contains("NotValidForName"), "{error}");
+    // Two labels deep is not covered by a wildcard either.
+    assert!(
+        tls::connect(proxy.addr, "a.b.wild.test", config)
+            .await
+            .is_err()
+    );
+}
+
+/// `openssl s_client` with `args` against `addr`; its whole output.
+fn s_client(addr: std::net::SocketAddr, args: &[&str]) -> String {
+    let output = std::process::Command::new("openssl")
+        .arg("s_client")
+        .arg("-connect")
+        .arg(addr.to_string())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl is installed (.ci/run installs it)");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[tokio::test]
+async fn an_rsa_and_an_ecdsa_chain_for_one_name_are_served_by_what_the_client_supports() {
+    let pki = Pki::new();
+    let ecdsa = pki.server("ecdsa", &["app.test"], Key::Ecdsa);
+    let rsa = pki.server("rsa", &["app.test"], Key::Rsa);
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::start(&https_config(&[&rsa, &ecdsa], "", ""), &[&backend]).await;
+    let addr = proxy.addr;
+    let ca = pki.ca_pem.display().to_string();
+    let ecdsa_out = tokio::task::spawn_blocking(move || {
+        s_client(addr, &["-servername", "app.test", "-CAfile", &ca])
+    })
+    .await
+    .unwrap();
+    assert!(
+        ecdsa_out.contains("Peer signature type: ECDSA"),
+        "{ecdsa_out}"
+    );
+    let ca = pki.ca_pem.display().to_string();
+    let rsa_out = tokio::task::spawn_blocking(move || {
+        s_client(
+            addr,
+            &[
+                "-servername",
+                "app.test",
+                "-CAfile",
+                &ca,
+                "-sigalgs",
+                "RSA-PSS+SHA256:RSA+SHA256",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(rsa_out.contains("Peer signature type: RSA"), "{rsa_out}");
+    assert!(rsa_out.contains("Verify return code: 0 (ok)"), "{rsa_out}");
+}
+
+#[tokio::test]
+async fn tls_1_2_can_be_switched_off() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let backend = Backend::named("a").await;
+    let both = Proxy::start(&https_config(&[&site], "", ""), &[&backend]).await;
+    let only13 = Proxy::start(
+        &https_config(&[&site], "min_version = \"1.3\"", ""),
+        &[&backend],
+    )
+    .await;
+    let tls12 = |pki: &Pki| {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der()).unwrap();
+        Arc::new(
+            rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    };
+    let mut stream = tls::connect(both.addr, "app.test", tls12(&pki))
+        .await
+        .unwrap();
+    assert_eq!(
+        stream.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    assert_eq!(tls::get(&mut stream, "app.test", "/").await.0, 200);
+    let refused = tls::connect(only13.addr, "app.test", tls12(&pki)).await;
+    let error = refused.expect_err("TLS 1.2 was accepted with min_version = 1.3");
+    assert!(error.to_string().contains("ProtocolVersion"), "{error}");
+    let mut stream = tls::connect(only13.addr, "app.test", client(&pki, &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        stream.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    assert_eq!(tls::get(&mut stream, "app.test", "/").await.0, 200);
+}
+
+#[tokio::test]
+async fn returning_clients_resume_their_session() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let backend = Backend::named("a").await;
+    // Two workers: a ticket made by one must be accepted by the other.
+    let proxy = Proxy::start_workers(&https_config(&[&site], "", ""), &[&backend], 2);
+    for versions in [
+        &[&rustls::version::TLS13][..],
+        &[&rustls::version::TLS12][..],
+    ] {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der()).unwrap();
+        let config = Arc::new(
+            rustls::ClientConfig::builder_with_protocol_versions(versions)
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let mut kinds = Vec::new();
+        for _ in 0..4 {
+            let mut stream = tls::connect(proxy.addr, "app.test", config.clone())
+                .await
+                .unwrap();
+            // TLS 1.3 tickets arrive after the handshake: read the response first.
+            assert_eq!(tls::get(&mut stream, "app.test", "/").await.0, 200);
+            kinds.push(stream.get_ref().1.handshake_kind().unwrap());
+        }
+        assert_eq!(kinds[0], rustls::HandshakeKind::Full);
+        assert!(
+            kinds[1..]
+                .iter()
+                .all(|k| *k == rustls::HandshakeKind::Resumed),
+            "{versions:?}: {kinds:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn client_certificates_required_optional_and_refused() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let alice = pki.client("alice", "alice.example");
+    let stranger_ca = Pki::named("Stranger CA");
+    let mallory = stranger_ca.client("mallory", "mallory.example");
+    let backend = Backend::named("a").await;
+    let ca = pki.ca_pem.display().to_string();
+    let required = Proxy::start(
+        &https_config(
+            &[&site],
+            &format!("client_auth = \"required\"\nclient_ca = \"{ca}\""),
+            "",
+        ),
+        &[&backend],
+    )
+    .await;
+    let optional = Proxy::start(
+        &https_config(
+            &[&site],
+            &format!("client_auth = \"optional\"\nclient_ca = \"{ca}\""),
+            "",
+        ),
+        &[&backend],
+    )
+    .await;
+    let with_cert = |who: &Issued| {
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(&who.cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&who.key).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der()).unwrap();
+        Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)
+                .unwrap(),
+        )
+    };
+    // A request that claims a certificate in the header itself.
+    let forged = |host: &str| {
+        format!(
+            "GET / HTTP/1.1\r\nhost: {host}\r\nx-forwarded-client-cert: Subject=\"CN=admin\"\r\nconnection: close\r\n\r\n"
+        )
+    };
+    async fn send(
+        stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        request: &str,
+    ) -> String {
+        if stream.write_all(request.as_bytes()).await.is_err() {
+            return String::new();
+        }
+        let mut out = Vec::new();
+        let _ = stream.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    // Required, with a certificate from the CA: the server learns who the client is, and
+    // the client's own header is gone.
+    let mut stream = tls::connect(required.addr, "app.test", with_cert(&alice))
+        .await
+        .unwrap();
+    assert!(
+        send(&mut stream, &forged("app.test"))
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    let seen = backend.seen.last();
+    let described: Vec<_> = seen
+        .headers
+        .get_all("x-forwarded-client-cert")
+        .iter()
+        .collect();
+    assert_eq!(described.len(), 1, "{described:?}");
+    let described = described[0].to_str().unwrap();
+    assert!(described.starts_with("Hash="), "{described}");
+    assert!(
+        described.contains("Subject=\"CN=alice.example\""),
+        "{described}"
+    );
+    assert!(described.contains("DNS=alice.example"), "{described}");
+    assert!(!described.contains("admin"), "{described}");
+
+    // Required, without one, or with one from another CA: no request gets through.
+    let count = backend.seen.count();
+    for config in [client(&pki, &[]), with_cert(&mallory)] {
+        // TLS 1.3 clients finish their side first; the refusal comes as an alert on read.
+        if let Ok(mut stream) = tls::connect(required.addr, "app.test", config).await {
+            let answer = send(&mut stream, &forged("app.test")).await;
+            assert!(answer.is_empty(), "{answer}");
+        }
+    }
+    assert_eq!(backend.seen.count(), count);
+
+    // Optional, without one: served, and the forged header still does not pass.
+    let mut stream = tls::connect(optional.addr, "app.test", client(&pki, &[]))
+        .await
+        .unwrap();
+    assert!(
+        send(&mut stream, &forged("app.test"))
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(
+        !backend
+            .seen
+            .last()
+            .headers
+            .contains_key("x-forwarded-client-cert")
+    );
+    // Optional, with a stranger's certificate: refused, not served as anonymous.
+    if let Ok(mut stream) = tls::connect(optional.addr, "app.test", with_cert(&mallory)).await {
+        assert!(send(&mut stream, &forged("app.test")).await.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_client_stuck_in_its_handshake_is_ended_by_the_deadline() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let backend = Backend::named("a").await;
+    // Without TCP_DEFER_ACCEPT, which would keep a silent client in the kernel, unseen.
+    let proxy = Proxy::start(
+        &format!(
+            "{}\n[timeouts]\ntls_handshake = \"300ms\"\n",
+            https_config(&[&site], "", "defer_accept = false")
+        ),
+        &[&backend],
+    )
+    .await;
+    // Silent after connecting, and a ClientHello that never ends: both are closed.
+    for first in [&b""[..], &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01][..]] {
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        tcp.write_all(first).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "still open: {read:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    // Plain HTTP sent to the TLS port: refused, not mistaken for a request.
+    let answer = support::raw(proxy.addr, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert!(!answer.contains("200"), "{answer}");
+    assert_eq!(backend.seen.count(), 0);
+}
+
+#[tokio::test]
+async fn curl_speaks_http1_and_http2_over_tls() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::start(&https_config(&[&site], "", ""), &[&backend]).await;
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let resolve = format!("app.test:{}:127.0.0.1", proxy.addr.port());
+        let url = format!("https://app.test:{}/", proxy.addr.port());
+        let ca = pki.ca_pem.clone();
+        let output = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args(["-sS", flag, "--cacert"])
+                .arg(&ca)
+                .args(["--resolve", &resolve, "-w", " %{http_version}", &url])
+                .output()
+                .expect("curl is installed (.ci/run installs it)")
+        })
+        .await
+        .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(
+            out,
+            format!("a {version}"),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_plain_listener_can_send_everyone_to_https() {
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::start(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\nredirect_to_https = true\nhttps_port = 8443\n\n\
+         [upstreams.app]\nservers = [{ address = \"{0}\" }]\n",
+        &[&backend],
+    )
+    .await;
+    let answer = support::raw(
+        proxy.addr,
+        b"GET /a/b?c=d HTTP/1.1\r\nhost: app.test:8080\r\n\r\nHEAD / HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(support::statuses(&answer), [308, 308], "{answer}");
+    assert!(
+        answer.contains("location: https://app.test:8443/a/b?c=d\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("location: https://app.test:8443/\r\n"),
+        "{answer}"
+    );
+    assert_eq!(backend.seen.count(), 0);
+}
+
+#[tokio::test]
+async fn hsts_is_added_to_https_responses() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::start(
+        &https_config(
+            &[&site],
+            "",
+            "hsts = \"max-age=31536000; includeSubDomains\"",
+        ),
+        &[&backend],
+    )
+    .await;
+    let mut stream = tls::connect(proxy.addr, "app.test", client(&pki, &["http/1.1"]))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("strict-transport-security: max-age=31536000; includeSubDomains\r\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn tls_to_servers_is_verified_and_pooled() {
+    let pki = Pki::new();
+    let right = pki.server("backend", &["127.0.0.1", "backend.test"], Key::Ecdsa);
+    let wrong = pki.server("elsewhere", &["elsewhere.test"], Key::Ecdsa);
+    let good = TlsBackend::start("good", &right).await;
+    let misnamed = TlsBackend::start("misnamed", &wrong).await;
+    let ca = pki.ca_pem.display().to_string();
+    let config = format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n\
+         [[listeners.web.routes]]\npath_prefix = \"/good\"\nupstream = \"good\"\n\
+         [[listeners.web.routes]]\npath_prefix = \"/named\"\nupstream = \"named\"\n\
+         [[listeners.web.routes]]\npath_prefix = \"/misnamed\"\nupstream = \"misnamed\"\n\
+         [[listeners.web.routes]]\npath_prefix = \"/insecure\"\nupstream = \"insecure\"\n\
+         [[listeners.web.routes]]\npath_prefix = \"/untrusted\"\nupstream = \"untrusted\"\n\
+         [upstreams.good]\nservers = [{{ address = \"{good}\" }}]\ntls = {{ ca = \"{ca}\" }}\n\
+         [upstreams.named]\nservers = [{{ address = \"{good}\" }}]\ntls = {{ ca = \"{ca}\", server_name = \"backend.test\" }}\n\
+         [upstreams.misnamed]\nservers = [{{ address = \"{misnamed}\" }}]\ntls = {{ ca = \"{ca}\" }}\n\
+         [upstreams.insecure]\nservers = [{{ address = \"{misnamed}\" }}]\ntls = {{ insecure_skip_verify = true }}\n\
+         [upstreams.untrusted]\nservers = [{{ address = \"{good}\" }}]\ntls = {{}}\n",
+        good = good.addr,
+        misnamed = misnamed.addr,
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    let http = support::client();
+    for _ in 0..3 {
+        let response = http.get(proxy.url("/good")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "good");
+    }
+    // Kept alive and reused like a plain connection.
+    assert_eq!(
+        good.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    let response = http.get(proxy.url("/named")).send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "good");
+    // A certificate for another name, or from a CA not trusted: 502, never the response.
+    for path in ["/misnamed", "/untrusted"] {
+        let response = http.get(proxy.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 502, "{path}");
+        let text = response.text().await.unwrap();
+        assert!(
+            text.contains("TLS with the upstream server failed"),
+            "{text}"
+        );
+    }
+    let response = http.get(proxy.url("/insecure")).send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "misnamed");
+}
+
+#[tokio::test]
+async fn certificates_changed_on_disk_are_served_without_dropping_connections() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let backend = Backend::named("a").await;
+    let mut process = Process::start(&https_config(&[&site], "", ""), &[&backend]);
+    let config = client(&pki, &["http/1.1"]);
+    let first_cert = {
+        let stream = tls::connect(process.addr, "app.test", config.clone())
+            .await
+            .unwrap();
+        stream.get_ref().1.peer_certificates().unwrap()[0].clone()
+    };
+    // A kept-alive connection from before the change.
+    let mut before = tls::connect(process.addr, "app.test", config.clone())
+        .await
+        .unwrap();
+    let keep_alive = b"GET / HTTP/1.1\r\nhost: app.test\r\n\r\n";
+    before.write_all(keep_alive).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = before.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+
+    // A broken renewal (a key of another certificate): the old one keeps serving.
+    let other = pki.server("other", &["app.test"], Key::Ecdsa);
+    std::fs::copy(&other.key, &site.key).unwrap();
+    process
+        .log_from("certificates not reloaded")
+        .await
+        .contains(&site.key.display().to_string())
+        .then_some(())
+        .expect("the log names the key file");
+    let stream = tls::connect(process.addr, "app.test", config.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        stream.get_ref().1.peer_certificates().unwrap()[0],
+        first_cert
+    );
+
+    // The matching certificate arrives: new handshakes get it.
+    std::fs::copy(&other.cert, &site.cert).unwrap();
+    process.log_from("reloaded").await;
+    let stream = tls::connect(process.addr, "app.test", config.clone())
+        .await
+        .unwrap();
+    assert_ne!(
+        stream.get_ref().1.peer_certificates().unwrap()[0],
+        first_cert
+    );
+
+    // The connection from before still works.
+    before.write_all(keep_alive).await.unwrap();
+    let n = before.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    process.signal("TERM");
+    process.wait(Duration::from_secs(10));
+}
