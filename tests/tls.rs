@@ -543,15 +543,16 @@ async fn certificates_changed_on_disk_are_served_without_dropping_connections() 
     let site = pki.server("site", &["app.test"], Key::Ecdsa);
     let backend = Backend::named("a").await;
     let mut process = Process::start(&https_config(&[&site], "", ""), &[&backend]);
-    let config = client(&pki, &["http/1.1"]);
+    // A new client config each time: a resumed session would not show the certificate.
+    let config = || client(&pki, &["http/1.1"]);
     let first_cert = {
-        let stream = tls::connect(process.addr, "app.test", config.clone())
+        let stream = tls::connect(process.addr, "app.test", config())
             .await
             .unwrap();
         stream.get_ref().1.peer_certificates().unwrap()[0].clone()
     };
     // A kept-alive connection from before the change.
-    let mut before = tls::connect(process.addr, "app.test", config.clone())
+    let mut before = tls::connect(process.addr, "app.test", config())
         .await
         .unwrap();
     let keep_alive = b"GET / HTTP/1.1\r\nhost: app.test\r\n\r\n";
@@ -569,7 +570,7 @@ async fn certificates_changed_on_disk_are_served_without_dropping_connections() 
         .contains(&site.key.display().to_string())
         .then_some(())
         .expect("the log names the key file");
-    let stream = tls::connect(process.addr, "app.test", config.clone())
+    let stream = tls::connect(process.addr, "app.test", config())
         .await
         .unwrap();
     assert_eq!(
@@ -579,8 +580,8 @@ async fn certificates_changed_on_disk_are_served_without_dropping_connections() 
 
     // The matching certificate arrives: new handshakes get it.
     std::fs::copy(&other.cert, &site.cert).unwrap();
-    process.log_from("reloaded").await;
-    let stream = tls::connect(process.addr, "app.test", config.clone())
+    process.log_from("changed on disk: reloaded").await;
+    let stream = tls::connect(process.addr, "app.test", config())
         .await
         .unwrap();
     assert_ne!(
@@ -594,4 +595,302 @@ async fn certificates_changed_on_disk_are_served_without_dropping_connections() 
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
     process.signal("TERM");
     process.wait(Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn sighup_swaps_certificates_and_refuses_a_broken_one_under_steady_load() {
+    let pki = Pki::new();
+    let old = pki.server("old", &["app.test"], Key::Ecdsa);
+    let new = pki.server("new", &["app.test"], Key::Ecdsa);
+    let mismatched = Issued {
+        cert: old.cert.clone(),
+        key: new.key.clone(),
+    };
+    let backend = Backend::named("a").await;
+    let config = |site: &Issued| format!("workers = 2\n{}", https_config(&[site], "", ""));
+    let mut process = Process::start(&config(&old), &[&backend]);
+    let addr = process.addr;
+    let serial = |der: &rustls::pki_types::CertificateDer<'_>| der.as_ref().to_vec();
+    let shown = || async {
+        let stream = tls::connect(addr, "app.test", client(&pki, &["http/1.1"]))
+            .await
+            .unwrap();
+        serial(&stream.get_ref().1.peer_certificates().unwrap()[0])
+    };
+    let old_der = shown().await;
+
+    // Requests on new connections (half resumed, half not) all through the reloads.
+    let load = {
+        let pki_config = client(&pki, &["http/1.1", "h2"]);
+        tokio::spawn(async move {
+            let mut failures = 0;
+            for i in 0..300 {
+                let config = if i % 2 == 0 {
+                    pki_config.clone()
+                } else {
+                    Arc::new((*pki_config).clone())
+                };
+                match tls::connect(addr, "app.test", config).await {
+                    Ok(mut stream) if stream.get_ref().1.alpn_protocol() == Some(b"http/1.1") => {
+                        if tls::get(&mut stream, "app.test", "/").await.0 != 200 {
+                            failures += 1;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => failures += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            failures
+        })
+    };
+
+    // A key that does not match: not applied, the log says which file, the old one serves.
+    std::fs::write(
+        &process.config,
+        support::fill(&config(&mismatched), &[&backend]),
+    )
+    .unwrap();
+    process.signal("HUP");
+    let log = process.log_from("config not reloaded").await;
+    assert!(log.contains("does not belong"), "{log}");
+    assert_eq!(shown().await, old_der);
+
+    std::fs::write(&process.config, support::fill(&config(&new), &[&backend])).unwrap();
+    process.signal("HUP");
+    process.log_from("SIGHUP: config reloaded").await;
+    assert_ne!(shown().await, old_der);
+
+    assert_eq!(load.await.unwrap(), 0);
+    process.signal("TERM");
+    process.wait(Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn an_ocsp_response_file_is_stapled() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    // A real OCSP response for the leaf, signed by the CA, made by openssl's own responder.
+    let dir = &pki.dir.0;
+    let leaf = dir.join("leaf.pem");
+    let chain = std::fs::read_to_string(&site.cert).unwrap();
+    let end =
+        chain.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----\n".len();
+    std::fs::write(&leaf, &chain[..end]).unwrap();
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    let ocsp = dir.join("site.ocsp");
+    let made = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(["ocsp", "-index", "index.txt", "-rsigner"])
+        .arg(&pki.ca_pem)
+        .arg("-rkey")
+        .arg(&pki.ca_key)
+        .arg("-CA")
+        .arg(&pki.ca_pem)
+        .arg("-issuer")
+        .arg(&pki.ca_pem)
+        .arg("-cert")
+        .arg(&leaf)
+        .arg("-respout")
+        .arg(&ocsp)
+        .args(["-ndays", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let backend = Backend::named("a").await;
+    let config = format!(
+        "[listeners.https]\nbind = \"127.0.0.1:0\"\n[[listeners.https.routes]]\nupstream = \"app\"\n\
+         [listeners.https.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\", ocsp = \"{}\" }}]\n\
+         [upstreams.app]\nservers = [{{ address = \"{{0}}\" }}]\n",
+        site.cert.display(),
+        site.key.display(),
+        ocsp.display()
+    );
+    let proxy = Proxy::start(&config, &[&backend]).await;
+    let addr = proxy.addr;
+    let out = tokio::task::spawn_blocking(move || {
+        s_client(addr, &["-servername", "app.test", "-status"])
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("OCSP Response Status: successful"), "{out}");
+    // Without a file, nothing is stapled.
+    let plain = Proxy::start(&https_config(&[&site], "", ""), &[&backend]).await;
+    let addr = plain.addr;
+    let out = tokio::task::spawn_blocking(move || {
+        s_client(addr, &["-servername", "app.test", "-status"])
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("OCSP response: no response sent"), "{out}");
+}
+
+/// `fulcrum check` on a config with a TLS listener using `certificate` (and `extra` lines
+/// in its tls table, `route_host` for its route): exit code and stderr.
+fn check(pki: &Pki, certificate: &str, extra: &str, route_host: &str) -> (i32, String) {
+    let path = pki.dir.0.join("check.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[listeners.https]\nbind = \"127.0.0.1:8443\"\n[[listeners.https.routes]]\n{route_host}upstream = \"app\"\n\
+             [listeners.https.tls]\ncertificates = [{certificate}]\n{extra}\n\
+             [upstreams.app]\nservers = [{{ address = \"127.0.0.1:9000\" }}]\n"
+        ),
+    )
+    .unwrap();
+    let out = support::binary()
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn entry(cert: &std::path::Path, key: &std::path::Path) -> String {
+    format!(
+        "{{ cert = \"{}\", key = \"{}\" }}",
+        cert.display(),
+        key.display()
+    )
+}
+
+#[test]
+fn check_names_the_key_the_file_and_what_is_wrong_with_a_certificate() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let other = pki.server("other", &["app.test"], Key::Ecdsa);
+    let expired = pki.issue(
+        "expired",
+        &["app.test"],
+        Key::Ecdsa,
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        |p| {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        },
+    );
+    let future = pki.issue(
+        "future",
+        &["app.test"],
+        Key::Ecdsa,
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        |p| {
+            p.not_before = rcgen::date_time_ymd(2090, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2091, 1, 1);
+        },
+    );
+    let soon = pki.issue(
+        "soon",
+        &["app.test"],
+        Key::Ecdsa,
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        |p| {
+            p.not_after = rcgen::date_time_ymd(1970, 1, 1) + in_days(5);
+        },
+    );
+    // The leaf alone, without the CA after it: the chain is incomplete.
+    let leaf_only = pki.dir.0.join("leaf-only.pem");
+    let chain = std::fs::read_to_string(&site.cert).unwrap();
+    let end =
+        chain.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----\n".len();
+    std::fs::write(&leaf_only, &chain[..end]).unwrap();
+    let not_pem = pki.dir.0.join("not.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    let missing = pki.dir.0.join("missing.pem");
+
+    let (code, out) = check(
+        &pki,
+        &entry(&site.cert, &site.key),
+        "",
+        "host = \"app.test\"\n",
+    );
+    assert_eq!(code, 0, "{out}");
+
+    let cases: Vec<(String, &str, &str)> = vec![
+        (entry(&site.cert, &other.key), "does not belong", "key = "),
+        (entry(&expired.cert, &expired.key), "expired", "cert = "),
+        (
+            entry(&future.cert, &future.key),
+            "not valid before",
+            "cert = ",
+        ),
+        (
+            entry(&leaf_only, &site.key),
+            "missing intermediate",
+            "cert = ",
+        ),
+        (entry(&not_pem, &site.key), "not.pem", "cert = "),
+        (entry(&missing, &site.key), "missing.pem", "cert = "),
+        (entry(&site.cert, &not_pem), "not.pem", "key = "),
+    ];
+    for (certificate, says, key) in cases {
+        let (code, out) = check(&pki, &certificate, "", "");
+        assert_eq!(code, 1, "{certificate}: {out}");
+        assert!(
+            out.contains(says),
+            "{certificate}: expected {says:?} in {out}"
+        );
+        // Located at the key of the file at fault: line 6, under `cert = ` or `key = `.
+        let line = out.lines().next().unwrap();
+        assert!(line.contains("check.toml:6:"), "{line}");
+        let col: usize = line.split(':').nth(2).unwrap().parse().unwrap();
+        let source = out.lines().nth(1).unwrap();
+        let text = source.split(" | ").nth(1).unwrap();
+        assert!(
+            text[..col - 1].ends_with(key),
+            "{key} at column {col} of {text}"
+        );
+    }
+
+    // A route for a host no certificate covers.
+    let (code, out) = check(
+        &pki,
+        &entry(&site.cert, &site.key),
+        "",
+        "host = \"other.test\"\n",
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("check.toml:4:") && out.contains("other.test"),
+        "{out}"
+    );
+
+    // Expiring within 14 days: a warning, and still good.
+    let (code, out) = check(&pki, &entry(&soon.cert, &soon.key), "", "");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("warning:") && out.contains("expires"), "{out}");
+
+    // client_auth without a CA, a CA that is not a certificate, an unknown version.
+    for (extra, says) in [
+        ("client_auth = \"required\"", "needs client_ca"),
+        (
+            &format!(
+                "client_auth = \"required\"\nclient_ca = \"{}\"",
+                not_pem.display()
+            ) as &str,
+            "not.pem",
+        ),
+        ("min_version = \"1.1\"", "min_version"),
+        ("alpn = [\"h3\"]", "alpn"),
+    ] {
+        let (code, out) = check(&pki, &entry(&site.cert, &site.key), extra, "");
+        assert_eq!(code, 1, "{extra}: {out}");
+        assert!(out.contains(says), "{extra}: {out}");
+    }
+}
+
+/// The time from the Unix epoch to `days` from now.
+fn in_days(days: u64) -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        + Duration::from_secs(days * 86_400)
 }

@@ -21,6 +21,7 @@ pub struct Pki {
     pub dir: TempDir,
     ca: CertifiedIssuer<'static, KeyPair>,
     pub ca_pem: PathBuf,
+    pub ca_key: PathBuf,
 }
 
 /// A certificate chain and key, as files.
@@ -47,10 +48,19 @@ impl Pki {
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let key_pem = key.serialize_pem();
+        let ca = CertifiedIssuer::self_signed(params, key).unwrap();
         let ca_pem = dir.0.join(format!("ca-{}.pem", name.replace(' ', "-")));
         std::fs::write(&ca_pem, ca.pem()).unwrap();
-        Pki { dir, ca, ca_pem }
+        let ca_key = dir.0.join(format!("ca-{}.key", name.replace(' ', "-")));
+        std::fs::write(&ca_key, key_pem).unwrap();
+        Pki {
+            dir,
+            ca,
+            ca_pem,
+            ca_key,
+        }
     }
 
     pub fn ca_der(&self) -> CertificateDer<'static> {
