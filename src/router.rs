@@ -1,4 +1,5 @@
-//! Routing: which upstream a request goes to, by host and longest matching path prefix.
+//! Routing: which upstream a request goes to, by host and longest matching path prefix, and
+//! on a listener that verifies client certificates, by the names in the client's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +19,21 @@ pub struct Router {
 #[derive(Debug)]
 struct Rule {
     prefix: Box<str>,
+    /// The rule takes only clients whose verified certificate has one of these names;
+    /// empty: any client.
+    client_names: Box<[Box<str>]>,
     upstream: Arc<Upstream>,
+}
+
+impl Rule {
+    fn takes(&self, path: &str, client_names: &[String]) -> bool {
+        path.starts_with(&*self.prefix)
+            && (self.client_names.is_empty()
+                || self
+                    .client_names
+                    .iter()
+                    .any(|n| client_names.iter().any(|c| **n == **c)))
+    }
 }
 
 impl Router {
@@ -27,6 +42,11 @@ impl Router {
         for route in routes {
             let rule = Rule {
                 prefix: route.path_prefix.as_str().into(),
+                client_names: route
+                    .client_names
+                    .iter()
+                    .map(|n| n.as_str().into())
+                    .collect(),
                 upstream: upstreams[route.upstream].clone(),
             };
             match &route.host {
@@ -43,13 +63,25 @@ impl Router {
             .values_mut()
             .chain(std::iter::once(&mut router.any_host))
         {
-            rules.sort_by_key(|rule| std::cmp::Reverse(rule.prefix.len()));
+            // For one prefix, a rule for certain clients before the rule for the rest.
+            rules.sort_by_key(|rule| {
+                (
+                    std::cmp::Reverse(rule.prefix.len()),
+                    rule.client_names.is_empty(),
+                )
+            });
         }
         router
     }
 
-    /// The upstream for a request to `host` (as sent, port and case allowed) and `path`.
-    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Upstream>> {
+    /// The upstream for a request to `host` (as sent, port and case allowed) and `path`,
+    /// from a client whose verified certificate has `client_names` (none without one).
+    pub fn route(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        client_names: &[String],
+    ) -> Option<&Arc<Upstream>> {
         if let Some(host) = host.map(strip_port)
             && !self.by_host.is_empty()
         {
@@ -58,18 +90,22 @@ impl Router {
             } else {
                 self.by_host.get(host)
             };
-            if let Some(found) = rules.and_then(|rules| longest_prefix(rules, path)) {
+            if let Some(found) = rules.and_then(|rules| first_taker(rules, path, client_names)) {
                 return Some(found);
             }
         }
-        longest_prefix(&self.any_host, path)
+        first_taker(&self.any_host, path, client_names)
     }
 }
 
-fn longest_prefix<'a>(rules: &'a [Rule], path: &str) -> Option<&'a Arc<Upstream>> {
+fn first_taker<'a>(
+    rules: &'a [Rule],
+    path: &str,
+    client_names: &[String],
+) -> Option<&'a Arc<Upstream>> {
     rules
         .iter()
-        .find(|r| path.starts_with(&*r.prefix))
+        .find(|r| r.takes(path, client_names))
         .map(|r| &r.upstream)
 }
 
@@ -110,6 +146,7 @@ mod tests {
         RouteConfig {
             host: host.map(Into::into),
             path_prefix: prefix.into(),
+            client_names: Vec::new(),
             upstream,
         }
     }
@@ -131,7 +168,7 @@ mod tests {
             ],
             &ups,
         );
-        let name = |host, path| router.route(host, path).map(|u| u.name.as_str());
+        let name = |host, path| router.route(host, path, &[]).map(|u| u.name.as_str());
         assert_eq!(name(Some("other.org"), "/api/x"), Some("api"));
         assert_eq!(name(None, "/x"), Some("default"));
         assert_eq!(name(Some("Example.COM:8080"), "/v2/x"), Some("site-v2"));
@@ -144,6 +181,19 @@ mod tests {
     fn unmatched_path_finds_nothing() {
         let ups = vec![upstream("api")];
         let router = Router::build(&[route(None, "/api/", 0)], &ups);
-        assert!(router.route(Some("a"), "/other").is_none());
+        assert!(router.route(Some("a"), "/other", &[]).is_none());
+    }
+
+    #[test]
+    fn a_route_for_certain_clients_comes_before_the_route_for_the_rest() {
+        let ups = vec![upstream("admin"), upstream("public")];
+        let mut admin = route(None, "/", 0);
+        admin.client_names = vec!["alice.example".into(), "ops".into()];
+        let router = Router::build(&[route(None, "/", 1), admin], &ups);
+        let name = |names: &[String]| router.route(None, "/x", names).map(|u| u.name.as_str());
+        assert_eq!(name(&["alice.example".into()]), Some("admin"));
+        assert_eq!(name(&["bob".into(), "ops".into()]), Some("admin"));
+        assert_eq!(name(&["bob".into()]), Some("public"));
+        assert_eq!(name(&[]), Some("public"));
     }
 }

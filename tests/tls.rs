@@ -894,3 +894,54 @@ fn in_days(days: u64) -> Duration {
         .unwrap()
         + Duration::from_secs(days * 86_400)
 }
+
+#[tokio::test]
+async fn routes_can_take_only_clients_with_certain_certificate_names() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let alice = pki.client("alice", "alice.example");
+    let bob = pki.client("bob", "bob.example");
+    let admin = Backend::named("admin").await;
+    let public = Backend::named("public").await;
+    let config = format!(
+        "[listeners.https]\nbind = \"127.0.0.1:0\"\n\
+         [[listeners.https.routes]]\nupstream = \"public\"\n\
+         [[listeners.https.routes]]\nclient_names = [\"alice.example\"]\nupstream = \"admin\"\n\
+         [listeners.https.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
+         client_auth = \"optional\"\nclient_ca = \"{}\"\n\
+         [upstreams.admin]\nservers = [{{ address = \"{{0}}\" }}]\n\
+         [upstreams.public]\nservers = [{{ address = \"{{1}}\" }}]\n",
+        site.cert.display(),
+        site.key.display(),
+        pki.ca_pem.display()
+    );
+    let proxy = Proxy::start(&config, &[&admin, &public]).await;
+    let as_client = |who: Option<&Issued>| {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der()).unwrap();
+        let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+        Arc::new(match who {
+            Some(who) => builder
+                .with_client_auth_cert(
+                    rustls::pki_types::CertificateDer::pem_file_iter(&who.cert)
+                        .unwrap()
+                        .map(Result::unwrap)
+                        .collect(),
+                    rustls::pki_types::PrivateKeyDer::from_pem_file(&who.key).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        })
+    };
+    for (who, expected) in [
+        (Some(&alice), "admin"),
+        (Some(&bob), "public"),
+        (None, "public"),
+    ] {
+        let mut stream = tls::connect(proxy.addr, "app.test", as_client(who))
+            .await
+            .unwrap();
+        assert_eq!(tls::get(&mut stream, "app.test", "/").await.1, expected);
+    }
+}

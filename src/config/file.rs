@@ -77,6 +77,7 @@ pub struct UpstreamTls {
 pub struct Route {
     pub host: Option<Spanned<String>>,
     pub path_prefix: Option<Spanned<String>>,
+    pub client_names: Option<Spanned<Vec<String>>>,
     pub upstream: Spanned<String>,
 }
 

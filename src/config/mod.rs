@@ -149,7 +149,16 @@ impl Checker {
             let routes = if redirect_to_https.is_some() && listener.routes.is_empty() {
                 Vec::new()
             } else {
-                self.routes(name.get_ref(), listener.routes, span, &upstream_index)
+                let verifies_clients = tls
+                    .as_ref()
+                    .is_some_and(|t| !matches!(t.client_auth, ClientAuth::Off));
+                self.routes(
+                    name.get_ref(),
+                    listener.routes,
+                    span,
+                    &upstream_index,
+                    verifies_clients,
+                )
             };
             if let Some(tls) = &tls {
                 self.hosts_covered(name.get_ref(), tls, &routes, &host_spans);
@@ -498,6 +507,7 @@ impl Checker {
         routes: Vec<Spanned<file::Route>>,
         listener_span: Range<usize>,
         upstreams: &HashMap<String, usize>,
+        verifies_clients: bool,
     ) -> Vec<RouteConfig> {
         if routes.is_empty() {
             self.error(listener_span, format!("listener `{listener}` has no routes: add [[listeners.{listener}.routes]] with upstream = \"NAME\""));
@@ -544,12 +554,23 @@ impl Checker {
                     continue;
                 }
             };
-            if !seen.insert((host.clone(), path_prefix.clone())) {
+            let mut client_names = Vec::new();
+            if let Some(names) = &route.client_names {
+                if !verifies_clients {
+                    self.error(names.span(), format!("client_names needs client certificates: set client_auth and client_ca in [listeners.{listener}.tls]"));
+                } else if names.get_ref().is_empty() {
+                    self.error(names.span(), "client_names is empty: list the certificate names this route takes, or leave it out for every client");
+                }
+                client_names = names.get_ref().clone();
+                client_names.sort();
+            }
+            if !seen.insert((host.clone(), path_prefix.clone(), client_names.clone())) {
                 self.error(span, format!("listener `{listener}` has two routes for host {} and path_prefix `{path_prefix}`", host.as_deref().unwrap_or("(any)")));
             }
             out.push(RouteConfig {
                 host,
                 path_prefix,
+                client_names,
                 upstream,
             });
         }

@@ -125,6 +125,9 @@ pub struct RouteConfig {
     /// Lower-case host name without port; `None` matches any host.
     pub host: Option<String>,
     pub path_prefix: String,
+    /// Only clients whose verified certificate has one of these names (subject CN, DNS,
+    /// URI or email SAN); empty: every client.
+    pub client_names: Vec<String>,
     /// Index into `Config::upstreams`.
     pub upstream: usize,
 }

@@ -61,14 +61,17 @@ pub async fn serve_connection(
                     Some(_) => Some(Protocol::Http1),
                     None => None,
                 };
-                let client_cert = s
+                let client = s
                     .peer_certificates()
                     .and_then(|chain| chain.first())
-                    .and_then(crate::tls::client_cert::describe);
-                (protocol, client_cert)
+                    .and_then(crate::tls::client_cert::identify);
+                (protocol, client)
             });
             conn.https = true;
-            conn.client_cert = client_cert;
+            if let Some(client) = client_cert {
+                conn.client_cert = Some(client.header);
+                conn.client_names = client.names;
+            }
             (Stream::from(session), protocol)
         }
     };

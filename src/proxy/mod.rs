@@ -60,6 +60,8 @@ pub struct ClientConn {
     /// A verified client certificate, described for the server in the listener's
     /// `client_cert_header`.
     pub client_cert: Option<String>,
+    /// The names in that certificate, which routes may ask for.
+    pub client_names: Vec<String>,
 }
 
 impl ClientConn {
@@ -74,6 +76,7 @@ impl ClientConn {
             },
             https: false,
             client_cert: None,
+            client_names: Vec::new(),
         }
     }
 }
@@ -132,7 +135,7 @@ where
         )
         .await;
     }
-    let routed = match route(&req, client.listener, rt) {
+    let routed = match route(&req, client.listener, &client.client_names, rt) {
         Ok(routed) => routed,
         Err(reject) => {
             // A request the checks refuse may be framed in a way another parser reads
@@ -291,13 +294,14 @@ pub struct Routed<'rt> {
 pub fn route<'rt, B>(
     req: &Request<B>,
     listener: usize,
+    client_names: &[String],
     rt: &'rt Runtime,
 ) -> Result<Routed<'rt>, Reject> {
     let host = validate::check(req, &rt.config.limits)?;
     let host_str = host.as_ref().and_then(|h| h.to_str().ok());
     match rt.listeners[listener]
         .router
-        .route(host_str, req.uri().path())
+        .route(host_str, req.uri().path(), client_names)
     {
         Some(upstream) => Ok(Routed { upstream, host }),
         None => Err(Reject {

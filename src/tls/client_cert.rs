@@ -8,10 +8,24 @@ use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// The header value for `cert`, or `None` if it cannot be parsed (rustls has verified it,
-/// so that would be a bug, not a client's doing).
-pub fn describe(cert: &CertificateDer<'_>) -> Option<String> {
+/// A verified client certificate as the proxy uses it.
+pub struct ClientIdentity {
+    /// The header value for servers.
+    pub header: String,
+    /// Subject CN, DNS, URI and email SANs: what routes match on.
+    pub names: Vec<String>,
+}
+
+/// `None` if `cert` cannot be parsed (rustls has verified it, so that would be a bug, not a
+/// client's doing).
+pub fn identify(cert: &CertificateDer<'_>) -> Option<ClientIdentity> {
     let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let mut names: Vec<String> = parsed
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(str::to_string)
+        .collect();
     let mut out = String::with_capacity(160);
     out.push_str("Hash=");
     for byte in aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.as_ref()).as_ref() {
@@ -20,14 +34,15 @@ pub fn describe(cert: &CertificateDer<'_>) -> Option<String> {
     out.push_str(";Subject=\"");
     quoted(&mut out, &parsed.subject().to_string());
     out.push('"');
-    if let Ok(Some(names)) = parsed.subject_alternative_name() {
-        for name in &names.value.general_names {
+    if let Ok(Some(sans)) = parsed.subject_alternative_name() {
+        for name in &sans.value.general_names {
             let (key, value) = match name {
                 GeneralName::DNSName(dns) => ("DNS", (*dns).to_string()),
                 GeneralName::URI(uri) => ("URI", (*uri).to_string()),
                 GeneralName::RFC822Name(email) => ("Email", (*email).to_string()),
                 _ => continue,
             };
+            names.push(value.clone());
             out.push(';');
             out.push_str(key);
             out.push('=');
@@ -40,7 +55,7 @@ pub fn describe(cert: &CertificateDer<'_>) -> Option<String> {
             }
         }
     }
-    Some(out)
+    Some(ClientIdentity { header: out, names })
 }
 
 /// Appends `text` so that it cannot end the quoted string or the header: `"` and `\` are
