@@ -61,6 +61,9 @@ impl TlsListener {
         };
         let mut config = builder.with_cert_resolver(resolver.clone());
         config.alpn_protocols = tls.alpn.clone();
+        // The provider's order of suites, not the client's: most clients list AES-256
+        // first, which costs more here for no strength that matters (see `provider`).
+        config.ignore_client_order = true;
         let before = previous.map(|p| &p.config);
         config.session_storage = if tls.session_cache == 0 {
             Arc::new(NoServerSessionStorage {})
