@@ -945,3 +945,99 @@ async fn routes_can_take_only_clients_with_certain_certificate_names() {
         assert_eq!(tls::get(&mut stream, "app.test", "/").await.1, expected);
     }
 }
+
+#[tokio::test]
+async fn a_websocket_over_tls_is_tunnelled_both_ways() {
+    use futures_util::{SinkExt, StreamExt};
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        ws.send(msg).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let config = https_config(&[&site], "", "").replace("{0}", &ws_addr.to_string());
+    let proxy = Proxy::start(&config, &[]).await;
+    let stream = tls::connect(proxy.addr, "app.test", client(&pki, &["http/1.1"]))
+        .await
+        .unwrap();
+    let (mut ws, response) = tokio_tungstenite::client_async("wss://app.test/chat", stream)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 101);
+    // Large enough to span many TLS records each way.
+    for size in [5, 70_000, 300_000] {
+        let text = "x".repeat(size);
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text.clone()))
+            .await
+            .unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo.into_text().unwrap().len(), size);
+    }
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways_over_tls() {
+    use http_body_util::BodyExt;
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    // Echoes the request body back, as it arrives.
+    let backend = Backend::with(|req| async move {
+        let body = req
+            .into_body()
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+        http::Response::new(support::Body::new(body))
+    })
+    .await;
+    let proxy = Proxy::start(&https_config(&[&site], "", ""), &[&backend]).await;
+    let mut stream = tls::connect(proxy.addr, "app.test", client(&pki, &["http/1.1"]))
+        .await
+        .unwrap();
+    let size: usize = 8 * 1024 * 1024;
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nhost: app.test\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n"
+    );
+    let (mut read, mut write) = tokio::io::split(&mut stream);
+    let send = async {
+        write.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'z'; 64 * 1024];
+        for _ in 0..size / chunk.len() {
+            write.write_all(&chunk).await.unwrap();
+        }
+        write.flush().await.unwrap();
+    };
+    let receive = async {
+        let mut all = Vec::new();
+        read.read_to_end(&mut all).await.unwrap();
+        all
+    };
+    let ((), all) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(send, receive)
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&all[..200.min(all.len())]).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body_start = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let body = &all[body_start..];
+    // Chunked or not, every byte of the upload came back.
+    assert!(
+        body.iter().filter(|&&b| b == b'z').count() == size,
+        "{} bytes",
+        body.len()
+    );
+}

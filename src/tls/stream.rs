@@ -211,3 +211,11 @@ impl TlsStream {
         let _ = self.send_pending(&mut tls);
     }
 }
+
+/// A session ends with `close_notify` however its connection ends, so the peer can tell the
+/// end from a cut (HTTP/1.0 bodies and responses with `Connection: close` end this way).
+impl Drop for TlsStream {
+    fn drop(&mut self) {
+        self.close_notify();
+    }
+}
