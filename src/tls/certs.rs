@@ -140,6 +140,29 @@ pub fn load(
 
     let names = names(leaf);
     let subject = leaf.subject().to_string();
+    let warnings = warnings(files.cert, leaf, &names, not_after, now);
+
+    let mut certified = CertifiedKey::new(chain, key);
+    certified.ocsp = ocsp;
+    Ok(Loaded {
+        key: Arc::new(certified),
+        names,
+        subject,
+        not_after,
+        key_kind,
+        warnings,
+    })
+}
+
+/// What is worth telling about a certificate that loads: that it expires soon, or that
+/// clients will not find a name in it.
+fn warnings(
+    path: &Path,
+    leaf: &X509Certificate,
+    names: &[String],
+    not_after: SystemTime,
+    now: SystemTime,
+) -> Vec<String> {
     let mut warnings = Vec::new();
     if let Ok(left) = not_after.duration_since(now)
         && left < EXPIRY_WARNING
@@ -152,35 +175,24 @@ pub fn load(
         };
         warnings.push(format!(
             "certificate {} expires {when} ({}); renew it",
-            files.cert.display(),
+            path.display(),
             date(not_after)
         ));
     }
     if names.is_empty() {
         warnings.push(format!(
             "the certificate in {} names no host; it can only be the listener's default",
-            files.cert.display()
+            path.display()
         ));
     } else if !has_san(leaf) {
         warnings.push(format!(
             "the certificate in {} has no subject alternative names: clients ignore its common \
              name ({}) and will reject it",
-            files.cert.display(),
+            path.display(),
             names.join(", ")
         ));
     }
-    drop(parsed);
-
-    let mut certified = CertifiedKey::new(chain, key);
-    certified.ocsp = ocsp;
-    Ok(Loaded {
-        key: Arc::new(certified),
-        names,
-        subject,
-        not_after,
-        key_kind,
-        warnings,
-    })
+    warnings
 }
 
 /// Whether `host` (lower-case, no port; may be an IP literal) is covered by `names`. A
