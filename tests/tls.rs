@@ -1041,3 +1041,35 @@ async fn large_bodies_stream_both_ways_over_tls() {
         body.len()
     );
 }
+
+#[tokio::test]
+async fn a_failed_handshake_is_logged_with_client_sni_and_reason() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let backend = Backend::named("a").await;
+    let mut process = Process::start(
+        &https_config(&[&site], "min_version = \"1.3\"", ""),
+        &[&backend],
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der()).unwrap();
+    let tls12 = Arc::new(
+        rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let refused = tls::connect(process.addr, "app.test", tls12).await;
+    assert!(refused.is_err());
+    let line = process.log_from("TLS handshake failed").await;
+    let line = line.lines().next().unwrap();
+    assert!(line.contains("client=127.0.0.1:"), "{line}");
+    assert!(line.contains("sni=\"app.test\""), "{line}");
+    assert!(line.contains("reason="), "{line}");
+    // And the process serves on.
+    let mut stream = tls::connect(process.addr, "app.test", client(&pki, &[]))
+        .await
+        .unwrap();
+    assert_eq!(tls::get(&mut stream, "app.test", "/").await.0, 200);
+    process.signal("TERM");
+    process.wait(Duration::from_secs(10));
+}
