@@ -3,6 +3,7 @@
 //! makes and reads files; serving them is [`crate::tls`]'s job.
 
 mod ca;
+pub mod cli;
 mod files;
 mod inspect;
 mod issue;
