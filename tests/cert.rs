@@ -507,3 +507,41 @@ fn handshake(
     }
     Err("the handshake did not finish".into())
 }
+
+#[test]
+fn the_printed_config_lines_make_a_config_fulcrum_accepts() {
+    let dir = TempDir::new();
+    with_ca(&dir);
+    let server = succeeds(fulcrum_cert(&dir, &["issue", "--name", "app.test"]));
+    let client = succeeds(fulcrum_cert(
+        &dir,
+        &["issue", "--client", "--name", "alice.test"],
+    ));
+    let pasted: Vec<&str> = server
+        .lines()
+        .chain(client.lines())
+        .filter(|l| {
+            ["certificates = ", "client_auth = ", "client_ca = "]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .collect();
+    assert_eq!(pasted.len(), 3, "{server}{client}");
+    let config = dir.0.join("fulcrum.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listeners.https]\nbind = \"127.0.0.1:0\"\n[[listeners.https.routes]]\nupstream = \"app\"\n\n\
+             [listeners.https.tls]\n{}\n\n[upstreams.app]\nservers = [{{ address = \"127.0.0.1:9\" }}]\n",
+            pasted.join("\n")
+        ),
+    )
+    .unwrap();
+    let out = binary()
+        .arg("check")
+        .arg("-c")
+        .arg(&config)
+        .output()
+        .unwrap();
+    succeeds(out);
+}
