@@ -26,8 +26,11 @@
 //! - [`idle_timeout`]: closes connections on which nothing moves.
 //! - [`logging`]: diagnostics to stderr, the access log to stdout.
 //! - [`demo`]: the built-in demo backends behind `fulcrum demo`.
+//! - [`cert`]: a local CA for development behind `fulcrum cert`: certificates for servers
+//!   and clients, and a description of any certificate file.
 
 pub mod balance;
+pub mod cert;
 pub mod config;
 pub mod demo;
 pub mod http;

@@ -1,4 +1,4 @@
-//! The `fulcrum` command: `demo`, `run` and `check`.
+//! The `fulcrum` command: `demo`, `run`, `check` and `cert`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +45,11 @@ enum Command {
         #[arg(short, long, default_value = "fulcrum.toml")]
         config: PathBuf,
     },
+    /// Certificates for development: a local CA, certificates it signs, and inspection.
+    Cert {
+        #[command(subcommand)]
+        command: fulcrum::cert::cli::CertCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Check { config } => check(&config),
+            Command::Cert { command } => fulcrum::cert::cli::run(command),
             Command::Run { config: path } => match config::load(&path) {
                 Ok(config) => run(config, Some(&path)).await,
                 Err(e) => {
