@@ -1,5 +1,6 @@
 //! `fulcrum demo`: three small built-in backends and a Fulcrum in front of them, configured
-//! from an embedded TOML file through the same pipeline as a user's config.
+//! from an embedded TOML file through the same pipeline as a user's config, over HTTP and
+//! over HTTPS with a certificate from the demo's own CA (made on first run, then reused).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,9 +19,29 @@ pub const DEMO_CONFIG: &str = include_str!("../examples/demo.toml");
 
 pub const BACKEND_NAMES: [&str; 3] = ["alpha", "beta", "gamma"];
 
-/// Starts the demo backends on free loopback ports and returns the demo config for them.
-pub async fn start(listen: SocketAddr) -> std::io::Result<Result<Config, ConfigError>> {
-    let mut text = DEMO_CONFIG.replace("127.0.0.1:8080", &listen.to_string());
+/// Where the demo serves, and where its certificates are kept.
+pub struct DemoSetup {
+    pub listen: SocketAddr,
+    pub listen_https: SocketAddr,
+    pub cert_dir: std::path::PathBuf,
+}
+
+/// Starts the demo backends on free loopback ports, makes (or reuses) the demo's
+/// certificates, and returns the demo config with what a client needs to trust it.
+pub async fn start(
+    setup: &DemoSetup,
+) -> std::io::Result<Result<(Config, crate::cert::DemoCert), ConfigError>> {
+    let certs = crate::cert::demo_certificate(&setup.cert_dir)?;
+    let mut text = DEMO_CONFIG.replace("127.0.0.1:8080", &setup.listen.to_string());
+    // The HTTPS listener is added here rather than in the example file, which cannot know
+    // where the certificates are.
+    text.push_str(&format!(
+        "\n[listeners.demo-https]\nbind = \"{}\"\n\n[[listeners.demo-https.routes]]\nupstream = \"demo\"\n\n\
+         [listeners.demo-https.tls]\ncertificates = [{{ cert = {:?}, key = {:?} }}]\n",
+        setup.listen_https,
+        certs.cert.display().to_string(),
+        certs.key.display().to_string(),
+    ));
     for (name, placeholder) in
         BACKEND_NAMES
             .iter()
@@ -29,7 +50,7 @@ pub async fn start(listen: SocketAddr) -> std::io::Result<Result<Config, ConfigE
         let addr = start_backend(name).await?;
         text = text.replace(placeholder, &addr.to_string());
     }
-    Ok(config::parse("demo.toml (embedded)", &text))
+    Ok(config::parse("demo.toml (embedded)", &text).map(|config| (config, certs)))
 }
 
 /// A backend that answers every request with its own name.

@@ -31,9 +31,15 @@ struct Cli {
 enum Command {
     /// Start three built-in demo backends and balance across them.
     Demo {
-        /// Where the demo's proxy listens.
+        /// Where the demo's proxy listens for HTTP.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Where it listens for HTTPS.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen_https: SocketAddr,
+        /// Where the demo's CA and certificate are kept (made on first run).
+        #[arg(long)]
+        certs: Option<PathBuf>,
     },
     /// Run the proxy with a config file.
     Run {
@@ -70,22 +76,45 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
-            Command::Demo { listen } => match fulcrum::demo::start(listen).await {
-                Ok(Ok(config)) => {
-                    println!("Fulcrum demo: try `curl http://{listen}/` a few times to see the backends take turns.");
-                    run(config, None).await
-                }
-                Ok(Err(e)) => {
-                    eprintln!("{e}");
-                    ExitCode::FAILURE
-                }
-                Err(e) => {
-                    eprintln!("cannot start the demo backends: {e}");
-                    ExitCode::FAILURE
-                }
-            },
+            Command::Demo {
+                listen,
+                listen_https,
+                certs,
+            } => {
+                let setup = fulcrum::demo::DemoSetup {
+                    listen,
+                    listen_https,
+                    cert_dir: certs.unwrap_or_else(fulcrum::cert::default_demo_dir),
+                };
+                demo(setup).await
+            }
         }
     })
+}
+
+async fn demo(setup: fulcrum::demo::DemoSetup) -> ExitCode {
+    match fulcrum::demo::start(&setup).await {
+        Ok(Ok((config, certs))) => {
+            println!(
+                "Fulcrum demo: try `curl http://{}/` a few times to see the backends take turns,",
+                setup.listen
+            );
+            println!(
+                "and over HTTPS: `curl --cacert {} https://localhost:{}/`",
+                certs.ca.display(),
+                setup.listen_https.port()
+            );
+            run(config, None).await
+        }
+        Ok(Err(e)) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("cannot start the demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

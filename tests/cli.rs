@@ -168,17 +168,25 @@ fn missing_config_file_is_a_clear_error() {
     );
 }
 
-#[tokio::test]
-async fn the_demo_balances_across_its_three_backends() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+        .port()
+}
+
+#[tokio::test]
+async fn the_demo_balances_across_its_three_backends_over_http_and_https() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let https_port = free_port();
+    let certs = TempDir::new();
     let mut demo = binary()
         .args(["demo", "--listen", &listen])
-        .stdout(std::process::Stdio::null())
+        .args(["--listen-https", &format!("127.0.0.1:{https_port}")])
+        .arg("--certs")
+        .arg(&certs.0)
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -194,6 +202,30 @@ async fn the_demo_balances_across_its_three_backends() {
             break;
         }
     }
+    // The line the demo prints for HTTPS works as printed (but for the port).
+    let mut stdout = std::io::BufReader::new(demo.stdout.take().unwrap());
+    let mut printed = String::new();
+    while !printed.contains("--cacert") {
+        use std::io::BufRead;
+        if stdout.read_line(&mut printed).unwrap() == 0 {
+            break;
+        }
+    }
+    let ca = printed
+        .split("--cacert ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no curl line in {printed:?}"))
+        .to_string();
+    let https = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--cacert",
+            &ca,
+            &format!("https://localhost:{https_port}/"),
+        ])
+        .output()
+        .unwrap();
     let _ = demo.kill();
     let _ = demo.wait();
     assert_eq!(answers.len(), 3, "the demo did not answer");
@@ -203,4 +235,11 @@ async fn the_demo_balances_across_its_three_backends() {
             "{answers:?}"
         );
     }
+    let body = String::from_utf8_lossy(&https.stdout);
+    assert!(
+        body.starts_with("Hello from demo backend"),
+        "{body} {}",
+        String::from_utf8_lossy(&https.stderr)
+    );
+    assert!(std::path::Path::new(&ca).starts_with(&certs.0), "{ca}");
 }
