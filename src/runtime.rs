@@ -61,7 +61,10 @@ impl Runtime {
                     .listeners
                     .iter()
                     .position(|old| old.name == l.name)?;
-                p.listeners[i].tls.as_ref()
+                Some((
+                    p.listeners[i].tls.as_ref()?,
+                    p.config.listeners[i].tls.as_ref()?,
+                ))
             });
             let tls = match &l.tls {
                 Some(tls) => Some(

@@ -1073,3 +1073,27 @@ async fn a_failed_handshake_is_logged_with_client_sni_and_reason() {
     process.signal("TERM");
     process.wait(Duration::from_secs(10));
 }
+
+#[tokio::test]
+async fn sessions_resume_across_a_reload() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let backend = Backend::named("a").await;
+    let text = support::fill(&https_config(&[&site], "", ""), &[&backend]);
+    let proxy = Proxy::start(&text, &[]).await;
+    let config = client(&pki, &["http/1.1"]);
+    let mut first = tls::connect(proxy.addr, "app.test", config.clone())
+        .await
+        .unwrap();
+    assert_eq!(tls::get(&mut first, "app.test", "/").await.0, 200);
+    proxy
+        .server
+        .reload(fulcrum::config::parse("test.toml", &text).unwrap())
+        .unwrap();
+    let mut second = tls::connect(proxy.addr, "app.test", config).await.unwrap();
+    assert_eq!(tls::get(&mut second, "app.test", "/").await.0, 200);
+    assert_eq!(
+        second.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+}

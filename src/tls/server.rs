@@ -17,9 +17,13 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    /// `previous`: the same listener's settings before a reload, whose session cache and
-    /// ticket keys carry over.
-    pub fn build(tls: &ListenerTls, previous: Option<&TlsListener>) -> Result<TlsListener, String> {
+    /// `previous`: the same listener before a reload, with the config it was built from;
+    /// its ticket keys carry over, and its session cache if the cache's size is unchanged.
+    /// Nothing of `previous` is changed: a reload that fails leaves it serving as it was.
+    pub fn build(
+        tls: &ListenerTls,
+        previous: Option<(&TlsListener, &ListenerTls)>,
+    ) -> Result<TlsListener, String> {
         let provider = super::provider();
         let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
             TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -52,28 +56,19 @@ impl TlsListener {
             }
         };
         let store = CertStore::new(tls.certificates.iter().map(|c| c.loaded.clone()).collect());
-        let resolver = match previous {
-            Some(previous) => {
-                previous.resolver.replace(store);
-                previous.resolver.clone()
-            }
-            None => Arc::new(Resolver::new(store)),
-        };
+        let resolver = Arc::new(Resolver::new(store));
         let mut config = builder.with_cert_resolver(resolver.clone());
         config.alpn_protocols = tls.alpn.clone();
         // The provider's order of suites, not the client's: most clients list AES-256
         // first, which costs more here for no strength that matters (see `provider`).
         config.ignore_client_order = true;
-        let before = previous.map(|p| &p.config);
-        config.session_storage = if tls.session_cache == 0 {
-            Arc::new(NoServerSessionStorage {})
-        } else {
-            match before {
-                Some(before) if before.session_storage.can_cache() => {
-                    before.session_storage.clone()
-                }
-                _ => ServerSessionMemoryCache::new(tls.session_cache),
+        let before = previous.map(|(p, _)| &p.config);
+        config.session_storage = match previous {
+            _ if tls.session_cache == 0 => Arc::new(NoServerSessionStorage {}),
+            Some((p, was)) if was.session_cache == tls.session_cache => {
+                p.config.session_storage.clone()
             }
+            _ => ServerSessionMemoryCache::new(tls.session_cache),
         };
         if tls.session_tickets {
             config.ticketer = match before {
