@@ -3,8 +3,10 @@
 //! # Layout
 //! A request travels through the modules in this order:
 //! - [`listener`]: accepts connections, within each listener's connection limit.
-//! - [`tls`]: on a TLS listener, the handshake (certificate by SNI, protocol by ALPN) and the
-//!   transport the HTTP adapters then read and write through.
+//! - [`tls`]: on a TLS listener, the handshake (certificate by SNI, protocol by ALPN), the
+//!   certificates and their reload; and TLS to servers.
+//! - [`transport`]: the connection the HTTP adapters and the upstream client read and write,
+//!   plain TCP or TLS, one way while the other.
 //! - [`http`]: tells HTTP/1.1 from HTTP/2 on a new connection and hands it to that
 //!   protocol's adapter (`http::h1`, `http::h2`); checks each request strictly, and holds
 //!   the header policy every protocol shares.
@@ -13,7 +15,7 @@
 //!   the adapter traits in `proxy::downstream`; the one HTTP/1.1 upstream client.
 //! - [`http1`]: the hand-written HTTP/1.1 codec (heads, body framing, I/O) used by `http::h1`
 //!   and by the upstream client.
-//! - [`router`]: host and path prefix → upstream.
+//! - [`router`]: host, path prefix (and a client certificate's names) → upstream.
 //! - [`balance`]: which server of an upstream takes the request.
 //! - [`upstream`]: servers, their pools of kept-alive connections and their state (marked
 //!   down, ramping up), and the order in which a request tries them.
