@@ -1097,3 +1097,23 @@ async fn sessions_resume_across_a_reload() {
         Some(rustls::HandshakeKind::Resumed)
     );
 }
+
+#[tokio::test]
+async fn a_plain_listener_also_drops_a_client_certificate_header_sent_by_the_client() {
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::simple(&[&backend], "").await;
+    let response = support::client()
+        .get(proxy.url("/"))
+        .header("X-Forwarded-Client-Cert", "Subject=\"CN=admin\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        !backend
+            .seen
+            .last()
+            .headers
+            .contains_key("x-forwarded-client-cert")
+    );
+}

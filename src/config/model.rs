@@ -37,6 +37,12 @@ pub struct ListenerConfig {
     pub hsts: Option<http::HeaderValue>,
 }
 
+/// The header a verified client certificate is described in, unless a TLS listener names
+/// another (the name Envoy gives it, which servers behind proxies often read already). A
+/// client's own copy is removed on every listener.
+pub const CLIENT_CERT_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-forwarded-client-cert");
+
 #[derive(Debug, Clone)]
 pub struct ListenerTls {
     /// In config order: the first is served when no other matches the client's SNI.

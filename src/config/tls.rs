@@ -11,14 +11,11 @@ use toml::Spanned;
 
 use super::{Checker, file};
 use crate::config::model::{
-    CertificateConfig, ClientAuth, ClientCertificate, ListenerTls, RouteConfig, TlsVersion,
-    TrustedCa, UpstreamTls,
+    CLIENT_CERT_HEADER, CertificateConfig, ClientAuth, ClientCertificate, ListenerTls, RouteConfig,
+    TlsVersion, TrustedCa, UpstreamTls,
 };
 use crate::tls::certs::{self, CertFiles, Which};
 
-/// The header a verified client certificate is described in, unless the config names one
-/// (the name Envoy gives it, which servers behind proxies often read already).
-const CLIENT_CERT_HEADER: &str = "x-forwarded-client-cert";
 /// Sessions remembered for resumption by id, unless the config says otherwise.
 const SESSION_CACHE: i64 = 10_000;
 
@@ -149,7 +146,7 @@ impl Checker {
             (Some(_), Some(ca), _) => ClientAuth::Optional(ca),
         };
         let client_cert_header = match &tls.client_cert_header {
-            None => http::HeaderName::from_static(CLIENT_CERT_HEADER),
+            None => CLIENT_CERT_HEADER,
             Some(name) => match http::HeaderName::from_bytes(name.get_ref().as_bytes()) {
                 Ok(header) => header,
                 Err(_) => {
@@ -160,7 +157,7 @@ impl Checker {
                             name.get_ref()
                         ),
                     );
-                    http::HeaderName::from_static(CLIENT_CERT_HEADER)
+                    CLIENT_CERT_HEADER
                 }
             },
         };

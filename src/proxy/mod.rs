@@ -38,7 +38,7 @@ pub use log::AccessRecord;
 pub use rewrite::ResponseFacts;
 
 use crate::balance;
-use crate::config::HashKey;
+use crate::config::{CLIENT_CERT_HEADER, HashKey};
 use crate::http::headers;
 use crate::http::validate::{self, Reject};
 use crate::http1::body::Framing;
@@ -206,8 +206,10 @@ where
                 upgrade: upgrade.as_ref(),
                 drop_expect: expect_continue,
                 https: client.https,
-                client_cert: listener_tls
-                    .map(|tls| (&tls.client_cert_header, client.client_cert.as_deref())),
+                client_cert: (
+                    listener_tls.map_or(&CLIENT_CERT_HEADER, |tls| &tls.client_cert_header),
+                    client.client_cert.as_deref(),
+                ),
             },
         );
         if expect_continue && !fresh_only && writer.send_continue().await.is_err() {

@@ -29,9 +29,10 @@ pub(super) struct UpstreamHead<'a> {
     pub drop_expect: bool,
     /// The client reached Fulcrum over TLS.
     pub https: bool,
-    /// On a TLS listener: the header describing the client's certificate, which the
-    /// client's own copy never passes through, and its value if a certificate was verified.
-    pub client_cert: Option<(&'a HeaderName, Option<&'a str>)>,
+    /// The header describing a client's certificate, which the client's own copy never
+    /// passes through (on any listener: a server may sit behind plain and TLS listeners
+    /// alike), and its value if a certificate was verified.
+    pub client_cert: (&'a HeaderName, Option<&'a str>),
 }
 
 /// Writes the request line in origin form and the head for the upstream, ending with the
@@ -59,7 +60,7 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
             || name == X_FORWARDED_PROTO
             || name == X_FORWARDED_HOST
             || (head.drop_expect && name == header::EXPECT)
-            || head.client_cert.is_some_and(|(header, _)| name == header);
+            || name == head.client_cert.0;
         if replaced
             || is_hop_by_hop(name)
             || listed.iter().any(|t| name.as_str().eq_ignore_ascii_case(t))
@@ -120,7 +121,7 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
         &header::VIA,
         &[via(head.client_version).as_bytes()],
     );
-    if let Some((header, Some(value))) = head.client_cert {
+    if let (header, Some(value)) = head.client_cert {
         write_field(out, header.as_str().as_bytes(), value.as_bytes());
     }
     if let Some(protocol) = head.upgrade {
