@@ -323,19 +323,27 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Closes, on the calling worker, pooled upstream connections that their server closed or
 /// that are past their idle time, every `SWEEP_EVERY` until shutdown.
-async fn sweep_idle_connections(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
+async fn sweep_idle_connections(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+    every(SWEEP_EVERY, shutdown, || {
+        for upstream in &shared.load().upstreams {
+            for server in upstream.servers.iter() {
+                server.pool.sweep();
+            }
+        }
+    })
+    .await
+}
+
+/// Runs `job` every `period` (the first time at once) until shutdown; a late tick is
+/// skipped, not caught up.
+pub async fn every(period: Duration, mut shutdown: watch::Receiver<bool>, mut job: impl FnMut()) {
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             biased;
             _ = stopping(&mut shutdown) => return,
-            _ = tick.tick() => {}
-        }
-        for upstream in &shared.load().upstreams {
-            for server in upstream.servers.iter() {
-                server.pool.sweep();
-            }
+            _ = tick.tick() => job(),
         }
     }
 }

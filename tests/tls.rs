@@ -767,35 +767,26 @@ fn check_names_the_key_the_file_and_what_is_wrong_with_a_certificate() {
     let pki = Pki::new();
     let site = pki.server("site", &["app.test"], Key::Ecdsa);
     let other = pki.server("other", &["app.test"], Key::Ecdsa);
-    let expired = pki.issue(
-        "expired",
-        &["app.test"],
-        Key::Ecdsa,
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        |p| {
-            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        },
-    );
-    let future = pki.issue(
-        "future",
-        &["app.test"],
-        Key::Ecdsa,
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        |p| {
-            p.not_before = rcgen::date_time_ymd(2090, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2091, 1, 1);
-        },
-    );
-    let soon = pki.issue(
-        "soon",
-        &["app.test"],
-        Key::Ecdsa,
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        |p| {
-            p.not_after = rcgen::date_time_ymd(1970, 1, 1) + in_days(5);
-        },
-    );
+    let dated = |file: &str, adjust: &dyn Fn(&mut rcgen::CertificateParams)| {
+        pki.issue(
+            file,
+            &["app.test"],
+            Key::Ecdsa,
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            adjust,
+        )
+    };
+    let expired = dated("expired", &|p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let future = dated("future", &|p| {
+        p.not_before = rcgen::date_time_ymd(2090, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2091, 1, 1);
+    });
+    let soon = dated("soon", &|p| {
+        p.not_after = rcgen::date_time_ymd(1970, 1, 1) + in_days(5);
+    });
     // The leaf alone, without the CA after it: the chain is incomplete.
     let leaf_only = pki.dir.0.join("leaf-only.pem");
     let chain = std::fs::read_to_string(&site.cert).unwrap();

@@ -16,7 +16,7 @@ use super::certs::{self, CertFiles, Which};
 use super::resolver::CertStore;
 use crate::config::ListenerConfig;
 use crate::runtime::Shared;
-use crate::server::stopping;
+use crate::server::every;
 use crate::tls::server::TlsListener;
 
 /// How often the files are looked at: a renewal is picked up within this.
@@ -41,16 +41,9 @@ fn stamp(path: &Path) -> Option<Stamp> {
 }
 
 /// Watches the certificate files of every TLS listener until shutdown.
-pub async fn watch_certificates(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn watch_certificates(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
     let mut seen: HashMap<PathBuf, Option<Stamp>> = HashMap::new();
-    let mut tick = tokio::time::interval(CHECK_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            biased;
-            _ = stopping(&mut shutdown) => return,
-            _ = tick.tick() => {}
-        }
+    every(CHECK_EVERY, shutdown, move || {
         let runtime = shared.load();
         for (config, listener) in runtime.config.listeners.iter().zip(&runtime.listeners) {
             let (Some(tls_config), Some(tls)) = (&config.tls, &listener.tls) else {
@@ -75,7 +68,8 @@ pub async fn watch_certificates(shared: Arc<Shared>, mut shutdown: watch::Receiv
                 reload(config, tls);
             }
         }
-    }
+    })
+    .await
 }
 
 /// Loads `config`'s certificates again and, if every one loads, serves them.
