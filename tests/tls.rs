@@ -619,29 +619,42 @@ async fn sighup_swaps_certificates_and_refuses_a_broken_one_under_steady_load() 
     };
     let old_der = shown().await;
 
-    // Requests on new connections (half resumed, half not) all through the reloads.
+    // HTTP/1.1 requests on new connections, half resumed (one client config, which keeps
+    // its sessions), half full handshakes (a config of their own), all through the reloads.
     let load = {
-        let pki_config = client(&pki, &["http/1.1", "h2"]);
+        let resuming = client(&pki, &["http/1.1"]);
+        let ca = pki.ca_der();
+        // A new config each time: a clone would share the session store, and resume.
+        let fresh = move || {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.clone()).unwrap();
+            let mut config = rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(config)
+        };
         tokio::spawn(async move {
-            let mut failures = 0;
+            let (mut failures, mut served) = (0, 0);
             for i in 0..300 {
                 let config = if i % 2 == 0 {
-                    pki_config.clone()
+                    resuming.clone()
                 } else {
-                    Arc::new((*pki_config).clone())
+                    fresh()
                 };
                 match tls::connect(addr, "app.test", config).await {
-                    Ok(mut stream) if stream.get_ref().1.alpn_protocol() == Some(b"http/1.1") => {
-                        if tls::get(&mut stream, "app.test", "/").await.0 != 200 {
+                    Ok(mut stream) => {
+                        if tls::get(&mut stream, "app.test", "/").await == (200, "a".into()) {
+                            served += 1;
+                        } else {
                             failures += 1;
                         }
                     }
-                    Ok(_) => {}
                     Err(_) => failures += 1,
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            failures
+            (failures, served)
         })
     };
 
@@ -661,7 +674,7 @@ async fn sighup_swaps_certificates_and_refuses_a_broken_one_under_steady_load() 
     process.log_from("SIGHUP: config reloaded").await;
     assert_ne!(shown().await, old_der);
 
-    assert_eq!(load.await.unwrap(), 0);
+    assert_eq!(load.await.unwrap(), (0, 300));
     process.signal("TERM");
     process.wait(Duration::from_secs(10));
 }
@@ -871,6 +884,17 @@ fn check_names_the_key_the_file_and_what_is_wrong_with_a_certificate() {
         ),
         ("min_version = \"1.1\"", "min_version"),
         ("alpn = [\"h3\"]", "alpn"),
+        (
+            "client_cert_header = \"Transfer-Encoding\"",
+            "writes or removes itself",
+        ),
+        (
+            &format!(
+                "client_auth = \"none\"\nclient_ca = \"{}\"",
+                pki.ca_pem.display()
+            ) as &str,
+            "does not ask for client certificates",
+        ),
     ] {
         let (code, out) = check(&pki, &entry(&site.cert, &site.key), extra, "");
         assert_eq!(code, 1, "{extra}: {out}");
@@ -1106,5 +1130,162 @@ async fn a_plain_listener_also_drops_a_client_certificate_header_sent_by_the_cli
             .last()
             .headers
             .contains_key("x-forwarded-client-cert")
+    );
+}
+
+#[tokio::test]
+async fn sessions_made_before_client_certificates_were_required_do_not_resume() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let backend = Backend::named("a").await;
+    let open = support::fill(&https_config(&[&site], "", ""), &[&backend]);
+    let proxy = Proxy::start(&open, &[]).await;
+    let config = client(&pki, &["http/1.1"]);
+    let mut before = tls::connect(proxy.addr, "app.test", config.clone())
+        .await
+        .unwrap();
+    assert_eq!(tls::get(&mut before, "app.test", "/").await.0, 200);
+    let required = support::fill(
+        &https_config(
+            &[&site],
+            &format!(
+                "client_auth = \"required\"\nclient_ca = \"{}\"",
+                pki.ca_pem.display()
+            ),
+            "",
+        ),
+        &[&backend],
+    );
+    proxy
+        .server
+        .reload(fulcrum::config::parse("test.toml", &required).unwrap())
+        .unwrap();
+    // The client offers its old session and no certificate: no request gets through.
+    let count = backend.seen.count();
+    if let Ok(mut stream) = tls::connect(proxy.addr, "app.test", config).await {
+        assert_ne!(
+            stream.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+        assert_eq!(tls::get(&mut stream, "app.test", "/").await.0, 0);
+    }
+    assert_eq!(backend.seen.count(), count);
+}
+
+#[tokio::test]
+async fn listeners_sharing_a_certificate_file_both_take_its_renewal() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let renewed = pki.server("renewed", &["app.test"], Key::Ecdsa);
+    let backend = Backend::named("a").await;
+    let tls_table = format!(
+        "certificates = [{{ cert = \"{}\", key = \"{}\" }}]",
+        site.cert.display(),
+        site.key.display()
+    );
+    let config = format!(
+        "[listeners.one]\nbind = \"127.0.0.1:0\"\n[[listeners.one.routes]]\nupstream = \"app\"\n\
+         [listeners.one.tls]\n{tls_table}\n\
+         [listeners.two]\nbind = \"127.0.0.2:0\"\n[[listeners.two.routes]]\nupstream = \"app\"\n\
+         [listeners.two.tls]\n{tls_table}\n\
+         [upstreams.app]\nservers = [{{ address = \"{{0}}\" }}]\n"
+    );
+    let proxy = Proxy::start(&config, &[&backend]).await;
+    let addrs = proxy.server.local_addrs().to_vec();
+    let shown = |addr| {
+        let config = client(&pki, &[]);
+        async move {
+            let stream = tls::connect(addr, "app.test", config).await.unwrap();
+            stream.get_ref().1.peer_certificates().unwrap()[0].clone()
+        }
+    };
+    let old = shown(addrs[0]).await;
+    // Written whole and renamed into place, as renewal tools do.
+    for (from, to) in [(&renewed.key, &site.key), (&renewed.cert, &site.cert)] {
+        let part = to.with_extension("part");
+        std::fs::copy(from, &part).unwrap();
+        std::fs::rename(&part, to).unwrap();
+    }
+    for addr in addrs {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while shown(addr).await == old {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{addr} kept the old certificate"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn own_answers_over_https_carry_hsts_and_redirects_need_a_host() {
+    let pki = Pki::new();
+    let site = pki.server("site", &["app.test"], Key::Ecdsa);
+    let backend = Backend::named("a").await;
+    let config = https_config(&[&site], "", "hsts = \"max-age=60\"").replace(
+        "upstream = \"app\"\n",
+        "path_prefix = \"/only\"\nupstream = \"app\"\n",
+    );
+    let proxy = Proxy::start(&config, &[&backend]).await;
+    let mut stream = tls::connect(proxy.addr, "app.test", client(&pki, &["http/1.1"]))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /elsewhere HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    assert!(
+        text.contains("strict-transport-security: max-age=60\r\n"),
+        "{text}"
+    );
+
+    let redirecting = Proxy::start(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\nredirect_to_https = true\n\
+         [upstreams.app]\nservers = [{ address = \"{0}\" }]\n",
+        &[&backend],
+    )
+    .await;
+    // No name in Host: `https:///evil.example/x` would send browsers to evil.example.
+    let answer = support::raw(
+        redirecting.addr,
+        b"GET /evil.example/x HTTP/1.1\r\nhost: :80\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(!answer.contains("location"), "{answer}");
+    assert!(!answer.starts_with("HTTP/1.1 3"), "{answer}");
+    let answer = support::raw(
+        redirecting.addr,
+        b"OPTIONS * HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.contains("location: https://app.test/\r\n"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_certificate_header_in_any_spelling_is_dropped() {
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::simple(&[&backend], "").await;
+    let answer = support::raw(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nhost: a\r\nX_Forwarded_Client_Cert: Subject=\"CN=admin\"\r\nx-forwarded-client-cert: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = backend.seen.last();
+    assert!(
+        !seen
+            .headers
+            .keys()
+            .any(|k| k.as_str().replace('_', "-") == "x-forwarded-client-cert"),
+        "{:?}",
+        seen.headers
     );
 }

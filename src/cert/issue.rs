@@ -211,12 +211,31 @@ const DEMO_RENEW_BEFORE: Duration = Duration::from_secs(30 * 86_400);
 /// `$XDG_DATA_HOME/fulcrum/demo`, else `~/.local/share/fulcrum/demo`, else (no home at
 /// all) `fulcrum-demo` in the system's temporary directory.
 pub fn default_demo_dir() -> PathBuf {
-    files::data_dir("demo").unwrap_or_else(|| std::env::temp_dir().join("fulcrum-demo"))
+    // Without a home, a directory of this user's own in the shared temp dir (which
+    // `demo_certificate` checks is theirs before trusting a CA found in it).
+    files::data_dir("demo").unwrap_or_else(|| {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        std::env::temp_dir().join(format!("fulcrum-demo-{uid}"))
+    })
 }
 
 /// The demo's CA and a server certificate for localhost and 127.0.0.1 signed by it, made
 /// on first use in `dir` and reused after (re-issued if missing or expiring within 30 days).
 pub fn demo_certificate(dir: &Path) -> std::io::Result<DemoCert> {
+    // A CA that someone else could have put there must not be trusted: the demo tells its
+    // user to trust it.
+    if let Ok(meta) = std::fs::metadata(dir) {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        if meta.uid() != uid || meta.mode() & 0o022 != 0 {
+            return Err(std::io::Error::other(format!(
+                "{} belongs to another user or others may write to it: the demo will not trust a CA found there; pass --certs DIR",
+                dir.display()
+            )));
+        }
+    }
     let ca_files = CaFiles::in_dir(dir);
     let demo = DemoCert {
         ca: ca_files.cert.clone(),

@@ -19,6 +19,26 @@ use crate::tls::certs::{self, CertFiles, Which};
 /// Sessions remembered for resumption by id, unless the config says otherwise.
 const SESSION_CACHE: i64 = 10_000;
 
+/// Headers whose place in a forwarded request Fulcrum decides: a client certificate
+/// description written under one of these names would add a second framing, host or
+/// forwarding header.
+const MANAGED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "via",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
 impl Checker {
     pub(super) fn listener_tls(
         &mut self,
@@ -132,8 +152,8 @@ impl Checker {
             },
         };
         let client_auth = match (client_auth, client_ca, &tls.client_ca) {
-            (None, _, Some(ca)) if tls.client_auth.is_none() => {
-                self.error(ca.span(), "client_ca is set but client_auth is not: add client_auth = \"required\" (or \"optional\")");
+            (None, _, Some(ca)) => {
+                self.error(ca.span(), "client_ca is set but client_auth does not ask for client certificates: set client_auth = \"required\" (or \"optional\"), or remove client_ca");
                 ClientAuth::Off
             }
             (None, _, _) => ClientAuth::Off,
@@ -148,6 +168,13 @@ impl Checker {
         let client_cert_header = match &tls.client_cert_header {
             None => CLIENT_CERT_HEADER,
             Some(name) => match http::HeaderName::from_bytes(name.get_ref().as_bytes()) {
+                Ok(header)
+                    if MANAGED_HEADERS.contains(&header.as_str())
+                        || header.as_str().starts_with("proxy-") =>
+                {
+                    self.error(name.span(), format!("client_cert_header `{}` is a header Fulcrum writes or removes itself (framing, hop-by-hop or forwarding): choose another name, such as x-forwarded-client-cert", name.get_ref()));
+                    CLIENT_CERT_HEADER
+                }
                 Ok(header) => header,
                 Err(_) => {
                     self.error(
@@ -195,11 +222,26 @@ impl Checker {
         }
         for route in routes {
             let Some(host) = &route.host else { continue };
-            if tls
-                .certificates
+            // A client reaching an IP address sends no SNI and is shown the first
+            // certificate, whatever the others cover.
+            let by_ip = host.parse::<std::net::IpAddr>().is_ok();
+            let candidates = if by_ip {
+                &tls.certificates[..1]
+            } else {
+                &tls.certificates[..]
+            };
+            if candidates
                 .iter()
                 .any(|c| certs::covers(&c.loaded.names, host))
             {
+                continue;
+            }
+            if by_ip {
+                let span = host_spans
+                    .iter()
+                    .find(|(h, _)| h == host)
+                    .map_or(0..0, |(_, s)| s.clone());
+                self.error(span, format!("clients reach `{host}` without SNI and are shown the first certificate of listener `{listener}`, which does not cover it: put a certificate for {host} first in certificates"));
                 continue;
             }
             let span = host_spans
@@ -268,7 +310,21 @@ impl Checker {
 
     fn trusted_ca(&mut self, path: &Spanned<String>, key: &str) -> Option<TrustedCa> {
         let full = self.dir.join(path.get_ref());
-        match certs::load_ca(&full) {
+        let loaded = certs::load_ca(&full).and_then(|certificates| {
+            // As strict as the verifier that will use them, so `check` finds what a start
+            // (or reload) would refuse.
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in &certificates {
+                roots.add(cert.clone()).map_err(|e| {
+                    format!(
+                        "{} holds a certificate rustls cannot use as a trust anchor: {e}",
+                        full.display()
+                    )
+                })?;
+            }
+            Ok(certificates)
+        });
+        match loaded {
             Ok(certificates) => Some(TrustedCa {
                 path: full,
                 certificates: Arc::new(certificates),

@@ -224,7 +224,21 @@ pub async fn redirect_to_https<B, W: ResponseWriter>(
         Some(i) if !host[i..].contains(']') => &host[..i],
         _ => host,
     };
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    if name.is_empty() {
+        let refusal = Failure::new(
+            StatusCode::BAD_REQUEST,
+            "a redirect to HTTPS needs a host name",
+        );
+        return write(writer, refusal, head_request, true, log).await;
+    }
+    // Only an origin-form target (`/path?query`) is carried over: `*` would run into the
+    // host (`https://host*`).
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or("/");
     let location = if port == 443 {
         format!("https://{name}{path}")
     } else {

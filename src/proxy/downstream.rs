@@ -51,8 +51,6 @@ pub struct UpstreamHead<'a, 'h, 'b> {
     pub facts: &'a ResponseFacts,
     /// A sticky-session cookie of Fulcrum's own to add.
     pub set_cookie: Option<&'a HeaderValue>,
-    /// A `Strict-Transport-Security` of Fulcrum's own to add.
-    pub hsts: Option<&'a HeaderValue>,
     /// The whole request body was passed on before the response began.
     pub request_done: bool,
 }
@@ -72,7 +70,17 @@ pub struct OwnAnswer<'a> {
     pub location: Option<&'a str>,
 }
 
-/// The response to the client, written as it comes.
+/// Whether a response head from a server carries its own `Strict-Transport-Security`,
+/// which then stands instead of the listener's `hsts`.
+pub fn has_hsts(head: &UpstreamHead<'_, '_, '_>) -> bool {
+    head.parsed
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("strict-transport-security"))
+}
+
+/// The response to the client, written as it comes. A writer on a listener with `hsts`
+/// adds `Strict-Transport-Security` to every response, Fulcrum's own answers included.
 pub trait ResponseWriter {
     /// Prepares the client's response head from the upstream's. Returns whether the client
     /// connection may carry another request once this response is complete. Nothing is

@@ -26,8 +26,6 @@ pub(super) struct Context<'a> {
     pub(super) started: Instant,
     /// A sticky-session cookie to set on the response, pinning the client to this server.
     pub(super) set_cookie: Option<&'a HeaderValue>,
-    /// The listener's `Strict-Transport-Security`, added unless the server sent its own.
-    pub(super) hsts: Option<&'a HeaderValue>,
 }
 
 pub(super) enum Outcome {

@@ -222,7 +222,6 @@ where
             max_body: rt.config.limits.max_body_bytes,
             started,
             set_cookie: routed.upstream.pin_cookie(&affinity, server),
-            hsts: rt.config.listeners[client.listener].hsts.as_ref(),
         };
         let outcome = exchange::forward(
             body,

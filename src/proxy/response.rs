@@ -65,12 +65,6 @@ pub(super) async fn relay_response<W: ResponseWriter>(
                         parsed,
                         facts,
                         set_cookie: cx.set_cookie,
-                        hsts: cx.hsts.filter(|_| {
-                            !parsed
-                                .headers
-                                .iter()
-                                .any(|h| h.name.eq_ignore_ascii_case("strict-transport-security"))
-                        }),
                         request_done: request_done.load(Ordering::Relaxed),
                     }));
                 }

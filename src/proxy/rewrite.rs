@@ -60,7 +60,7 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
             || name == X_FORWARDED_PROTO
             || name == X_FORWARDED_HOST
             || (head.drop_expect && name == header::EXPECT)
-            || name == head.client_cert.0;
+            || is_spelling_of(name, head.client_cert.0);
         if replaced
             || is_hop_by_hop(name)
             || listed.iter().any(|t| name.as_str().eq_ignore_ascii_case(t))
@@ -129,6 +129,17 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
         write_field(out, b"upgrade", protocol.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// `name` is `header`, or `header` with `_` in place of `-`: servers that map both to one
+/// variable (CGI, WSGI, PHP) would read the second as the first.
+fn is_spelling_of(name: &HeaderName, header: &HeaderName) -> bool {
+    let (name, header) = (name.as_str().as_bytes(), header.as_str().as_bytes());
+    name.len() == header.len()
+        && name
+            .iter()
+            .zip(header)
+            .all(|(n, h)| n == h || (*n == b'_' && *h == b'-'))
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

@@ -15,7 +15,8 @@ use std::sync::{Arc, OnceLock};
 /// The cryptography every TLS session uses: rustls' aws-lc-rs provider (AEAD suites only,
 /// as rustls offers no others), with the suites hashed by SHA-256 preferred to those hashed
 /// by SHA-384. Both are strong; SHA-256 runs on the CPU's SHA instructions where SHA-384
-/// has none, and was a fifth of a full handshake's CPU time here before (bench/README.md).
+/// has none: its SHA-512 compression was a fifth of a TLS worker's CPU under new
+/// connections before (measured with perf; the figures are in bench/README.md).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     static PROVIDER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
     PROVIDER

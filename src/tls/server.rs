@@ -62,6 +62,10 @@ impl TlsListener {
         // The provider's order of suites, not the client's: most clients list AES-256
         // first, which costs more here for no strength that matters (see `provider`).
         config.ignore_client_order = true;
+        // A resumed session keeps the client certificate (or its absence) it was made
+        // with, unchecked: sessions made under other client-auth settings must not resume.
+        let previous =
+            previous.filter(|(_, was)| same_client_auth(&was.client_auth, &tls.client_auth));
         let before = previous.map(|(p, _)| &p.config);
         config.session_storage = match previous {
             _ if tls.session_cache == 0 => Arc::new(NoServerSessionStorage {}),
@@ -82,5 +86,15 @@ impl TlsListener {
             config: Arc::new(config),
             resolver,
         })
+    }
+}
+
+/// Whether two client-auth settings accept exactly the same clients.
+fn same_client_auth(a: &ClientAuth, b: &ClientAuth) -> bool {
+    match (a, b) {
+        (ClientAuth::Off, ClientAuth::Off) => true,
+        (ClientAuth::Optional(a), ClientAuth::Optional(b))
+        | (ClientAuth::Required(a), ClientAuth::Required(b)) => a.certificates == b.certificates,
+        _ => false,
     }
 }

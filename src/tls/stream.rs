@@ -98,9 +98,9 @@ impl TlsStream {
                     }
                     Err(_) if total > 0 => return Ok(total),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    // The socket closed without `close_notify`. HTTP's own framing tells
-                    // whether anything is missing, as it does for plain TCP.
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                    // The socket closed without `close_notify` (`UnexpectedEof`): an error,
+                    // not an end, so that a body delimited by the close is not taken as
+                    // complete when it may have been cut.
                     Err(e) => return Err(e),
                 }
             }

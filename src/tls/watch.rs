@@ -42,7 +42,8 @@ fn stamp(path: &Path) -> Option<Stamp> {
 
 /// Watches the certificate files of every TLS listener until shutdown.
 pub async fn watch_certificates(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
-    let mut seen: HashMap<PathBuf, Option<Stamp>> = HashMap::new();
+    // Per listener and file: listeners sharing a file each notice its change.
+    let mut seen: HashMap<(String, PathBuf), Option<Stamp>> = HashMap::new();
     every(CHECK_EVERY, shutdown, move || {
         let runtime = shared.load();
         for (config, listener) in runtime.config.listeners.iter().zip(&runtime.listeners) {
@@ -57,7 +58,7 @@ pub async fn watch_certificates(shared: Arc<Shared>, shutdown: watch::Receiver<b
                 {
                     let now = stamp(path);
                     // A file first seen was loaded with the config that named it.
-                    if let Some(before) = seen.insert(path.clone(), now)
+                    if let Some(before) = seen.insert((config.name.clone(), path.clone()), now)
                         && before != now
                     {
                         changed = true;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::transport::Stream;
 use bytes::{Buf, BytesMut};
+use http::header::HeaderValue;
 use http::{StatusCode, Version};
 
 use crate::config::Timeouts;
@@ -17,7 +18,7 @@ use crate::http1::body::{self, Decoded, Decoder, Framing};
 use crate::http1::head::write_field;
 use crate::http1::io::{pass_body, read_body, write_all};
 use crate::proxy::downstream::{
-    ClientBodyError, OwnAnswer, Piece, RequestBody, ResponseWriter, UpstreamHead,
+    ClientBodyError, OwnAnswer, Piece, RequestBody, ResponseWriter, UpstreamHead, has_hsts,
 };
 
 /// The request body, decoded out of the connection's read buffer.
@@ -80,6 +81,7 @@ pub struct H1Writer<'a> {
     idle: Duration,
     /// The body goes out chunked: the upstream did not say how long it is.
     chunked: bool,
+    hsts: Option<&'a HeaderValue>,
 }
 
 impl<'a> H1Writer<'a> {
@@ -89,6 +91,7 @@ impl<'a> H1Writer<'a> {
         version: Version,
         keep_alive: bool,
         timeouts: &Timeouts,
+        hsts: Option<&'a HeaderValue>,
     ) -> Self {
         out.clear();
         H1Writer {
@@ -98,6 +101,7 @@ impl<'a> H1Writer<'a> {
             keep_alive,
             idle: timeouts.client_idle,
             chunked: false,
+            hsts,
         }
     }
 
@@ -128,7 +132,8 @@ impl ResponseWriter for H1Writer<'_> {
             (false, true, Version::HTTP_10) => Some("keep-alive"),
             _ => None,
         };
-        write_head(self.out, head, self.chunked, connection, switched);
+        let hsts = self.hsts.filter(|_| !has_hsts(head));
+        write_head(self.out, head, self.chunked, connection, switched, hsts);
         keep_alive
     }
 
@@ -173,6 +178,9 @@ impl ResponseWriter for H1Writer<'_> {
         if let Some(location) = answer.location {
             write_field(self.out, b"location", location.as_bytes());
         }
+        if let Some(hsts) = self.hsts {
+            write_field(self.out, b"strict-transport-security", hsts.as_bytes());
+        }
         self.out.extend_from_slice(b"\r\n");
         // A response to HEAD has no body, whatever its headers say: one written anyway
         // would be read as the start of the next response.
@@ -199,6 +207,7 @@ fn write_head(
     chunked: bool,
     connection: Option<&str>,
     switched: bool,
+    hsts: Option<&HeaderValue>,
 ) {
     let resp = head.parsed;
     let status = head.facts.status;
@@ -237,7 +246,7 @@ fn write_head(
     if let Some(cookie) = head.set_cookie {
         write_field(out, b"set-cookie", cookie.as_bytes());
     }
-    if let Some(hsts) = head.hsts {
+    if let Some(hsts) = hsts {
         write_field(out, b"strict-transport-security", hsts.as_bytes());
     }
     out.extend_from_slice(b"\r\n");

@@ -15,7 +15,7 @@ use http::{Method, Request, Response, StatusCode};
 use crate::http::{headers, validate};
 use crate::http1::body::Framing;
 use crate::proxy::downstream::{
-    ClientBodyError, OwnAnswer, Piece, RequestBody, ResponseWriter, UpstreamHead,
+    ClientBodyError, OwnAnswer, Piece, RequestBody, ResponseWriter, UpstreamHead, has_hsts,
 };
 use crate::proxy::{self, ClientConn, Finished, Incoming};
 use crate::runtime::Runtime;
@@ -59,6 +59,7 @@ pub async fn serve(
         send: None,
         ended: false,
         idle,
+        hsts: rt.config.listeners[client.listener].hsts.clone(),
     };
     let mut upstream_out = Vec::with_capacity(UPSTREAM_OUT);
     let incoming = Incoming { head, framing };
@@ -139,6 +140,8 @@ struct H2Writer {
     /// The stream is complete on our side.
     ended: bool,
     idle: Duration,
+    /// The listener's `Strict-Transport-Security`, for every response.
+    hsts: Option<HeaderValue>,
 }
 
 impl H2Writer {
@@ -187,7 +190,7 @@ impl ResponseWriter for H2Writer {
         if let Some(cookie) = head.set_cookie {
             fields.append(header::SET_COOKIE, cookie.clone());
         }
-        if let Some(hsts) = head.hsts {
+        if let Some(hsts) = self.hsts.as_ref().filter(|_| !has_hsts(head)) {
             fields.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
         // A failure shows on the first body write, or as the reset at the end.
@@ -235,6 +238,9 @@ impl ResponseWriter for H2Writer {
         }
         if let Some(location) = answer.location.and_then(|l| HeaderValue::from_str(l).ok()) {
             fields.insert(header::LOCATION, location);
+        }
+        if let Some(hsts) = &self.hsts {
+            fields.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
         // No body after HEAD: the stream ends with the headers.
         if self.send_head(response, answer.head_request).is_err() {
