@@ -72,6 +72,19 @@ pub struct CertificateConfig {
     pub ocsp: Option<PathBuf>,
     /// The chain and key as loaded and checked when the config was.
     pub loaded: Arc<crate::tls::certs::Loaded>,
+    /// The files (cert, key, OCSP) as they were just before they were loaded, for the
+    /// watcher to tell a later change by.
+    pub stamps: Vec<(PathBuf, Option<crate::tls::watch::Stamp>)>,
+}
+
+impl CertificateConfig {
+    /// How `path` (one of this certificate's files) looked when it was loaded.
+    pub fn stamp_of(&self, path: &std::path::Path) -> Option<crate::tls::watch::Stamp> {
+        self.stamps
+            .iter()
+            .find(|(p, _)| p == path)
+            .and_then(|(_, stamp)| *stamp)
+    }
 }
 
 impl fmt::Debug for CertificateConfig {

@@ -67,6 +67,12 @@ impl Checker {
                 key: &key,
                 ocsp: ocsp.as_deref(),
             };
+            // Taken before reading: a change while the files are read shows as a change.
+            let stamps = [Some(&cert), Some(&key), ocsp.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|p| (p.clone(), crate::tls::watch::stamp(p)))
+                .collect();
             match certs::load(&files, &provider, now) {
                 Ok(loaded) => {
                     for warning in &loaded.warnings {
@@ -77,6 +83,7 @@ impl Checker {
                         key,
                         ocsp,
                         loaded: Arc::new(loaded),
+                        stamps,
                     });
                 }
                 Err(e) => {

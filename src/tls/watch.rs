@@ -25,13 +25,14 @@ const CHECK_EVERY: Duration = Duration::from_secs(2);
 /// What tells that a file changed: its modification time, size and inode (a renewal
 /// often writes a new file and renames it over the old).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
+pub struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
     inode: u64,
 }
 
-fn stamp(path: &Path) -> Option<Stamp> {
+/// What `path` looks like now; `None` if it cannot be read.
+pub fn stamp(path: &Path) -> Option<Stamp> {
     let meta = std::fs::metadata(path).ok()?;
     Some(Stamp {
         modified: meta.modified().ok(),
@@ -57,10 +58,13 @@ pub async fn watch_certificates(shared: Arc<Shared>, shutdown: watch::Receiver<b
                     .flatten()
                 {
                     let now = stamp(path);
-                    // A file first seen was loaded with the config that named it.
-                    if let Some(before) = seen.insert((config.name.clone(), path.clone()), now)
-                        && before != now
-                    {
+                    // Compared, the first time, with the file as the config saw it when it
+                    // loaded it: a change made before this first look counts too.
+                    let before = seen
+                        .entry((config.name.clone(), path.clone()))
+                        .or_insert_with(|| c.stamp_of(path));
+                    if *before != now {
+                        *before = now;
                         changed = true;
                     }
                 }
