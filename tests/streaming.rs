@@ -111,20 +111,7 @@ async fn a_gibibyte_each_way_over_http2_passes_in_bounded_memory() {
 
 #[tokio::test]
 async fn websocket_echo_passes_through_the_upgrade() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() || msg.is_binary() {
-                        ws.send(msg).await.unwrap();
-                    }
-                }
-            });
-        }
-    });
+    let ws_addr = support::websocket_echo().await;
     let config = format!(
         "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"ws\"\n[upstreams.ws]\nservers = [{{ address = \"{ws_addr}\" }}]\n"
     );

@@ -966,20 +966,7 @@ async fn a_websocket_over_tls_is_tunnelled_both_ways() {
     use futures_util::{SinkExt, StreamExt};
     let pki = Pki::new();
     let site = pki.server("site", &["app.test"], Key::Ecdsa);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() || msg.is_binary() {
-                        ws.send(msg).await.unwrap();
-                    }
-                }
-            });
-        }
-    });
+    let ws_addr = support::websocket_echo().await;
     let config = https_config(&[&site], "", "").replace("{0}", &ws_addr.to_string());
     let proxy = Proxy::start(&config, &[]).await;
     let stream = tls::connect(proxy.addr, "app.test", client(&pki, &["http/1.1"]))
@@ -1090,30 +1077,6 @@ async fn a_failed_handshake_is_logged_with_client_sni_and_reason() {
 }
 
 #[tokio::test]
-async fn sessions_resume_across_a_reload() {
-    let pki = Pki::new();
-    let site = pki.server("site", &["app.test"], Key::Ecdsa);
-    let backend = Backend::named("a").await;
-    let text = support::fill(&https_config(&[&site], "", ""), &[&backend]);
-    let proxy = Proxy::start(&text, &[]).await;
-    let config = client(&pki, &["http/1.1"]);
-    let mut first = tls::connect(proxy.addr, "app.test", config.clone())
-        .await
-        .unwrap();
-    assert_eq!(tls::get(&mut first, "app.test", "/").await.0, 200);
-    proxy
-        .server
-        .reload(fulcrum::config::parse("test.toml", &text).unwrap())
-        .unwrap();
-    let mut second = tls::connect(proxy.addr, "app.test", config).await.unwrap();
-    assert_eq!(tls::get(&mut second, "app.test", "/").await.0, 200);
-    assert_eq!(
-        second.get_ref().1.handshake_kind(),
-        Some(rustls::HandshakeKind::Resumed)
-    );
-}
-
-#[tokio::test]
 async fn a_plain_listener_also_drops_a_client_certificate_header_sent_by_the_client() {
     let backend = Backend::named("a").await;
     let proxy = Proxy::simple(&[&backend], "").await;
@@ -1134,7 +1097,7 @@ async fn a_plain_listener_also_drops_a_client_certificate_header_sent_by_the_cli
 }
 
 #[tokio::test]
-async fn sessions_made_before_client_certificates_were_required_do_not_resume() {
+async fn sessions_resume_across_a_reload_but_not_once_client_certificates_are_required() {
     let pki = Pki::new();
     let site = pki.server("site", &["app.test"], Key::Ecdsa);
     let backend = Backend::named("a").await;
@@ -1145,6 +1108,19 @@ async fn sessions_made_before_client_certificates_were_required_do_not_resume() 
         .await
         .unwrap();
     assert_eq!(tls::get(&mut before, "app.test", "/").await.0, 200);
+    // The same settings again: the ticket key carries over, the session resumes.
+    proxy
+        .server
+        .reload(fulcrum::config::parse("test.toml", &open).unwrap())
+        .unwrap();
+    let mut again = tls::connect(proxy.addr, "app.test", config.clone())
+        .await
+        .unwrap();
+    assert_eq!(tls::get(&mut again, "app.test", "/").await.0, 200);
+    assert_eq!(
+        again.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
     let required = support::fill(
         &https_config(
             &[&site],
