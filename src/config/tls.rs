@@ -45,12 +45,10 @@ impl Checker {
         listener: &str,
         tls: Spanned<file::ListenerTls>,
     ) -> Option<ListenerTls> {
-        let tls_span = tls.span();
         let tls = tls.into_inner();
         let provider = crate::tls::provider();
         let now = SystemTime::now();
         let mut certificates = Vec::new();
-        let mut failed = false;
         if tls.certificates.get_ref().is_empty() {
             self.error(
                 tls.certificates.span(),
@@ -87,7 +85,6 @@ impl Checker {
                     });
                 }
                 Err(e) => {
-                    failed = true;
                     let span = match e.which {
                         Which::Cert => entry.cert.span(),
                         Which::Key => entry.key.span(),
@@ -195,11 +192,10 @@ impl Checker {
                 }
             },
         };
-        if certificates.is_empty() && !failed {
-            // Reported above, at `certificates`.
+        if certificates.is_empty() {
+            // Reported above: no entry, or none that loads.
             return None;
         }
-        let _ = tls_span;
         Some(ListenerTls {
             certificates,
             min_version,

@@ -48,31 +48,16 @@ pub async fn serve_connection(
     let (stream, protocol) = match tls {
         None => (Stream::Plain(tcp), None),
         Some(tls) => {
-            let handshake = crate::tls::handshake::accept(tcp, tls, peer, handshake_limit);
-            let session = tokio::select! {
+            let handshake = accept_tls(tcp, tls, &mut conn, handshake_limit);
+            let accepted = tokio::select! {
                 biased;
-                session = handshake => session,
+                accepted = handshake => accepted,
                 _ = stopping(&mut shutdown) => None,
             };
-            let Some(session) = session else { return };
-            let (protocol, client_cert) = session.session(|s| {
-                let protocol = match s.alpn_protocol() {
-                    Some(b"h2") => Some(Protocol::H2),
-                    Some(_) => Some(Protocol::Http1),
-                    None => None,
-                };
-                let client = s
-                    .peer_certificates()
-                    .and_then(|chain| chain.first())
-                    .and_then(crate::tls::client_cert::identify);
-                (protocol, client)
-            });
-            conn.https = true;
-            if let Some(client) = client_cert {
-                conn.client_cert = Some(client.header);
-                conn.client_names = client.names;
+            match accepted {
+                Some(accepted) => accepted,
+                None => return,
             }
-            (Stream::from(session), protocol)
         }
     };
     let mut buf = BytesMut::new();
@@ -94,6 +79,35 @@ pub async fn serve_connection(
 enum Protocol {
     Http1,
     H2,
+}
+
+/// The TLS handshake of a new connection within `limit`: the session, the protocol ALPN
+/// chose (if the client offered any), and in `conn` what the client's certificate says.
+async fn accept_tls(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    conn: &mut ClientConn,
+    limit: Duration,
+) -> Option<(Stream, Option<Protocol>)> {
+    let session = crate::tls::handshake::accept(tcp, tls, conn.peer, limit).await?;
+    let (protocol, client) = session.session(|s| {
+        let protocol = match s.alpn_protocol() {
+            Some(b"h2") => Some(Protocol::H2),
+            Some(_) => Some(Protocol::Http1),
+            None => None,
+        };
+        let client = s
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(crate::tls::client_cert::identify);
+        (protocol, client)
+    });
+    conn.https = true;
+    if let Some(client) = client {
+        conn.client_cert = Some(client.header);
+        conn.client_names = client.names;
+    }
+    Some((Stream::from(session), protocol))
 }
 
 /// Tells HTTP/2 with prior knowledge from HTTP/1.1 by the first bytes, read into `buf`

@@ -8,7 +8,6 @@ mod stream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::transport::Stream;
 use bytes::BytesMut;
 use http::Request;
 use tokio::sync::watch;
@@ -21,6 +20,7 @@ use crate::idle_timeout::IdleTimeout;
 use crate::proxy::{self, ClientConn, Finished, Incoming};
 use crate::runtime::{Runtime, Shared};
 use crate::server::stopping;
+use crate::transport::Stream;
 use crate::upstream::RawConn;
 use stream::{H1Body, H1Writer};
 
