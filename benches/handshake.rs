@@ -3,6 +3,9 @@
 //! an ECDSA P-256 certificate issued by a CA (both made with rcgen), for rustls' aws-lc-rs
 //! provider (Fulcrum's) against its ring provider.
 //!
+//! `cargo bench --bench handshake --features bench-ring` (the feature adds rustls' ring
+//! provider; results in bench/README.md).
+//!
 //! The client offers X25519 alone, as the OpenSSL 3.0 clients of `bench/run.py` (wrk,
 //! h2load) do, unless a benchmark says otherwise, and checks the certificate against the
 //! CA. Each handshake is a fresh pair of connections; the server's side (creating its
@@ -11,8 +14,10 @@
 //!
 //! - `tls13_full_server`: TLS 1.3, no resumption (no tickets sent: the server has neither a
 //!   ticketer nor a session cache, as a listener with `session_tickets = false` and
-//!   `session_cache = 0`); also with X25519MLKEM768, which Fulcrum prefers and current
-//!   browsers offer (aws-lc-rs only: ring has no ML-KEM);
+//!   `session_cache = 0`), with the suite OpenSSL clients get (TLS_AES_256_GCM_SHA384);
+//!   also with TLS_AES_128_GCM_SHA256 (a key schedule on SHA-256 rather than SHA-384), and
+//!   with X25519MLKEM768, which Fulcrum prefers and current browsers offer (aws-lc-rs
+//!   only: ring has no ML-KEM);
 //! - `tls13_full_both`: the same handshakes, client and server together;
 //! - `tls12_full_server`: TLS 1.2 (ECDHE-ECDSA, extended master secret), no resumption;
 //! - `tls13_resumed_server`: TLS 1.3 resumed with a ticket (`psk_dhe_ke`: X25519 still),
@@ -129,10 +134,7 @@ fn server_config(provider: Provider, pki: &Pki, resumption: bool) -> Arc<ServerC
         .with_protocol_versions(BOTH)
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(
-            pki.chain.clone(),
-            PrivateKeyDer::Pkcs8(pki.key.clone_key()),
-        )
+        .with_single_cert(pki.chain.clone(), PrivateKeyDer::Pkcs8(pki.key.clone_key()))
         .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     if resumption {
@@ -146,7 +148,9 @@ fn server_config(provider: Provider, pki: &Pki, resumption: bool) -> Arc<ServerC
 
 /// A client offering `versions` and the key exchange `group`, checking the server's
 /// certificate, asking for http/1.1; `resumption`: keeps tickets (rustls' default memory
-/// store), otherwise none.
+/// store), otherwise none. It offers the provider's cipher suites, which for TLS 1.3 put
+/// TLS_AES_256_GCM_SHA384 first (as OpenSSL's clients do, so that is what the servers
+/// pick), unless `suite` names the one to offer alone.
 fn client_config(
     provider: Provider,
     pki: &Pki,
@@ -154,10 +158,24 @@ fn client_config(
     group: &'static dyn SupportedKxGroup,
     resumption: bool,
 ) -> Arc<ClientConfig> {
-    let crypto = CryptoProvider {
+    client_config_with(provider, pki, versions, group, resumption, None)
+}
+
+fn client_config_with(
+    provider: Provider,
+    pki: &Pki,
+    versions: &[&'static SupportedProtocolVersion],
+    group: &'static dyn SupportedKxGroup,
+    resumption: bool,
+    suite: Option<rustls::CipherSuite>,
+) -> Arc<ClientConfig> {
+    let mut crypto = CryptoProvider {
         kx_groups: vec![group],
         ..provider.get()
     };
+    if let Some(suite) = suite {
+        crypto.cipher_suites.retain(|s| s.suite() == suite);
+    }
     let mut roots = RootCertStore::empty();
     roots.add(pki.ca.clone()).unwrap();
     let mut config = ClientConfig::builder_with_provider(Arc::new(crypto))
@@ -225,13 +243,14 @@ fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> (Duratio
 }
 
 /// Checks once that the pair negotiates what the benchmark says, and, with `resumed`,
-/// that a second handshake resumes.
+/// that a second handshake resumes; prints the suite and key exchange of the last.
 fn check(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>, version: u16, resumed: bool) {
     let name = ServerName::try_from("localhost").unwrap();
     let rounds = if resumed { 2 } else { 1 };
     for round in 0..rounds {
-        let mut c: rustls::Connection =
-            ClientConnection::new(client.clone(), name.clone()).unwrap().into();
+        let mut c: rustls::Connection = ClientConnection::new(client.clone(), name.clone())
+            .unwrap()
+            .into();
         let mut s: rustls::Connection = ServerConnection::new(server.clone()).unwrap().into();
         let mut buf = Vec::new();
         while c.is_handshaking() || s.is_handshaking() || c.wants_write() || s.wants_write() {
@@ -254,6 +273,15 @@ fn check(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>, version: u16, r
             rustls::HandshakeKind::Full
         };
         assert_eq!(kind, want, "handshake kind in round {round}");
+        if round + 1 == rounds {
+            eprintln!(
+                "checked: {:?}, {:?}, {:?}, {:?}",
+                s.protocol_version().unwrap(),
+                s.negotiated_cipher_suite().unwrap().suite(),
+                s.negotiated_key_exchange_group().map(|g| g.name()),
+                kind,
+            );
+        }
     }
 }
 
@@ -316,11 +344,7 @@ fn session_memory(provider: Provider, pki: &Pki) -> Vec<rustls::Connection> {
 }
 
 /// Times the server's side of `handshake` over `iters` handshakes.
-fn server_side(
-    client: &Arc<ClientConfig>,
-    server: &Arc<ServerConfig>,
-    iters: u64,
-) -> Duration {
+fn server_side(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>, iters: u64) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
         total += handshake(client, server).0;
@@ -345,6 +369,24 @@ fn benches(c: &mut Criterion) {
         group.bench_function(format!("{}, X25519", provider.name()), |b| {
             b.iter_custom(|iters| server_side(&client, &server, iters))
         });
+    }
+    // TLS_AES_128_GCM_SHA256: its key schedule and transcript hash on SHA-256 rather
+    // than SHA-384 (as a server preferring that suite would choose).
+    for provider in providers {
+        let server = server_config(provider, &pki, false);
+        let client = client_config_with(
+            provider,
+            &pki,
+            TLS13,
+            provider.x25519(),
+            false,
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+        );
+        check(&client, &server, 0x0304, false);
+        group.bench_function(
+            format!("{}, X25519, AES-128-GCM-SHA256", provider.name()),
+            |b| b.iter_custom(|iters| server_side(&client, &server, iters)),
+        );
     }
     {
         let provider = Provider::AwsLcRs;
@@ -407,9 +449,10 @@ fn benches(c: &mut Criterion) {
     for provider in providers {
         let peer = provider.x25519().start().unwrap();
         let peer_pub = peer.pub_key().to_vec();
-        group.bench_function(format!("{}, X25519 key pair and agreement", provider.name()), |b| {
-            b.iter(|| black_box(provider.x25519().start_and_complete(&peer_pub).unwrap()))
-        });
+        group.bench_function(
+            format!("{}, X25519 key pair and agreement", provider.name()),
+            |b| b.iter(|| black_box(provider.x25519().start_and_complete(&peer_pub).unwrap())),
+        );
         let key = provider
             .get()
             .key_provider
