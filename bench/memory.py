@@ -2,13 +2,18 @@
 """Memory per client connection: Fulcrum beside nginx and HAProxy.
 
 Each proxy is set up as bench/run.py sets it up (one worker, pinned to CPU 0, access log
-off, in front of the same nginx backend serving a 1 KiB file) and measured in two states:
+off, in front of the same nginx backend serving a 1 KiB file) and measured in three states:
 
   idle     each connection sent one `GET /1k`, read the whole response, and stays open,
            kept alive and idle;
   trickle  each connection sent only the start of a request head
            (`GET /1k HTTP/1.1\\r\\nHost: x\\r\\n`) and nothing more. With deferred accept
            (all three proxies) those first bytes are what gets the connection accepted.
+  tls-idle as idle, over TLS to the proxy's HTTPS listener (run.py's, with session
+           resumption as Fulcrum's defaults have it): a full TLS 1.3 handshake (Python's
+           ssl, OpenSSL 3.0, X25519, ALPN http/1.1, the certificate checked), one request,
+           its response and the session tickets read, then idle. Warm-up and "a little
+           traffic" are over TLS too.
 
 For every proxy and state a fresh proxy process is started and warmed up: --concurrency
 connections make one request each at once (so the proxy's upstream pool is as full
@@ -33,7 +38,7 @@ depend on CPU load, so unlike run.py this is meaningful on a busy machine. The c
 are closed at the end and RSS read once more ("kept after close").
 
 Usage: python3 bench/memory.py [--connections 4000] [--rounds 3] [--settle 3]
-           [--concurrency 32] [--proxies fulcrum,nginx,haproxy] [--states idle,trickle]
+           [--concurrency 32] [--proxies fulcrum,nginx,haproxy] [--states idle,trickle,tls-idle]
            [--port-base 18100] [--out FILE]
 Raises its own open-file limit (RLIMIT_NOFILE) for the client sockets; the proxies
 inherit it, and their connection limits are set from --connections. All traffic is to
@@ -46,6 +51,7 @@ import os
 import re
 import resource
 import shutil
+import ssl
 import statistics
 import sys
 import tempfile
@@ -58,10 +64,22 @@ import run  # noqa: E402  (bench/run.py: installs, configs, proxy start and stop
 STATES = {
     "idle": "idle kept-alive after one request",
     "trickle": "trickling header (partial request head)",
+    "tls-idle": "idle kept-alive over TLS after one request",
 }
 REQUEST = b"GET /1k HTTP/1.1\r\nHost: x\r\n\r\n"
 PARTIAL_HEAD = b"GET /1k HTTP/1.1\r\nHost: x\r\n"
 PHASE_TIMEOUT = 60  # seconds for opening (or warming up) all connections
+TLS_CONTEXT = None  # the client side of the tls-idle state, set up in main()
+
+
+def port_of(state):
+    """The proxy's port a state's connections go to: its HTTPS listener for TLS states."""
+    return run.PROXY_TLS_PORT if state.startswith("tls") else run.PROXY_PORT
+
+
+def one_request_state(state):
+    """The state a warm-up (or a little traffic) uses for `state`: one request, over TLS or not."""
+    return "tls-idle" if state.startswith("tls") else "idle"
 
 
 def rss_kib(pids):
@@ -114,9 +132,12 @@ async def open_connections(port, count, state, concurrency, conns):
 
     async def one():
         async with limit:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            if state == "tls-idle":
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=TLS_CONTEXT, server_hostname="localhost")
+            else:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
             conns.append((reader, writer))
-            if state == "idle":
+            if state in ("idle", "tls-idle"):
                 writer.write(REQUEST)
                 await read_response(reader)
             else:
@@ -143,7 +164,7 @@ async def wait_accepted(port, count, timeout=10):
         await asyncio.sleep(0.1)
 
 
-async def some_traffic(concurrency):
+async def some_traffic(concurrency, state="idle"):
     """A little traffic on fresh connections: 10 times `concurrency` one-request connections.
 
     An allocator gives freed memory back to the system only when the thread that freed it
@@ -152,7 +173,7 @@ async def some_traffic(concurrency):
     connections were still being opened then. After this, it does either way."""
     conns = []
     for _ in range(10):
-        await open_connections(run.PROXY_PORT, concurrency, "idle", concurrency, conns)
+        await open_connections(port_of(state), concurrency, one_request_state(state), concurrency, conns)
         close_all(conns)
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
@@ -160,22 +181,23 @@ async def some_traffic(concurrency):
 
 async def measure_state(pids, state, args):
     conns = []
+    port = port_of(state)
     try:
         # Warm-up: as many connections at once as the run below has, one request each.
-        await open_connections(run.PROXY_PORT, args.concurrency, "idle", args.concurrency, conns)
+        await open_connections(port, args.concurrency, one_request_state(state), args.concurrency, conns)
         close_all(conns)
         await asyncio.sleep(args.settle)
-        await some_traffic(args.concurrency)
+        await some_traffic(args.concurrency, state)
         before = rss_kib(pids)
-        baseline, _ = server_side_sockets(run.PROXY_PORT)
+        baseline, _ = server_side_sockets(port)
         started = time.monotonic()
-        await open_connections(run.PROXY_PORT, args.connections, state, args.concurrency, conns)
+        await open_connections(port, args.connections, state, args.concurrency, conns)
         opened_in = time.monotonic() - started
-        accepted = await wait_accepted(run.PROXY_PORT, baseline + args.connections) - baseline
+        accepted = await wait_accepted(port, baseline + args.connections) - baseline
         await asyncio.sleep(args.settle)
         after = rss_kib(pids)
-        still_open, _ = server_side_sockets(run.PROXY_PORT)
-        await some_traffic(args.concurrency)
+        still_open, _ = server_side_sockets(port)
+        await some_traffic(args.concurrency, state)
         after_traffic = rss_kib(pids)
     finally:
         close_all(conns)
@@ -224,7 +246,7 @@ def main():
     parser.add_argument("--concurrency", type=int, default=32, help="connections being opened at once")
     parser.add_argument("--proxies", default="fulcrum,nginx,haproxy")
     parser.add_argument("--states", default=",".join(STATES))
-    parser.add_argument("--port-base", type=int, default=18100, help="listen on 127.0.0.1 ports BASE+1, +2, +80, +82")
+    parser.add_argument("--port-base", type=int, default=18100, help="listen on 127.0.0.1 ports BASE+1, +2, +43, +80, +82")
     parser.add_argument("--out", default=None, help="also write the markdown tables here")
     args = parser.parse_args()
     proxy_names = pick(parser, args.proxies, ["fulcrum", "nginx", "haproxy"], "proxy")
@@ -242,12 +264,16 @@ def main():
     os.chmod(work, 0o755)  # nginx workers drop to an unprivileged user and must read www/
     backend = run.start_backend(work)
     proxies = run.proxy_configs(work, fulcrum, max_conns=args.connections + 1000)
+    global TLS_CONTEXT
+    TLS_CONTEXT = ssl.create_default_context(cafile=run.certificate(work)["ca"])
+    TLS_CONTEXT.set_alpn_protocols(["http/1.1"])
     results = {}  # (state, proxy) -> [result]
     try:
         for rnd in range(args.rounds):
             for state in states:
                 for name in proxy_names:
                     proc = run.start_proxy(proxies[name])
+                    run.wait_port(port_of(state))
                     try:
                         r = asyncio.run(measure_state(run.pids_of(proc), state, args))
                     finally:

@@ -9,6 +9,11 @@ depend on how much CPU the load generator took.
 
 Scenarios use wrk over HTTP/1.1, except `h2c`: h2load with prior-knowledge HTTP/2 (16
 connections of 10 concurrent streams each) to the proxy, which talks HTTP/1.1 to the backend.
+The `tls-*` scenarios are the same over HTTPS (h2 over TLS for `tls-h2`): every proxy
+serves one ECDSA P-256 certificate made at startup, with session resumption as Fulcrum's
+defaults have it (tickets, a 10,000-session cache) or, for `tls-new`, off on every proxy.
+Before the rounds each TLS listener is checked with `openssl s_client` (version, cipher,
+group, ALPN, and whether a reconnect resumes) and the table says what was negotiated.
 
 Usage: python3 bench/run.py [--rounds N] [--duration SECONDS] [--scenarios KEY,...]
                             [--port-base PORT] [--out FILE]
@@ -34,24 +39,36 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def set_ports(base):
     """All ports the benchmark listens on, from one base (default 18000), all on 127.0.0.1."""
-    global BACKEND_PORT, BACKEND_H2C_PORT, PROXY_PORT, PROXY_H2C_PORT
+    global BACKEND_PORT, BACKEND_H2C_PORT, PROXY_PORT, PROXY_H2C_PORT, PROXY_TLS_PORT
     BACKEND_PORT = base + 1  # the nginx backend, HTTP/1.1
     BACKEND_H2C_PORT = base + 2  # the same backend over h2c, for the direct h2c row only
     PROXY_PORT = base + 80  # the proxy under test, HTTP/1.1 (and h2c for Fulcrum)
     PROXY_H2C_PORT = base + 82  # nginx's and HAProxy's h2c-only listeners
+    PROXY_TLS_PORT = base + 43  # the proxy under test over TLS: HTTP/1.1 and h2 by ALPN
 
 
 set_ports(18000)
 
-# key (for --scenarios), title, path, connections, extra client args, client
-Scenario = collections.namedtuple("Scenario", "key title path conns extra client")
+# key (for --scenarios), title, path, connections, extra client args, client, and for
+# scenarios over TLS which proxy configs serve them: "resume" (session resumption as
+# Fulcrum's defaults: tickets and a session cache) or "full" (no resumption on any proxy).
+Scenario = collections.namedtuple("Scenario", "key title path conns extra client tls", defaults=[None])
+CLOSE = ["-H", "Connection: close"]
 SCENARIOS = [
     Scenario("ka64", "keep-alive 1 KiB, 64 conns", "/1k", 64, [], "wrk"),
     Scenario("ka256", "keep-alive 1 KiB, 256 conns", "/1k", 256, [], "wrk"),
-    Scenario("new", "new connection per request", "/1k", 32, ["-H", "Connection: close"], "wrk"),
+    Scenario("new", "new connection per request", "/1k", 32, CLOSE, "wrk"),
     Scenario("100k", "keep-alive 100 KiB, 64 conns", "/100k", 64, [], "wrk"),
     Scenario("h2c", "h2c, 16 connections × 10 streams", "/1k", 16, ["-m10"], "h2load"),
+    Scenario("tls-ka64", "TLS keep-alive 1 KiB, 64 conns", "/1k", 64, [], "wrk", "resume"),
+    Scenario("tls-new", "TLS full handshake per request", "/1k", 32, CLOSE, "wrk", "full"),
+    Scenario("tls-resume", "TLS resumed handshake per request", "/1k", 32, CLOSE, "wrk", "resume"),
+    Scenario("tls-h2", "h2 over TLS, 16 conns × 10 streams", "/1k", 16, ["-m10"], "h2load", "resume"),
+    Scenario("tls-100k", "TLS keep-alive 100 KiB, 64 conns", "/100k", 64, [], "wrk", "resume"),
 ]
+TLS_VARIANTS = ("resume", "full")
+# Sessions a proxy remembers for resumption by id: Fulcrum's default `session_cache`.
+SESSION_CACHE = 10000
 
 
 def sh(*args, **kw):
@@ -114,7 +131,40 @@ http {{ access_log off; keepalive_requests 1000000;
     return p
 
 
-def proxy_configs(work, fulcrum, max_conns=8192):
+def certificate(work):
+    """One ECDSA P-256 certificate for localhost and 127.0.0.1, issued by a CA made for it,
+    in `work` (made once): every proxy serves it, clients may check it against ca.pem.
+
+    Returns the paths: ca (the CA's certificate), cert (the leaf alone, PEM), key (its
+    PKCS#8 key) and combined (leaf then key, HAProxy's `crt` file)."""
+    d = os.path.join(work, "tls")
+    paths = {name: os.path.join(d, file) for name, file in
+             [("ca", "ca.pem"), ("ca_key", "ca.key"), ("cert", "site.pem"), ("key", "site.key"), ("combined", "combined.pem")]}
+    if os.path.exists(paths["combined"]):
+        return paths
+    os.makedirs(d, exist_ok=True)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    for key in (paths["ca_key"], paths["key"]):
+        sh("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key, **quiet)
+    sh("openssl", "req", "-x509", "-new", "-key", paths["ca_key"], "-subj", "/CN=Fulcrum benchmark CA", "-days", "30",
+       "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+       "-out", paths["ca"], **quiet)
+    csr = os.path.join(d, "site.csr")
+    sh("openssl", "req", "-new", "-key", paths["key"], "-subj", "/CN=localhost", "-out", csr, **quiet)
+    ext = os.path.join(d, "site.ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+                "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
+    sh("openssl", "x509", "-req", "-in", csr, "-CA", paths["ca"], "-CAkey", paths["ca_key"], "-set_serial", "2",
+       "-days", "30", "-extfile", ext, "-out", paths["cert"], **quiet)
+    with open(paths["combined"], "w") as f:
+        f.write(open(paths["cert"]).read() + open(paths["key"]).read())
+    for path in paths.values():
+        os.chmod(path, 0o644)  # nginx reads them as root, but keep the worker able to
+    return paths
+
+
+def proxy_configs(work, fulcrum, max_conns=8192, tls="resume"):
     """Command lines for the three proxies, each with one worker, in front of the backend.
 
     max_conns bounds the client connections each proxy accepts (nginx counts upstream
@@ -122,8 +172,23 @@ def proxy_configs(work, fulcrum, max_conns=8192):
     nginx and HAProxy serve h2c (prior knowledge) on PROXY_H2C_PORT, Fulcrum on PROXY_PORT.
     nginx 1.22 (Debian 12) has no `http2 on;` yet: `listen … http2` makes that listener
     HTTP/2-only, hence the second listener.
+
+    Each also serves HTTPS on PROXY_TLS_PORT (ALPN h2 and http/1.1, TLS 1.2 and 1.3, the
+    certificate of `certificate`), with session resumption according to `tls`:
+      "resume": Fulcrum's defaults (session tickets, a cache of 10,000 sessions); nginx
+                `ssl_session_tickets on` with a shared cache of ~12,000 sessions (3 MiB,
+                ~4,000 per MiB); HAProxy's tickets (its default) with `tune.ssl.cachesize
+                10000`. All three send TLS 1.3 tickets after a full handshake.
+      "full":   none on any proxy: Fulcrum `session_tickets = false`, `session_cache = 0`;
+                nginx `ssl_session_tickets off`, `ssl_session_cache off`; HAProxy
+                `no-tls-tickets`, `tune.ssl.cachesize 0`.
     """
-    nginx_conf = os.path.join(work, "nginx-proxy.conf")
+    assert tls in TLS_VARIANTS
+    resume = tls == "resume"
+    cert = certificate(work)
+    nginx_conf = os.path.join(work, f"nginx-proxy-{tls}.conf")
+    nginx_resumption = (f"ssl_session_cache shared:TLS:3m; ssl_session_tickets on;" if resume
+                        else "ssl_session_cache off; ssl_session_tickets off;")
     with open(nginx_conf, "w") as f:
         f.write(f"""
 worker_processes 1; daemon off; pid {work}/nginx-proxy.pid; error_log {work}/nginx-proxy.err;
@@ -133,14 +198,19 @@ http {{ access_log off; keepalive_requests 1000000;
   upstream backend {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}
   server {{ listen 127.0.0.1:{PROXY_PORT} backlog=4096 deferred;
     listen 127.0.0.1:{PROXY_H2C_PORT} http2 backlog=4096 deferred;
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
+  server {{ listen 127.0.0.1:{PROXY_TLS_PORT} ssl http2 backlog=4096 deferred;
+    ssl_certificate {cert["cert"]}; ssl_certificate_key {cert["key"]}; ssl_protocols TLSv1.2 TLSv1.3;
+    {nginx_resumption}
     location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}
 """)
-    haproxy_conf = os.path.join(work, "haproxy.cfg")
+    haproxy_conf = os.path.join(work, f"haproxy-{tls}.cfg")
     with open(haproxy_conf, "w") as f:
         f.write(f"""
 global
   nbthread 1
   maxconn {max_conns}
+  tune.ssl.cachesize {SESSION_CACHE if resume else 0}
 defaults
   mode http
   maxconn {max_conns}
@@ -152,11 +222,13 @@ defaults
 frontend fe
   bind 127.0.0.1:{PROXY_PORT} defer-accept
   bind 127.0.0.1:{PROXY_H2C_PORT} defer-accept proto h2
+  bind 127.0.0.1:{PROXY_TLS_PORT} defer-accept ssl crt {cert["combined"]} alpn h2,http/1.1 ssl-min-ver TLSv1.2{"" if resume else " no-tls-tickets"}
   default_backend be
 backend be
   server s1 127.0.0.1:{BACKEND_PORT}
 """)
-    fulcrum_conf = os.path.join(work, "fulcrum.toml")
+    fulcrum_conf = os.path.join(work, f"fulcrum-{tls}.toml")
+    fulcrum_resumption = "" if resume else "session_tickets = false\nsession_cache = 0\n"
     with open(fulcrum_conf, "w") as f:
         f.write(f"""
 workers = 1
@@ -165,6 +237,15 @@ max_connections = {max_conns}
 bind = "127.0.0.1:{PROXY_PORT}"
 [[listeners.bench.routes]]
 upstream = "backend"
+[listeners.tls]
+max_connections = {max_conns}
+bind = "127.0.0.1:{PROXY_TLS_PORT}"
+[[listeners.tls.routes]]
+upstream = "backend"
+[listeners.tls.tls]
+certificates = [{{ cert = "{cert["cert"]}", key = "{cert["key"]}" }}]
+min_version = "1.2"
+{fulcrum_resumption}
 [upstreams.backend]
 pool_max_idle_per_server = 256
 servers = [{{ address = "127.0.0.1:{BACKEND_PORT}" }}]
@@ -221,8 +302,12 @@ def parse_latency(text, label):
     return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def run_wrk(port, path, conns, extra, duration):
-    args = ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", *extra, f"http://127.0.0.1:{port}{path}"]
+def run_wrk(port, path, conns, extra, duration, tls=False):
+    """wrk, HTTP/1.1; over TLS it offers no ALPN, and with `Connection: close` it resumes
+    the session of its previous connection whenever the server lets it (OpenSSL's
+    SSL_clear keeps the session)."""
+    scheme = "https" if tls else "http"
+    args = ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", *extra, f"{scheme}://127.0.0.1:{port}{path}"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -237,10 +322,12 @@ def run_wrk(port, path, conns, extra, duration):
     }
 
 
-def run_h2load(port, path, conns, extra, duration):
-    """h2load, prior-knowledge HTTP/2 over cleartext; latency percentiles from its per-request log."""
+def run_h2load(port, path, conns, extra, duration, tls=False):
+    """h2load: prior-knowledge HTTP/2 over cleartext, or over TLS with ALPN h2 (checked);
+    latency percentiles from its per-request log."""
+    scheme = "https" if tls else "http"
     with tempfile.NamedTemporaryFile(prefix="fulcrum-h2load-", suffix=".log") as log:
-        args = ["taskset", "-c", "1", "h2load", "-t1", f"-c{conns}", *extra, f"-D{duration}", f"--log-file={log.name}", f"http://127.0.0.1:{port}{path}"]
+        args = ["taskset", "-c", "1", "h2load", "-t1", f"-c{conns}", *extra, f"-D{duration}", f"--log-file={log.name}", f"{scheme}://127.0.0.1:{port}{path}"]
         out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60).stdout
         times = sorted(int(line.split("\t")[2]) / 1000 for line in open(log.name) if line.count("\t") >= 2)
     m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
@@ -248,23 +335,33 @@ def run_h2load(port, path, conns, extra, duration):
         raise RuntimeError(f"h2load gave no summary:\n{out}")
     codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
     pct = lambda q: times[min(len(times) - 1, math.ceil(q * len(times)) - 1)] if times else float("nan")
+    if tls:
+        protocol = re.search(r"Application protocol: (\S+)", out)
+        if not protocol or protocol.group(1) != "h2":
+            raise RuntimeError(f"h2load over TLS did not negotiate h2:\n{out}")
+    cipher = re.search(r"^Cipher: (\S+)", out, re.M)
     return {
         "requests": int(m.group(3)),
         "rps": float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1)),
         "p50": pct(0.50),
         "p99": pct(0.99),
         "errors": int(codes.group(3)) + int(codes.group(4)),  # 4xx and 5xx, as wrk's non-2xx or 3xx
-        "socket_errors": f"failed {m.group(5)}, errored {m.group(6)}, timeout {m.group(7)}" if int(m.group(5)) + int(m.group(6)) + int(m.group(7)) else "",
+        "socket_errors": (f"failed {m.group(5)}, errored {m.group(6)}, timeout {m.group(7)}" if int(m.group(5)) + int(m.group(6)) + int(m.group(7)) else "")
+                         + (f" ({cipher.group(1)})" if tls and cipher else ""),
     }
 
 
 def run_client(scenario, port, duration):
     client = run_h2load if scenario.client == "h2load" else run_wrk
-    return client(port, scenario.path, scenario.conns, scenario.extra, duration)
+    return client(port, scenario.path, scenario.conns, scenario.extra, duration, tls=scenario.tls is not None)
 
 
 def port_for(name, scenario):
-    """Where the scenario's client connects: nginx and HAProxy take h2c on their own port."""
+    """Where the scenario's client connects: nginx and HAProxy take h2c on their own port,
+    all three TLS on PROXY_TLS_PORT (TLS scenarios have no direct run)."""
+    if scenario.tls:
+        assert name != "direct"
+        return PROXY_TLS_PORT
     if scenario.client == "h2load":
         return {"direct": BACKEND_H2C_PORT, "fulcrum": PROXY_PORT}.get(name, PROXY_H2C_PORT)
     return BACKEND_PORT if name == "direct" else PROXY_PORT
@@ -292,6 +389,54 @@ def stop_proxy(proc):
     time.sleep(0.3)
 
 
+def s_client(cert, args, stdin=b""):
+    """One `openssl s_client` connection to PROXY_TLS_PORT, checking the certificate against
+    the benchmark's CA; returns its output."""
+    cmd = ["openssl", "s_client", "-connect", f"127.0.0.1:{PROXY_TLS_PORT}", "-servername", "localhost",
+           "-CAfile", cert["ca"], *args]
+    return subprocess.run(cmd, input=stdin, capture_output=True, timeout=15).stdout.decode(errors="replace")
+
+
+def check_tls(cert, work):
+    """What the proxy now running negotiates on PROXY_TLS_PORT, from `openssl s_client`
+    (OpenSSL 3.0, as wrk and h2load use): for TLS 1.3 and for TLS 1.2, a first connection
+    and two reconnects offering its session (`-sess_out`/`-sess_in`: `-reconnect` reuses
+    a session before TLS 1.3 tickets arrive, so never resumes), each sending one request
+    and reading the response and tickets; and one connection offering ALPN h2, http/1.1."""
+    sess = os.path.join(work, "tls", "session.pem")
+    request = b"GET /1k HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    out = {}
+    for version in ("1.3", "1.2"):
+        runs = []
+        for i in range(3):
+            args = ["-alpn", "http/1.1", "-ign_eof", "-tls" + version.replace(".", "_"), "-sess_out", sess]
+            runs.append(s_client(cert, args + (["-sess_in", sess] if i else []), request))
+        first = runs[0]
+        handshake = re.search(r"^(?:New|Reused), (\S+), Cipher is (\S+)", first, re.M)
+        group = re.search(r"^Server Temp Key: (\S+?),", first, re.M)
+        out[version] = {
+            "protocol": handshake.group(1) if handshake else "?",
+            "cipher": handshake.group(2) if handshake else "?",
+            "group": group.group(1) if group else "?",
+            "verified": all("Verify return code: 0 (ok)" in r for r in runs),
+            "ok": all(re.search(r"^HTTP/1.1 200", r, re.M) for r in runs),
+            "resumed": sum(bool(re.search(r"^Reused,", r, re.M)) for r in runs[1:]),
+            "tickets": [r.count("Post-Handshake New Session Ticket arrived") for r in runs[:2]],
+        }
+    alpn = re.search(r"^ALPN protocol: (\S+)", s_client(cert, ["-alpn", "h2,http/1.1"]), re.M)
+    out["alpn"] = alpn.group(1) if alpn else "none"
+    return out
+
+
+def describe_tls(check):
+    """One line of the TLS check, for the table."""
+    v3, v2 = check["1.3"], check["1.2"]
+    return (f"{v3['protocol']} {v3['cipher']} {v3['group']}, ALPN {check['alpn']}"
+            f"{'' if v3['verified'] and v2['verified'] else ', CERTIFICATE NOT VERIFIED'}"
+            f"{'' if v3['ok'] and v2['ok'] else ', NOT 200'} | {v3['resumed']}/2 | {v2['resumed']}/2 | "
+            f"{v3['tickets'][0]} / {v3['tickets'][1]}")
+
+
 def measure(name, cmd, scenario, duration):
     proc = start_proxy(cmd)
     try:
@@ -317,7 +462,7 @@ def main():
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--scenarios", default=",".join(s.key for s in SCENARIOS),
                         help="comma-separated scenario keys to run, of: " + ", ".join(f"{s.key} ({s.title})" for s in SCENARIOS))
-    parser.add_argument("--port-base", type=int, default=18000, help="listen on 127.0.0.1 ports BASE+1, +2, +80, +82")
+    parser.add_argument("--port-base", type=int, default=18000, help="listen on 127.0.0.1 ports BASE+1, +2, +43, +80, +82")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     keys = [k.strip() for k in args.scenarios.split(",") if k.strip()]
@@ -332,17 +477,35 @@ def main():
     work = tempfile.mkdtemp(prefix="fulcrum-bench-")
     os.chmod(work, 0o755)  # nginx workers drop to an unprivileged user and must read www/
     backend = start_backend(work)
-    proxies = proxy_configs(work, fulcrum)
+    # One set of configs per way of serving TLS; scenarios without TLS use the first.
+    configs = {tls: proxy_configs(work, fulcrum, tls=tls) for tls in TLS_VARIANTS}
+    proxies = configs["resume"]
     results = {}  # (scenario, proxy) -> [result]
+    checks = {}  # (TLS variant, proxy) -> check_tls()
     try:
+        for tls in [v for v in TLS_VARIANTS if any(s.tls == v for s in scenarios)]:
+            for name, cmd in configs[tls].items():
+                proc = start_proxy(cmd)
+                try:
+                    wait_port(PROXY_TLS_PORT)
+                    check = checks[(tls, name)] = check_tls(certificate(work), work)
+                finally:
+                    stop_proxy(proc)
+                print(f"TLS check {name:8} {tls:7} {describe_tls(check)}", file=sys.stderr)
+                want = 2 if tls == "resume" else 0
+                if check["1.3"]["resumed"] != want or check["1.2"]["resumed"] != want or check["alpn"] != "h2":
+                    raise RuntimeError(f"{name} ({tls}): resumed {check['1.3']['resumed']} (TLS 1.3) and {check['1.2']['resumed']} (TLS 1.2) "
+                                       f"of 2 reconnects, ALPN {check['alpn']}: expected {want} and h2")
         for rnd in range(args.rounds):
             for scenario in scenarios:
-                # Direct run: the backend alone, the limit any proxy could reach.
-                direct = run_client(scenario, port_for("direct", scenario), args.duration)
-                results.setdefault((scenario.title, "direct"), []).append(direct)
+                if scenario.tls is None:
+                    # Direct run: the backend alone, the limit any proxy could reach.
+                    direct = run_client(scenario, port_for("direct", scenario), args.duration)
+                    results.setdefault((scenario.title, "direct"), []).append(direct)
                 order = list(proxies) if rnd % 2 == 0 else list(reversed(proxies))
                 for name in order:
-                    r = measure(name, proxies[name], scenario, args.duration)
+                    cmd = configs[scenario.tls or "resume"][name]
+                    r = measure(name, cmd, scenario, args.duration)
                     results.setdefault((scenario.title, name), []).append(r)
                     print(f"round {rnd + 1} {scenario.title:32} {name:8} {r['rps']:10.0f} req/s {r['per_cpu_s']:10.0f} req/CPU-s  errors {r['errors']} {r['socket_errors']}", file=sys.stderr)
     finally:
@@ -352,7 +515,7 @@ def main():
 
     med = lambda rs, key: statistics.median(r[key] for r in rs)
     lines = [
-        f"Medians of {args.rounds} interleaved rounds of {args.duration}s each; proxy pinned to CPU 0, wrk (h2load for h2c) and the nginx backend to CPU 1.",
+        f"Medians of {args.rounds} interleaved rounds of {args.duration}s each; proxy pinned to CPU 0, wrk (h2load for h2c and h2 over TLS) and the nginx backend to CPU 1.",
         "",
         "| scenario | proxy | req/s | p50 ms | p99 ms | req per CPU-s | peak RSS MiB | non-2xx |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -361,6 +524,8 @@ def main():
     for scenario in scenarios:
         title = scenario.title
         for name in ["direct", "fulcrum", "nginx", "haproxy"]:
+            if (title, name) not in results:
+                continue  # TLS scenarios have no direct run
             rs = results[(title, name)]
             per_cpu = f"{med(rs, 'per_cpu_s'):.0f}" if name != "direct" else "-"
             rss = f"{med(rs, 'rss_mib'):.1f}" if name != "direct" else "-"
@@ -370,6 +535,12 @@ def main():
         h = med(results[(title, "haproxy")], "per_cpu_s")
         ratios.append(f"| {title} | {f / n:.2f} | {f / h:.2f} |")
     lines += ["", "Requests per CPU-second, Fulcrum relative to:", "", "| scenario | Fulcrum/nginx | Fulcrum/HAProxy |", "|---|---:|---:|", *ratios]
+    if checks:
+        lines += ["", "TLS as negotiated with `openssl s_client` before the rounds (reconnects offering the session "
+                  "of the one before; tickets: NewSessionTicket messages after a first and after a second connection, TLS 1.3):", "",
+                  "| proxy | sessions | TLS 1.3, cipher, group, ALPN | resumed, TLS 1.3 | resumed, TLS 1.2 | tickets, full / resumed |",
+                  "|---|---|---|---:|---:|---:|"]
+        lines += [f"| {name} | {tls} | {describe_tls(check)} |" for (tls, name), check in checks.items()]
     table = "\n".join(lines)
     print(table)
     if args.out:
