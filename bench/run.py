@@ -135,8 +135,9 @@ def certificate(work):
     """One ECDSA P-256 certificate for localhost and 127.0.0.1, issued by a CA made for it,
     in `work` (made once): every proxy serves it, clients may check it against ca.pem.
 
-    Returns the paths: ca (the CA's certificate), cert (the leaf alone, PEM), key (its
-    PKCS#8 key) and combined (leaf then key, HAProxy's `crt` file)."""
+    Returns the paths: ca (the CA's certificate), cert (the chain: leaf then CA, PEM, as
+    Fulcrum requires a complete chain and every proxy then sends the same bytes), key (its
+    PKCS#8 key) and combined (chain then key, HAProxy's `crt` file)."""
     d = os.path.join(work, "tls")
     paths = {name: os.path.join(d, file) for name, file in
              [("ca", "ca.pem"), ("ca_key", "ca.key"), ("cert", "site.pem"), ("key", "site.key"), ("combined", "combined.pem")]}
@@ -157,6 +158,8 @@ def certificate(work):
                 "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
     sh("openssl", "x509", "-req", "-in", csr, "-CA", paths["ca"], "-CAkey", paths["ca_key"], "-set_serial", "2",
        "-days", "30", "-extfile", ext, "-out", paths["cert"], **quiet)
+    with open(paths["cert"], "a") as f:
+        f.write(open(paths["ca"]).read())
     with open(paths["combined"], "w") as f:
         f.write(open(paths["cert"]).read() + open(paths["key"]).read())
     for path in paths.values():
