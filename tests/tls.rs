@@ -274,39 +274,13 @@ async fn client_certificates_required_optional_and_refused() {
         &[&backend],
     )
     .await;
-    let with_cert = |who: &Issued| {
-        use rustls::pki_types::pem::PemObject;
-        let chain = rustls::pki_types::CertificateDer::pem_file_iter(&who.cert)
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&who.key).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki.ca_der()).unwrap();
-        Arc::new(
-            rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_client_auth_cert(chain, key)
-                .unwrap(),
-        )
-    };
+    let with_cert = |who: &Issued| tls::client_with_cert(&pki, who);
     // A request that claims a certificate in the header itself.
     let forged = |host: &str| {
         format!(
             "GET / HTTP/1.1\r\nhost: {host}\r\nx-forwarded-client-cert: Subject=\"CN=admin\"\r\nconnection: close\r\n\r\n"
         )
     };
-    async fn send(
-        stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-        request: &str,
-    ) -> String {
-        if stream.write_all(request.as_bytes()).await.is_err() {
-            return String::new();
-        }
-        let mut out = Vec::new();
-        let _ = stream.read_to_end(&mut out).await;
-        String::from_utf8_lossy(&out).into_owned()
-    }
 
     // Required, with a certificate from the CA: the server learns who the client is, and
     // the client's own header is gone.
@@ -314,7 +288,7 @@ async fn client_certificates_required_optional_and_refused() {
         .await
         .unwrap();
     assert!(
-        send(&mut stream, &forged("app.test"))
+        tls::exchange(&mut stream, &forged("app.test"))
             .await
             .starts_with("HTTP/1.1 200")
     );
@@ -339,7 +313,7 @@ async fn client_certificates_required_optional_and_refused() {
     for config in [client(&pki, &[]), with_cert(&mallory)] {
         // TLS 1.3 clients finish their side first; the refusal comes as an alert on read.
         if let Ok(mut stream) = tls::connect(required.addr, "app.test", config).await {
-            let answer = send(&mut stream, &forged("app.test")).await;
+            let answer = tls::exchange(&mut stream, &forged("app.test")).await;
             assert!(answer.is_empty(), "{answer}");
         }
     }
@@ -350,7 +324,7 @@ async fn client_certificates_required_optional_and_refused() {
         .await
         .unwrap();
     assert!(
-        send(&mut stream, &forged("app.test"))
+        tls::exchange(&mut stream, &forged("app.test"))
             .await
             .starts_with("HTTP/1.1 200")
     );
@@ -363,7 +337,11 @@ async fn client_certificates_required_optional_and_refused() {
     );
     // Optional, with a stranger's certificate: refused, not served as anonymous.
     if let Ok(mut stream) = tls::connect(optional.addr, "app.test", with_cert(&mallory)).await {
-        assert!(send(&mut stream, &forged("app.test")).await.is_empty());
+        assert!(
+            tls::exchange(&mut stream, &forged("app.test"))
+                .await
+                .is_empty()
+        );
     }
 }
 
@@ -473,13 +451,11 @@ async fn hsts_is_added_to_https_responses() {
     let mut stream = tls::connect(proxy.addr, "app.test", client(&pki, &["http/1.1"]))
         .await
         .unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let _ = stream.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out);
+    let text = tls::exchange(
+        &mut stream,
+        "GET / HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     assert!(
         text.contains("strict-transport-security: max-age=31536000; includeSubDomains\r\n"),
         "{text}"
@@ -931,23 +907,9 @@ async fn routes_can_take_only_clients_with_certain_certificate_names() {
         pki.ca_pem.display()
     );
     let proxy = Proxy::start(&config, &[&admin, &public]).await;
-    let as_client = |who: Option<&Issued>| {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki.ca_der()).unwrap();
-        let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
-        Arc::new(match who {
-            Some(who) => builder
-                .with_client_auth_cert(
-                    rustls::pki_types::CertificateDer::pem_file_iter(&who.cert)
-                        .unwrap()
-                        .map(Result::unwrap)
-                        .collect(),
-                    rustls::pki_types::PrivateKeyDer::from_pem_file(&who.key).unwrap(),
-                )
-                .unwrap(),
-            None => builder.with_no_client_auth(),
-        })
+    let as_client = |who: Option<&Issued>| match who {
+        Some(who) => tls::client_with_cert(&pki, who),
+        None => client(&pki, &[]),
     };
     for (who, expected) in [
         (Some(&alice), "admin"),
@@ -1207,13 +1169,11 @@ async fn own_answers_over_https_carry_hsts_and_redirects_need_a_host() {
     let mut stream = tls::connect(proxy.addr, "app.test", client(&pki, &["http/1.1"]))
         .await
         .unwrap();
-    stream
-        .write_all(b"GET /elsewhere HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let _ = stream.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out);
+    let text = tls::exchange(
+        &mut stream,
+        "GET /elsewhere HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     assert!(text.starts_with("HTTP/1.1 404"), "{text}");
     assert!(
         text.contains("strict-transport-security: max-age=60\r\n"),

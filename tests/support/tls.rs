@@ -142,6 +142,35 @@ pub fn client_config(ca: &Pki, alpn: &[&str]) -> rustls::ClientConfig {
     config
 }
 
+/// A client trusting `ca` that shows `who`'s certificate.
+pub fn client_with_cert(ca: &Pki, who: &Issued) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let chain = CertificateDer::pem_file_iter(&who.cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&who.key).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.ca_der()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap(),
+    )
+}
+
+/// Sends `request` as it is and returns all the server sent until it closed (empty if the
+/// write failed, as when the server refused the handshake).
+pub async fn exchange(stream: &mut TlsStream<TcpStream>, request: &str) -> String {
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A finished TLS handshake with `addr`, sending `sni`.
 pub async fn connect(
     addr: SocketAddr,
