@@ -21,6 +21,7 @@ fn servers(n: usize) -> Vec<ServerConfig> {
             weight: 1 + (i % 3) as u32,
             backup: false,
             drain: false,
+            disabled: false,
             max_connections: 100,
         })
         .collect()

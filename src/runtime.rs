@@ -2,7 +2,9 @@
 //! upstreams with their balancers and pools, and the HTTP settings. It is held in an
 //! `ArcSwap` so a reload can replace it whole while requests in flight keep theirs.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
@@ -108,9 +110,52 @@ const CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// Response bytes buffered per stream waiting for the client's window.
 const SEND_BUFFER: usize = 400 * 1024;
 
-/// The current snapshot, swapped whole on reload.
+/// The current snapshot, swapped whole on reload, and what it is built from.
 pub struct Shared {
     current: Arc<ArcSwap<Runtime>>,
+    /// Held while a new snapshot is built, so that a reload, a DNS answer and an admin
+    /// change made at once each see the others.
+    inputs: Mutex<Inputs>,
+}
+
+/// What the running snapshot is built from: the config file, what DNS last answered for
+/// servers given by name, and what the admin API changed since the file was last loaded.
+#[derive(Debug)]
+pub struct Inputs {
+    /// The config as loaded and validated.
+    pub file: Config,
+    /// The addresses of servers given by name, by upstream name and the name as written
+    /// (`host:port`).
+    pub resolved: HashMap<(String, String), Vec<SocketAddr>>,
+    /// Changes to servers made through the admin API, by upstream name and server address;
+    /// a reload drops them.
+    pub overrides: HashMap<(String, SocketAddr), ServerOverride>,
+}
+
+/// A change to one server made at run time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerOverride {
+    pub weight: Option<u32>,
+    pub drain: Option<bool>,
+    pub disabled: Option<bool>,
+}
+
+impl Inputs {
+    /// The config a snapshot is built from: the file's, with the admin API's changes.
+    pub fn effective(&self) -> Config {
+        let mut config = self.file.clone();
+        for upstream in &mut config.upstreams {
+            for server in &mut upstream.servers {
+                let key = (upstream.name.clone(), server.address);
+                if let Some(o) = self.overrides.get(&key) {
+                    server.weight = o.weight.unwrap_or(server.weight);
+                    server.drain = o.drain.unwrap_or(server.drain);
+                    server.disabled = o.disabled.unwrap_or(server.disabled);
+                }
+            }
+        }
+        config
+    }
 }
 
 /// A connection's view of the current snapshot: reading it costs no shared-counter update
@@ -118,9 +163,15 @@ pub struct Shared {
 pub type RuntimeCache = arc_swap::Cache<Arc<ArcSwap<Runtime>>, Arc<Runtime>>;
 
 impl Shared {
-    pub fn new(runtime: Runtime) -> Self {
+    /// Starts from `runtime`, which was built from `file` as it is.
+    pub fn new(runtime: Runtime, file: Config) -> Self {
         Shared {
             current: Arc::new(ArcSwap::from_pointee(runtime)),
+            inputs: Mutex::new(Inputs {
+                file,
+                resolved: HashMap::new(),
+                overrides: HashMap::new(),
+            }),
         }
     }
 
@@ -132,8 +183,31 @@ impl Shared {
         arc_swap::Cache::new(self.current.clone())
     }
 
-    /// Makes `runtime` the one new requests see; requests already running keep the old one.
-    pub fn replace(&self, runtime: Runtime) {
-        self.current.store(Arc::new(runtime));
+    /// Applies `change` to what the snapshot is built from and swaps in a snapshot built
+    /// anew; servers that stay keep their pools and state. If the build fails, nothing
+    /// changes, `change` included.
+    pub fn update(&self, change: impl FnOnce(&mut Inputs)) -> Result<(), String> {
+        let mut inputs = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
+        let before = (
+            inputs.file.clone(),
+            inputs.resolved.clone(),
+            inputs.overrides.clone(),
+        );
+        change(&mut inputs);
+        match Runtime::build(inputs.effective(), Some(&self.load())) {
+            Ok(runtime) => {
+                self.current.store(Arc::new(runtime));
+                Ok(())
+            }
+            Err(e) => {
+                (inputs.file, inputs.resolved, inputs.overrides) = before;
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads what the snapshot is built from.
+    pub fn inputs<T>(&self, read: impl FnOnce(&Inputs) -> T) -> T {
+        read(&self.inputs.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }

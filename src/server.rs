@@ -137,8 +137,8 @@ impl Server {
                 connections,
             });
         }
-        let runtime = Runtime::build(config, None).map_err(io::Error::other)?;
-        let shared = Arc::new(Shared::new(runtime));
+        let runtime = Runtime::build(config.clone(), None).map_err(io::Error::other)?;
+        let shared = Arc::new(Shared::new(runtime, config));
         let (shutdown, _) = watch::channel(false);
         Ok((
             Server {
@@ -166,8 +166,11 @@ impl Server {
                 if changed.len() == 1 { "this" } else { "these" }
             ));
         }
-        self.shared.replace(Runtime::build(config, Some(&current))?);
-        Ok(())
+        // Changes made through the admin API last until the file is loaded again.
+        self.shared.update(|inputs| {
+            inputs.file = config;
+            inputs.overrides.clear();
+        })
     }
 
     /// The addresses actually bound, in config order (useful with port 0).

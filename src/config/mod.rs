@@ -357,6 +357,7 @@ impl Checker {
                     weight,
                     backup: server.backup.unwrap_or(false),
                     drain: server.drain.unwrap_or(false),
+                    disabled: false,
                     max_connections,
                 });
             }

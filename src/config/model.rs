@@ -250,6 +250,9 @@ pub struct ServerConfig {
     pub backup: bool,
     /// Takes no new clients: only requests pinned to it by a sticky cookie, and those in flight.
     pub drain: bool,
+    /// Takes nothing at all, sticky clients included (HAProxy's maintenance mode): set
+    /// through the admin API, never by the file.
+    pub disabled: bool,
     /// Connections Fulcrum may hold open to it at once, in use or idle in a pool, over all
     /// workers.
     pub max_connections: usize,

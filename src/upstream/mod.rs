@@ -39,8 +39,10 @@ pub struct Upstream {
     sticky: Option<Sticky>,
     /// Forward the client's Host header rather than the server's own address.
     pub preserve_host: bool,
-    /// Per server, its tier and position there; `None` for drained servers.
+    /// Per server, its tier and position there; `None` for drained and disabled servers.
     placement: Box<[Option<(Rank, usize)>]>,
+    /// Per server, whether it is disabled: not even its sticky clients reach it.
+    disabled: Box<[bool]>,
     /// How long a server that could not be reached is left alone (0: never).
     fail_timeout: Duration,
     /// How long a server takes to ramp up to its whole weight (0: at once).
@@ -125,11 +127,62 @@ impl Server {
         self.latency.observe(response_time);
     }
 
+    /// The server's health as the admin API shows it.
+    pub fn health_report(&self) -> HealthReport {
+        let share = self.share();
+        HealthReport {
+            state: match share {
+                0 => "unreachable",
+                FULL_SHARE => "up",
+                _ => "ramping",
+            },
+            share,
+            ejections: 0,
+            history: Vec::new(),
+        }
+    }
+
     /// Thousandths of its weight the server takes now: 0 while down, less than
     /// `FULL_SHARE` while ramping up.
     pub fn share(&self) -> u32 {
         self.state.share()
     }
+}
+
+/// What became of one try of a request at a server, as passive outlier detection counts
+/// it. (A connection that cannot be made is reported by `unreachable`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// A response below 500.
+    Success,
+    /// A 5xx response.
+    ServerError,
+    /// No response head within the (per-try) timeout.
+    Timeout,
+    /// The connection failed before a whole response head arrived.
+    Broken,
+}
+
+/// What the admin API and the metrics show of a server's health.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HealthReport {
+    /// `up`, `ramping` (back, taking a growing share), `down` (failed its active checks),
+    /// `ejected` (outlier detection) or `unreachable` (a connection to it failed).
+    pub state: &'static str,
+    /// Thousandths of its weight it takes now.
+    pub share: u32,
+    /// Times outlier detection has ejected it.
+    pub ejections: u64,
+    /// The latest changes of state, oldest first.
+    pub history: Vec<HealthEvent>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HealthEvent {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub state: &'static str,
+    pub reason: String,
 }
 
 /// What ties a request to a server beside the balancer's own choice.
@@ -233,7 +286,8 @@ impl Upstream {
                     let old = p.servers.iter().position(|o| o.address == s.address)?;
                     Some((old, p.placement[old].is_some()))
                 });
-                if previous.is_some() && !s.drain && !kept.is_some_and(|(_, served)| served) {
+                let serves = !s.drain && !s.disabled;
+                if previous.is_some() && serves && !kept.is_some_and(|(_, served)| served) {
                     joining.push(i);
                 }
                 match (previous, kept) {
@@ -248,7 +302,8 @@ impl Upstream {
         let mut tier = |rank: Rank| {
             let members: Box<[usize]> = (0..config.servers.len())
                 .filter(|&i| {
-                    config.servers[i].backup == (rank == Rank::Backup) && !config.servers[i].drain
+                    let s = &config.servers[i];
+                    s.backup == (rank == Rank::Backup) && !s.drain && !s.disabled
                 })
                 .collect();
             for (position, &i) in members.iter().enumerate() {
@@ -276,6 +331,7 @@ impl Upstream {
             hash_key: config.hash_key.clone(),
             preserve_host: config.preserve_host,
             placement,
+            disabled: config.servers.iter().map(|s| s.disabled).collect(),
             fail_timeout: config.fail_timeout,
             slow_start: config.slow_start,
             unsettled: AtomicUsize::new(0),
@@ -582,9 +638,21 @@ impl Upstream {
     }
 
     /// The server the request's sticky cookie names, if sessions are sticky and that server
-    /// is still listed (drained or not).
+    /// is still listed (drained or not) and not disabled.
     pub fn pinned(&self, headers: &HeaderMap) -> Option<usize> {
-        self.sticky.as_ref()?.pinned(headers)
+        self.sticky
+            .as_ref()?
+            .pinned(headers)
+            .filter(|&i| !self.disabled[i])
+    }
+
+    /// What became of a request sent to server `index`, for passive outlier detection.
+    pub fn record_outcome(&self, index: usize, observed: Observed) {
+        match observed {
+            Observed::Success | Observed::ServerError | Observed::Timeout | Observed::Broken => {
+                let _ = index;
+            }
+        }
     }
 
     /// The `Set-Cookie` value that pins the client to `server`, when sessions are sticky and

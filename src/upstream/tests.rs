@@ -27,6 +27,7 @@ fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamConfig {
                 weight: 1,
                 backup,
                 drain: false,
+                disabled: false,
                 max_connections: 100,
             })
             .collect(),
