@@ -53,28 +53,50 @@ pub async fn start(
     Ok(config::parse("demo.toml (embedded)", &text).map(|config| (config, certs)))
 }
 
-/// A backend that answers every request with its own name.
+/// A backend that answers every request with its own name, on a free loopback port.
 async fn start_backend(name: &'static str) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
+    tokio::spawn(serve_backend(name.to_string(), listener));
+    Ok(addr)
+}
+
+/// Answers every request on `listener` with `name` and its address, until the process
+/// ends: the demo's backends, and `fulcrum backend` for trying examples on one machine.
+pub async fn serve_backend(name: String, listener: TcpListener) {
+    let addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => {
+            tracing::error!("demo backend {name}: {e}");
+            return;
+        }
+    };
+    let name: std::sync::Arc<str> = name.into();
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, most likely: wait rather than spin.
+                tracing::warn!("demo backend {name}: cannot accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
-            };
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<hyper::body::Incoming>| async move {
+            }
+        };
+        let name = name.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let name = name.clone();
+                async move {
                     let text = format!(
                         "Hello from demo backend {name} ({addr}): you asked for {}\n",
                         req.uri().path()
                     );
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                }
             });
-        }
-    });
-    Ok(addr)
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }

@@ -41,6 +41,15 @@ enum Command {
         #[arg(long)]
         certs: Option<PathBuf>,
     },
+    /// Run one demo backend, which answers every request with its name and address: three
+    /// of them give the examples' upstreams something to balance over.
+    Backend {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// What it calls itself in its answers (default: its address).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Run the proxy with a config file.
     Run {
         #[arg(short, long, default_value = "fulcrum.toml")]
@@ -69,6 +78,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Check { config } => check(&config),
             Command::Cert { command } => fulcrum::cert::cli::run(command),
+            Command::Backend { listen, name } => backend(listen, name).await,
             Command::Run { config: path } => match config::load(&path) {
                 Ok(config) => run(config, Some(&path)).await,
                 Err(e) => {
@@ -115,6 +125,23 @@ async fn demo(setup: fulcrum::demo::DemoSetup) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn backend(listen: SocketAddr, name: Option<String>) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("demo backend listening on {listen}");
+    let name = name.unwrap_or_else(|| listen.to_string());
+    tokio::select! {
+        () = fulcrum::demo::serve_backend(name, listener) => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    ExitCode::SUCCESS
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
