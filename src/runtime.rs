@@ -206,6 +206,13 @@ impl Shared {
         }
     }
 
+    /// Changes what later snapshots are built from without building one now: for a change
+    /// already made to the current snapshot in place (certificates the watcher swapped in),
+    /// which a rebuild for another reason must not undo.
+    pub fn remember(&self, change: impl FnOnce(&mut Inputs)) {
+        change(&mut self.inputs.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
     /// Reads what the snapshot is built from.
     pub fn inputs<T>(&self, read: impl FnOnce(&Inputs) -> T) -> T {
         read(&self.inputs.lock().unwrap_or_else(|e| e.into_inner()))

@@ -69,19 +69,36 @@ pub async fn watch_certificates(shared: Arc<Shared>, shutdown: watch::Receiver<b
                     }
                 }
             }
-            if changed {
-                reload(config, tls);
+            if changed && let Some(loaded) = reload(config, tls) {
+                // A later rebuild (a DNS answer, an admin change) starts from these.
+                shared.remember(|inputs| {
+                    let listener = inputs
+                        .file
+                        .listeners
+                        .iter_mut()
+                        .find(|l| l.name == config.name);
+                    let Some(tls) = listener.and_then(|l| l.tls.as_mut()) else {
+                        return;
+                    };
+                    for (c, loaded) in tls.certificates.iter_mut().zip(&loaded) {
+                        c.loaded = loaded.clone();
+                        c.stamps = c
+                            .stamps
+                            .iter()
+                            .map(|(p, _)| (p.clone(), stamp(p)))
+                            .collect();
+                    }
+                });
             }
         }
     })
     .await
 }
 
-/// Loads `config`'s certificates again and, if every one loads, serves them.
-fn reload(config: &ListenerConfig, tls: &TlsListener) {
-    let Some(tls_config) = &config.tls else {
-        return;
-    };
+/// Loads `config`'s certificates again and, if every one loads, serves them and returns
+/// them.
+fn reload(config: &ListenerConfig, tls: &TlsListener) -> Option<Vec<Arc<certs::Loaded>>> {
+    let tls_config = config.tls.as_ref()?;
     let provider = super::provider();
     let now = SystemTime::now();
     let mut loaded = Vec::new();
@@ -110,10 +127,11 @@ fn reload(config: &ListenerConfig, tls: &TlsListener) {
                     "certificates not reloaded, the previous ones keep serving: {}",
                     e.message
                 );
-                return;
+                return None;
             }
         }
     }
-    tls.resolver.replace(CertStore::new(loaded));
+    tls.resolver.replace(CertStore::new(loaded.clone()));
     tracing::info!(listener = %config.name, "certificate files changed on disk: reloaded");
+    Some(loaded)
 }
