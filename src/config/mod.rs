@@ -3,6 +3,7 @@
 
 mod error;
 pub mod file;
+mod health;
 pub mod model;
 mod tls;
 
@@ -19,6 +20,7 @@ use toml::Spanned;
 const DEFAULT_SERVER_CONNECTIONS: i64 = 10_000;
 
 pub use error::{ConfigError, Problem};
+pub use health::status_range;
 pub use model::*;
 
 /// Bounds of durations in the config. Timers keep milliseconds, so nothing shorter than one
@@ -390,8 +392,20 @@ impl Checker {
             Duration::ZERO..=HOUR,
             Duration::from_secs(10),
         );
+        let health_check = up.health_check.and_then(|c| self.health_check(c));
+        let outlier_detection = self.outlier_detection(up.outlier_detection);
+        let panic_threshold = self.int(
+            up.panic_threshold.as_ref(),
+            "panic_threshold",
+            0,
+            100,
+            health::PANIC_THRESHOLD,
+        ) as u32;
         UpstreamConfig {
             name: name.to_string(),
+            health_check,
+            outlier_detection,
+            panic_threshold,
             hash_key,
             sticky_cookie,
             sticky_secret: None,
