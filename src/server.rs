@@ -181,6 +181,11 @@ impl Server {
         })
     }
 
+    /// The snapshot new requests are served with now: upstreams, their servers and health.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.shared.load()
+    }
+
     /// The addresses actually bound, in config order (useful with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
