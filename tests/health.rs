@@ -460,3 +460,47 @@ async fn without_a_panic_threshold_only_healthy_servers_take_traffic() {
         assert_eq!(get_text(&client, &proxy.url("/")).await, "a");
     }
 }
+
+#[tokio::test]
+async fn checks_go_over_tls_when_the_upstream_does() {
+    use support::tls::{Key, Pki, TlsBackend};
+    let _timed = TIMED.lock().await;
+    let pki = Pki::new();
+    let right = pki.server("backend", &["127.0.0.1"], Key::Ecdsa);
+    let wrong = pki.server("elsewhere", &["elsewhere.test"], Key::Ecdsa);
+    let good = TlsBackend::start("good", &right).await;
+    let misnamed = TlsBackend::start("misnamed", &wrong).await;
+    let ca = pki.ca_pem.display().to_string();
+    let check = "interval = \"100ms\"\nfall = 2\nexpect_body = \"good\"\n";
+    let config = format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"good\"\n\
+         [upstreams.good]\nservers = [{{ address = \"{good}\" }}]\ntls = {{ ca = \"{ca}\" }}\n\
+         [upstreams.good.health_check]\n{check}\
+         [upstreams.misnamed]\nservers = [{{ address = \"{misnamed}\" }}]\ntls = {{ ca = \"{ca}\" }}\n\
+         [upstreams.misnamed.health_check]\n{check}",
+        good = good.addr,
+        misnamed = misnamed.addr,
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    let runtime = proxy.server.runtime();
+    let upstream = |name: &str| {
+        runtime
+            .upstreams
+            .iter()
+            .find(|u| u.name == name)
+            .unwrap()
+            .servers[0]
+            .clone()
+    };
+    let (trusted, refused) = (upstream("good"), upstream("misnamed"));
+    wait_for(Duration::from_secs(3), "the misnamed server down", || {
+        refused.health_state() == "down"
+    })
+    .await;
+    let failed = refused.health_report().last_check.unwrap();
+    assert!(failed.detail.starts_with("TLS handshake failed"), "{failed:?}");
+    let passed = trusted.health_report().last_check.unwrap();
+    assert!(passed.passed, "{passed:?}");
+    assert_eq!(passed.detail, "status 200");
+    assert_eq!(trusted.health_state(), "up");
+}
