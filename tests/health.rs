@@ -498,7 +498,10 @@ async fn checks_go_over_tls_when_the_upstream_does() {
     })
     .await;
     let failed = refused.health_report().last_check.unwrap();
-    assert!(failed.detail.starts_with("TLS handshake failed"), "{failed:?}");
+    assert!(
+        failed.detail.starts_with("TLS handshake failed"),
+        "{failed:?}"
+    );
     let passed = trusted.health_report().last_check.unwrap();
     assert!(passed.passed, "{passed:?}");
     assert_eq!(passed.detail, "status 200");

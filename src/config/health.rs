@@ -64,16 +64,16 @@ impl Checker {
         let jitter = self.duration(
             check.jitter.as_ref(),
             "jitter",
-            Duration::ZERO..=DAY,
+            Duration::ZERO..=HOUR,
             interval / 10,
         );
-        if jitter >= interval {
-            if let Some(j) = &check.jitter {
-                self.error(
-                    j.span(),
-                    "health check jitter must be shorter than its interval",
-                );
-            }
+        if jitter >= interval
+            && let Some(j) = &check.jitter
+        {
+            self.error(
+                j.span(),
+                "health check jitter must be shorter than its interval",
+            );
         }
         let rise = self.int(check.rise.as_ref(), "rise", 1, 1000, RISE) as u32;
         let fall = self.int(check.fall.as_ref(), "fall", 1, 1000, FALL) as u32;

@@ -113,17 +113,19 @@ pub async fn run_checks(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
 fn follow(shared: &Arc<Shared>, runtime: &Runtime, running: &mut HashMap<Key, Running>) {
     let mut wanted = HashMap::new();
     for (config, upstream) in runtime.config.upstreams.iter().zip(&runtime.upstreams) {
-        let checked: Vec<usize> = (0..upstream.servers.len())
-            .filter(|&i| config.health_check.is_some() && !config.servers[i].disabled)
-            .collect();
-        for (index, server) in upstream.servers.iter().enumerate() {
-            if !checked.contains(&index) && server.checks_failing() {
-                upstream.checks_passed(index, "health checks no longer apply to it");
-            }
-        }
         let Some(check) = &config.health_check else {
+            for (index, server) in upstream.servers.iter().enumerate() {
+                if server.checks_failing() {
+                    upstream.checks_passed(index, "health checks were removed from its upstream");
+                }
+            }
             continue;
         };
+        // A disabled server takes nothing: it is checked again once enabled, from where its
+        // checks left it.
+        let checked: Vec<usize> = (0..upstream.servers.len())
+            .filter(|&i| !config.servers[i].disabled)
+            .collect();
         for (position, &index) in checked.iter().enumerate() {
             let server = &upstream.servers[index];
             let key = (upstream.name.clone(), Arc::as_ptr(server) as usize);

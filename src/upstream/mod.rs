@@ -776,11 +776,9 @@ impl Upstream {
     /// `panic_threshold` or climbs back. While a backup is healthy, it takes over instead.
     fn refresh_panic(&self) {
         let primaries = &self.primary.members;
-        if self.panic_threshold == 0 || primaries.is_empty() {
-            return;
-        }
         let healthy = |i: &&usize| self.servers[**i].share() > 0;
         let up = primaries.iter().filter(healthy).count();
+        // A reload that turns the threshold off ends a panic going on.
         let panic = up * 100 < primaries.len() * self.panic_threshold as usize
             && !self.backup.members.iter().any(|i| healthy(&i));
         if self.panicking.swap(panic, Ordering::Relaxed) == panic {

@@ -24,7 +24,8 @@ pub struct ServerState {
     down_until: AtomicU64,
     /// While ramping: when the ramp began, in `now_ms` time.
     ramp_from: AtomicU64,
-    /// Why the server was last taken down, as a [`Down`].
+    /// Why the server was last taken down for a while (unreachable or ejected), as a
+    /// [`Down`]; failing checks are `checks_failing`.
     cause: AtomicU8,
     /// Its active checks say it is down: no timer brings it back, only passing checks.
     checks_failing: AtomicBool,
@@ -53,7 +54,6 @@ impl Down {
     fn from_u8(v: u8) -> Down {
         match v {
             2 => Down::Ejected,
-            3 => Down::Checks,
             _ => Down::Unreachable,
         }
     }
@@ -138,7 +138,6 @@ impl ServerState {
     /// Returns whether it has just become unsettled.
     pub fn checks_down(&self) -> bool {
         self.checks_failing.store(true, Ordering::Release);
-        self.cause.store(Down::Checks as u8, Ordering::Relaxed);
         let before = self.change(|status| Status {
             share: 0,
             unsettled: true,
@@ -170,9 +169,7 @@ impl ServerState {
     pub fn mark_down(&self, period: Duration, cause: Down) -> bool {
         self.down_until
             .store(now_ms() + period.as_millis() as u64, Ordering::Relaxed);
-        if !self.checks_failing() {
-            self.cause.store(cause as u8, Ordering::Relaxed);
-        }
+        self.cause.store(cause as u8, Ordering::Relaxed);
         let before = self.change(|status| Status {
             share: 0,
             unsettled: true,
@@ -403,6 +400,43 @@ mod tests {
         assert_eq!(state.settle(now_ms(), Duration::ZERO), Settled::Done);
         assert_eq!(state.share(), FULL_SHARE);
         assert!(!state.ramp_up(Duration::ZERO));
+    }
+
+    #[test]
+    fn failing_checks_hold_a_server_down_past_any_timer() {
+        let state = ServerState::new();
+        let far = now_ms() + 86_400_000;
+        assert!(state.checks_down());
+        assert_eq!(state.down(), Some(Down::Checks));
+        assert_eq!(state.settle(far, Duration::ZERO), Settled::Unchanged);
+        assert_eq!(state.share(), 0);
+        // Unsettled since it went down: not newly so.
+        assert!(!state.checks_up(Duration::from_secs(10)));
+        assert_eq!(state.down(), None);
+        assert_eq!(state.share(), FIRST_SHARE);
+
+        // Passing checks during an ejection: back once the ejection is over, not before.
+        state.mark_down(Duration::from_secs(60), Down::Ejected);
+        state.checks_down();
+        assert!(!state.checks_up(Duration::ZERO));
+        assert_eq!(state.down(), Some(Down::Ejected));
+        assert!(state.ejected_at(now_ms()));
+        assert_eq!(state.settle(now_ms(), Duration::ZERO), Settled::Unchanged);
+        assert_eq!(state.settle(far, Duration::ZERO), Settled::Done);
+        assert_eq!(state.down(), None);
+    }
+
+    #[test]
+    fn history_keeps_the_latest_changes_oldest_first() {
+        let history = History::default();
+        for i in 0..20 {
+            history.record("down", format!("change {i}"));
+        }
+        let events = history.events();
+        assert_eq!(events.len(), HISTORY);
+        assert_eq!(events[0].reason, "change 4");
+        assert_eq!(events[HISTORY - 1].reason, "change 19");
+        assert!(events[0].at_ms > 1_600_000_000_000);
     }
 
     #[test]
