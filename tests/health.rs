@@ -115,7 +115,7 @@ async fn a_server_failing_http_checks_is_down_until_they_pass_then_ramps_up() {
         &config(
             2,
             "slow_start = \"1s\"\n[upstreams.app.health_check]\npath = \"/health\"\n\
-             interval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n",
+             interval = \"300ms\"\ntimeout = \"250ms\"\nrise = 2\nfall = 2\n",
         ),
         &[&a.backend, &b.backend],
     )
@@ -131,7 +131,7 @@ async fn a_server_failing_http_checks_is_down_until_they_pass_then_ramps_up() {
     assert!(sick.health_report().last_check.unwrap().passed);
 
     a.health.store(503, Ordering::SeqCst);
-    // Two failing checks 200 ms apart, plus the rest of the interval, plus slack.
+    // Two failing checks 300 ms apart, plus the rest of the interval, plus slack.
     let took = wait_for(Duration::from_secs(3), "down after fall checks", || {
         sick.health_state() == "down"
     })
@@ -188,7 +188,7 @@ async fn a_tcp_check_finds_a_closed_port() {
     };
     let text = support::config_for(
         &[good.addr, closed],
-        "[upstreams.app.health_check]\ntype = \"tcp\"\ninterval = \"100ms\"\nfall = 2\n",
+        "[upstreams.app.health_check]\ntype = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nfall = 2\n",
     );
     let proxy = Proxy::start(&text, &[]).await;
     let dead = server(&proxy, closed);
@@ -221,8 +221,8 @@ async fn a_body_without_the_expected_text_fails_the_check() {
     let proxy = Proxy::start(
         &config(
             2,
-            "[upstreams.app.health_check]\npath = \"/health\"\ninterval = \"100ms\"\n\
-             fall = 2\nrise = 1\nexpect_body = \"ready\"\n",
+            "[upstreams.app.health_check]\npath = \"/health\"\ninterval = \"200ms\"\n\
+             timeout = \"150ms\"\nfall = 2\nrise = 1\nexpect_body = \"ready\"\n",
         ),
         &[&a.backend, &b.backend],
     )
@@ -387,7 +387,7 @@ async fn below_the_panic_threshold_traffic_goes_to_every_server() {
     let proxy = Proxy::start(
         &config(
             4,
-            "[upstreams.app.health_check]\npath = \"/health\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\n",
+            "[upstreams.app.health_check]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nfall = 1\nrise = 1\n",
         ),
         &refs,
     )
@@ -440,7 +440,7 @@ async fn without_a_panic_threshold_only_healthy_servers_take_traffic() {
     let proxy = Proxy::start(
         &config(
             3,
-            "panic_threshold = 0\n[upstreams.app.health_check]\npath = \"/health\"\ninterval = \"100ms\"\nfall = 1\n",
+            "panic_threshold = 0\n[upstreams.app.health_check]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nfall = 1\n",
         ),
         &refs,
     )
@@ -471,7 +471,7 @@ async fn checks_go_over_tls_when_the_upstream_does() {
     let good = TlsBackend::start("good", &right).await;
     let misnamed = TlsBackend::start("misnamed", &wrong).await;
     let ca = pki.ca_pem.display().to_string();
-    let check = "interval = \"100ms\"\nfall = 2\nexpect_body = \"good\"\n";
+    let check = "interval = \"200ms\"\ntimeout = \"150ms\"\nfall = 2\nexpect_body = \"good\"\n";
     let config = format!(
         "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"good\"\n\
          [upstreams.good]\nservers = [{{ address = \"{good}\" }}]\ntls = {{ ca = \"{ca}\" }}\n\
