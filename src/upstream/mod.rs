@@ -759,10 +759,13 @@ impl Upstream {
     pub fn checks_passed(&self, index: usize, why: &str) {
         let server = &self.servers[index];
         tracing::info!(upstream = %self.name, server = %server.address, reason = %why, slow_start = ?self.slow_start, "server up: health checks pass");
-        server.history.record("ramping", why.to_string());
         if server.state.checks_up(self.slow_start) {
             self.unsettled.fetch_add(1, Ordering::Relaxed);
         }
+        // Ramping, or up without slow start, or still ejected for a while.
+        server
+            .history
+            .record(server.health_state(), why.to_string());
         self.load_changed(index);
         self.refresh_panic();
     }
