@@ -507,3 +507,42 @@ async fn checks_go_over_tls_when_the_upstream_does() {
     assert_eq!(passed.detail, "status 200");
     assert_eq!(trusted.health_state(), "up");
 }
+
+#[tokio::test]
+async fn checks_follow_a_reload_that_adds_and_removes_servers() {
+    let _timed = TIMED.lock().await;
+    let (a, b) = (Switchable::new("a").await, Switchable::new("b").await);
+    let text = |servers: &[&Backend]| {
+        support::fill(
+            &config(
+                servers.len(),
+                "[upstreams.app.health_check]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\n",
+            ),
+            servers,
+        )
+    };
+    let proxy = Proxy::start(&text(&[&a.backend]), &[]).await;
+    wait_for(Duration::from_secs(3), "a checked", || a.checks_seen() >= 2).await;
+    assert_eq!(b.checks_seen(), 0);
+
+    let both = fulcrum::config::parse("test.toml", &text(&[&a.backend, &b.backend])).unwrap();
+    proxy.server.reload(both).unwrap();
+    wait_for(Duration::from_secs(3), "b checked once added", || {
+        b.checks_seen() >= 2
+    })
+    .await;
+
+    let only_b = fulcrum::config::parse("test.toml", &text(&[&b.backend])).unwrap();
+    proxy.server.reload(only_b).unwrap();
+    // The follower looks every 250 ms; a check already under way may still land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let a_checks = a.checks_seen();
+    let b_checks = b.checks_seen();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        a.checks_seen(),
+        a_checks,
+        "a removed server is still checked"
+    );
+    assert!(b.checks_seen() >= b_checks + 3, "b is no longer checked");
+}
