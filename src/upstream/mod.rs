@@ -57,6 +57,9 @@ pub struct Upstream {
     panic_threshold: u32,
     /// Too few servers are healthy: requests go to all of them as if all were.
     panicking: AtomicBool,
+    /// Held from counting the servers ejected to ejecting one more, so that workers
+    /// ejecting at once cannot pass the cap together. Taken only to eject, never per request.
+    ejecting: Mutex<()>,
     /// Servers down or ramping up. While there are any, picks bring their shares up to
     /// date and thin out their picks; otherwise a pick costs just this one load.
     unsettled: AtomicUsize,
@@ -402,6 +405,7 @@ impl Upstream {
             panicking: AtomicBool::new(
                 previous.is_some_and(|p| p.panicking.load(Ordering::Relaxed)),
             ),
+            ejecting: Mutex::new(()),
             unsettled: AtomicUsize::new(0),
             settled_at: AtomicU64::new(0),
             ordered_by_load: primary.balancer.ordered_by_load()
@@ -667,10 +671,15 @@ impl Upstream {
         }
         let server = &self.servers[index];
         let now = now_ms();
-        let already = server.state.ejected_at(now);
-        if !already && server.share() != 0 && !self.may_eject(now) {
-            tracing::warn!(upstream = %self.name, server = %server.address, max_ejection_percent = self.outlier.max_ejection_percent, "server unreachable, but left in: as many servers as may be are ejected already");
-            return;
+        let mut ejecting = None;
+        if server.share() != 0 {
+            let guard = self.ejecting.lock().unwrap_or_else(|e| e.into_inner());
+            if !self.may_eject(now) {
+                // Not a warning: the failed connection itself was logged as one.
+                tracing::debug!(upstream = %self.name, server = %server.address, max_ejection_percent = self.outlier.max_ejection_percent, "server unreachable, but left in: as many servers as may be are ejected already");
+                return;
+            }
+            ejecting = Some(guard);
         }
         if server.share() != 0 {
             tracing::warn!(upstream = %self.name, server = %server.address, fail_timeout = ?self.fail_timeout, "server marked down");
@@ -681,6 +690,7 @@ impl Upstream {
         if server.state.mark_down(self.fail_timeout, Down::Unreachable) {
             self.unsettled.fetch_add(1, Ordering::Relaxed);
         }
+        drop(ejecting);
         self.load_changed(index);
         self.refresh_panic();
     }
@@ -724,6 +734,7 @@ impl Upstream {
         if server.share() == 0 {
             return;
         }
+        let ejecting = self.ejecting.lock().unwrap_or_else(|e| e.into_inner());
         if !self.may_eject(now) {
             tracing::warn!(upstream = %self.name, server = %server.address, reason = %why, max_ejection_percent = self.outlier.max_ejection_percent, "outlier left in: as many servers as may be are ejected already");
             return;
@@ -737,6 +748,7 @@ impl Upstream {
         if server.state.mark_down(time, Down::Ejected) {
             self.unsettled.fetch_add(1, Ordering::Relaxed);
         }
+        drop(ejecting);
         self.load_changed(index);
         self.refresh_panic();
     }
