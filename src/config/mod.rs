@@ -20,7 +20,6 @@ use toml::Spanned;
 const DEFAULT_SERVER_CONNECTIONS: i64 = 10_000;
 
 pub use error::{ConfigError, Problem};
-pub use health::status_range;
 pub use model::*;
 
 /// Bounds of durations in the config. Timers keep milliseconds, so nothing shorter than one
