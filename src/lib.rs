@@ -18,7 +18,8 @@
 //! - [`router`]: host, path prefix (and a client certificate's names) → upstream.
 //! - [`balance`]: which server of an upstream takes the request.
 //! - [`upstream`]: servers, their pools of kept-alive connections and their state (marked
-//!   down, ramping up), and the order in which a request tries them.
+//!   down, ejected, ramping up), and the order in which a request tries them.
+//! - [`health`]: active health checks of the servers, once per process.
 //!
 //! Around them:
 //! - [`config`]: TOML file → validated config, with errors that name file, line and column.
@@ -35,6 +36,7 @@ pub mod balance;
 pub mod cert;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod http;
 pub mod http1;
 pub mod idle_timeout;

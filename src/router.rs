@@ -138,6 +138,9 @@ mod tests {
             pool_max_idle_per_server: 0,
             pool_idle_timeout: Duration::from_secs(1),
             tls: None,
+            health_check: None,
+            outlier_detection: Default::default(),
+            panic_threshold: 0,
         };
         Arc::new(Upstream::build(&config, 1, Duration::from_secs(1), None))
     }

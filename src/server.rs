@@ -47,6 +47,10 @@ impl Server {
             server.shared.clone(),
             server.shutdown.subscribe(),
         ));
+        tokio::spawn(crate::health::run_checks(
+            server.shared.clone(),
+            server.shutdown.subscribe(),
+        ));
         for (index, mut b) in bound.into_iter().enumerate() {
             let listener = Listener {
                 socket: TcpListener::from_std(b.sockets.remove(0))?,
@@ -68,6 +72,10 @@ impl Server {
         let (server, mut bound) = Server::bind_all(config, workers)?;
         // Once per process, on the caller's runtime: the workers share what it swaps in.
         tokio::spawn(crate::tls::watch::watch_certificates(
+            server.shared.clone(),
+            server.shutdown.subscribe(),
+        ));
+        tokio::spawn(crate::health::run_checks(
             server.shared.clone(),
             server.shutdown.subscribe(),
         ));
@@ -171,6 +179,11 @@ impl Server {
             inputs.file = config;
             inputs.overrides.clear();
         })
+    }
+
+    /// The snapshot new requests are served with now: upstreams, their servers and health.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.shared.load()
     }
 
     /// The addresses actually bound, in config order (useful with port 0).

@@ -95,6 +95,45 @@ pub struct Upstream {
     pub pool_max_idle_per_server: Option<Spanned<i64>>,
     pub pool_idle_timeout: Option<Spanned<String>>,
     pub tls: Option<Spanned<UpstreamTls>>,
+    pub health_check: Option<Spanned<HealthCheck>>,
+    pub outlier_detection: Option<Spanned<OutlierDetection>>,
+    pub panic_threshold: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(rename = "type")]
+    pub kind: Option<Spanned<String>>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub jitter: Option<Spanned<String>>,
+    pub rise: Option<Spanned<i64>>,
+    pub fall: Option<Spanned<i64>>,
+    pub method: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    pub expect_status: Option<Spanned<Vec<Spanned<StatusItem>>>>,
+    pub expect_body: Option<Spanned<String>>,
+}
+
+/// One entry of `expect_status`: a code (`200`) or a range of codes as text (`"200-399"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StatusItem {
+    Code(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    pub enabled: Option<bool>,
+    pub consecutive_5xx: Option<Spanned<i64>>,
+    pub consecutive_failures: Option<Spanned<i64>>,
+    pub base_ejection_time: Option<Spanned<String>>,
+    pub max_ejection_time: Option<Spanned<String>>,
+    pub max_ejection_percent: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -3,6 +3,7 @@
 
 mod error;
 pub mod file;
+mod health;
 pub mod model;
 mod tls;
 
@@ -390,8 +391,20 @@ impl Checker {
             Duration::ZERO..=HOUR,
             Duration::from_secs(10),
         );
+        let health_check = up.health_check.and_then(|c| self.health_check(c));
+        let outlier_detection = self.outlier_detection(up.outlier_detection);
+        let panic_threshold = self.int(
+            up.panic_threshold.as_ref(),
+            "panic_threshold",
+            0,
+            100,
+            health::PANIC_THRESHOLD,
+        ) as u32;
         UpstreamConfig {
             name: name.to_string(),
+            health_check,
+            outlier_detection,
+            panic_threshold,
             hash_key,
             sticky_cookie,
             sticky_secret: None,

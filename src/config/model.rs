@@ -206,6 +206,73 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_server: usize,
     pub pool_idle_timeout: Duration,
     pub tls: Option<UpstreamTls>,
+    /// Active checks of every server, if configured.
+    pub health_check: Option<HealthCheck>,
+    /// Passive checks: servers ejected for the errors real requests meet.
+    pub outlier_detection: OutlierDetection,
+    /// Percent of the primary servers that must be healthy; below it, requests are balanced
+    /// over all of them as if all were (0: never).
+    pub panic_threshold: u32,
+}
+
+/// How the servers of an upstream are checked, apart from real traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    pub interval: Duration,
+    /// Less than `interval`.
+    pub timeout: Duration,
+    /// Up to this much is added at random to each check's time, so that checks of many
+    /// servers (and of many Fulcrums) do not fall in step.
+    pub jitter: Duration,
+    /// Passing checks in a row that bring a down server back.
+    pub rise: u32,
+    /// Failing checks in a row that take a server down.
+    pub fall: u32,
+    pub method: http::Method,
+    pub path: String,
+    /// The Host header; `None`: the server's address.
+    pub host: Option<String>,
+    /// Status codes that pass, as inclusive ranges.
+    pub expect_status: Vec<(u16, u16)>,
+    /// Text the start of the response body must contain.
+    pub expect_body: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A request whose response must have an expected status (and body).
+    Http,
+    /// A TCP connection that opens.
+    Tcp,
+}
+
+/// When real traffic ejects a server, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierDetection {
+    pub enabled: bool,
+    /// 5xx responses in a row that eject a server (0: never).
+    pub consecutive_5xx: u32,
+    /// Timeouts and broken connections in a row that eject a server (0: never).
+    pub consecutive_failures: u32,
+    /// The first ejection's length; each further one is longer by as much.
+    pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    /// Percent of the servers that may be ejected at once; one always may.
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            enabled: true,
+            consecutive_5xx: 5,
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 50,
+        }
+    }
 }
 
 /// A secret of at least [`StickySecret::MIN_CHARS`] characters, shared by every upstream.

@@ -310,3 +310,90 @@ fn a_sticky_secret_file_is_read_from_the_config_files_directory() {
         "{both}"
     );
 }
+
+#[test]
+fn health_defaults_are_http_checks_off_outlier_detection_on_and_panic_at_half() {
+    let c = parse("test.toml", GOOD).unwrap();
+    let up = &c.upstreams[0];
+    assert!(up.health_check.is_none());
+    assert_eq!(up.outlier_detection, OutlierDetection::default());
+    assert!(up.outlier_detection.enabled);
+    assert_eq!(up.panic_threshold, 50);
+
+    let text = format!("{GOOD}[upstreams.app.health_check]\npath = \"/healthz\"\n");
+    let check = parse("test.toml", &text).unwrap().upstreams[0]
+        .health_check
+        .clone()
+        .unwrap();
+    assert_eq!(check.kind, CheckKind::Http);
+    assert_eq!(check.interval, Duration::from_secs(5));
+    assert_eq!(check.timeout, Duration::from_secs(2));
+    assert_eq!(check.jitter, Duration::from_millis(500));
+    assert_eq!((check.rise, check.fall), (2, 3));
+    assert_eq!(check.method, http::Method::GET);
+    assert_eq!(check.path, "/healthz");
+    assert_eq!(check.expect_status, vec![(200, 399)]);
+    assert_eq!(check.expect_body, None);
+
+    let text = format!(
+        "{GOOD}panic_threshold = 0\n[upstreams.app.health_check]\ntype = \"tcp\"\ninterval = \"1s\"\n\
+         [upstreams.app.outlier_detection]\nconsecutive_5xx = 0\nbase_ejection_time = \"10s\"\n\
+         max_ejection_percent = 100\n"
+    );
+    let c = parse("test.toml", &text).unwrap();
+    let up = &c.upstreams[0];
+    assert_eq!(up.panic_threshold, 0);
+    let check = up.health_check.as_ref().unwrap();
+    assert_eq!(check.kind, CheckKind::Tcp);
+    // Half the interval, when 2s would not fit in it.
+    assert_eq!(check.timeout, Duration::from_millis(500));
+    assert_eq!(up.outlier_detection.consecutive_5xx, 0);
+    assert_eq!(up.outlier_detection.consecutive_failures, 5);
+    assert_eq!(
+        up.outlier_detection.base_ejection_time,
+        Duration::from_secs(10)
+    );
+    assert_eq!(up.outlier_detection.max_ejection_percent, 100);
+}
+
+#[test]
+fn health_errors_are_located() {
+    // GOOD ends on line 9; these start on line 10.
+    let text = format!(
+        "{GOOD}panic_threshold = 101\n[upstreams.app.health_check]\ninterval = \"1s\"\n\
+         timeout = \"1s\"\nrise = 0\nexpect_status = [200, \"399-200\", \"2xx\", 99]\n\
+         type = \"udp\"\n"
+    );
+    let e = error_text(&text);
+    for expected in [
+        "test.toml:10:19: error: panic_threshold = 101 is out of range: allowed 0 to 100",
+        "test.toml:13:11: error: health check timeout (1s) must be shorter than its interval (1s)",
+        "test.toml:14:8: error: rise = 0 is out of range: allowed 1 to 1000",
+        "test.toml:15:23: error: expect_status entry \"399-200\" is not a status code or range",
+        "test.toml:15:34: error: expect_status entry \"2xx\" is not a status code or range",
+        "test.toml:15:41: error: expect_status entry 99 is not a status code or range",
+        "test.toml:16:8: error: unknown health check type `udp`: expected \"http\" or \"tcp\"",
+    ] {
+        assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
+    }
+
+    let text = format!(
+        "{GOOD}[upstreams.app.health_check]\ntype = \"tcp\"\npath = \"/x\"\n\
+         [upstreams.app.outlier_detection]\nmax_ejection_percent = 0\nbase_ejection_time = \"1m\"\n\
+         max_ejection_time = \"30s\"\nconsecutive_errors = 3\n"
+    );
+    let e = error_text(&text);
+    assert!(
+        e.contains("test.toml:17:1: error: unknown field `consecutive_errors`"),
+        "{e}"
+    );
+    let text = text.replace("consecutive_errors = 3\n", "");
+    let e = error_text(&text);
+    for expected in [
+        "test.toml:12:8: error: path applies only to type = \"http\" checks",
+        "test.toml:14:24: error: max_ejection_percent = 0 is out of range: allowed 1 to 100",
+        "test.toml:16:21: error: max_ejection_time must be at least base_ejection_time",
+    ] {
+        assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
+    }
+}

@@ -44,6 +44,7 @@ impl Outcome {
 }
 
 pub(super) struct Responded {
+    pub(super) status: http::StatusCode,
     /// From the start of the exchange to the upstream's response head.
     pub(super) response_time: Duration,
     pub(super) bytes: u64,

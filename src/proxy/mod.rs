@@ -244,6 +244,9 @@ where
             fresh_only = true;
             continue;
         }
+        if let Some(observed) = observed(&outcome) {
+            routed.upstream.record_outcome(index, observed);
+        }
         break (server, conn, outcome, in_flight);
     };
 
@@ -275,6 +278,20 @@ where
         Finished::KeepAlive
     } else {
         Finished::Close
+    }
+}
+
+/// What passive outlier detection makes of an exchange: its status, or a failure that is the
+/// server's (no answer in time, a closed connection or a malformed response). A failure
+/// after the response head began is not counted: the client may as well be the cause.
+fn observed(outcome: &Outcome) -> Option<crate::upstream::Observed> {
+    use crate::upstream::Observed;
+    match outcome {
+        Outcome::Responded(r) if r.status.is_server_error() => Some(Observed::ServerError),
+        Outcome::Responded(_) => Some(Observed::Success),
+        Outcome::Failed(f) if f.status == StatusCode::GATEWAY_TIMEOUT => Some(Observed::Timeout),
+        Outcome::Failed(f) if f.status == StatusCode::BAD_GATEWAY => Some(Observed::Broken),
+        Outcome::Failed(_) | Outcome::Broken(_) => None,
     }
 }
 

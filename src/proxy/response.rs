@@ -138,6 +138,7 @@ pub(super) async fn relay_response<W: ResponseWriter>(
     if switched {
         writer.flush().await.map_err(client_gone)?;
         return Ok(Responded {
+            status: facts.status,
             response_time,
             bytes: 0,
             switched,
@@ -183,6 +184,7 @@ pub(super) async fn relay_response<W: ResponseWriter>(
     writer.end().await.map_err(client_gone)?;
     let upstream_reusable = facts.keep_alive && !decoder.until_close() && ubuf.is_empty();
     Ok(Responded {
+        status: facts.status,
         response_time,
         bytes,
         switched,

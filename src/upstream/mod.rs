@@ -1,27 +1,31 @@
 //! Upstream groups and their servers: where a routed request can be sent, each server with
 //! its own pool of kept-alive connections, its load (requests in flight, response times)
-//! and its state (down, ramping up); the order in which a request tries servers (sticky
-//! pin, primaries, backups).
+//! and its health (down, ejected, ramping up); the order in which a request tries servers
+//! (sticky pin, primaries, backups, everyone in a panic).
 
 mod latency;
+mod outlier;
 mod pool;
 mod state;
 mod sticky;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
 use latency::PeakEwma;
+use outlier::{Outlier, Trigger, ejection_cap};
 pub use pool::{ConnectError, Pool, RawConn};
-use state::{ServerState, Settled, now_ms};
+pub use state::{Down, HealthEvent, now_ms, unix_ms};
+use state::{History, ServerState, Settled};
 use sticky::Sticky;
 
 use crate::balance::{self, Balancer, FULL_SHARE, Loads, PickContext, Thinning};
-use crate::config::{HashKey, UpstreamConfig, UpstreamTls};
+use crate::config::{HashKey, OutlierDetection, UpstreamConfig, UpstreamTls};
 use crate::tls::client::Connector;
 
 /// A named group of servers and the balancers that choose among them.
@@ -47,6 +51,15 @@ pub struct Upstream {
     fail_timeout: Duration,
     /// How long a server takes to ramp up to its whole weight (0: at once).
     slow_start: Duration,
+    /// When real traffic ejects a server.
+    outlier: OutlierDetection,
+    /// Percent of healthy primaries below which all are balanced over (0: never).
+    panic_threshold: u32,
+    /// Too few servers are healthy: requests go to all of them as if all were.
+    panicking: AtomicBool,
+    /// Held from counting the servers ejected to ejecting one more, so that workers
+    /// ejecting at once cannot pass the cap together. Taken only to eject, never per request.
+    ejecting: Mutex<()>,
     /// Servers down or ramping up. While there are any, picks bring their shares up to
     /// date and thin out their picks; otherwise a pick costs just this one load.
     unsettled: AtomicUsize,
@@ -77,8 +90,26 @@ pub struct Server {
     /// Response times seen from this server, for `least_time`.
     latency: PeakEwma,
     state: ServerState,
+    /// Errors of real requests in a row, and past ejections.
+    outlier: Outlier,
+    /// The latest changes of state, for the admin API.
+    history: History,
+    /// What the latest active check found.
+    last_check: Mutex<Option<CheckReport>>,
     /// What the server was built with, so a reload knows whether it can keep it.
     pool_settings: PoolSettings,
+}
+
+/// The result of one active check, as the admin API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckReport {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub passed: bool,
+    /// What was found: `status 200`, `timed out`, `connection refused`, …
+    pub detail: String,
+    /// Checks in a row with this result.
+    pub streak: u32,
 }
 
 /// Everything a server's pool is built from besides its address.
@@ -113,6 +144,9 @@ impl Server {
             active: AtomicUsize::new(0),
             latency: PeakEwma::new(settings.latency_decay),
             state: ServerState::new(),
+            outlier: Outlier::default(),
+            history: History::default(),
+            last_check: Mutex::new(None),
             pool_settings: settings,
         }
     }
@@ -129,17 +163,45 @@ impl Server {
 
     /// The server's health as the admin API shows it.
     pub fn health_report(&self) -> HealthReport {
-        let share = self.share();
+        let (consecutive_5xx, consecutive_failures) = self.outlier.streaks();
         HealthReport {
-            state: match share {
-                0 => "unreachable",
-                FULL_SHARE => "up",
-                _ => "ramping",
-            },
-            share,
-            ejections: 0,
-            history: Vec::new(),
+            state: self.health_state(),
+            share: self.share(),
+            ejections: self.outlier.ejections(),
+            history: self.history.events(),
+            last_check: self
+                .last_check
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            consecutive_5xx,
+            consecutive_failures,
         }
+    }
+
+    /// `up`, `ramping`, `down` (failing its active checks), `ejected` (outlier detection)
+    /// or `unreachable` (a connection to it failed): cheap enough for every metrics scrape.
+    pub fn health_state(&self) -> &'static str {
+        match self.state.down() {
+            Some(down) => down.name(),
+            None if self.share() >= FULL_SHARE => "up",
+            None => "ramping",
+        }
+    }
+
+    /// Whether the server takes requests now (up or ramping), as a metric shows it.
+    pub fn is_healthy(&self) -> bool {
+        self.state.down().is_none()
+    }
+
+    /// Whether its active checks say it is down.
+    pub fn checks_failing(&self) -> bool {
+        self.state.checks_failing()
+    }
+
+    /// Keeps the result of an active check for the report.
+    pub fn record_check(&self, report: CheckReport) {
+        *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
     }
 
     /// Thousandths of its weight the server takes now: 0 while down, less than
@@ -175,14 +237,12 @@ pub struct HealthReport {
     pub ejections: u64,
     /// The latest changes of state, oldest first.
     pub history: Vec<HealthEvent>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct HealthEvent {
-    /// Milliseconds since the Unix epoch.
-    pub at_ms: u64,
-    pub state: &'static str,
-    pub reason: String,
+    /// The latest active check, if the upstream has them.
+    pub last_check: Option<CheckReport>,
+    /// 5xx responses to real requests in a row, now.
+    pub consecutive_5xx: u32,
+    /// Timeouts and broken connections of real requests in a row, now.
+    pub consecutive_failures: u32,
 }
 
 /// What ties a request to a server beside the balancer's own choice.
@@ -214,6 +274,8 @@ struct Tier {
 struct TierLoads<'a> {
     servers: &'a [Arc<Server>],
     members: &'a [usize],
+    /// The upstream panics: every server counts as up at its whole share.
+    panic: bool,
 }
 
 impl Loads for TierLoads<'_> {
@@ -226,6 +288,9 @@ impl Loads for TierLoads<'_> {
     }
 
     fn share(&self, server: usize) -> u32 {
+        if self.panic {
+            return FULL_SHARE;
+        }
         self.servers[self.members[server]].share()
     }
 }
@@ -334,6 +399,13 @@ impl Upstream {
             disabled: config.servers.iter().map(|s| s.disabled).collect(),
             fail_timeout: config.fail_timeout,
             slow_start: config.slow_start,
+            outlier: config.outlier_detection.clone(),
+            panic_threshold: config.panic_threshold,
+            // Kept over a reload, so that a panic going on is not announced again.
+            panicking: AtomicBool::new(
+                previous.is_some_and(|p| p.panicking.load(Ordering::Relaxed)),
+            ),
+            ejecting: Mutex::new(()),
             unsettled: AtomicUsize::new(0),
             settled_at: AtomicU64::new(0),
             ordered_by_load: primary.balancer.ordered_by_load()
@@ -390,7 +462,8 @@ impl Upstream {
     /// responses on record, so load-aware balancers would otherwise choose it every time.
     /// Nor is a server marked down, and one ramping up is passed over for all but its share
     /// of picks. With no primary left the backups are chosen from, and with no server left
-    /// at all, one is tried anyway.
+    /// at all, one is tried anyway. While the upstream panics (too few servers healthy),
+    /// every server is picked as if it were up.
     pub fn pick(
         &self,
         attempt: usize,
@@ -401,23 +474,26 @@ impl Upstream {
         if unsettled {
             self.settle_now();
         }
+        // Only servers down make a panic, so the fast path never reads this.
+        let panic = unsettled && self.panicking.load(Ordering::Relaxed);
         let (tier, tier_attempt) = match self.turn(attempt, affinity) {
             Turn::Pinned(index) => {
                 // A pin holds through a ramp (the client's session is there); not through
                 // failures.
-                if !failed.contains(&index) && self.servers[index].share() > 0 {
+                if !failed.contains(&index) && (panic || self.servers[index].share() > 0) {
                     return Some((index, &self.servers[index]));
                 }
                 (&self.primary, 0)
             }
             Turn::Tier(tier, attempt) => (tier, attempt),
         };
-        if !unsettled && failed.is_empty() {
-            // Every server up and at its whole share, no failures yet: what the balancer
-            // says goes.
+        if (!unsettled || panic) && failed.is_empty() {
+            // Every server up and at its whole share (or taken as such in a panic), no
+            // failures yet: what the balancer says goes.
             let loads = TierLoads {
                 servers: &self.servers,
                 members: &tier.members,
+                panic: self.panicking.load(Ordering::Relaxed),
             };
             let cx = PickContext {
                 attempt: tier_attempt,
@@ -427,7 +503,7 @@ impl Upstream {
             };
             if let Some(member) = tier.balancer.pick(&cx) {
                 let index = tier.members[member];
-                if self.servers[index].share() >= FULL_SHARE {
+                if panic || self.servers[index].share() >= FULL_SHARE {
                     return Some((index, &self.servers[index]));
                 }
                 // Marked down through the snapshot a reload replaced, so not counted
@@ -437,12 +513,12 @@ impl Upstream {
         }
         let mut first = None;
         let found = self
-            .pick_in(tier, tier_attempt, affinity, failed, &mut first)
+            .pick_in(tier, tier_attempt, affinity, failed, panic, &mut first)
             .or_else(|| {
                 // No primary takes it: the backups' own balancer chooses among them.
                 let in_primaries = !std::ptr::eq(tier, &self.backup);
                 in_primaries
-                    .then(|| self.pick_in(&self.backup, 0, affinity, failed, &mut first))
+                    .then(|| self.pick_in(&self.backup, 0, affinity, failed, panic, &mut first))
                     .flatten()
             })
             .or_else(|| {
@@ -463,18 +539,21 @@ impl Upstream {
     /// the request failed somewhere, or the tier is empty): up to `MAX_PICKS` choices are
     /// looked at for one that takes the request, falling back to a server that is up and
     /// not failed. `first` keeps the very first choice, for when nothing fits anywhere.
+    /// In a `panic`, any server not failed fits.
     fn pick_in(
         &self,
         tier: &Tier,
         tier_attempt: usize,
         affinity: &Affinity,
         failed: &[usize],
+        panic: bool,
         first: &mut Option<usize>,
     ) -> Option<usize> {
         let picks = tier.members.len().min(MAX_PICKS);
         let loads = TierLoads {
             servers: &self.servers,
             members: &tier.members,
+            panic,
         };
         let mut first_up = None;
         for skip in 0..picks {
@@ -486,7 +565,13 @@ impl Upstream {
             };
             let index = tier.members[tier.balancer.pick(&cx)?];
             first.get_or_insert(index);
-            if failed.contains(&index) || self.servers[index].share() == 0 {
+            if failed.contains(&index) {
+                continue;
+            }
+            if panic {
+                return Some(index);
+            }
+            if self.servers[index].share() == 0 {
                 continue;
             }
             if self.takes(tier, index, affinity) {
@@ -571,37 +656,156 @@ impl Upstream {
             let loads = TierLoads {
                 servers: &self.servers,
                 members: &tier.members,
+                panic: self.panicking.load(Ordering::Relaxed),
             };
             tier.balancer.load_changed(position, &loads);
         }
     }
 
     /// A connection to server `index` could not be made: it is left alone for
-    /// `fail_timeout` (as nginx's `max_fails=1`), so that requests stop paying for it.
+    /// `fail_timeout` (as nginx's `max_fails=1`), so that requests stop paying for it, as
+    /// an ejection (within `max_ejection_percent`).
     pub fn unreachable(&self, index: usize) {
         if self.fail_timeout.is_zero() {
             return;
         }
         let server = &self.servers[index];
+        let now = now_ms();
+        let mut ejecting = None;
+        if server.share() != 0 {
+            let guard = self.ejecting.lock().unwrap_or_else(|e| e.into_inner());
+            if !self.may_eject(now) {
+                // Not a warning: the failed connection itself was logged as one.
+                tracing::debug!(upstream = %self.name, server = %server.address, max_ejection_percent = self.outlier.max_ejection_percent, "server unreachable, but left in: as many servers as may be are ejected already");
+                return;
+            }
+            ejecting = Some(guard);
+        }
         if server.share() != 0 {
             tracing::warn!(upstream = %self.name, server = %server.address, fail_timeout = ?self.fail_timeout, "server marked down");
+            server
+                .history
+                .record(Down::Unreachable.name(), "a connection failed".into());
         }
-        if server.state.mark_down(self.fail_timeout) {
+        if server.state.mark_down(self.fail_timeout, Down::Unreachable) {
             self.unsettled.fetch_add(1, Ordering::Relaxed);
         }
+        drop(ejecting);
         self.load_changed(index);
+        self.refresh_panic();
     }
 
-    /// A connection to server `index` was made: if it was marked down, it is up again
-    /// (with every server down, one is tried anyway), and ramps up.
+    /// A connection to server `index` was made: if it was marked unreachable, it is up
+    /// again (with every server down, one is tried anyway), and ramps up. A server down
+    /// for its checks or ejected stays so: checks and the ejection's end bring it back.
     pub fn reached(&self, index: usize) {
         let server = &self.servers[index];
-        if server.share() == 0 {
+        if server.share() == 0 && server.state.down() == Some(Down::Unreachable) {
             tracing::info!(upstream = %self.name, server = %server.address, "server reachable again");
+            server
+                .history
+                .record("ramping", "a connection was made".into());
             if server.state.ramp_up(self.slow_start) {
                 self.unsettled.fetch_add(1, Ordering::Relaxed);
             }
             self.load_changed(index);
+            self.refresh_panic();
+        }
+    }
+
+    /// Whether one more server may be ejected now, within `max_ejection_percent` of the
+    /// servers that take requests.
+    fn may_eject(&self, now: u64) -> bool {
+        let serving = self.placement.iter().filter(|p| p.is_some()).count();
+        let ejected = self
+            .servers
+            .iter()
+            .zip(self.placement.iter())
+            .filter(|(s, p)| p.is_some() && s.state.ejected_at(now))
+            .count();
+        ejected < ejection_cap(serving, self.outlier.max_ejection_percent)
+    }
+
+    /// Outlier detection ejects server `index`, unless it is down already or too many are
+    /// ejected.
+    fn eject(&self, index: usize, why: Trigger) {
+        let server = &self.servers[index];
+        let now = now_ms();
+        if server.share() == 0 {
+            return;
+        }
+        let ejecting = self.ejecting.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.may_eject(now) {
+            tracing::warn!(upstream = %self.name, server = %server.address, reason = %why, max_ejection_percent = self.outlier.max_ejection_percent, "outlier left in: as many servers as may be are ejected already");
+            return;
+        }
+        let time = server.outlier.eject(now, &self.outlier);
+        tracing::warn!(upstream = %self.name, server = %server.address, reason = %why, ejection_time = ?time, "outlier ejected");
+        server.history.record(
+            Down::Ejected.name(),
+            format!("{why}; for {}", humantime::format_duration(time)),
+        );
+        if server.state.mark_down(time, Down::Ejected) {
+            self.unsettled.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(ejecting);
+        self.load_changed(index);
+        self.refresh_panic();
+    }
+
+    /// The active checks of server `index` failed `fall` times in a row: it takes no
+    /// requests until they pass `rise` times.
+    pub fn checks_failed(&self, index: usize, why: &str) {
+        let server = &self.servers[index];
+        tracing::warn!(upstream = %self.name, server = %server.address, reason = %why, "server down: health checks fail");
+        server.history.record(Down::Checks.name(), why.to_string());
+        if server.state.checks_down() {
+            self.unsettled.fetch_add(1, Ordering::Relaxed);
+        }
+        self.load_changed(index);
+        self.refresh_panic();
+    }
+
+    /// The active checks of server `index` passed `rise` times in a row: it comes back
+    /// through `slow_start` (once an ejection running is over).
+    pub fn checks_passed(&self, index: usize, why: &str) {
+        let server = &self.servers[index];
+        tracing::info!(upstream = %self.name, server = %server.address, reason = %why, slow_start = ?self.slow_start, "server up: health checks pass");
+        if server.state.checks_up(self.slow_start) {
+            self.unsettled.fetch_add(1, Ordering::Relaxed);
+        }
+        // Ramping, or up without slow start, or still ejected for a while.
+        server
+            .history
+            .record(server.health_state(), why.to_string());
+        self.load_changed(index);
+        self.refresh_panic();
+    }
+
+    /// Whether requests go to every server, too few being healthy.
+    pub fn is_panicking(&self) -> bool {
+        self.panicking.load(Ordering::Relaxed)
+    }
+
+    /// Enters or leaves the panic, as the share of healthy primaries falls below
+    /// `panic_threshold` or climbs back. While a backup is healthy, it takes over instead.
+    fn refresh_panic(&self) {
+        let primaries = &self.primary.members;
+        let healthy = |i: &&usize| self.servers[**i].share() > 0;
+        let up = primaries.iter().filter(healthy).count();
+        // A reload that turns the threshold off ends a panic going on.
+        let panic = up * 100 < primaries.len() * self.panic_threshold as usize
+            && !self.backup.members.iter().any(|i| healthy(&i));
+        if self.panicking.swap(panic, Ordering::Relaxed) == panic {
+            return;
+        }
+        if panic {
+            tracing::warn!(upstream = %self.name, healthy = up, servers = primaries.len(), panic_threshold = self.panic_threshold, "panic: too few servers healthy, balancing over all of them");
+        } else {
+            tracing::info!(upstream = %self.name, healthy = up, servers = primaries.len(), "panic over: enough servers healthy");
+        }
+        for i in 0..self.servers.len() {
+            self.load_changed(i);
         }
     }
 
@@ -623,11 +827,28 @@ impl Upstream {
     /// Brings every server's share up to date and counts those still unsettled.
     fn settle(&self, now: u64) {
         let mut unsettled = 0;
+        let mut back = false;
         for (index, server) in self.servers.iter().enumerate() {
+            let was_down = server.share() == 0;
             match server.state.settle(now, self.slow_start) {
                 Settled::Unchanged => {}
-                Settled::Changed => self.load_changed(index),
+                Settled::Changed => {
+                    if was_down {
+                        server
+                            .history
+                            .record("ramping", "its time out of rotation is over".into());
+                        back = true;
+                    }
+                    self.load_changed(index)
+                }
                 Settled::Done => {
+                    let why = if was_down {
+                        back = true;
+                        "its time out of rotation is over"
+                    } else {
+                        "ramped up to its whole weight"
+                    };
+                    server.history.record("up", why.into());
                     tracing::info!(upstream = %self.name, server = %server.address, "server takes its whole weight");
                     self.load_changed(index);
                 }
@@ -635,6 +856,9 @@ impl Upstream {
             unsettled += usize::from(server.state.is_unsettled());
         }
         self.unsettled.store(unsettled, Ordering::Relaxed);
+        if back || unsettled != 0 || self.panicking.load(Ordering::Relaxed) {
+            self.refresh_panic();
+        }
     }
 
     /// The server the request's sticky cookie names, if sessions are sticky and that server
@@ -646,12 +870,14 @@ impl Upstream {
             .filter(|&i| !self.disabled[i])
     }
 
-    /// What became of a request sent to server `index`, for passive outlier detection.
+    /// What became of a request sent to server `index`, for passive outlier detection:
+    /// enough errors in a row eject the server (see [`OutlierDetection`]).
     pub fn record_outcome(&self, index: usize, observed: Observed) {
-        match observed {
-            Observed::Success | Observed::ServerError | Observed::Timeout | Observed::Broken => {
-                let _ = index;
-            }
+        if !self.outlier.enabled {
+            return;
+        }
+        if let Some(why) = self.servers[index].outlier.count(observed, &self.outlier) {
+            self.eject(index, why);
         }
     }
 

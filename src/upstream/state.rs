@@ -1,10 +1,13 @@
-//! Whether a server takes requests now, and how much of its weight: marked down for
-//! `fail_timeout` after a connection to it fails, then (or when a reload adds or re-enables
-//! it) ramping from a small share to its whole weight over `slow_start`.
+//! Whether a server takes requests now, and how much of its weight: down for a while after
+//! a connection to it fails (`fail_timeout`) or outlier detection ejects it, down while its
+//! active checks fail, then (or when a reload adds or re-enables it) ramping from a small
+//! share to its whole weight over `slow_start`. Also the record of those changes that the
+//! admin API shows.
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::balance::FULL_SHARE;
 
@@ -21,6 +24,39 @@ pub struct ServerState {
     down_until: AtomicU64,
     /// While ramping: when the ramp began, in `now_ms` time.
     ramp_from: AtomicU64,
+    /// Why the server was last taken down for a while (unreachable or ejected), as a
+    /// [`Down`]; failing checks are `checks_failing`.
+    cause: AtomicU8,
+    /// Its active checks say it is down: no timer brings it back, only passing checks.
+    checks_failing: AtomicBool,
+}
+
+/// Why a server is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Down {
+    /// A connection to it could not be made; down for `fail_timeout`.
+    Unreachable = 1,
+    /// Outlier detection ejected it for the errors of real requests.
+    Ejected = 2,
+    /// It failed its active checks.
+    Checks = 3,
+}
+
+impl Down {
+    pub fn name(self) -> &'static str {
+        match self {
+            Down::Unreachable => "unreachable",
+            Down::Ejected => "ejected",
+            Down::Checks => "down",
+        }
+    }
+
+    fn from_u8(v: u8) -> Down {
+        match v {
+            2 => Down::Ejected,
+            _ => Down::Unreachable,
+        }
+    }
 }
 
 /// What `status` holds.
@@ -74,7 +110,50 @@ impl ServerState {
             status: AtomicU64::new(status.pack()),
             down_until: AtomicU64::new(0),
             ramp_from: AtomicU64::new(0),
+            cause: AtomicU8::new(Down::Unreachable as u8),
+            checks_failing: AtomicBool::new(false),
         }
+    }
+
+    /// Why the server takes no requests, if it takes none: failing checks first, as only
+    /// checks bring it back from that.
+    pub fn down(&self) -> Option<Down> {
+        if self.checks_failing() {
+            return Some(Down::Checks);
+        }
+        (self.share() == 0).then(|| Down::from_u8(self.cause.load(Ordering::Relaxed)))
+    }
+
+    pub fn checks_failing(&self) -> bool {
+        self.checks_failing.load(Ordering::Acquire)
+    }
+
+    /// Whether the server is down for a while (unreachable or ejected) at `now`: what the
+    /// ejection cap counts.
+    pub fn ejected_at(&self, now: u64) -> bool {
+        self.share() == 0 && !self.checks_failing() && now < self.down_until.load(Ordering::Relaxed)
+    }
+
+    /// Its active checks failed `fall` times in a row: down until they pass `rise` times.
+    /// Returns whether it has just become unsettled.
+    pub fn checks_down(&self) -> bool {
+        self.checks_failing.store(true, Ordering::Release);
+        let before = self.change(|status| Status {
+            share: 0,
+            unsettled: true,
+            ..status
+        });
+        !before.unsettled
+    }
+
+    /// Its active checks pass again: it ramps up now, or once an ejection still running is
+    /// over. Returns whether it has just become unsettled.
+    pub fn checks_up(&self, slow_start: Duration) -> bool {
+        self.checks_failing.store(false, Ordering::Release);
+        if now_ms() < self.down_until.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.ramp_up(slow_start)
     }
 
     pub fn share(&self) -> u32 {
@@ -85,13 +164,12 @@ impl ServerState {
         Status::unpack(self.status.load(Ordering::Acquire)).unsettled
     }
 
-    /// Marks the server down until `fail_timeout` from now. Returns whether it has just
-    /// become unsettled.
-    pub fn mark_down(&self, fail_timeout: Duration) -> bool {
-        self.down_until.store(
-            now_ms() + fail_timeout.as_millis() as u64,
-            Ordering::Relaxed,
-        );
+    /// Marks the server down for `period` from now, for `cause`. Returns whether it has
+    /// just become unsettled.
+    pub fn mark_down(&self, period: Duration, cause: Down) -> bool {
+        self.down_until
+            .store(now_ms() + period.as_millis() as u64, Ordering::Relaxed);
+        self.cause.store(cause as u8, Ordering::Relaxed);
         let before = self.change(|status| Status {
             share: 0,
             unsettled: true,
@@ -145,7 +223,7 @@ impl ServerState {
         }
         let share = status.share;
         let next = if share == 0 {
-            if now < self.down_until.load(Ordering::Relaxed) {
+            if self.checks_failing() || now < self.down_until.load(Ordering::Relaxed) {
                 return Settled::Unchanged;
             }
             self.ramp_from.store(now, Ordering::Relaxed);
@@ -181,6 +259,52 @@ impl ServerState {
             Settled::Unchanged
         }
     }
+}
+
+/// The latest changes of a server's health, for the admin API. Written only when the
+/// server changes state, never per request.
+#[derive(Debug, Default)]
+pub struct History {
+    events: Mutex<VecDeque<HealthEvent>>,
+}
+
+/// One change of a server's health.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HealthEvent {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub state: &'static str,
+    pub reason: String,
+}
+
+/// Changes kept per server.
+const HISTORY: usize = 16;
+
+impl History {
+    pub fn record(&self, state: &'static str, reason: String) {
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if events.len() == HISTORY {
+            events.pop_front();
+        }
+        events.push_back(HealthEvent {
+            at_ms: unix_ms(),
+            state,
+            reason,
+        });
+    }
+
+    /// Oldest first.
+    pub fn events(&self) -> Vec<HealthEvent> {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        events.iter().cloned().collect()
+    }
+}
+
+/// Milliseconds since the Unix epoch, as reports show times.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Milliseconds since the process first asked, never 0.
@@ -255,7 +379,7 @@ mod tests {
     fn down_then_ramping_then_whole() {
         let state = ServerState::new();
         let slow_start = Duration::from_secs(10);
-        assert!(state.mark_down(Duration::from_secs(5)));
+        assert!(state.mark_down(Duration::from_secs(5), Down::Unreachable));
         let now = now_ms();
         assert_eq!(state.settle(now + 1_000, slow_start), Settled::Unchanged);
         assert_eq!(state.share(), 0);
@@ -272,10 +396,47 @@ mod tests {
     #[test]
     fn without_slow_start_a_recovered_server_takes_its_whole_share_at_once() {
         let state = ServerState::new();
-        state.mark_down(Duration::ZERO);
+        state.mark_down(Duration::ZERO, Down::Unreachable);
         assert_eq!(state.settle(now_ms(), Duration::ZERO), Settled::Done);
         assert_eq!(state.share(), FULL_SHARE);
         assert!(!state.ramp_up(Duration::ZERO));
+    }
+
+    #[test]
+    fn failing_checks_hold_a_server_down_past_any_timer() {
+        let state = ServerState::new();
+        let far = now_ms() + 86_400_000;
+        assert!(state.checks_down());
+        assert_eq!(state.down(), Some(Down::Checks));
+        assert_eq!(state.settle(far, Duration::ZERO), Settled::Unchanged);
+        assert_eq!(state.share(), 0);
+        // Unsettled since it went down: not newly so.
+        assert!(!state.checks_up(Duration::from_secs(10)));
+        assert_eq!(state.down(), None);
+        assert_eq!(state.share(), FIRST_SHARE);
+
+        // Passing checks during an ejection: back once the ejection is over, not before.
+        state.mark_down(Duration::from_secs(60), Down::Ejected);
+        state.checks_down();
+        assert!(!state.checks_up(Duration::ZERO));
+        assert_eq!(state.down(), Some(Down::Ejected));
+        assert!(state.ejected_at(now_ms()));
+        assert_eq!(state.settle(now_ms(), Duration::ZERO), Settled::Unchanged);
+        assert_eq!(state.settle(far, Duration::ZERO), Settled::Done);
+        assert_eq!(state.down(), None);
+    }
+
+    #[test]
+    fn history_keeps_the_latest_changes_oldest_first() {
+        let history = History::default();
+        for i in 0..20 {
+            history.record("down", format!("change {i}"));
+        }
+        let events = history.events();
+        assert_eq!(events.len(), HISTORY);
+        assert_eq!(events[0].reason, "change 4");
+        assert_eq!(events[HISTORY - 1].reason, "change 19");
+        assert!(events[0].at_ms > 1_600_000_000_000);
     }
 
     #[test]
@@ -290,14 +451,14 @@ mod tests {
             200_000,
             // Down, and free to come back at once.
             |_| {
-                state.mark_down(Duration::ZERO);
+                state.mark_down(Duration::ZERO, Down::Unreachable);
             },
             |_| {
                 state.settle(far, Duration::ZERO);
             },
             |round| {
                 if round.is_multiple_of(2) {
-                    state.mark_down(Duration::from_secs(3600));
+                    state.mark_down(Duration::from_secs(3600), Down::Unreachable);
                 } else {
                     state.ramp_up(Duration::from_secs(3600));
                 }

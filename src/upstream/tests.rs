@@ -35,6 +35,9 @@ fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamConfig {
         pool_max_idle_per_server: 0,
         pool_idle_timeout: Duration::from_secs(1),
         tls: None,
+        health_check: None,
+        outlier_detection: Default::default(),
+        panic_threshold: 0,
     }
 }
 
@@ -192,4 +195,91 @@ fn a_server_marked_down_while_picks_settle_is_picked_again_after_fail_timeout() 
             assert_eq!(counts.get(&1), Some(&1), "round {round}: {counts:?}");
         },
     );
+}
+
+fn upstream_with(balance: BalanceKind, n: u16, panic_threshold: u32) -> Upstream {
+    let servers: Vec<(u16, bool)> = (1..=n).map(|port| (port, false)).collect();
+    let config = UpstreamConfig {
+        panic_threshold,
+        ..config(balance, &servers)
+    };
+    Upstream::build(&config, 1, Duration::from_secs(1), None)
+}
+
+#[test]
+fn below_the_panic_threshold_every_primary_is_picked_by_every_algorithm() {
+    for balance in ALL {
+        let up = upstream_with(balance, 4, 50);
+        for i in 1..4 {
+            up.checks_failed(i, "test");
+        }
+        assert!(up.is_panicking(), "{balance:?}");
+        let counts = picks(&up, 4000);
+        for port in 1..=4 {
+            assert!(
+                counts.get(&port).copied().unwrap_or(0) > 300,
+                "{balance:?}: {counts:?}"
+            );
+        }
+        // Two of four healthy (one ramping) is not below half: the down ones get nothing.
+        up.checks_passed(1, "test");
+        assert!(!up.is_panicking(), "{balance:?}");
+        let counts = picks(&up, 4000);
+        assert_eq!(counts.get(&3), None, "{balance:?}: {counts:?}");
+        assert_eq!(counts.get(&4), None, "{balance:?}: {counts:?}");
+    }
+}
+
+#[test]
+fn without_a_panic_threshold_down_servers_stay_out() {
+    let up = upstream_with(BalanceKind::RoundRobin, 4, 0);
+    for i in 1..4 {
+        up.checks_failed(i, "test");
+    }
+    assert!(!up.is_panicking());
+    assert_eq!(picks(&up, 100).get(&1), Some(&100));
+}
+
+#[test]
+fn unreachable_servers_count_toward_the_ejection_cap() {
+    // Four servers, at most half ejected.
+    let up = upstream(
+        BalanceKind::RoundRobin,
+        &[(1, false), (2, false), (3, false), (4, false)],
+    );
+    for i in 0..4 {
+        up.unreachable(i);
+    }
+    let states: Vec<_> = up.servers.iter().map(|s| s.health_state()).collect();
+    assert_eq!(states, ["unreachable", "unreachable", "up", "up"]);
+    // Nor may outlier detection eject one more.
+    for _ in 0..10 {
+        up.record_outcome(2, Observed::ServerError);
+    }
+    assert_eq!(up.servers[2].health_state(), "up");
+}
+
+#[test]
+fn consecutive_errors_eject_and_a_success_between_them_does_not() {
+    let up = upstream(
+        BalanceKind::RoundRobin,
+        &[(1, false), (2, false), (3, false)],
+    );
+    for _ in 0..4 {
+        up.record_outcome(0, Observed::ServerError);
+    }
+    up.record_outcome(0, Observed::Success);
+    for _ in 0..4 {
+        up.record_outcome(0, Observed::Timeout);
+    }
+    assert_eq!(up.servers[0].health_state(), "up");
+    up.record_outcome(0, Observed::Broken);
+    assert_eq!(up.servers[0].health_state(), "ejected");
+    let report = up.servers[0].health_report();
+    assert_eq!(report.ejections, 1);
+    assert_eq!(report.history[0].state, "ejected");
+    assert!(!picks(&up, 300).contains_key(&1));
+    // A connection made to it (everything else down, say) does not cut the ejection short.
+    up.reached(0);
+    assert_eq!(up.servers[0].health_state(), "ejected");
 }
