@@ -390,10 +390,14 @@ fn bad_host_names_and_ports_are_refused_where_they_are() {
         );
         assert!(e.contains(&why), "{address}: {e}");
     }
-    let twice = GOOD.replace("127.0.0.1:9001", "app.internal:80").replace("127.0.0.1:9002", "APP.internal:80");
+    let twice = GOOD
+        .replace("127.0.0.1:9001", "app.internal:80")
+        .replace("127.0.0.1:9002", "APP.internal:80");
     let e = error_text(&twice);
     assert!(
-        e.contains("test.toml:9:57: error: server app.internal:80 is listed twice in upstream `app`"),
+        e.contains(
+            "test.toml:9:57: error: server app.internal:80 is listed twice in upstream `app`"
+        ),
         "{e}"
     );
 }
@@ -433,5 +437,8 @@ fn dns_section_is_checked() {
         e.contains("test.toml:13:11: error: max_ttl = \"1m\" is shorter than min_ttl (10m)"),
         "{e}"
     );
-    assert!(e.contains("test.toml:14:15: error: nameservers is empty"), "{e}");
+    assert!(
+        e.contains("test.toml:14:15: error: nameservers is empty"),
+        "{e}"
+    );
 }

@@ -82,12 +82,9 @@ fn listed_names(config: &Config) -> HashMap<Key, (String, u16)> {
         .upstreams
         .iter()
         .flat_map(|u| {
-            u.named.iter().map(|n| {
-                (
-                    (u.name.clone(), n.name.clone()),
-                    (n.host.clone(), n.port),
-                )
-            })
+            u.named
+                .iter()
+                .map(|n| ((u.name.clone(), n.name.clone()), (n.host.clone(), n.port)))
         })
         .collect()
 }
@@ -238,21 +235,22 @@ impl Resolving {
             let client = client.clone();
             let timeout = dns.timeout;
             lookups.spawn(async move {
-                let answer = match tokio::time::timeout(timeout, client.lookup_ip(host.as_str())).await {
-                    Err(_) => Err(format!("no answer within {timeout:?}")),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Ok(Ok(lookup)) => {
-                        let ttl = lookup
-                            .valid_until()
-                            .saturating_duration_since(std::time::Instant::now());
-                        let ips: Vec<IpAddr> = lookup.iter().collect();
-                        if ips.is_empty() {
-                            Err("the answer holds no A or AAAA record".to_string())
-                        } else {
-                            Ok((ips, ttl))
+                let answer =
+                    match tokio::time::timeout(timeout, client.lookup_ip(host.as_str())).await {
+                        Err(_) => Err(format!("no answer within {timeout:?}")),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Ok(Ok(lookup)) => {
+                            let ttl = lookup
+                                .valid_until()
+                                .saturating_duration_since(std::time::Instant::now());
+                            let ips: Vec<IpAddr> = lookup.iter().collect();
+                            if ips.is_empty() {
+                                Err("the answer holds no A or AAAA record".to_string())
+                            } else {
+                                Ok((ips, ttl))
+                            }
                         }
-                    }
-                };
+                    };
                 (key, answer)
             });
         }
@@ -334,7 +332,8 @@ impl Resolving {
 fn client(dns: &DnsConfig) -> Result<TokioResolver, String> {
     let provider = TokioRuntimeProvider::default();
     let mut builder = if dns.nameservers.is_empty() {
-        TokioResolver::builder(provider).map_err(|e| format!("reading the system's DNS settings: {e}"))?
+        TokioResolver::builder(provider)
+            .map_err(|e| format!("reading the system's DNS settings: {e}"))?
     } else {
         let servers = dns
             .nameservers
@@ -442,12 +441,8 @@ max_ttl = "1m"
         let mut config = parse("test.toml", &text).unwrap();
         expand(&mut config, &HashMap::new());
         assert!(config.upstreams[0].servers.is_empty());
-        let upstream = crate::upstream::Upstream::build(
-            &config.upstreams[0],
-            1,
-            Duration::from_secs(1),
-            None,
-        );
+        let upstream =
+            crate::upstream::Upstream::build(&config.upstreams[0], 1, Duration::from_secs(1), None);
         let affinity = crate::upstream::Affinity {
             client_ip: IpAddr::from([127, 0, 0, 1]),
             key: None,
