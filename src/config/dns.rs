@@ -8,7 +8,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::{Checker, DAY, HOUR, MINUTE, MS, file};
-use crate::config::model::DnsConfig;
+use crate::config::model::{DnsConfig, NamedServer};
 
 /// Where a server's `address` points.
 pub(super) enum ServerAddress {
@@ -55,6 +55,29 @@ impl Checker {
             host: host.to_ascii_lowercase(),
             port,
         })
+    }
+
+    /// Servers given by name, reached over TLS, have certificates for that name rather than
+    /// for each of its addresses, which is what they are checked against without a
+    /// `server_name`.
+    pub(super) fn named_over_tls(
+        &mut self,
+        upstream: &str,
+        named: &[NamedServer],
+        tls: Option<&Spanned<file::UpstreamTls>>,
+    ) {
+        let Some(tls) = tls else { return };
+        let settings = tls.get_ref();
+        let verifies = !settings
+            .insecure_skip_verify
+            .as_ref()
+            .is_some_and(|skip| *skip.get_ref());
+        if let Some(first) = named.first()
+            && settings.server_name.is_none()
+            && verifies
+        {
+            self.warn(tls.span(), format!("upstream `{upstream}` reaches {} over TLS without a server_name: each server's certificate is checked against its IP address, not the name; set server_name = \"{}\" (or the name its certificates hold)", first.name, first.host.trim_end_matches('.')));
+        }
     }
 
     pub(super) fn dns(&mut self, dns: &file::Dns) -> DnsConfig {

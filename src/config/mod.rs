@@ -393,6 +393,7 @@ impl Checker {
                 }
             }
         }
+        self.named_over_tls(name, &named, up.tls.as_ref());
         let hash_key = self.hash_key(balance, up.hash_key.as_ref());
         let sticky_cookie = up.sticky_cookie.as_ref().and_then(|c| {
             let name = c.get_ref();

@@ -442,3 +442,29 @@ fn dns_section_is_checked() {
         "{e}"
     );
 }
+
+#[test]
+fn names_over_tls_without_server_name_are_warned_about() {
+    let text = format!(
+        "{}\n[upstreams.app.tls]\n",
+        GOOD.replace("127.0.0.1:9002", "app.internal:443")
+    );
+    let c = parse("test.toml", &text).unwrap();
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].contains("test.toml:11:1: warning: upstream `app` reaches app.internal:443 over TLS without a server_name"),
+        "{}",
+        c.warnings[0]
+    );
+    let named = format!("{text}server_name = \"app.internal\"\n");
+    assert!(parse("test.toml", &named).unwrap().warnings.is_empty());
+    assert!(
+        parse(
+            "test.toml",
+            &GOOD.replace("127.0.0.1:9002", "app.internal:443")
+        )
+        .unwrap()
+        .warnings
+        .is_empty()
+    );
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{
-    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig,
+    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig,
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use tokio::sync::watch;
@@ -327,8 +327,9 @@ impl Resolving {
     }
 }
 
-/// A resolver asking `dns.nameservers` (or the system's), without a cache of its own:
-/// when a name is resolved again is decided here, so every resolution must ask.
+/// A resolver asking `dns.nameservers`, or as the system's does (`/etc/resolv.conf`, and
+/// `/etc/hosts` as it is now). It keeps no cache: when a name is resolved again is decided
+/// here, so every resolution must ask.
 fn client(dns: &DnsConfig) -> Result<TokioResolver, String> {
     let provider = TokioRuntimeProvider::default();
     let mut builder = if dns.nameservers.is_empty() {
@@ -349,7 +350,13 @@ fn client(dns: &DnsConfig) -> Result<TokioResolver, String> {
                 NameServerConfig::new(ns.ip(), true, connections)
             })
             .collect();
-        TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
+        let mut builder = TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(servers),
+            provider,
+        );
+        // Name servers given: they alone answer.
+        builder.options_mut().use_hosts_file = ResolveHosts::Never;
+        builder
     };
     let options = builder.options_mut();
     options.cache_size = 0;
