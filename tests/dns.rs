@@ -338,3 +338,42 @@ async fn workers_wait_for_the_first_answers() {
     );
     proxy.server.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_logs_each_change_of_addresses_and_each_failure() {
+    let dns = DnsServer::start().await;
+    dns.set("app.test.", Answer::Addresses(vec![ONE]));
+    let (_one, _two, port) = two_backends().await;
+    let process = support::Process::start(
+        &config(&format!("{{ address = \"app.test:{port}\" }}"), &dns),
+        &[],
+    );
+    let first = process
+        .log_from("server name resolves to new addresses")
+        .await;
+    assert!(
+        first.contains(&format!("added=[127.0.0.1:{port}] removed=[]")),
+        "{first}"
+    );
+    let client = support::client();
+    assert_eq!(get_text(&client, &process.url("/")).await, "one");
+
+    dns.set("app.test.", Answer::Addresses(vec![TWO]));
+    let moved = process
+        .log_from(&format!(
+            "added=[127.0.0.2:{port}] removed=[127.0.0.1:{port}]"
+        ))
+        .await;
+    assert!(
+        moved.contains(&format!("server=app.test:{port}")),
+        "{moved}"
+    );
+
+    dns.set("app.test.", Answer::ServFail);
+    let failed = process.log_from("cannot resolve server name").await;
+    assert!(
+        failed.contains(&format!("server=app.test:{port}")) && failed.contains("kept_addresses=1"),
+        "{failed}"
+    );
+    assert_eq!(get_text(&client, &process.url("/")).await, "two");
+}

@@ -286,8 +286,11 @@ impl Resolving {
                 }
                 Err(reason) => {
                     tracked.due = now + dns.min_ttl;
+                    let kept = self
+                        .shared
+                        .inputs(|inputs| inputs.resolved.get(&key).map_or(0, Vec::len));
                     let (upstream, name) = &key;
-                    tracing::error!(%upstream, server = %name, %reason, retry_in = ?dns.min_ttl, "cannot resolve server name; its last addresses stay in use");
+                    tracing::error!(%upstream, server = %name, %reason, kept_addresses = kept, retry_in = ?dns.min_ttl, "cannot resolve server name; the addresses it last had stay in use");
                 }
             }
         }
@@ -321,7 +324,12 @@ impl Resolving {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot apply newly resolved server addresses");
+                tracing::error!(error = %e, retry_in = ?dns.min_ttl, "cannot apply newly resolved server addresses");
+                for (key, _, _) in changes {
+                    if let Some(tracked) = self.names.get_mut(&key) {
+                        tracked.due = now + dns.min_ttl;
+                    }
+                }
             }
         }
     }
