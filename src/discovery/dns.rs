@@ -456,15 +456,35 @@ max_ttl = "1m"
         let mut config = parse("test.toml", &text).unwrap();
         expand(&mut config, &HashMap::new());
         assert!(config.upstreams[0].servers.is_empty());
-        let upstream =
-            crate::upstream::Upstream::build(&config.upstreams[0], 1, Duration::from_secs(1), None);
         let affinity = crate::upstream::Affinity {
             client_ip: IpAddr::from([127, 0, 0, 1]),
-            key: None,
+            key: Some(42),
             pinned: None,
         };
-        assert_eq!(upstream.tries(&affinity), 0);
-        assert!(upstream.pick(0, &affinity, &[]).is_none());
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::COOKIE,
+            "pin=0123456789abcdef".parse().unwrap(),
+        );
+        for &(_, balance) in crate::config::BalanceKind::ALL {
+            let mut upstream = config.upstreams[0].clone();
+            upstream.balance = balance;
+            upstream.sticky_cookie = Some("pin".into());
+            let upstream = Arc::new(crate::upstream::Upstream::build(
+                &upstream,
+                2,
+                Duration::from_secs(1),
+                None,
+            ));
+            assert_eq!(upstream.tries(&affinity), 0, "{balance:?}");
+            for attempt in 0..3 {
+                assert!(
+                    upstream.pick(attempt, &affinity, &[]).is_none(),
+                    "{balance:?}"
+                );
+            }
+            assert_eq!(upstream.pinned(&headers), None);
+        }
         // The whole runtime builds too, and routes to the empty upstream.
         let runtime = Runtime::build(config, None).unwrap();
         assert!(runtime.upstreams[0].servers.is_empty());
