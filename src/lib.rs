@@ -24,6 +24,7 @@
 //! Around them:
 //! - [`config`]: TOML file → validated config, with errors that name file, line and column.
 //! - [`runtime`]: the state built once from a validated config, swapped whole on reload.
+//! - [`discovery`]: servers given by host name, resolved by DNS and followed as it changes.
 //! - [`server`]: binds the listeners, runs one event loop per worker thread, and shuts down
 //!   gracefully.
 //! - [`idle_timeout`]: closes connections on which nothing moves.
@@ -36,6 +37,7 @@ pub mod balance;
 pub mod cert;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod health;
 pub mod http;
 pub mod http1;

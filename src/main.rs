@@ -150,7 +150,11 @@ fn check(path: &std::path::Path) -> ExitCode {
             for warning in &config.warnings {
                 eprintln!("{warning}");
             }
-            let servers: usize = config.upstreams.iter().map(|u| u.servers.len()).sum();
+            let servers: usize = config
+                .upstreams
+                .iter()
+                .map(|u| u.servers.len() + u.named.len())
+                .sum();
             println!(
                 "{}: ok ({} listeners, {} upstreams, {servers} servers)",
                 path.display(),

@@ -134,6 +134,7 @@ mod tests {
             slow_start: Duration::ZERO,
             fail_timeout: Duration::ZERO,
             servers: vec![],
+            named: vec![],
             preserve_host: true,
             pool_max_idle_per_server: 0,
             pool_idle_timeout: Duration::from_secs(1),

@@ -141,9 +141,11 @@ pub struct ServerOverride {
 }
 
 impl Inputs {
-    /// The config a snapshot is built from: the file's, with the admin API's changes.
+    /// The config a snapshot is built from: the file's, with a server for each address
+    /// its named servers resolved to, and the admin API's changes.
     pub fn effective(&self) -> Config {
         let mut config = self.file.clone();
+        crate::discovery::dns::expand(&mut config, &self.resolved);
         for upstream in &mut config.upstreams {
             for server in &mut upstream.servers {
                 let key = (upstream.name.clone(), server.address);

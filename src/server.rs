@@ -38,11 +38,18 @@ impl Server {
     /// Binds every listener and serves on the current tokio runtime, as a single worker
     /// (tests, embedding). Fails without serving anything if a listener cannot be bound.
     pub async fn start(config: Config) -> io::Result<Server> {
+        let within = config.timeouts.upstream_connect;
         let (server, bound) = Server::bind_all(config, 1)?;
         tokio::spawn(crate::tls::watch::watch_certificates(
             server.shared.clone(),
             server.shutdown.subscribe(),
         ));
+        let (resolving, first_answers) = crate::discovery::dns::resolve_server_names(
+            server.shared.clone(),
+            server.shutdown.subscribe(),
+        );
+        tokio::spawn(resolving);
+        first_answers.wait(within).await;
         tokio::spawn(sweep_idle_connections(
             server.shared.clone(),
             server.shutdown.subscribe(),
@@ -69,6 +76,7 @@ impl Server {
     /// Binds every listener and serves on `config.workers` worker threads.
     pub fn start_workers(config: Config) -> io::Result<Server> {
         let workers = config.workers;
+        let within = config.timeouts.upstream_connect;
         let (server, mut bound) = Server::bind_all(config, workers)?;
         // Once per process, on the caller's runtime: the workers share what it swaps in.
         tokio::spawn(crate::tls::watch::watch_certificates(
@@ -79,6 +87,11 @@ impl Server {
             server.shared.clone(),
             server.shutdown.subscribe(),
         ));
+        let (resolving, first_answers) = crate::discovery::dns::resolve_server_names(
+            server.shared.clone(),
+            server.shutdown.subscribe(),
+        );
+        tokio::spawn(resolving);
         for worker in 0..workers {
             let mut listeners = Vec::new();
             for (index, b) in bound.iter_mut().enumerate() {
@@ -89,6 +102,7 @@ impl Server {
                 ));
             }
             let (shared, shutdown) = (server.shared.clone(), server.shutdown.subscribe());
+            let first_answers = first_answers.clone();
             std::thread::Builder::new()
                 .name(format!("fulcrum-worker-{worker}"))
                 .spawn(move || {
@@ -99,6 +113,9 @@ impl Server {
                     WORKER.set(worker);
                     runtime.block_on(async move {
                         tokio::spawn(sweep_idle_connections(shared.clone(), shutdown.clone()));
+                        // Connections wait in the listen queue until servers given by name
+                        // have addresses.
+                        first_answers.wait(within).await;
                         for (index, socket, connections) in listeners {
                             let socket = TcpListener::from_std(socket)
                                 .expect("a bound listener registers with the runtime");
@@ -178,6 +195,7 @@ impl Server {
         self.shared.update(|inputs| {
             inputs.file = config;
             inputs.overrides.clear();
+            crate::discovery::dns::forget_unlisted(inputs);
         })
     }
 

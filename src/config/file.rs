@@ -25,6 +25,8 @@ pub struct File {
     pub http2: Http2,
     #[serde(default)]
     pub access_log: AccessLog,
+    #[serde(default)]
+    pub dns: Dns,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,4 +182,13 @@ pub struct Http2 {
 pub struct AccessLog {
     pub enabled: Option<bool>,
     pub format: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    pub nameservers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub min_ttl: Option<Spanned<String>>,
+    pub max_ttl: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
 }

@@ -1,6 +1,7 @@
 //! Configuration pipeline: TOML text → [`file`] (serde mirror of the file) → [`model`]
 //! (validated). Errors carry the file, line and column of what is wrong.
 
+mod dns;
 mod error;
 pub mod file;
 mod health;
@@ -294,6 +295,8 @@ impl Checker {
             format,
         };
 
+        let dns = self.dns(&file.dns);
+
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
         let workers = self.int(file.workers.as_ref(), "workers", 1, 1024, cores) as usize;
         Config {
@@ -304,6 +307,7 @@ impl Checker {
             limits,
             http2,
             access_log,
+            dns,
             warnings: Vec::new(),
         }
     }
@@ -335,7 +339,9 @@ impl Checker {
             );
         }
         let mut seen = HashSet::new();
+        let mut seen_names = HashSet::new();
         let mut servers = Vec::new();
+        let mut named = Vec::new();
         for server in up.servers.into_inner() {
             let server = server.into_inner();
             let weight = self.int(server.weight.as_ref(), "weight", 1, 1000, 1) as u32;
@@ -346,23 +352,49 @@ impl Checker {
                 1_000_000,
                 DEFAULT_SERVER_CONNECTIONS,
             ) as usize;
-            if let Some(address) = self.socket_addr(&server.address, "address") {
-                if !seen.insert(address) {
-                    self.error(
-                        server.address.span(),
-                        format!("server {address} is listed twice in upstream `{name}`"),
-                    );
+            let (backup, drain) = (
+                server.backup.unwrap_or(false),
+                server.drain.unwrap_or(false),
+            );
+            match self.server_address(&server.address) {
+                None => {}
+                Some(dns::ServerAddress::Ip(address)) => {
+                    if !seen.insert(address) {
+                        self.error(
+                            server.address.span(),
+                            format!("server {address} is listed twice in upstream `{name}`"),
+                        );
+                    }
+                    servers.push(ServerConfig {
+                        address,
+                        weight,
+                        backup,
+                        drain,
+                        disabled: false,
+                        max_connections,
+                    });
                 }
-                servers.push(ServerConfig {
-                    address,
-                    weight,
-                    backup: server.backup.unwrap_or(false),
-                    drain: server.drain.unwrap_or(false),
-                    disabled: false,
-                    max_connections,
-                });
+                Some(dns::ServerAddress::Name { host, port }) => {
+                    let written = format!("{host}:{port}");
+                    if !seen_names.insert(written.clone()) {
+                        self.error(
+                            server.address.span(),
+                            format!("server {written} is listed twice in upstream `{name}`"),
+                        );
+                    }
+                    named.push(NamedServer {
+                        name: written,
+                        host,
+                        port,
+                        weight,
+                        backup,
+                        drain,
+                        max_connections,
+                    });
+                }
             }
         }
+        self.named_over_tls(name, &named, up.tls.as_ref());
         let hash_key = self.hash_key(balance, up.hash_key.as_ref());
         let sticky_cookie = up.sticky_cookie.as_ref().and_then(|c| {
             let name = c.get_ref();
@@ -413,6 +445,7 @@ impl Checker {
             fail_timeout,
             balance,
             servers,
+            named,
             preserve_host: up.preserve_host.unwrap_or(true),
             pool_max_idle_per_server: self.int(
                 up.pool_max_idle_per_server.as_ref(),
@@ -674,7 +707,7 @@ impl Checker {
                 None
             }
             Err(_) => {
-                self.error(value.span(), format!("{key} `{}` is not an IP address and port: write it as 127.0.0.1:8080 or [::1]:8080 (host names are not supported yet)", value.get_ref()));
+                self.error(value.span(), format!("{key} `{}` is not an IP address and port: write it as 127.0.0.1:8080 or [::]:8080 (host names are only for upstream servers)", value.get_ref()));
                 None
             }
         }

@@ -17,6 +17,8 @@ pub struct Config {
     pub limits: Limits,
     pub http2: Http2,
     pub access_log: AccessLogConfig,
+    /// How servers given by name are resolved.
+    pub dns: DnsConfig,
     /// Things that work but deserve a look (a certificate about to expire), each located
     /// and worded like an error.
     pub warnings: Vec<String>,
@@ -201,6 +203,8 @@ pub struct UpstreamConfig {
     /// How long a server that could not be reached is left alone; zero: never.
     pub fail_timeout: Duration,
     pub servers: Vec<ServerConfig>,
+    /// Servers given by host name, each standing for every address the name resolves to.
+    pub named: Vec<NamedServer>,
     /// Forward the client's Host header (true) or replace it with the server's address.
     pub preserve_host: bool,
     pub pool_max_idle_per_server: usize,
@@ -323,6 +327,34 @@ pub struct ServerConfig {
     /// Connections Fulcrum may hold open to it at once, in use or idle in a pool, over all
     /// workers.
     pub max_connections: usize,
+}
+
+/// A server given by host name: at run time, one [`ServerConfig`] with these settings for
+/// each address DNS gives for `host`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedServer {
+    /// `host:port` (the host in lower case), which names it in logs and in what was
+    /// resolved.
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+    pub backup: bool,
+    pub drain: bool,
+    pub max_connections: usize,
+}
+
+/// How host names of servers are resolved, and how often again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Name servers asked, in order; empty: the system's (`/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
+    /// Bounds on how long an answer is used before the name is resolved again, whatever
+    /// its TTL says; a failed resolution is retried after `min_ttl`.
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+    /// How long one resolution of a name may take, every try included.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone)]

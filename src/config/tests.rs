@@ -47,7 +47,7 @@ upstream = "nope"
 
 [upstreams.app]
 balance = "fastest"
-servers = [{ address = "localhost:80", weight = 0, max_connections = 0 }]
+servers = [{ address = "localhost", weight = 0, max_connections = 0 }]
 "#;
     let e = error_text(text);
     assert!(
@@ -57,7 +57,7 @@ servers = [{ address = "localhost:80", weight = 0, max_connections = 0 }]
     assert!(e.contains("test.toml:6:12: error: route sends to upstream `nope`, which is not defined (defined: `app`)"), "{e}");
     assert!(e.contains("test.toml:9:11: error: unknown balance algorithm `fastest`: expected one of `round_robin`, `random`, `ip_hash`, `least_connections`, `two_choices`, `least_time`, `consistent_hash`"), "{e}");
     assert!(
-        e.contains("test.toml:10:24: error: address `localhost:80`"),
+        e.contains("test.toml:10:24: error: address `localhost` has no port"),
         "{e}"
     );
     assert!(
@@ -396,4 +396,162 @@ fn health_errors_are_located() {
     ] {
         assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
     }
+}
+
+#[test]
+fn servers_may_be_given_by_host_name() {
+    let text = GOOD.replace(
+        r#"{ address = "127.0.0.1:9002", weight = 3 }"#,
+        r#"{ address = "Backend.Internal:8080", weight = 3, backup = true, max_connections = 9 }, { address = "app.test.:80" }"#,
+    );
+    let c = parse("test.toml", &text).unwrap();
+    let up = &c.upstreams[0];
+    assert_eq!(up.servers.len(), 1);
+    assert_eq!(
+        up.named,
+        [
+            NamedServer {
+                name: "backend.internal:8080".into(),
+                host: "backend.internal".into(),
+                port: 8080,
+                weight: 3,
+                backup: true,
+                drain: false,
+                max_connections: 9,
+            },
+            NamedServer {
+                name: "app.test.:80".into(),
+                host: "app.test.".into(),
+                port: 80,
+                weight: 1,
+                backup: false,
+                drain: false,
+                max_connections: 10_000,
+            },
+        ]
+    );
+    assert_eq!(c.dns.nameservers, []);
+    assert_eq!(c.dns.min_ttl, Duration::from_secs(5));
+    assert_eq!(c.dns.max_ttl, Duration::from_secs(300));
+    assert_eq!(c.dns.timeout, Duration::from_secs(5));
+
+    let names_only = GOOD.replace(
+        r#"servers = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight = 3 }]"#,
+        r#"servers = [{ address = "app.internal:80" }]"#,
+    );
+    let c = parse("test.toml", &names_only).unwrap();
+    assert!(c.upstreams[0].servers.is_empty());
+    assert_eq!(c.upstreams[0].named[0].name, "app.internal:80");
+}
+
+#[test]
+fn listeners_bind_ip_addresses_not_host_names() {
+    let e = error_text(&GOOD.replace("127.0.0.1:8080", "localhost:8080"));
+    assert!(
+        e.contains("test.toml:3:8: error: bind `localhost:8080` is not an IP address and port: write it as 127.0.0.1:8080 or [::]:8080 (host names are only for upstream servers)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_host_names_and_ports_are_refused_where_they_are() {
+    let with = |address: &str| error_text(&GOOD.replace("127.0.0.1:9002", address));
+    let cases = [
+        ("back end.internal:80", "`` cannot be in a host name"),
+        ("exa!mple.com:80", "`!` cannot be in a host name"),
+        ("app..internal:80", "empty label"),
+        ("-app.internal:80", "label `-app` starts or ends with `-`"),
+        ("10.0.0.300:80", "looks like an IPv4 address but is not one"),
+        ("app.internal:0", "has no valid port"),
+        ("app.internal:65536", "has no valid port"),
+        ("app.internal:http", "has no valid port"),
+        ("app.internal", "has no port"),
+        ("::1:80", "write an IPv6 address in brackets"),
+    ];
+    for (address, why) in cases {
+        let e = with(address);
+        let why = why.replace("``", "` `");
+        assert!(
+            e.contains(&format!("test.toml:9:56: error: address `{address}`")),
+            "{address}: {e}"
+        );
+        assert!(e.contains(&why), "{address}: {e}");
+    }
+    let twice = GOOD
+        .replace("127.0.0.1:9001", "app.internal:80")
+        .replace("127.0.0.1:9002", "APP.internal:80");
+    let e = error_text(&twice);
+    assert!(
+        e.contains(
+            "test.toml:9:57: error: server app.internal:80 is listed twice in upstream `app`"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn dns_section_is_checked() {
+    let c = parse(
+        "test.toml",
+        &format!("{GOOD}\n[dns]\nnameservers = [\"127.0.0.1:5353\", \"10.0.0.2\", \"[::1]:53\"]\nmin_ttl = \"1s\"\nmax_ttl = \"1m\"\ntimeout = \"500ms\"\n"),
+    )
+    .unwrap();
+    let ns: Vec<String> = c.dns.nameservers.iter().map(|a| a.to_string()).collect();
+    assert_eq!(ns, ["127.0.0.1:5353", "10.0.0.2:53", "[::1]:53"]);
+    assert_eq!(c.dns.min_ttl, Duration::from_secs(1));
+    assert_eq!(c.dns.max_ttl, Duration::from_secs(60));
+    assert_eq!(c.dns.timeout, Duration::from_millis(500));
+
+    let e = error_text(&format!(
+        "{GOOD}\n[dns]\nnameservers = [\"dns.google\"]\nmin_ttl = \"500ms\"\n"
+    ));
+    assert!(
+        e.contains("test.toml:12:16: error: nameserver `dns.google` is not an IP address"),
+        "{e}"
+    );
+    assert!(
+        e.contains("test.toml:13:11: error: min_ttl = \"500ms\" is out of range: allowed 1s to 1h"),
+        "{e}"
+    );
+    let e = error_text(&format!(
+        "{GOOD}\n[dns]\nmin_ttl = \"10m\"\nmax_ttl = \"1m\"\nnameservers = []\nttl = 3\n"
+    ));
+    assert!(e.contains("unknown field `ttl`"), "{e}");
+    let e = error_text(&format!(
+        "{GOOD}\n[dns]\nmin_ttl = \"10m\"\nmax_ttl = \"1m\"\nnameservers = []\n"
+    ));
+    assert!(
+        e.contains("test.toml:13:11: error: max_ttl = \"1m\" is shorter than min_ttl (10m)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("test.toml:14:15: error: nameservers is empty"),
+        "{e}"
+    );
+}
+
+#[test]
+fn names_over_tls_without_server_name_are_warned_about() {
+    let text = format!(
+        "{}\n[upstreams.app.tls]\n",
+        GOOD.replace("127.0.0.1:9002", "app.internal:443")
+    );
+    let c = parse("test.toml", &text).unwrap();
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].contains("test.toml:11:1: warning: upstream `app` reaches app.internal:443 over TLS without a server_name"),
+        "{}",
+        c.warnings[0]
+    );
+    let named = format!("{text}server_name = \"app.internal\"\n");
+    assert!(parse("test.toml", &named).unwrap().warnings.is_empty());
+    assert!(
+        parse(
+            "test.toml",
+            &GOOD.replace("127.0.0.1:9002", "app.internal:443")
+        )
+        .unwrap()
+        .warnings
+        .is_empty()
+    );
 }

@@ -127,6 +127,10 @@ impl From<ConnectError> for Failure {
                 "upstream server did not accept the connection in time",
             ),
             ConnectError::NoServer => (StatusCode::BAD_GATEWAY, "no upstream server is available"),
+            ConnectError::NoneResolved(..) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no upstream server has been resolved yet",
+            ),
             ConnectError::Local(..) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the proxy is out of resources for upstream connections",

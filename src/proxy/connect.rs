@@ -50,5 +50,11 @@ pub async fn connect<'u>(
             }
         }
     }
-    Err(last_error.unwrap_or(ConnectError::NoServer))
+    Err(last_error.unwrap_or_else(|| {
+        if upstream.servers.is_empty() {
+            ConnectError::NoneResolved(upstream.name.clone())
+        } else {
+            ConnectError::NoServer
+        }
+    }))
 }

@@ -59,6 +59,9 @@ struct RawIdle {
 pub enum ConnectError {
     #[error("the upstream has no servers")]
     NoServer,
+    /// Every server of the upstream is given by host name, and none has an address yet.
+    #[error("no servers resolved for upstream `{0}`")]
+    NoneResolved(String),
     #[error("connect to {0} failed: {1}")]
     Failed(SocketAddr, std::io::Error),
     #[error("connect to {0} timed out after {1:?}")]

@@ -31,6 +31,7 @@ fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamConfig {
                 max_connections: 100,
             })
             .collect(),
+        named: vec![],
         preserve_host: true,
         pool_max_idle_per_server: 0,
         pool_idle_timeout: Duration::from_secs(1),
