@@ -138,6 +138,7 @@ mod tests {
             pool_max_idle_per_server: 0,
             pool_idle_timeout: Duration::from_secs(1),
             tls: None,
+            resilience: Default::default(),
         };
         Arc::new(Upstream::build(&config, 1, Duration::from_secs(1), None))
     }

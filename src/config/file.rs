@@ -95,6 +95,13 @@ pub struct Upstream {
     pub pool_max_idle_per_server: Option<Spanned<i64>>,
     pub pool_idle_timeout: Option<Spanned<String>>,
     pub tls: Option<Spanned<UpstreamTls>>,
+    pub retries: Option<Spanned<i64>>,
+    pub try_timeout: Option<Spanned<String>>,
+    pub retry_budget: Option<Spanned<i64>>,
+    pub retry_budget_min_per_second: Option<Spanned<i64>>,
+    pub max_active_requests: Option<Spanned<i64>>,
+    pub max_pending_requests: Option<Spanned<i64>>,
+    pub queue_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

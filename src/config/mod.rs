@@ -4,6 +4,7 @@
 mod error;
 pub mod file;
 pub mod model;
+mod resilience;
 mod tls;
 
 use std::collections::{HashMap, HashSet};
@@ -308,6 +309,7 @@ impl Checker {
     }
 
     fn upstream(&mut self, name: &str, up: file::Upstream) -> UpstreamConfig {
+        let resilience = self.resilience(&up);
         let balance = match &up.balance {
             None => BalanceKind::RoundRobin,
             Some(b) => match BalanceKind::from_name(b.get_ref()) {
@@ -408,6 +410,7 @@ impl Checker {
                 100_000,
                 64,
             ) as usize,
+            resilience,
             tls: up.tls.map(|tls| self.upstream_tls(tls)).and_then(|tls| tls),
             pool_idle_timeout: self.duration(
                 up.pool_idle_timeout.as_ref(),

@@ -3,8 +3,11 @@
 //! and its state (down, ramping up); the order in which a request tries servers (sticky
 //! pin, primaries, backups).
 
+mod admission;
+mod budget;
 mod latency;
 mod pool;
+mod resilience;
 mod state;
 mod sticky;
 
@@ -16,7 +19,9 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderValue};
 
 use latency::PeakEwma;
+pub use admission::{Admitted, Refused};
 pub use pool::{ConnectError, Pool, RawConn};
+pub use resilience::{ResilienceStats, Unavailable};
 use state::{ServerState, Settled, now_ms};
 use sticky::Sticky;
 
@@ -57,6 +62,8 @@ pub struct Upstream {
     ordered_by_load: bool,
     /// How connections to the servers become TLS, if they do.
     pub tls: Option<Connector>,
+    /// Retries, their budget and the circuit breaker.
+    resilience: resilience::Resilience,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -341,6 +348,10 @@ impl Upstream {
             primary,
             backup,
             tls: None,
+            resilience: resilience::Resilience::build(
+                &config.resilience,
+                previous.map(|p| &p.resilience),
+            ),
         };
         for i in joining {
             if upstream.servers[i].state.ramp_up(upstream.slow_start) {

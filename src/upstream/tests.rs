@@ -35,6 +35,7 @@ fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamConfig {
         pool_max_idle_per_server: 0,
         pool_idle_timeout: Duration::from_secs(1),
         tls: None,
+        resilience: Default::default(),
     }
 }
 
