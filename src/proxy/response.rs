@@ -21,7 +21,10 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 pub(super) enum Relay {
     /// Nothing reached the client yet: Fulcrum can still answer.
     BeforeHead(Failure),
+    /// The upstream failed after the response head went out.
     AfterHead(String),
+    /// The client went away after the response head went out.
+    ClientGone(String),
 }
 
 /// Reads the upstream's response head, has the client's written, and streams the body down.
@@ -36,7 +39,7 @@ pub(super) async fn relay_response<W: ResponseWriter>(
     head_sent: &AtomicBool,
     log: &mut Option<AccessRecord>,
 ) -> Result<Responded, Relay> {
-    let wait = cx.timeouts.upstream_response_header;
+    let wait = cx.response_header;
     // The response header timeout runs from when the whole request is sent; an upstream
     // that answers earlier is read at once.
     if !request_done.load(Ordering::Relaxed) {
@@ -133,11 +136,12 @@ pub(super) async fn relay_response<W: ResponseWriter>(
         log.upstream_time = Some(response_time);
     }
     let client_gone =
-        |e: std::io::Error| Relay::AfterHead(format!("writing to the client failed: {e}"));
+        |e: std::io::Error| Relay::ClientGone(format!("writing to the client failed: {e}"));
     let switched = facts.status == StatusCode::SWITCHING_PROTOCOLS;
     if switched {
         writer.flush().await.map_err(client_gone)?;
         return Ok(Responded {
+            status: facts.status,
             response_time,
             bytes: 0,
             switched,
@@ -183,6 +187,7 @@ pub(super) async fn relay_response<W: ResponseWriter>(
     writer.end().await.map_err(client_gone)?;
     let upstream_reusable = facts.keep_alive && !decoder.until_close() && ubuf.is_empty();
     Ok(Responded {
+        status: facts.status,
         response_time,
         bytes,
         switched,

@@ -106,6 +106,12 @@ impl Upstream {
         self.resilience.config.try_timeout
     }
 
+    /// How long a request waits in line at the circuit breaker, if there is one.
+    pub fn queue_timeout(&self) -> Option<Duration> {
+        let admission = self.resilience.admission.as_ref()?;
+        Some(admission.limits.queue_timeout)
+    }
+
     /// Lets a request in under `max_active_requests`, after a wait in line if need be, or
     /// refuses it (counted).
     pub async fn admit(&self) -> Result<Admitted<'_>, Refused> {
