@@ -204,3 +204,100 @@ impl Upstream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::config::{BalanceKind, CircuitBreaker, ServerConfig, UpstreamConfig};
+
+    fn config(resilience: ResilienceConfig) -> UpstreamConfig {
+        UpstreamConfig {
+            name: "app".into(),
+            balance: BalanceKind::RoundRobin,
+            hash_key: None,
+            sticky_cookie: None,
+            sticky_secret: None,
+            latency_decay: Duration::from_secs(10),
+            slow_start: Duration::ZERO,
+            fail_timeout: Duration::from_secs(60),
+            servers: [1, 2]
+                .map(|port| ServerConfig {
+                    address: SocketAddr::from(([127, 0, 0, 1], port)),
+                    weight: 1,
+                    backup: false,
+                    drain: false,
+                    disabled: false,
+                    max_connections: 100,
+                })
+                .to_vec(),
+            preserve_host: true,
+            pool_max_idle_per_server: 0,
+            pool_idle_timeout: Duration::from_secs(1),
+            tls: None,
+            resilience,
+        }
+    }
+
+    fn limited(max_active_requests: usize) -> ResilienceConfig {
+        ResilienceConfig {
+            retry_budget_percent: 0,
+            retry_budget_min_per_second: 1,
+            circuit: Some(CircuitBreaker {
+                max_active_requests,
+                max_pending_requests: 0,
+                queue_timeout: Duration::from_secs(1),
+            }),
+            ..ResilienceConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn stats_count_and_survive_a_reload() {
+        let old = Upstream::build(&config(limited(1)), 1, Duration::from_secs(1), None);
+        let admitted = old.admit().await.unwrap();
+        assert_eq!(old.admit().await.unwrap_err(), Refused::QueueFull);
+        let granted = (0..20).filter(|_| old.allow_retry()).count();
+        assert_eq!(granted, 10);
+        let stats = old.resilience_stats();
+        assert_eq!(
+            stats,
+            ResilienceStats {
+                retries: 10,
+                budget_exhausted: 10,
+                queue_rejected: 1,
+                queue_timeouts: 0,
+                active: 1,
+                pending: 0,
+            }
+        );
+        // The same limits: the request in flight still holds the only place.
+        let same = Upstream::build(&config(limited(1)), 1, Duration::from_secs(1), Some(&old));
+        assert_eq!(same.resilience_stats(), stats);
+        assert!(!same.allow_retry(), "the budget spent before the reload is still spent");
+        // New limits: a new line, the counts kept.
+        let wider = Upstream::build(&config(limited(2)), 1, Duration::from_secs(1), Some(&same));
+        assert_eq!(wider.resilience_stats().active, 0);
+        assert_eq!(wider.resilience_stats().budget_exhausted, 11);
+        drop(admitted);
+        assert_eq!(same.resilience_stats().active, 0);
+    }
+
+    #[test]
+    fn no_server_up_is_told_apart_from_some_up() {
+        let upstream = Upstream::build(
+            &config(ResilienceConfig::default()),
+            1,
+            Duration::from_secs(1),
+            None,
+        );
+        assert_eq!(upstream.unavailable(), None);
+        upstream.unreachable(0);
+        assert_eq!(upstream.unavailable(), None);
+        upstream.unreachable(1);
+        assert_eq!(upstream.unavailable(), Some(Unavailable::AllUnreachable));
+        upstream.reached(1);
+        assert_eq!(upstream.unavailable(), None);
+    }
+}
