@@ -79,7 +79,11 @@ async fn a_silent_server_costs_a_get_one_try_timeout_and_another_server_answers(
 async fn a_post_that_reached_a_server_is_not_retried_but_a_get_is() {
     let closing = closing_server().await;
     let other = Backend::named("other").await;
-    let proxy = Proxy::start(&config(&[primary(closing.addr), backup(other.addr)], ""), &[]).await;
+    let proxy = Proxy::start(
+        &config(&[primary(closing.addr), backup(other.addr)], ""),
+        &[],
+    )
+    .await;
     let client = client();
 
     let resp = client

@@ -63,7 +63,10 @@ impl Checker {
             None => {
                 // A queue without a limit to wait for would never hold anyone.
                 for (key, span) in [
-                    ("max_pending_requests", up.max_pending_requests.as_ref().map(|v| v.span())),
+                    (
+                        "max_pending_requests",
+                        up.max_pending_requests.as_ref().map(|v| v.span()),
+                    ),
                     ("queue_timeout", up.queue_timeout.as_ref().map(|v| v.span())),
                 ] {
                     if let Some(span) = span {

@@ -104,7 +104,9 @@ impl Failure {
         let (reason, detail) = match refused {
             Refused::QueueFull => (
                 "upstream is at its limit of requests and its queue is full",
-                Cow::Borrowed("circuit breaker: max_active_requests in flight and max_pending_requests waiting"),
+                Cow::Borrowed(
+                    "circuit breaker: max_active_requests in flight and max_pending_requests waiting",
+                ),
             ),
             Refused::QueueTimeout => (
                 "upstream is at its limit of requests and none finished in time",

@@ -32,8 +32,8 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Version};
 
 pub use answer::Failure;
-use downstream::{RequestBody, ResponseWriter};
 use connect::Connected;
+use downstream::{RequestBody, ResponseWriter};
 use exchange::{Context, Outcome};
 pub use log::AccessRecord;
 pub use rewrite::ResponseFacts;
@@ -364,7 +364,12 @@ where
 /// Whether a failed try is followed by another, `tries` having been made: one is left of
 /// the upstream's `retries`, and its retry budget allows it. A failure not retried for want
 /// of budget says so in the log.
-fn another_try(upstream: &Upstream, tries: usize, most_tries: usize, failure: &mut Failure) -> bool {
+fn another_try(
+    upstream: &Upstream,
+    tries: usize,
+    most_tries: usize,
+    failure: &mut Failure,
+) -> bool {
     if tries >= most_tries {
         return false;
     }

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
-use latency::PeakEwma;
 pub use admission::{Admitted, Refused};
+use latency::PeakEwma;
 pub use pool::{ConnectError, Pool, RawConn};
 pub use resilience::{ResilienceStats, Unavailable};
 use state::{ServerState, Settled, now_ms};

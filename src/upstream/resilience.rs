@@ -275,7 +275,10 @@ mod tests {
         // The same limits: the request in flight still holds the only place.
         let same = Upstream::build(&config(limited(1)), 1, Duration::from_secs(1), Some(&old));
         assert_eq!(same.resilience_stats(), stats);
-        assert!(!same.allow_retry(), "the budget spent before the reload is still spent");
+        assert!(
+            !same.allow_retry(),
+            "the budget spent before the reload is still spent"
+        );
         // New limits: a new line, the counts kept.
         let wider = Upstream::build(&config(limited(2)), 1, Duration::from_secs(1), Some(&same));
         assert_eq!(wider.resilience_stats().active, 0);
