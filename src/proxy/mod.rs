@@ -3,11 +3,15 @@
 //!
 //! 1. **validate and route**: strict checks, then host and path → upstream ([`route`]);
 //! 2. **request filters**: the place for rate limits, auth and cache lookups (none yet);
-//! 3. **pick a server and connect**: the upstream's balancer chooses, a pooled connection is
-//!    taken or a new one opened, the next server tried when one cannot be reached
-//!    (`connect`);
+//! 3. **admit, pick a server and connect**: the upstream's circuit breaker lets the request
+//!    in (at once, after a wait in line, or not: 503), the balancer chooses, a pooled
+//!    connection is taken or a new one opened (`connect`);
 //! 4. **send and relay**: the request head and body go up while the response comes down
-//!    (`exchange`), over the one HTTP/1.1 upstream client;
+//!    (`exchange`), over the one HTTP/1.1 upstream client. A try that fails before any
+//!    response byte reached the client is followed by another on a server not tried yet,
+//!    within the upstream's `retries` and retry budget: any request whose connection could
+//!    not be made, and an idempotent request without a body (which can be sent again) whose
+//!    server closed or stayed silent past `try_timeout`;
 //! 5. **respond and log**: the response (or Fulcrum's own answer, `answer`) finishes, the
 //!    connection goes back to its pool, and the access log line is written (`log`).
 //!
