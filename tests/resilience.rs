@@ -289,3 +289,35 @@ async fn with_every_server_known_unreachable_the_answer_is_503_saying_so() {
         "503 Service Unavailable: every upstream server is unreachable\n"
     );
 }
+
+#[tokio::test]
+async fn a_request_waiting_at_max_connections_gets_the_connection_another_frees() {
+    let slow = slow_backend(Duration::from_millis(300)).await;
+    let proxy = Proxy::start(
+        &config(
+            &[format!(
+                "{{ address = \"{}\", max_connections = 1 }}",
+                slow.addr
+            )],
+            "[timeouts]\nupstream_connect = \"20s\"\n",
+        ),
+        &[],
+    )
+    .await;
+    let client = client();
+    let requests: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(client.get(proxy.url("/")).send()))
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+    assert_eq!(slow.seen.count(), 3);
+    // One connection, handed from each request to the next, rather than closed and opened
+    // again for each.
+    assert_eq!(
+        slow.seen
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}
