@@ -321,3 +321,38 @@ async fn a_request_waiting_at_max_connections_gets_the_connection_another_frees(
         1
     );
 }
+
+#[tokio::test]
+async fn the_limit_holds_across_workers() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (now2, most2) = (now.clone(), most.clone());
+    let backend = Backend::with(move |_req| {
+        let (now, most) = (now2.clone(), most2.clone());
+        async move {
+            most.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            now.fetch_sub(1, Ordering::SeqCst);
+            http::Response::new(support::full("one at a time"))
+        }
+    })
+    .await;
+    let proxy = Proxy::start_workers(
+        &config(
+            &[primary(backend.addr)],
+            "max_active_requests = 1\nmax_pending_requests = 10\nqueue_timeout = \"30s\"\n",
+        ),
+        &[],
+        2,
+    );
+    // A client each, so that their connections spread over the workers.
+    let requests: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(client().get(proxy.url("/")).send()))
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+    assert_eq!(backend.seen.count(), 6);
+    assert_eq!(most.load(Ordering::SeqCst), 1);
+}
