@@ -26,7 +26,10 @@ pub(super) struct Context<'a> {
     pub(super) max_body: u64,
     /// How long the response head may take once the request is sent: the try's timeout.
     pub(super) response_header: Duration,
+    /// When the request started (for the access log's upstream time) and when this try
+    /// did (for the server's response time, which earlier tries must not add to).
     pub(super) started: Instant,
+    pub(super) try_started: Instant,
     /// A sticky-session cookie to set on the response, pinning the client to this server.
     pub(super) set_cookie: Option<&'a HeaderValue>,
 }
@@ -45,7 +48,7 @@ pub(super) enum Outcome {
 
 pub(super) struct Responded {
     pub(super) status: StatusCode,
-    /// From the start of the exchange to the upstream's response head.
+    /// From the start of this try (its connect included) to the upstream's response head.
     pub(super) response_time: Duration,
     pub(super) bytes: u64,
     pub(super) switched: bool,

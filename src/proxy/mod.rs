@@ -203,6 +203,7 @@ where
     // Every try so far went to a server that was out already: none could take the request.
     let mut all_out = true;
     let (server, conn, outcome, _in_flight) = loop {
+        let try_started = Instant::now();
         let connected = connect::connect(
             upstream,
             &affinity,
@@ -280,6 +281,7 @@ where
             max_body: rt.config.limits.max_body_bytes,
             response_header,
             started,
+            try_started,
             set_cookie: upstream.pin_cookie(&affinity, server),
         };
         let outcome = exchange::forward(

@@ -130,10 +130,10 @@ pub(super) async fn relay_response<W: ResponseWriter>(
     };
     ubuf.advance(facts.head_len);
     head_sent.store(true, Ordering::Relaxed);
-    let response_time = cx.started.elapsed();
+    let response_time = cx.try_started.elapsed();
     if let Some(log) = log.as_mut() {
         log.status = facts.status;
-        log.upstream_time = Some(response_time);
+        log.upstream_time = Some(cx.started.elapsed());
     }
     let client_gone =
         |e: std::io::Error| Relay::ClientGone(format!("writing to the client failed: {e}"));
