@@ -97,11 +97,22 @@ async fn a_post_that_reached_a_server_is_not_retried_but_a_get_is() {
     assert_eq!(closing.seen.lock().unwrap().len(), 1);
     assert_eq!(other.seen.count(), 0, "the POST went to a second server");
 
+    // Idempotent, but its body was streamed to the first server and is not kept.
+    let resp = client
+        .put(proxy.url("/doc"))
+        .body("new text")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(closing.seen.lock().unwrap().len(), 2);
+    assert_eq!(other.seen.count(), 0, "the PUT went to a second server");
+
     // The same failure on a GET goes on to the other server.
     let resp = client.get(proxy.url("/page")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "other");
-    assert_eq!(closing.seen.lock().unwrap().len(), 2);
+    assert_eq!(closing.seen.lock().unwrap().len(), 3);
     assert_eq!(other.seen.count(), 1);
 }
 
@@ -355,4 +366,22 @@ async fn the_limit_holds_across_workers() {
     }
     assert_eq!(backend.seen.count(), 6);
     assert_eq!(most.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn try_timeout_cuts_short_only_what_could_be_retried() {
+    let slow = slow_backend(Duration::from_millis(1500)).await;
+    let proxy = Proxy::start(
+        &config(&[primary(slow.addr)], "try_timeout = \"300ms\"\n"),
+        &[],
+    )
+    .await;
+    let client = client();
+    // A POST cannot go again: it waits for upstream_response_header (60 s) as ever.
+    let resp = client.post(proxy.url("/")).body("x").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // A GET gives up after its try_timeout (the answer would come at 1.5 s); with no other
+    // server, the timeout is the answer.
+    let resp = client.get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 504);
 }
