@@ -6,6 +6,7 @@ mod error;
 pub mod file;
 mod health;
 pub mod model;
+mod resilience;
 mod tls;
 
 use std::collections::{HashMap, HashSet};
@@ -313,6 +314,7 @@ impl Checker {
     }
 
     fn upstream(&mut self, name: &str, up: file::Upstream) -> UpstreamConfig {
+        let resilience = self.resilience(&up);
         let balance = match &up.balance {
             None => BalanceKind::RoundRobin,
             Some(b) => match BalanceKind::from_name(b.get_ref()) {
@@ -454,6 +456,7 @@ impl Checker {
                 100_000,
                 64,
             ) as usize,
+            resilience,
             tls: up.tls.map(|tls| self.upstream_tls(tls)).and_then(|tls| tls),
             pool_idle_timeout: self.duration(
                 up.pool_idle_timeout.as_ref(),

@@ -210,6 +210,8 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_server: usize,
     pub pool_idle_timeout: Duration,
     pub tls: Option<UpstreamTls>,
+    /// Retries, their budget and the circuit breaker.
+    pub resilience: ResilienceConfig,
     /// Active checks of every server, if configured.
     pub health_check: Option<HealthCheck>,
     /// Passive checks: servers ejected for the errors real requests meet.
@@ -277,6 +279,44 @@ impl Default for OutlierDetection {
             max_ejection_percent: 50,
         }
     }
+}
+
+/// How an upstream retries failed requests and limits what it takes on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResilienceConfig {
+    /// Tries after the first, each on a server not tried yet.
+    pub retries: usize,
+    /// How long one try of a request that may be retried waits for the response head;
+    /// `None`: `timeouts.upstream_response_header`.
+    pub try_timeout: Option<Duration>,
+    /// Retries allowed as a percentage of the upstream's recent requests.
+    pub retry_budget_percent: u32,
+    /// Retries allowed per second whatever the traffic, so that a quiet upstream can retry.
+    pub retry_budget_min_per_second: u32,
+    /// `None`: no limit on requests in flight.
+    pub circuit: Option<CircuitBreaker>,
+}
+
+impl Default for ResilienceConfig {
+    fn default() -> Self {
+        ResilienceConfig {
+            retries: 2,
+            try_timeout: None,
+            retry_budget_percent: 20,
+            retry_budget_min_per_second: 10,
+            circuit: None,
+        }
+    }
+}
+
+/// Requests in flight to an upstream, and waiting for their turn, at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitBreaker {
+    pub max_active_requests: usize,
+    /// Requests that wait in line when `max_active_requests` are in flight; more are refused.
+    pub max_pending_requests: usize,
+    /// How long a request waits in line before it is refused.
+    pub queue_timeout: Duration,
 }
 
 /// A secret of at least [`StickySecret::MIN_CHARS`] characters, shared by every upstream.

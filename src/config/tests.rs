@@ -179,6 +179,7 @@ const DURATIONS: &[(&str, &str, &str, &str)] = &[
     ("upstreams.app", "pool_idle_timeout", "1ms", "1h"),
     ("upstreams.app", "slow_start", "0s (off)", "1h"),
     ("upstreams.app", "fail_timeout", "0s (off)", "1h"),
+    ("upstreams.app", "try_timeout", "1ms", "1day"),
 ];
 
 /// `GOOD` with `key = "value"` in `table`.
@@ -553,5 +554,97 @@ fn names_over_tls_without_server_name_are_warned_about() {
         .unwrap()
         .warnings
         .is_empty()
+    );
+}
+
+#[test]
+fn retries_and_the_circuit_breaker_have_defaults() {
+    let c = parse("test.toml", GOOD).unwrap();
+    assert_eq!(c.upstreams[0].resilience, ResilienceConfig::default());
+    assert_eq!(c.upstreams[0].resilience.retries, 2);
+    assert_eq!(c.upstreams[0].resilience.retry_budget_percent, 20);
+    assert_eq!(c.upstreams[0].resilience.retry_budget_min_per_second, 10);
+    assert_eq!(c.upstreams[0].resilience.try_timeout, None);
+    assert_eq!(c.upstreams[0].resilience.circuit, None);
+    let text = GOOD.replace(
+        "[upstreams.app]",
+        "[upstreams.app]\nretries = 0\ntry_timeout = \"250ms\"\nretry_budget = 50\n\
+         retry_budget_min_per_second = 0\nmax_active_requests = 8",
+    );
+    let r = parse("test.toml", &text).unwrap().upstreams[0]
+        .resilience
+        .clone();
+    assert_eq!(r.retries, 0);
+    assert_eq!(r.try_timeout, Some(Duration::from_millis(250)));
+    assert_eq!(
+        (r.retry_budget_percent, r.retry_budget_min_per_second),
+        (50, 0)
+    );
+    assert_eq!(
+        r.circuit,
+        Some(CircuitBreaker {
+            max_active_requests: 8,
+            max_pending_requests: 100,
+            queue_timeout: Duration::from_secs(1),
+        })
+    );
+}
+
+#[test]
+fn bad_retry_and_circuit_breaker_keys_are_shown_where_they_are() {
+    let bad = |keys: &str| {
+        error_text(&GOOD.replace("[upstreams.app]", &format!("[upstreams.app]\n{keys}")))
+    };
+    let e = bad("retries = 11");
+    assert!(
+        e.starts_with("test.toml:9:11: error: retries = 11 is out of range: allowed 0 to 10"),
+        "{e}"
+    );
+    let e = bad("retry_budget = -5");
+    assert!(
+        e.starts_with("test.toml:9:16: error: retry_budget = -5 is out of range: allowed 0 to 100"),
+        "{e}"
+    );
+    let e = bad("try_timeout = \"0s\"");
+    assert!(
+        e.starts_with(
+            "test.toml:9:15: error: try_timeout = \"0s\" is out of range: allowed 1ms to 1day"
+        ),
+        "{e}"
+    );
+    let e = bad("retry_budget_min_per_second = -1");
+    assert!(
+        e.contains("retry_budget_min_per_second = -1 is out of range"),
+        "{e}"
+    );
+    let e = bad("max_active_requests = 0");
+    assert!(
+        e.starts_with(
+            "test.toml:9:23: error: max_active_requests = 0 is out of range: allowed 1 to 10000000"
+        ),
+        "{e}"
+    );
+    let e = bad("max_pending_requests = 5\nqueue_timeout = \"2s\"");
+    assert!(
+        e.starts_with(
+            "test.toml:9:24: error: max_pending_requests applies only with max_active_requests"
+        ),
+        "{e}"
+    );
+    assert!(
+        e.contains("test.toml:10:17: error: queue_timeout applies only with max_active_requests"),
+        "{e}"
+    );
+    let e = bad("max_active_requests = 4\nqueue_timeout = \"0s\"");
+    assert!(
+        e.contains(
+            "test.toml:10:17: error: queue_timeout = \"0s\" is out of range: allowed 1ms to 1h"
+        ),
+        "{e}"
+    );
+    let e = bad("max_active_requests = 4\nmax_pending_requests = -1");
+    assert!(
+        e.contains("test.toml:10:24: error: max_pending_requests = -1 is out of range: allowed 0 to 10000000"),
+        "{e}"
     );
 }

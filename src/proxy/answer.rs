@@ -8,7 +8,7 @@ use http::StatusCode;
 use super::downstream::{ClientBodyError, OwnAnswer, ResponseWriter};
 use super::{AccessRecord, Finished};
 use crate::http::validate::Reject;
-use crate::upstream::ConnectError;
+use crate::upstream::{ConnectError, Observed, Refused, Unavailable};
 
 /// A request that gets Fulcrum's own answer instead of a response.
 #[derive(Debug)]
@@ -18,10 +18,14 @@ pub struct Failure {
     pub reason: &'static str,
     /// What the access log says, when it knows more than `reason`.
     pub detail: Option<Cow<'static, str>>,
-    /// Nothing was sent to any server: the request may go to another one, or again.
-    pub never_reached_server: bool,
+    /// Not a byte of a response came back: a request that can be sent again may go to
+    /// another server, or (a pooled connection the server had closed) on a new connection.
+    pub nothing_received: bool,
     /// Tell the client when to try again (`Retry-After`): the refusal is about load.
     pub retry_after: bool,
+    /// What the failure says about the server, for outlier detection; `None` when it was
+    /// not the server's doing (the client's body, or Fulcrum's own refusal).
+    pub observed: Option<Observed>,
 }
 
 impl Failure {
@@ -30,8 +34,9 @@ impl Failure {
             status,
             reason,
             detail: None,
-            never_reached_server: false,
+            nothing_received: false,
             retry_after: false,
+            observed: None,
         }
     }
 
@@ -46,7 +51,8 @@ impl Failure {
     /// byte came back, so a stale pooled connection is the likely cause.
     pub fn upstream_closed(detail: String, nothing_received: bool) -> Self {
         Failure {
-            never_reached_server: nothing_received,
+            nothing_received,
+            observed: Some(Observed::Broken),
             ..Failure::new(
                 StatusCode::BAD_GATEWAY,
                 "upstream server closed the connection without answering",
@@ -56,31 +62,73 @@ impl Failure {
     }
 
     pub fn upstream_invalid(detail: impl Into<Cow<'static, str>>) -> Self {
-        Failure::new(
-            StatusCode::BAD_GATEWAY,
-            "upstream server sent an invalid response",
-        )
-        .detail(detail)
+        Failure {
+            observed: Some(Observed::Broken),
+            ..Failure::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream server sent an invalid response",
+            )
+            .detail(detail)
+        }
     }
 
     pub fn upstream_timeout(detail: String) -> Self {
-        Failure::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "upstream server did not answer in time",
-        )
-        .detail(detail)
+        Failure {
+            observed: Some(Observed::Timeout),
+            ..Failure::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream server did not answer in time",
+            )
+            .detail(detail)
+        }
     }
 
     /// Writing the request upstream failed. On a reused connection before any response
     /// byte, the server most likely closed it while it was idle.
     pub fn upstream_write(e: std::io::Error) -> Self {
         Failure {
-            never_reached_server: true,
+            nothing_received: true,
+            observed: Some(Observed::Broken),
             ..Failure::new(
                 StatusCode::BAD_GATEWAY,
                 "upstream server stopped reading the request",
             )
             .detail(format!("writing the request upstream failed: {e}"))
+        }
+    }
+
+    // === Fulcrum's own refusals ===
+
+    /// The circuit breaker let the request wait no longer, or not at all.
+    pub fn refused(refused: Refused, queue_timeout: Option<std::time::Duration>) -> Self {
+        let (reason, detail) = match refused {
+            Refused::QueueFull => (
+                "upstream is at its limit of requests and its queue is full",
+                Cow::Borrowed(
+                    "circuit breaker: max_active_requests in flight and max_pending_requests waiting",
+                ),
+            ),
+            Refused::QueueTimeout => (
+                "upstream is at its limit of requests and none finished in time",
+                Cow::Owned(format!(
+                    "circuit breaker: no turn within queue_timeout ({:?})",
+                    queue_timeout.unwrap_or_default()
+                )),
+            ),
+        };
+        Failure {
+            retry_after: true,
+            ..Failure::new(StatusCode::SERVICE_UNAVAILABLE, reason).detail(detail)
+        }
+    }
+
+    /// No server of the upstream could take the request; `last` is how the last try failed.
+    pub fn unavailable(why: Unavailable, last: &Failure) -> Self {
+        let last = last.detail.as_deref().unwrap_or(last.reason);
+        Failure {
+            retry_after: true,
+            ..Failure::new(StatusCode::SERVICE_UNAVAILABLE, why.reason())
+                .detail(format!("{}; last try: {last}", why.reason()))
         }
     }
 

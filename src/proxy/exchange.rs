@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use http::StatusCode;
 use http::header::HeaderValue;
 use tokio::sync::Notify;
 
@@ -23,7 +24,12 @@ pub(super) struct Context<'a> {
     /// The client asked to upgrade to a protocol that may be tunnelled.
     pub(super) upgrade: bool,
     pub(super) max_body: u64,
+    /// How long the response head may take once the request is sent: the try's timeout.
+    pub(super) response_header: Duration,
+    /// When the request started (for the access log's upstream time) and when this try
+    /// did (for the server's response time, which earlier tries must not add to).
     pub(super) started: Instant,
+    pub(super) try_started: Instant,
     /// A sticky-session cookie to set on the response, pinning the client to this server.
     pub(super) set_cookie: Option<&'a HeaderValue>,
 }
@@ -33,19 +39,16 @@ pub(super) enum Outcome {
     /// Nothing was sent to the client yet: Fulcrum answers instead.
     Failed(Failure),
     /// Something failed after the response head went out: the connection can only close.
-    Broken(Cow<'static, str>),
-}
-
-impl Outcome {
-    /// The request failed before the server can have seen it.
-    pub(super) fn never_reached_server(&self) -> bool {
-        matches!(self, Outcome::Failed(f) if f.never_reached_server)
-    }
+    /// `upstream`: the server's doing rather than the client's.
+    Broken {
+        why: Cow<'static, str>,
+        upstream: bool,
+    },
 }
 
 pub(super) struct Responded {
-    pub(super) status: http::StatusCode,
-    /// From the start of the exchange to the upstream's response head.
+    pub(super) status: StatusCode,
+    /// From the start of this try (its connect included) to the upstream's response head.
     pub(super) response_time: Duration,
     pub(super) bytes: u64,
     pub(super) switched: bool,
@@ -95,7 +98,10 @@ pub(super) async fn forward<B: RequestBody, W: ResponseWriter>(
                 Ok(()) => request_finished = true,
                 Err(failure) if !head_sent.load(Ordering::Relaxed) => return Outcome::Failed(failure),
                 Err(failure) => {
-                    return Outcome::Broken(failure.detail.unwrap_or(Cow::Borrowed(failure.reason)));
+                    return Outcome::Broken {
+                        upstream: failure.observed.is_some(),
+                        why: failure.detail.unwrap_or(Cow::Borrowed(failure.reason)),
+                    };
                 }
             },
             relayed = &mut response => {
@@ -110,7 +116,8 @@ pub(super) async fn forward<B: RequestBody, W: ResponseWriter>(
                         Outcome::Responded(responded)
                     }
                     Err(Relay::BeforeHead(failure)) => Outcome::Failed(failure),
-                    Err(Relay::AfterHead(why)) => Outcome::Broken(why.into()),
+                    Err(Relay::AfterHead(why)) => Outcome::Broken { why: why.into(), upstream: true },
+                    Err(Relay::ClientGone(why)) => Outcome::Broken { why: why.into(), upstream: false },
                 };
             }
         }

@@ -3,11 +3,15 @@
 //!
 //! 1. **validate and route**: strict checks, then host and path → upstream ([`route`]);
 //! 2. **request filters**: the place for rate limits, auth and cache lookups (none yet);
-//! 3. **pick a server and connect**: the upstream's balancer chooses, a pooled connection is
-//!    taken or a new one opened, the next server tried when one cannot be reached
-//!    (`connect`);
+//! 3. **admit, pick a server and connect**: the upstream's circuit breaker lets the request
+//!    in (at once, after a wait in line, or not: 503), the balancer chooses, a pooled
+//!    connection is taken or a new one opened (`connect`);
 //! 4. **send and relay**: the request head and body go up while the response comes down
-//!    (`exchange`), over the one HTTP/1.1 upstream client;
+//!    (`exchange`), over the one HTTP/1.1 upstream client. A try that fails before any
+//!    response byte reached the client is followed by another on a server not tried yet,
+//!    within the upstream's `retries` and retry budget: any request whose connection could
+//!    not be made, and an idempotent request without a body (which can be sent again) whose
+//!    server closed or stayed silent past `try_timeout`;
 //! 5. **respond and log**: the response (or Fulcrum's own answer, `answer`) finishes, the
 //!    connection goes back to its pool, and the access log line is written (`log`).
 //!
@@ -32,6 +36,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Version};
 
 pub use answer::Failure;
+use connect::Connected;
 use downstream::{RequestBody, ResponseWriter};
 use exchange::{Context, Outcome};
 pub use log::AccessRecord;
@@ -43,7 +48,7 @@ use crate::http::headers;
 use crate::http::validate::{self, Reject};
 use crate::http1::body::Framing;
 use crate::runtime::Runtime;
-use crate::upstream::{Affinity, RawConn, Upstream};
+use crate::upstream::{Affinity, Observed, RawConn, Upstream};
 
 /// The client connection a request arrived on, as the phases see it.
 #[derive(Debug)]
@@ -149,9 +154,29 @@ where
 
     // 2. Request filters: none yet.
 
-    // 3. Pick a server and connect.
+    // 3. Wait for a turn under the upstream's limit, pick a server and connect.
+    let upstream = routed.upstream;
+    let admitted = tokio::select! {
+        biased;
+        admitted = upstream.admit() => Some(admitted),
+        () = writer.abandoned() => None,
+    };
+    let _admitted = match admitted {
+        Some(Ok(admitted)) => admitted,
+        Some(Err(refused)) => {
+            let failure = Failure::refused(refused, upstream.queue_timeout());
+            tracing::warn!(upstream = %upstream.name, reason = failure.detail.as_deref().unwrap_or(failure.reason), "request refused by the circuit breaker");
+            return answer::write(writer, failure, is_head, unread, &mut log).await;
+        }
+        None => {
+            return answer::write(writer, Failure::abandoned(), is_head, unread, &mut log).await;
+        }
+    };
+    upstream.count_request();
     let upgrade = upgrade_protocol(&req);
-    let idempotent = req.method().is_idempotent();
+    // Only a request that is idempotent and has no body (nothing read from the client that
+    // would be gone) may be sent again once a server may have seen it.
+    let replayable = req.method().is_idempotent() && !framing.has_body();
     let version = req.version();
     let (parts, ()) = req.into_parts();
     // Answered here, once an upstream connection is ready, rather than by the upstream.
@@ -162,33 +187,65 @@ where
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let affinity = Affinity {
         client_ip: client.peer.ip(),
-        key: balance_key(
-            routed.upstream,
-            client.peer.ip(),
-            &parts.uri,
-            &parts.headers,
-        ),
-        pinned: routed.upstream.pinned(&parts.headers),
+        key: balance_key(upstream, client.peer.ip(), &parts.uri, &parts.headers),
+        pinned: upstream.pinned(&parts.headers),
     };
     let timeouts = &rt.config.timeouts;
+    // A try that can be followed by another gives up on a silent server sooner.
+    let response_header = match upstream.try_timeout() {
+        Some(try_timeout) if replayable => try_timeout,
+        _ => timeouts.upstream_response_header,
+    };
+    let most_tries = (1 + upstream.retries()).min(upstream.tries(&affinity).max(1));
+    // Servers this request failed on, not to be tried again.
+    let mut failed = Vec::new();
     let mut fresh_only = false;
+    // Every try so far went to a server that was out already: none could take the request.
+    let mut all_out = true;
     let (server, conn, outcome, _in_flight) = loop {
-        let probe = framing.has_body();
-        let found = connect::connect(routed.upstream, &affinity, probe, fresh_only).await;
-        let (index, server, mut conn) = match found {
-            Ok(found) => found,
-            Err(e) => return answer::write(writer, e.into(), is_head, unread, &mut log).await,
+        let try_started = Instant::now();
+        let connected = connect::connect(
+            upstream,
+            &affinity,
+            failed.len(),
+            &failed,
+            !replayable,
+            fresh_only,
+        )
+        .await;
+        let Connected {
+            index,
+            server,
+            mut conn,
+            was_out,
+        } = match connected {
+            Ok(connected) => connected,
+            Err(unconnected) => {
+                // Nothing was sent: any request may go to another server.
+                all_out &= unconnected.was_out;
+                let worth_it = unconnected.worth_another_try();
+                if worth_it && let Some(index) = unconnected.index {
+                    failed.push(index);
+                }
+                let mut failure = Failure::from(unconnected.error);
+                if worth_it && another_try(upstream, failed.len(), most_tries, &mut failure) {
+                    continue;
+                }
+                let failure = give_up(upstream, failure, all_out);
+                return answer::write(writer, failure, is_head, unread, &mut log).await;
+            }
         };
+        all_out &= was_out;
         if let Some(log) = log.as_mut() {
             log.upstream = Some(server.address);
         }
         // Counted from here to the end of the exchange, for load-aware balancing.
-        let in_flight = routed.upstream.track(index);
+        let in_flight = upstream.track(index);
 
         // 4. Send the request and relay the response.
         let client_host = routed.host.as_ref();
         let host = match client_host {
-            Some(host) if routed.upstream.preserve_host => host,
+            Some(host) if upstream.preserve_host => host,
             _ => &server.host_header,
         };
         upstream_out.clear();
@@ -212,7 +269,9 @@ where
                 ),
             },
         );
-        if expect_continue && !fresh_only && writer.send_continue().await.is_err() {
+        // A request with a body is sent once (it is not replayable), so this is its only
+        // `100 Continue`.
+        if expect_continue && writer.send_continue().await.is_err() {
             return Finished::Close;
         }
         let cx = Context {
@@ -220,8 +279,10 @@ where
             is_head,
             upgrade: upgrade.is_some(),
             max_body: rt.config.limits.max_body_bytes,
+            response_header,
             started,
-            set_cookie: routed.upstream.pin_cookie(&affinity, server),
+            try_started,
+            set_cookie: upstream.pin_cookie(&affinity, server),
         };
         let outcome = exchange::forward(
             body,
@@ -233,21 +294,46 @@ where
             &mut log,
         )
         .await;
-        // A pooled connection the server had already closed fails before any response byte;
-        // a request without a body can go again, once, on a fresh connection.
-        if outcome.never_reached_server()
-            && conn.reused
-            && idempotent
-            && !framing.has_body()
-            && !fresh_only
-        {
+        let mut failure = match outcome {
+            Outcome::Responded(ref responded) => {
+                let observed = if responded.status.is_server_error() {
+                    Observed::ServerError
+                } else {
+                    Observed::Success
+                };
+                upstream.record_outcome(index, observed);
+                break (server, conn, outcome, in_flight);
+            }
+            Outcome::Broken { upstream: true, .. } => {
+                upstream.record_outcome(index, Observed::Broken);
+                break (server, conn, outcome, in_flight);
+            }
+            Outcome::Broken { .. } => break (server, conn, outcome, in_flight),
+            Outcome::Failed(failure) => failure,
+        };
+        let Some(observed) = failure.observed else {
+            // The client's doing (its body, or it went away): no server to blame or to try.
+            return answer::write(writer, failure, is_head, unread, &mut log).await;
+        };
+        // A pooled connection the server had already closed fails before any response
+        // byte: the request can go again, once, on a new connection, without blaming the
+        // server or spending a retry.
+        if replayable && conn.reused && failure.nothing_received && !fresh_only {
             fresh_only = true;
             continue;
         }
-        if let Some(observed) = observed(&outcome) {
-            routed.upstream.record_outcome(index, observed);
+        upstream.record_outcome(index, observed);
+        // Sent, but no answer: only a replayable request may go to another server.
+        let unanswered = observed == Observed::Timeout || failure.nothing_received;
+        if replayable && unanswered {
+            failed.push(index);
+            fresh_only = false;
+            if another_try(upstream, failed.len(), most_tries, &mut failure) {
+                continue;
+            }
         }
-        break (server, conn, outcome, in_flight);
+        let failure = give_up(upstream, failure, all_out);
+        return answer::write(writer, failure, is_head, unread, &mut log).await;
     };
 
     // 5. Respond and log.
@@ -256,7 +342,7 @@ where
         Outcome::Failed(failure) => {
             return answer::write(writer, failure, is_head, unread, &mut log).await;
         }
-        Outcome::Broken(why) => {
+        Outcome::Broken { why, .. } => {
             if let Some(log) = log.as_mut() {
                 log.reason = Some(why);
             }
@@ -281,17 +367,37 @@ where
     }
 }
 
-/// What passive outlier detection makes of an exchange: its status, or a failure that is the
-/// server's (no answer in time, a closed connection or a malformed response). A failure
-/// after the response head began is not counted: the client may as well be the cause.
-fn observed(outcome: &Outcome) -> Option<crate::upstream::Observed> {
-    use crate::upstream::Observed;
-    match outcome {
-        Outcome::Responded(r) if r.status.is_server_error() => Some(Observed::ServerError),
-        Outcome::Responded(_) => Some(Observed::Success),
-        Outcome::Failed(f) if f.status == StatusCode::GATEWAY_TIMEOUT => Some(Observed::Timeout),
-        Outcome::Failed(f) if f.status == StatusCode::BAD_GATEWAY => Some(Observed::Broken),
-        Outcome::Failed(_) | Outcome::Broken(_) => None,
+/// Whether a failed try is followed by another, `tries` having been made: one is left of
+/// the upstream's `retries`, and its retry budget allows it. A failure not retried for want
+/// of budget says so in the log.
+fn another_try(
+    upstream: &Upstream,
+    tries: usize,
+    most_tries: usize,
+    failure: &mut Failure,
+) -> bool {
+    if tries >= most_tries {
+        return false;
+    }
+    if upstream.allow_retry() {
+        return true;
+    }
+    tracing::warn!(upstream = %upstream.name, "retry budget spent: a failed request is not retried");
+    let last = failure.detail.as_deref().unwrap_or(failure.reason);
+    failure.detail = Some(format!("{last}; not retried: the retry budget is spent").into());
+    false
+}
+
+/// The answer to a request whose last try failed: a 503 saying why, when every server it
+/// tried was out already and none is in now, else the last try's own failure.
+fn give_up(upstream: &Upstream, failure: Failure, all_out: bool) -> Failure {
+    match upstream.unavailable().filter(|_| all_out) {
+        Some(why) => {
+            let failure = Failure::unavailable(why, &failure);
+            tracing::warn!(upstream = %upstream.name, reason = failure.detail.as_deref().unwrap_or(failure.reason), "no upstream server can take the request");
+            failure
+        }
+        None => failure,
     }
 }
 

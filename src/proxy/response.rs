@@ -21,7 +21,10 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 pub(super) enum Relay {
     /// Nothing reached the client yet: Fulcrum can still answer.
     BeforeHead(Failure),
+    /// The upstream failed after the response head went out.
     AfterHead(String),
+    /// The client went away after the response head went out.
+    ClientGone(String),
 }
 
 /// Reads the upstream's response head, has the client's written, and streams the body down.
@@ -36,7 +39,7 @@ pub(super) async fn relay_response<W: ResponseWriter>(
     head_sent: &AtomicBool,
     log: &mut Option<AccessRecord>,
 ) -> Result<Responded, Relay> {
-    let wait = cx.timeouts.upstream_response_header;
+    let wait = cx.response_header;
     // The response header timeout runs from when the whole request is sent; an upstream
     // that answers earlier is read at once.
     if !request_done.load(Ordering::Relaxed) {
@@ -127,13 +130,13 @@ pub(super) async fn relay_response<W: ResponseWriter>(
     };
     ubuf.advance(facts.head_len);
     head_sent.store(true, Ordering::Relaxed);
-    let response_time = cx.started.elapsed();
+    let response_time = cx.try_started.elapsed();
     if let Some(log) = log.as_mut() {
         log.status = facts.status;
-        log.upstream_time = Some(response_time);
+        log.upstream_time = Some(cx.started.elapsed());
     }
     let client_gone =
-        |e: std::io::Error| Relay::AfterHead(format!("writing to the client failed: {e}"));
+        |e: std::io::Error| Relay::ClientGone(format!("writing to the client failed: {e}"));
     let switched = facts.status == StatusCode::SWITCHING_PROTOCOLS;
     if switched {
         writer.flush().await.map_err(client_gone)?;

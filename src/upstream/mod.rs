@@ -3,9 +3,12 @@
 //! and its health (down, ejected, ramping up); the order in which a request tries servers
 //! (sticky pin, primaries, backups, everyone in a panic).
 
+mod admission;
+mod budget;
 mod latency;
 mod outlier;
 mod pool;
+mod resilience;
 mod state;
 mod sticky;
 
@@ -17,9 +20,11 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
+pub use admission::{Admitted, Refused};
 use latency::PeakEwma;
 use outlier::{Outlier, Trigger, ejection_cap};
 pub use pool::{ConnectError, Pool, RawConn};
+pub use resilience::{ResilienceStats, Unavailable};
 pub use state::{Down, HealthEvent, now_ms, unix_ms};
 use state::{History, ServerState, Settled};
 use sticky::Sticky;
@@ -70,6 +75,8 @@ pub struct Upstream {
     ordered_by_load: bool,
     /// How connections to the servers become TLS, if they do.
     pub tls: Option<Connector>,
+    /// Retries, their budget and the circuit breaker.
+    resilience: resilience::Resilience,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -413,6 +420,10 @@ impl Upstream {
             primary,
             backup,
             tls: None,
+            resilience: resilience::Resilience::build(
+                &config.resilience,
+                previous.map(|p| &p.resilience),
+            ),
         };
         for i in joining {
             if upstream.servers[i].state.ramp_up(upstream.slow_start) {

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
 use tokio::net::TcpStream;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::server::worker;
 use crate::tls::client::Connector;
@@ -32,8 +32,12 @@ pub struct Pool {
     slots: Arc<Semaphore>,
     max_connections: usize,
     /// Requests waiting for a slot: while there are any, a connection whose exchange ends
-    /// is closed rather than pooled, so that its slot goes to them.
+    /// goes to one waiting on the same worker, or else is closed so that its slot goes to
+    /// one on another worker (a connection belongs to the event loop that opened it).
     waiting: AtomicUsize,
+    /// Per worker (one per pool queue), requests waiting for a slot there, and how they hear
+    /// of a connection handed over to them through the worker's queue.
+    waiting_here: Box<[(AtomicUsize, Notify)]>,
 }
 
 /// A raw connection to a server with its read buffer, which is empty whenever pooled.
@@ -110,6 +114,9 @@ impl Pool {
     ) -> Self {
         let queues = if max_idle > 0 { workers } else { 0 };
         let raw = (0..queues).map(|_| ArrayQueue::new(max_idle)).collect();
+        let waiting_here = (0..queues)
+            .map(|_| (AtomicUsize::new(0), Notify::new()))
+            .collect();
         Pool {
             address,
             raw,
@@ -118,6 +125,7 @@ impl Pool {
             slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             waiting: AtomicUsize::new(0),
+            waiting_here,
         }
     }
 
@@ -148,15 +156,17 @@ impl Pool {
             Ok(slot) => slot,
             Err(_) => {
                 self.close_one_idle();
-                self.waiting.fetch_add(1, Ordering::Relaxed);
-                let slot =
-                    tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await;
-                self.waiting.fetch_sub(1, Ordering::Relaxed);
-                slot.ok().and_then(Result::ok).ok_or(ConnectError::Busy(
-                    self.address,
-                    self.max_connections,
-                    self.connect_timeout,
-                ))?
+                match self.wait_for_slot(deadline).await {
+                    Some(Waited::Slot(slot)) => slot,
+                    Some(Waited::HandedOver(conn)) => return Ok(conn),
+                    None => {
+                        return Err(ConnectError::Busy(
+                            self.address,
+                            self.max_connections,
+                            self.connect_timeout,
+                        ));
+                    }
+                }
             }
         };
         // One deadline for the wait for a slot and the connect together.
@@ -185,6 +195,39 @@ impl Pool {
             reused: false,
             slot,
         })
+    }
+
+    /// Waits until `deadline` for a slot to open a connection in, or for a connection that
+    /// a request on this worker finished with and handed over.
+    async fn wait_for_slot(&self, deadline: tokio::time::Instant) -> Option<Waited> {
+        let _waiting = Waiting(&self.waiting);
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let here = self.waiting_here.get(worker());
+        let _waiting_here = here.map(|(count, _)| {
+            count.fetch_add(1, Ordering::Relaxed);
+            Waiting(count)
+        });
+        let slot = self.slots.clone().acquire_owned();
+        tokio::pin!(slot);
+        loop {
+            let handed_over = async {
+                match here {
+                    Some((_, notify)) => notify.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                slot = &mut slot => return slot.ok().map(Waited::Slot),
+                () = handed_over => {
+                    // Another request on this worker may have taken it first: then wait on.
+                    if let Some(conn) = self.take_raw(false) {
+                        return Some(Waited::HandedOver(conn));
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
     }
 
     /// Closes one idle connection, this worker's first, to free its slot.
@@ -220,16 +263,43 @@ impl Pool {
     /// Returns a connection whose last response was read completely and which holds
     /// no unread bytes.
     pub fn put_raw(&self, conn: RawConn) {
-        if let Some(raw) = self.raw.get(worker())
-            && conn.buf.is_empty()
-            && self.waiting.load(Ordering::Relaxed) == 0
-        {
-            let _ = raw.push(RawIdle {
-                stream: conn.stream,
-                buf: conn.buf,
-                since: Instant::now(),
-                slot: conn.slot,
-            });
+        let own = worker();
+        let (Some(raw), Some((waiting_here, handed_over))) =
+            (self.raw.get(own), self.waiting_here.get(own))
+        else {
+            return;
+        };
+        if !conn.buf.is_empty() {
+            return;
         }
+        let hand_over = waiting_here.load(Ordering::Relaxed) > 0;
+        // Waiters only on other workers: closing frees the slot for them.
+        if !hand_over && self.waiting.load(Ordering::Relaxed) > 0 {
+            return;
+        }
+        let pushed = raw.push(RawIdle {
+            stream: conn.stream,
+            buf: conn.buf,
+            since: Instant::now(),
+            slot: conn.slot,
+        });
+        if hand_over && pushed.is_ok() {
+            handed_over.notify_one();
+        }
+    }
+}
+
+/// What a wait for room under `max_connections` brought.
+enum Waited {
+    Slot(OwnedSemaphorePermit),
+    HandedOver(RawConn),
+}
+
+/// Counts a request among those waiting until it stops, however it stops.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

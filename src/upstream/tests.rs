@@ -39,6 +39,7 @@ fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamConfig {
         health_check: None,
         outlier_detection: Default::default(),
         panic_threshold: 0,
+        resilience: Default::default(),
     }
 }
 
