@@ -296,12 +296,7 @@ mod tests {
         // Every server may be marked down at once here: no ejection cap.
         let mut config = config(ResilienceConfig::default());
         config.outlier_detection.max_ejection_percent = 100;
-        let upstream = Upstream::build(
-            &config,
-            1,
-            Duration::from_secs(1),
-            None,
-        );
+        let upstream = Upstream::build(&config, 1, Duration::from_secs(1), None);
         assert_eq!(upstream.unavailable(), None);
         upstream.unreachable(0);
         assert_eq!(upstream.unavailable(), None);
