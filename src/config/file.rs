@@ -25,6 +25,7 @@ pub struct File {
     pub http2: Http2,
     #[serde(default)]
     pub access_log: AccessLog,
+    pub admin: Option<Spanned<Admin>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,4 +142,11 @@ pub struct Http2 {
 pub struct AccessLog {
     pub enabled: Option<bool>,
     pub format: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub bind: Spanned<String>,
+    pub token_file: Option<Spanned<String>>,
 }

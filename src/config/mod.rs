@@ -1,6 +1,7 @@
 //! Configuration pipeline: TOML text → [`file`] (serde mirror of the file) → [`model`]
 //! (validated). Errors carry the file, line and column of what is wrong.
 
+mod admin;
 mod error;
 pub mod file;
 pub mod model;
@@ -293,6 +294,8 @@ impl Checker {
             format,
         };
 
+        let admin = file.admin.map(|admin| self.admin(admin, &binds));
+
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
         let workers = self.int(file.workers.as_ref(), "workers", 1, 1024, cores) as usize;
         Config {
@@ -303,6 +306,7 @@ impl Checker {
             limits,
             http2,
             access_log,
+            admin: admin.flatten(),
             warnings: Vec::new(),
         }
     }

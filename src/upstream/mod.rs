@@ -6,6 +6,7 @@
 mod latency;
 mod pool;
 mod state;
+pub mod stats;
 mod sticky;
 
 use std::net::{IpAddr, SocketAddr};
@@ -77,6 +78,8 @@ pub struct Server {
     /// Response times seen from this server, for `least_time`.
     latency: PeakEwma,
     state: ServerState,
+    /// Requests answered through this server, for the metrics and the admin API.
+    pub stats: stats::RequestStats,
     /// What the server was built with, so a reload knows whether it can keep it.
     pool_settings: PoolSettings,
 }
@@ -113,6 +116,7 @@ impl Server {
             active: AtomicUsize::new(0),
             latency: PeakEwma::new(settings.latency_decay),
             state: ServerState::new(),
+            stats: stats::RequestStats::new(settings.workers),
             pool_settings: settings,
         }
     }
@@ -125,6 +129,11 @@ impl Server {
     /// Records how long the server took to start answering a request.
     pub fn observe(&self, response_time: Duration) {
         self.latency.observe(response_time);
+    }
+
+    /// The recent response time `least_time` balances on (decaying while none arrive).
+    pub fn latency(&self) -> Duration {
+        Duration::from_nanos(self.latency.estimate_ns() as u64)
     }
 
     /// The server's health as the admin API shows it.

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::stats::ConnectionCounts;
 use crate::server::worker;
 use crate::tls::client::Connector;
 use crate::tls::handshake::{self, HandshakeError};
@@ -34,6 +35,8 @@ pub struct Pool {
     /// Requests waiting for a slot: while there are any, a connection whose exchange ends
     /// is closed rather than pooled, so that its slot goes to them.
     waiting: AtomicUsize,
+    /// Connections handed out, opened or taken from the pool, for the metrics.
+    pub handed_out: ConnectionCounts,
 }
 
 /// A raw connection to a server with its read buffer, which is empty whenever pooled.
@@ -115,6 +118,7 @@ impl Pool {
             slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             waiting: AtomicUsize::new(0),
+            handed_out: ConnectionCounts::new(workers),
         }
     }
 
@@ -125,6 +129,7 @@ impl Pool {
         let raw = self.raw.get(worker())?;
         while let Some(idle) = raw.pop() {
             if idle.since.elapsed() < self.idle_timeout && !(probe && idle.stream.is_stale()) {
+                self.handed_out.reused();
                 return Some(RawConn {
                     stream: idle.stream,
                     buf: idle.buf,
@@ -176,6 +181,7 @@ impl Pool {
                 }
             }
         };
+        self.handed_out.opened();
         Ok(RawConn {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),
