@@ -7,6 +7,7 @@
 //! touches the request path beyond reading the counters the workers keep.
 
 mod api;
+pub mod cli;
 mod metrics;
 
 use std::convert::Infallible;
