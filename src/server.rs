@@ -133,6 +133,7 @@ impl Server {
                 addr,
                 connections: b.connections.clone(),
                 permits: *permits,
+                accept_loops: b.sockets.len(),
             })
             .collect();
         let cx = crate::admin::Context::new(self.shared.clone(), listeners);

@@ -53,12 +53,18 @@ pub struct ListenerInfo {
     pub addr: SocketAddr,
     pub connections: Arc<Semaphore>,
     pub permits: u32,
+    /// Accept loops on the listener (one per worker), each holding a permit while it waits
+    /// for the next connection.
+    pub accept_loops: usize,
 }
 
 impl ListenerInfo {
-    /// Connections the listener has open now.
+    /// Connections the listener has open now. At its connection limit, accept loops wait
+    /// for a permit rather than hold one, and this reads up to one low per loop.
     pub fn open(&self) -> usize {
-        (self.permits as usize).saturating_sub(self.connections.available_permits())
+        (self.permits as usize)
+            .saturating_sub(self.connections.available_permits())
+            .saturating_sub(self.accept_loops)
     }
 }
 

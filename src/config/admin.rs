@@ -19,7 +19,9 @@ impl Checker {
     ) -> Option<AdminConfig> {
         let admin = admin.into_inner();
         let bind = self.socket_addr(&admin.bind, "bind");
+        // Port 0 takes whatever port is free: never one a listener has.
         if let Some(bind) = bind
+            && bind.port() != 0
             && let Some(listener) = binds.get(&bind)
         {
             self.error(
