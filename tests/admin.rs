@@ -32,14 +32,40 @@ struct Admin {
 
 impl Admin {
     fn of(proxy: &Proxy) -> Admin {
-        let addr = proxy
-            .server
-            .admin_addr()
-            .expect("the admin listener is bound");
+        Admin::at(
+            &proxy
+                .server
+                .admin_addr()
+                .expect("the admin listener is bound")
+                .to_string(),
+        )
+    }
+
+    fn at(addr: &str) -> Admin {
         Admin {
             base: format!("http://{addr}"),
             http: client(),
         }
+    }
+
+    /// The status once upstream `app`'s servers have counted `requests` in all (a request
+    /// is counted just after its client has the response), or after 5 s.
+    async fn status_after(&self, requests: u64) -> Value {
+        let mut status = self.status().await;
+        for _ in 0..100 {
+            let counted: u64 = status["upstreams"][0]["servers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["requests"].as_u64().unwrap())
+                .sum();
+            if counted >= requests {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            status = self.status().await;
+        }
+        status
     }
 
     async fn get(&self, path: &str) -> (StatusCode, String) {
@@ -123,7 +149,7 @@ async fn the_status_lists_listeners_routes_upstreams_and_servers_and_the_config_
     let admin = Admin::of(&proxy);
     spread(&proxy, 4).await;
 
-    let status = admin.status().await;
+    let status = admin.status_after(4).await;
     let listener = &status["listeners"][0];
     assert_eq!(listener["name"], "web");
     assert_eq!(listener["bind"], proxy.addr.to_string());
@@ -408,7 +434,19 @@ async fn metrics_parse_as_prometheus_text_and_count_exactly_the_requests_sent() 
             .unwrap();
         response.text().await.unwrap();
     }
-    let after = scrape(&admin).await;
+    // A request is counted when its record is dropped, just after the client has its
+    // response: the last ones may take a moment.
+    let counted = |s: &prometheus_parse::Scrape| {
+        sum(s, "fulcrum_requests_total", &app) + sum(s, "fulcrum_requests_total", &own)
+    };
+    let mut after = scrape(&admin).await;
+    for _ in 0..100 {
+        if counted(&after) >= (sent + unrouted) as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = scrape(&admin).await;
+    }
     assert_eq!(sum(&after, "fulcrum_requests_total", &app), sent as f64);
     let to_b = [
         ("listener", "web"),
@@ -501,6 +539,7 @@ async fn fulcrum_status_prints_the_servers_of_a_running_fulcrum() {
     for _ in 0..4 {
         get_text(&http, &process.url("/")).await;
     }
+    Admin::at(&admin).status_after(4).await;
 
     let out = binary()
         .args(["status", "-c"])
