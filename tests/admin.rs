@@ -109,7 +109,7 @@ impl Admin {
 }
 
 /// The status's view of server `addr` of upstream `app`.
-fn server<'a>(status: &'a Value, addr: SocketAddr) -> &'a Value {
+fn server(status: &Value, addr: SocketAddr) -> &Value {
     status["upstreams"]
         .as_array()
         .unwrap()

@@ -159,8 +159,9 @@ pub(crate) struct Reply {
     status: StatusCode,
     content_type: &'static str,
     body: Bytes,
-    /// `WWW-Authenticate: Bearer` with a 401; `Allow` with a 405.
-    extra: Option<(header::HeaderName, HeaderValue)>,
+    /// A header name (lower case) and value: `www-authenticate` with a 401, `allow` with
+    /// a 405.
+    extra: Option<(&'static str, &'static str)>,
 }
 
 impl Reply {
@@ -191,7 +192,10 @@ async fn handle(cx: &Context, req: Request<Incoming>) -> Response<Full<Bytes>> {
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some((name, value)) = reply.extra {
-        headers.insert(name, value);
+        headers.insert(
+            header::HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
     }
     response
 }
@@ -268,17 +272,14 @@ fn authorize<B>(cx: &Context, req: &Request<B>) -> Result<(), Reply> {
 
 fn unauthorized(message: &str) -> Reply {
     Reply {
-        extra: Some((
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"fulcrum-admin\""),
-        )),
+        extra: Some(("www-authenticate", "Bearer realm=\"fulcrum-admin\"")),
         ..Reply::error(StatusCode::UNAUTHORIZED, message)
     }
 }
 
 fn method_not_allowed(allow: &'static str) -> Reply {
     Reply {
-        extra: Some((header::ALLOW, HeaderValue::from_static(allow))),
+        extra: Some(("allow", allow)),
         ..Reply::error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("this path takes {allow}"),
