@@ -260,6 +260,19 @@ async fn disable_enable_weight_and_drain_take_effect_on_real_traffic_until_a_rel
     assert_eq!(server(&status, b.addr)["weight"], 1);
     let answered = spread(&proxy, 10).await;
     assert_eq!(answered.get("a"), Some(&5), "{answered:?}");
+
+    // The admin listener is bound once: moving it needs a restart.
+    let moved = config.replace(
+        "bind = \"127.0.0.1:0\"\ntoken",
+        "bind = \"127.0.0.1:1\"\ntoken",
+    );
+    assert_ne!(moved, config);
+    let file = fulcrum::config::parse("test.toml", &support::fill(&moved, &[&a, &b])).unwrap();
+    let refused = proxy.server.reload(file).unwrap_err();
+    assert!(
+        refused.contains("admin bind changed from 127.0.0.1:0 to 127.0.0.1:1: restart Fulcrum"),
+        "{refused}"
+    );
 }
 
 #[tokio::test]
