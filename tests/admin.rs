@@ -206,6 +206,14 @@ async fn a_server_whose_backend_is_gone_shows_unreachable_once_traffic_reaches_i
     let status = admin.status().await;
     assert_eq!(server(&status, gone.addr)["health"]["state"], "unreachable");
     assert_eq!(server(&status, a.addr)["health"]["state"], "up");
+    let metrics = scrape(&admin).await;
+    let (gone_addr, a_addr) = (gone.addr.to_string(), a.addr.to_string());
+    let gone_labels = [("upstream", "app"), ("server", gone_addr.as_str())];
+    let a_labels = [("upstream", "app"), ("server", a_addr.as_str())];
+    assert_eq!(sum(&metrics, "fulcrum_server_up", &gone_labels), 0.0);
+    assert_eq!(sum(&metrics, "fulcrum_server_up", &a_labels), 1.0);
+    let unreachable = [gone_labels[0], gone_labels[1], ("state", "unreachable")];
+    assert_eq!(sum(&metrics, "fulcrum_server_state", &unreachable), 1.0);
 }
 
 #[tokio::test]

@@ -28,8 +28,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::config::Config;
 use crate::runtime::Shared;
-
-pub use api::RecentWindow;
+use api::RecentWindow;
 
 /// Admin connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 64;
