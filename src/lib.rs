@@ -28,11 +28,14 @@
 //! - [`server`]: binds the listeners, runs one event loop per worker thread, and shuts down
 //!   gracefully.
 //! - [`idle_timeout`]: closes connections on which nothing moves.
+//! - [`admin`]: the admin listener: JSON status and config, run-time server changes, and
+//!   Prometheus metrics.
 //! - [`logging`]: diagnostics to stderr, the access log to stdout.
 //! - [`demo`]: the built-in demo backends behind `fulcrum demo`.
 //! - [`cert`]: a local CA for development behind `fulcrum cert`: certificates for servers
 //!   and clients, and a description of any certificate file.
 
+pub mod admin;
 pub mod balance;
 pub mod cert;
 pub mod config;

@@ -6,6 +6,7 @@
 //! count reported on stderr.
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
@@ -54,6 +55,7 @@ pub fn init(access: &AccessLogConfig) -> LogGuard {
         .finish(std::io::stdout());
     if access.enabled {
         report_dropped_lines(stdout.error_counter());
+        let _ = DROPPED.set(stdout.error_counter());
     }
     let access_layer = match access.format {
         LogFormat::Text => fmt::layer()
@@ -74,6 +76,15 @@ pub fn init(access: &AccessLogConfig) -> LogGuard {
         .with(access_layer)
         .try_init();
     LogGuard { _writer: guard }
+}
+
+/// The count of dropped access log lines, once `init` has set up the access log.
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Access log lines dropped so far because stdout did not keep up; `None` where this
+/// process's access log was not set up by [`init`].
+pub fn dropped_lines() -> Option<u64> {
+    DROPPED.get().map(|counter| counter.dropped_lines() as u64)
 }
 
 /// Says on stderr, at most every `REPORT_EVERY`, how many access log lines were dropped

@@ -1,4 +1,4 @@
-//! The `fulcrum` command: `demo`, `run`, `check` and `cert`.
+//! The `fulcrum` command: `demo`, `run`, `check`, `status` and `cert`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,6 +60,16 @@ enum Command {
         #[arg(short, long, default_value = "fulcrum.toml")]
         config: PathBuf,
     },
+    /// Show a running Fulcrum's servers: state, weight, load, requests, errors, latency
+    /// (from its admin listener).
+    Status {
+        /// The config the running Fulcrum was started with: its [admin] bind is asked.
+        #[arg(short, long, default_value = "fulcrum.toml", conflicts_with = "admin")]
+        config: PathBuf,
+        /// The admin listener's address, instead of reading it from the config.
+        #[arg(long, value_name = "ADDRESS")]
+        admin: Option<SocketAddr>,
+    },
     /// Certificates for development: a local CA, certificates it signs, and inspection.
     Cert {
         #[command(subcommand)]
@@ -79,6 +89,7 @@ fn main() -> ExitCode {
             Command::Check { config } => check(&config),
             Command::Cert { command } => fulcrum::cert::cli::run(command),
             Command::Backend { listen, name } => backend(listen, name).await,
+            Command::Status { config, admin } => status(&config, admin).await,
             Command::Run { config: path } => match config::load(&path) {
                 Ok(config) => run(config, Some(&path)).await,
                 Err(e) => {
@@ -161,6 +172,27 @@ fn check(path: &std::path::Path) -> ExitCode {
                 config.listeners.len(),
                 config.upstreams.len()
             );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn status(config: &std::path::Path, admin: Option<SocketAddr>) -> ExitCode {
+    use fulcrum::admin::cli;
+    let addr = match admin.map_or_else(|| cli::admin_addr_from_config(config), Ok) {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli::fetch_status(addr).await {
+        Ok(status) => {
+            print!("{}", cli::table(&status));
             ExitCode::SUCCESS
         }
         Err(e) => {

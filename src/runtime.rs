@@ -13,6 +13,7 @@ use crate::router::Router;
 use crate::tls::client::Connector;
 use crate::tls::server::TlsListener;
 use crate::upstream::Upstream;
+use crate::upstream::stats::RequestStats;
 
 /// One immutable snapshot of everything a request needs.
 pub struct Runtime {
@@ -23,6 +24,9 @@ pub struct Runtime {
     /// HTTP/2 settings for client connections (stream, header and flow-control limits),
     /// shared by every listener. HTTP/1.1 reads its limits from `config` directly.
     pub http2: h2::server::Builder,
+    /// Requests Fulcrum answered itself without a server, for the metrics; carried over
+    /// from the snapshot this one replaces.
+    pub answers: Arc<RequestStats>,
 }
 
 pub struct ListenerRuntime {
@@ -81,11 +85,16 @@ impl Runtime {
             });
         }
         let http2 = http2_builder(&config);
+        let answers = previous.map_or_else(
+            || Arc::new(RequestStats::new(config.workers)),
+            |p| p.answers.clone(),
+        );
         Ok(Runtime {
             config,
             listeners,
             upstreams,
             http2,
+            answers,
         })
     }
 }

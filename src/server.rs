@@ -25,6 +25,8 @@ pub struct Server {
     /// Per listener, with the number of permits it started with.
     connection_limits: Vec<(Arc<Semaphore>, u32)>,
     shutdown: watch::Sender<bool>,
+    /// Where the admin listener listens, if there is one.
+    admin_addr: Option<SocketAddr>,
 }
 
 /// A listener's sockets, one per worker, all bound to its address with `SO_REUSEPORT`: the
@@ -39,7 +41,8 @@ impl Server {
     /// (tests, embedding). Fails without serving anything if a listener cannot be bound.
     pub async fn start(config: Config) -> io::Result<Server> {
         let within = config.timeouts.upstream_connect;
-        let (server, bound) = Server::bind_all(config, 1)?;
+        let (server, bound, admin) = Server::bind_all(config, 1)?;
+        server.start_admin(admin, &bound)?;
         tokio::spawn(crate::tls::watch::watch_certificates(
             server.shared.clone(),
             server.shutdown.subscribe(),
@@ -77,8 +80,9 @@ impl Server {
     pub fn start_workers(config: Config) -> io::Result<Server> {
         let workers = config.workers;
         let within = config.timeouts.upstream_connect;
-        let (server, mut bound) = Server::bind_all(config, workers)?;
+        let (server, mut bound, admin) = Server::bind_all(config, workers)?;
         // Once per process, on the caller's runtime: the workers share what it swaps in.
+        server.start_admin(admin, &bound)?;
         tokio::spawn(crate::tls::watch::watch_certificates(
             server.shared.clone(),
             server.shutdown.subscribe(),
@@ -138,8 +142,35 @@ impl Server {
         Ok(server)
     }
 
-    /// Binds `per_listener` sockets for each listener.
-    fn bind_all(config: Config, per_listener: usize) -> io::Result<(Server, Vec<Bound>)> {
+    /// Serves the admin API on `socket` (bound by `bind_all`), on the caller's runtime.
+    fn start_admin(
+        &self,
+        socket: Option<std::net::TcpListener>,
+        bound: &[Bound],
+    ) -> io::Result<()> {
+        let Some(socket) = socket else { return Ok(()) };
+        let listeners = self
+            .local_addrs
+            .iter()
+            .zip(bound)
+            .zip(&self.connection_limits)
+            .map(|((&addr, b), (_, permits))| crate::admin::ListenerInfo {
+                addr,
+                connections: b.connections.clone(),
+                permits: *permits,
+                accept_loops: b.sockets.len(),
+            })
+            .collect();
+        let cx = crate::admin::Context::new(self.shared.clone(), listeners);
+        crate::admin::spawn(socket, Arc::new(cx), self.shutdown.subscribe())
+    }
+
+    /// Binds `per_listener` sockets for each listener, and the admin listener's socket.
+    #[allow(clippy::type_complexity)]
+    fn bind_all(
+        config: Config,
+        per_listener: usize,
+    ) -> io::Result<(Server, Vec<Bound>, Option<std::net::TcpListener>)> {
         let mut bound = Vec::new();
         let mut local_addrs = Vec::new();
         let mut connection_limits = Vec::new();
@@ -162,6 +193,8 @@ impl Server {
                 connections,
             });
         }
+        let admin = crate::admin::bind(&config)?;
+        let admin_addr = admin.as_ref().map(|s| s.local_addr()).transpose()?;
         let runtime = Runtime::build(config.clone(), None).map_err(io::Error::other)?;
         let shared = Arc::new(Shared::new(runtime, config));
         let (shutdown, _) = watch::channel(false);
@@ -171,8 +204,10 @@ impl Server {
                 local_addrs,
                 connection_limits,
                 shutdown,
+                admin_addr,
             },
             bound,
+            admin,
         ))
     }
 
@@ -202,6 +237,11 @@ impl Server {
     /// The snapshot new requests are served with now: upstreams, their servers and health.
     pub fn runtime(&self) -> Arc<Runtime> {
         self.shared.load()
+    }
+
+    /// Where the admin listener listens, if the config has one (useful with port 0).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The addresses actually bound, in config order (useful with port 0).
@@ -259,6 +299,15 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
             }
         }
     }
+    let admin_bind = |c: &Config| c.admin.as_ref().map(|a| a.bind);
+    if admin_bind(old) != admin_bind(new) {
+        let show = |bind: Option<SocketAddr>| bind.map_or("none".to_string(), |b| b.to_string());
+        changed.push(format!(
+            "admin bind changed from {} to {}",
+            show(admin_bind(old)),
+            show(admin_bind(new))
+        ));
+    }
     if old.access_log.enabled != new.access_log.enabled
         || old.access_log.format != new.access_log.format
     {
@@ -275,6 +324,12 @@ thread_local! {
 /// picks the worker's own slot in per-worker state such as connection pools.
 pub fn worker() -> usize {
     WORKER.get()
+}
+
+/// Makes the calling thread count as worker `index`, for tests of per-worker state.
+#[cfg(test)]
+pub(crate) fn set_worker_for_tests(index: usize) {
+    WORKER.set(index);
 }
 
 /// `count` listening sockets on `addr` (its port chosen once if it is 0), one per worker.

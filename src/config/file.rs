@@ -27,6 +27,7 @@ pub struct File {
     pub access_log: AccessLog,
     #[serde(default)]
     pub dns: Dns,
+    pub admin: Option<Spanned<Admin>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,4 +199,11 @@ pub struct Dns {
     pub min_ttl: Option<Spanned<String>>,
     pub max_ttl: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub bind: Spanned<String>,
+    pub token_file: Option<Spanned<String>>,
 }

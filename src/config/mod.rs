@@ -2,6 +2,7 @@
 //! (validated). Errors carry the file, line and column of what is wrong.
 
 mod dns;
+mod admin;
 mod error;
 pub mod file;
 mod health;
@@ -297,6 +298,7 @@ impl Checker {
         };
 
         let dns = self.dns(&file.dns);
+        let admin = file.admin.map(|admin| self.admin(admin, &binds));
 
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
         let workers = self.int(file.workers.as_ref(), "workers", 1, 1024, cores) as usize;
@@ -309,6 +311,7 @@ impl Checker {
             http2,
             access_log,
             dns,
+            admin: admin.flatten(),
             warnings: Vec::new(),
         }
     }

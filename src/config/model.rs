@@ -19,6 +19,8 @@ pub struct Config {
     pub access_log: AccessLogConfig,
     /// How servers given by name are resolved.
     pub dns: DnsConfig,
+    /// The admin listener (JSON API and metrics), if there is one.
+    pub admin: Option<AdminConfig>,
     /// Things that work but deserve a look (a certificate about to expire), each located
     /// and worded like an error.
     pub warnings: Vec<String>,
@@ -434,4 +436,41 @@ pub enum LogFormat {
 pub struct AccessLogConfig {
     pub enabled: bool,
     pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+    /// Where the token was read from, as the config names it.
+    pub token_file: Option<PathBuf>,
+    /// What state-changing calls must present as `Authorization: Bearer`; `None`: such
+    /// calls are refused.
+    pub token: Option<AdminToken>,
+}
+
+/// The admin API's bearer token. Its `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(Arc<str>);
+
+impl AdminToken {
+    /// Short tokens can be guessed over the network.
+    pub const MIN_CHARS: usize = 16;
+
+    /// `None` when `text` is too short.
+    pub fn new(text: &str) -> Option<Self> {
+        (text.chars().count() >= Self::MIN_CHARS).then(|| AdminToken(text.into()))
+    }
+
+    /// Whether `presented` is the token, compared in time that does not depend on where
+    /// they differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(presented).into()
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
 }

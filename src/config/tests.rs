@@ -648,3 +648,62 @@ fn bad_retry_and_circuit_breaker_keys_are_shown_where_they_are() {
         "{e}"
     );
 }
+
+#[test]
+fn the_admin_section_binds_and_reads_its_token_from_the_config_files_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = dir.path().join("fulcrum.toml").display().to_string();
+    let token = "0123456789abcdef-admin";
+    std::fs::write(dir.path().join("token"), format!("  {token}\n")).unwrap();
+    std::fs::write(dir.path().join("short"), "0123456789\n").unwrap();
+    std::fs::write(dir.path().join("empty"), "\n \n").unwrap();
+    let with = |admin: &str| format!("{GOOD}\n[admin]\n{admin}\n");
+
+    assert!(parse(&name, GOOD).unwrap().admin.is_none());
+    let open = parse(&name, &with("bind = \"127.0.0.1:9901\"")).unwrap();
+    let admin = open.admin.unwrap();
+    assert_eq!(admin.bind, "127.0.0.1:9901".parse().unwrap());
+    assert!(admin.token.is_none());
+
+    let config = parse(
+        &name,
+        &with("bind = \"127.0.0.1:9901\"\ntoken_file = \"token\""),
+    )
+    .unwrap();
+    let token_read = config.admin.unwrap().token.unwrap();
+    assert!(token_read.matches(token.as_bytes()));
+    assert!(!token_read.matches(b"0123456789abcdef-admiN"));
+    assert!(!token_read.matches(b"0123456789abcdef-admin "));
+    assert_eq!(format!("{token_read:?}"), "AdminToken(..)");
+
+    let error = |admin: &str| parse(&name, &with(admin)).unwrap_err().to_string();
+    let short = error("bind = \"127.0.0.1:9901\"\ntoken_file = \"short\"");
+    assert!(
+        short.contains(&format!(
+            ":13:14: error: token_file `{}` holds 10 characters: a token needs at least 16",
+            dir.path().join("short").display()
+        )),
+        "{short}"
+    );
+    let empty = error("bind = \"127.0.0.1:9901\"\ntoken_file = \"empty\"");
+    assert!(empty.contains(":13:14: error: token_file `"), "{empty}");
+    assert!(empty.contains("` is empty: a token needs"), "{empty}");
+    let missing = error("bind = \"127.0.0.1:9901\"\ntoken_file = \"missing\"");
+    assert!(missing.contains(":13:14: error: token_file `"), "{missing}");
+    assert!(missing.contains("cannot be read"), "{missing}");
+    let taken = error("bind = \"127.0.0.1:8080\"");
+    assert!(
+        taken.contains(":12:8: error: the admin listener binds 127.0.0.1:8080, which listener `web` already binds"),
+        "{taken}"
+    );
+    let bad = error("bind = \"localhost:9901\"");
+    assert!(
+        bad.contains(":12:8: error: bind `localhost:9901` is not an IP address and port"),
+        "{bad}"
+    );
+    let unknown = error("bind = \"127.0.0.1:9901\"\ntoken = \"x\"");
+    assert!(
+        unknown.contains(":13:1: error: unknown field `token`"),
+        "{unknown}"
+    );
+}

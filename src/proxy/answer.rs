@@ -221,7 +221,7 @@ pub async fn write<W: ResponseWriter>(
     failure: Failure,
     head_request: bool,
     unread: bool,
-    log: &mut Option<AccessRecord>,
+    log: &mut Option<AccessRecord<'_>>,
 ) -> Finished {
     let body = body_text(failure.status, failure.reason);
     let keep_alive = writer
@@ -257,7 +257,7 @@ pub async fn redirect_to_https<B, W: ResponseWriter>(
     limits: &crate::config::Limits,
     head_request: bool,
     unread: bool,
-    log: &mut Option<AccessRecord>,
+    log: &mut Option<AccessRecord<'_>>,
 ) -> Finished {
     let host = match crate::http::validate::check(req, limits) {
         Ok(Some(host)) => host,

@@ -65,7 +65,7 @@ pub(super) async fn forward<B: RequestBody, W: ResponseWriter>(
     conn: &mut RawConn,
     framing: Framing,
     cx: &Context<'_>,
-    log: &mut Option<AccessRecord>,
+    log: &mut Option<AccessRecord<'_>>,
 ) -> Outcome {
     let request_sent = Notify::new();
     let request_done = AtomicBool::new(false);

@@ -1,5 +1,6 @@
 //! The access log: one structured line per request, written when its response has been
-//! sent (or abandoned), through `tracing` under the target `access`.
+//! sent (or abandoned), through `tracing` under the target `access`. The same record counts
+//! the request in the metrics, whether or not the line is written.
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
@@ -7,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode, Uri, Version};
 
-/// What is known about one request so far; emitted once, when dropped.
-#[derive(Debug)]
-pub struct AccessRecord {
+use crate::runtime::Runtime;
+use crate::upstream::Server;
+
+/// What is known about one request so far; counted and logged once, when dropped.
+pub struct AccessRecord<'rt> {
     pub client: IpAddr,
     pub method: Method,
     /// Cloning a `Uri` shares its bytes; no copy is made per request.
@@ -25,14 +28,32 @@ pub struct AccessRecord {
     pub reason: Option<Cow<'static, str>>,
     /// Whether the response body was sent to its end.
     pub complete: bool,
+    /// The server that answered, whose statistics count the request; `None`: Fulcrum's
+    /// own answer.
+    pub server: Option<&'rt Server>,
+    /// The index of the listener the request came in on.
+    listener: usize,
+    rt: &'rt Runtime,
 }
 
-impl AccessRecord {
-    pub fn new<B>(req: &http::Request<B>, client: IpAddr, started: Instant) -> Self {
+impl<'rt> AccessRecord<'rt> {
+    pub fn new<B>(
+        req: &http::Request<B>,
+        client: IpAddr,
+        started: Instant,
+        rt: &'rt Runtime,
+        listener: usize,
+    ) -> Self {
+        // Only the log line needs the URI: not kept (nor its bytes shared) without one.
+        let logged = rt.config.access_log.enabled;
         AccessRecord {
             client,
             method: req.method().clone(),
-            uri: req.uri().clone(),
+            uri: if logged {
+                req.uri().clone()
+            } else {
+                Uri::default()
+            },
             version: req.version(),
             started,
             status: StatusCode::OK,
@@ -41,12 +62,33 @@ impl AccessRecord {
             bytes: 0,
             reason: None,
             complete: false,
+            server: None,
+            listener,
+            rt,
         }
+    }
+
+    /// The status the request ended with, as the metrics count it: `None` when it ended
+    /// before any (the client left while the request was waiting for its server).
+    fn final_status(&self) -> Option<u16> {
+        let answered = self.complete || self.reason.is_some() || self.upstream_time.is_some();
+        answered.then_some(self.status.as_u16())
     }
 }
 
-impl Drop for AccessRecord {
+impl Drop for AccessRecord<'_> {
     fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let stats = self.server.map_or(&*self.rt.answers, |s| &s.stats);
+        stats.record(
+            self.rt.listeners.len(),
+            self.listener,
+            self.final_status(),
+            elapsed,
+        );
+        if !self.rt.config.access_log.enabled {
+            return;
+        }
         let reason = match (&self.reason, self.complete) {
             (Some(reason), _) => reason.as_ref(),
             (None, true) => "-",
@@ -67,7 +109,7 @@ impl Drop for AccessRecord {
             status = self.status.as_u16(),
             upstream = %upstream,
             bytes = self.bytes,
-            duration_ms = millis(self.started.elapsed()),
+            duration_ms = millis(elapsed),
             upstream_ms,
             reason,
         );

@@ -119,11 +119,15 @@ where
 {
     let started = Instant::now();
     let Incoming { head: req, framing } = incoming;
-    let mut log = rt
-        .config
-        .access_log
-        .enabled
-        .then(|| AccessRecord::new(&req, client.peer.ip(), started));
+    // Always there: it counts the request in the metrics when dropped, and writes the
+    // access log line if that is on.
+    let mut log = Some(AccessRecord::new(
+        &req,
+        client.peer.ip(),
+        started,
+        rt,
+        client.listener,
+    ));
     let is_head = req.method() == Method::HEAD;
     let unread = framing.has_body();
 
@@ -238,6 +242,7 @@ where
         all_out &= was_out;
         if let Some(log) = log.as_mut() {
             log.upstream = Some(server.address);
+            log.server = Some(server);
         }
         // Counted from here to the end of the exchange, for load-aware balancing.
         let in_flight = upstream.track(index);

@@ -37,7 +37,7 @@ pub(super) async fn relay_response<W: ResponseWriter>(
     request_done: &AtomicBool,
     request_sent: &Notify,
     head_sent: &AtomicBool,
-    log: &mut Option<AccessRecord>,
+    log: &mut Option<AccessRecord<'_>>,
 ) -> Result<Responded, Relay> {
     let wait = cx.response_header;
     // The response header timeout runs from when the whole request is sent; an upstream

@@ -10,6 +10,7 @@ mod outlier;
 mod pool;
 mod resilience;
 mod state;
+pub mod stats;
 mod sticky;
 
 use std::net::{IpAddr, SocketAddr};
@@ -103,6 +104,8 @@ pub struct Server {
     history: History,
     /// What the latest active check found.
     last_check: Mutex<Option<CheckReport>>,
+    /// Requests answered through this server, for the metrics and the admin API.
+    pub stats: stats::RequestStats,
     /// What the server was built with, so a reload knows whether it can keep it.
     pool_settings: PoolSettings,
 }
@@ -154,6 +157,7 @@ impl Server {
             outlier: Outlier::default(),
             history: History::default(),
             last_check: Mutex::new(None),
+            stats: stats::RequestStats::new(settings.workers),
             pool_settings: settings,
         }
     }
@@ -166,6 +170,11 @@ impl Server {
     /// Records how long the server took to start answering a request.
     pub fn observe(&self, response_time: Duration) {
         self.latency.observe(response_time);
+    }
+
+    /// The recent response time `least_time` balances on (decaying while none arrive).
+    pub fn latency(&self) -> Duration {
+        Duration::from_nanos(self.latency.estimate_ns() as u64)
     }
 
     /// The server's health as the admin API shows it.

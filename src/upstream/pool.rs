@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use super::stats::ConnectionCounts;
 use crate::server::worker;
 use crate::tls::client::Connector;
 use crate::tls::handshake::{self, HandshakeError};
@@ -38,6 +39,8 @@ pub struct Pool {
     /// Per worker (one per pool queue), requests waiting for a slot there, and how they hear
     /// of a connection handed over to them through the worker's queue.
     waiting_here: Box<[(AtomicUsize, Notify)]>,
+    /// Connections handed out, opened or taken from the pool, for the metrics.
+    pub handed_out: ConnectionCounts,
 }
 
 /// A raw connection to a server with its read buffer, which is empty whenever pooled.
@@ -126,6 +129,7 @@ impl Pool {
             max_connections,
             waiting: AtomicUsize::new(0),
             waiting_here,
+            handed_out: ConnectionCounts::new(workers),
         }
     }
 
@@ -136,6 +140,7 @@ impl Pool {
         let raw = self.raw.get(worker())?;
         while let Some(idle) = raw.pop() {
             if idle.since.elapsed() < self.idle_timeout && !(probe && idle.stream.is_stale()) {
+                self.handed_out.reused();
                 return Some(RawConn {
                     stream: idle.stream,
                     buf: idle.buf,
@@ -189,6 +194,7 @@ impl Pool {
                 }
             }
         };
+        self.handed_out.opened();
         Ok(RawConn {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),

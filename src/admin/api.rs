@@ -1,0 +1,518 @@
+//! The admin API's JSON: the running state (`/api/status`), the effective config
+//! (`/api/config`, secrets left out), and the run-time changes to a server, each made
+//! through `Shared::update` so that it lasts until the next reload.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{Context, Reply};
+use crate::config::{BalanceKind, ClientAuth, Config, HashKey, ServerConfig, TlsVersion};
+use crate::runtime::{Runtime, ServerOverride};
+use crate::upstream::{HealthReport, Server};
+
+/// What the status says about run-time changes.
+const UNTIL: &str = "next reload";
+const NOTE: &str = "changes made through the admin API (overrides) last until the next reload";
+
+/// Requests and 5xx answers per server (by upstream name and address) at one moment.
+pub type Sample = HashMap<(String, SocketAddr), (u64, u64)>;
+
+/// The last two samples of request counts: the older one, 10 to 20 seconds old, is what
+/// "recent" counts from.
+#[derive(Default)]
+pub struct RecentWindow {
+    samples: VecDeque<(Instant, Sample)>,
+}
+
+impl RecentWindow {
+    pub fn push(&mut self, at: Instant, sample: Sample) {
+        self.samples.push_back((at, sample));
+        while self.samples.len() > 2 {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Requests and errors of a server since the older sample, and how long ago that was;
+    /// with no sample of it yet, everything since it was counted from.
+    fn since(&self, key: &(String, SocketAddr), requests: u64, errors: u64) -> Recent {
+        let base = self
+            .samples
+            .front()
+            .and_then(|(at, sample)| Some((at, sample.get(key)?)));
+        let (seconds, requests, errors) = match base {
+            // Counts that went down belong to a server made anew (its settings changed):
+            // everything it counted is recent.
+            Some((at, &(r, e))) if r <= requests && e <= errors => {
+                (Some(at.elapsed().as_secs_f64()), requests - r, errors - e)
+            }
+            _ => (None, requests, errors),
+        };
+        Recent {
+            seconds,
+            requests,
+            errors,
+            error_rate: if requests == 0 {
+                0.0
+            } else {
+                errors as f64 / requests as f64
+            },
+        }
+    }
+}
+
+/// Every server's request and error counts now.
+pub fn sample(rt: &Runtime) -> Sample {
+    let mut sample = HashMap::new();
+    for upstream in &rt.upstreams {
+        for server in upstream.servers.iter() {
+            let totals = server.stats.totals();
+            sample.insert(
+                (upstream.name.clone(), server.address),
+                (totals.requests(), totals.errors()),
+            );
+        }
+    }
+    sample
+}
+
+#[derive(Serialize)]
+struct Recent {
+    /// The window's length; `null`: since the server was first counted.
+    seconds: Option<f64>,
+    requests: u64,
+    /// 5xx answers, the server's own or Fulcrum's for it (a timeout, a broken response).
+    errors: u64,
+    error_rate: f64,
+}
+
+#[derive(Serialize)]
+struct ServerView {
+    address: SocketAddr,
+    weight: u32,
+    backup: bool,
+    drain: bool,
+    disabled: bool,
+    health: HealthReport,
+    in_flight: usize,
+    /// The recent response time `least_time` balances on, decaying while none arrive.
+    latency_ms: f64,
+    /// Since the server was added (or its connection settings last changed).
+    requests: u64,
+    errors: u64,
+    recent: Recent,
+    connections: Connections,
+}
+
+#[derive(Serialize)]
+struct Connections {
+    opened: u64,
+    reused: u64,
+}
+
+fn server_view(
+    upstream: &str,
+    config: &ServerConfig,
+    server: &Server,
+    recent: &RecentWindow,
+) -> ServerView {
+    let totals = server.stats.totals();
+    let (requests, errors) = (totals.requests(), totals.errors());
+    let (opened, reused) = server.pool.handed_out.totals();
+    ServerView {
+        address: server.address,
+        weight: config.weight,
+        backup: config.backup,
+        drain: config.drain,
+        disabled: config.disabled,
+        health: server.health_report(),
+        in_flight: server.active(),
+        latency_ms: (server.latency().as_secs_f64() * 1e6).round() / 1e3,
+        requests,
+        errors,
+        recent: recent.since(&(upstream.to_string(), server.address), requests, errors),
+        connections: Connections { opened, reused },
+    }
+}
+
+pub fn balance_name(kind: BalanceKind) -> &'static str {
+    BalanceKind::ALL
+        .iter()
+        .find(|(_, k)| *k == kind)
+        .map_or("?", |(name, _)| name)
+}
+
+/// `GET /api/status`.
+pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
+    let rt = cx.shared.load();
+    let config = &rt.config;
+    let listeners: Vec<Value> = config
+        .listeners
+        .iter()
+        .zip(&cx.listeners)
+        .map(|(l, info)| {
+            let routes: Vec<Value> = l
+                .routes
+                .iter()
+                .map(|r| {
+                    json!({
+                        "host": r.host,
+                        "path_prefix": r.path_prefix,
+                        "client_names": r.client_names,
+                        "upstream": config.upstreams[r.upstream].name,
+                    })
+                })
+                .collect();
+            json!({
+                "name": l.name,
+                "bind": info.addr,
+                "tls": l.tls.is_some(),
+                "connections_open": info.open(),
+                "max_connections": l.max_connections,
+                "routes": routes,
+            })
+        })
+        .collect();
+    let upstreams: Vec<Value> = config
+        .upstreams
+        .iter()
+        .zip(&rt.upstreams)
+        .map(|(u, running)| {
+            let servers: Vec<ServerView> = u
+                .servers
+                .iter()
+                .zip(running.servers.iter())
+                .map(|(s, server)| server_view(&u.name, s, server, recent))
+                .collect();
+            json!({ "name": u.name, "balance": balance_name(u.balance), "servers": servers })
+        })
+        .collect();
+    let mut overrides: Vec<Value> = cx.shared.inputs(|inputs| {
+        inputs
+            .overrides
+            .iter()
+            .map(|((upstream, server), o)| {
+                json!({
+                    "upstream": upstream,
+                    "server": server,
+                    "weight": o.weight,
+                    "drain": o.drain,
+                    "disabled": o.disabled,
+                })
+            })
+            .collect()
+    });
+    overrides.sort_by_key(|o| (o["upstream"].to_string(), o["server"].to_string()));
+    let answered = rt.answers.totals();
+    json!({
+        "listeners": listeners,
+        "upstreams": upstreams,
+        "fulcrum_answered": { "requests": answered.requests(), "errors": answered.errors() },
+        "overrides": overrides,
+        "note": NOTE,
+    })
+}
+
+/// How a server changes at run time.
+enum Change {
+    Drain,
+    Disable,
+    Enable,
+    Weight(u32),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightBody {
+    weight: i64,
+}
+
+/// `POST …/drain`, `/disable`, `/enable` and `PUT …/weight` on a server of an upstream.
+pub fn change(
+    cx: &Context,
+    upstream: &str,
+    server: &str,
+    action: &str,
+    body: Option<&[u8]>,
+) -> Reply {
+    let rt = cx.shared.load();
+    let Some(u) = rt.config.upstreams.iter().find(|u| u.name == upstream) else {
+        let names: Vec<&str> = rt
+            .config
+            .upstreams
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect();
+        return Reply::error(
+            StatusCode::NOT_FOUND,
+            format!("no upstream `{upstream}` (there are: {})", names.join(", ")),
+        );
+    };
+    let listed: Vec<String> = u.servers.iter().map(|s| s.address.to_string()).collect();
+    let Some(address) = percent_decode(server)
+        .and_then(|s| s.parse::<SocketAddr>().ok())
+        .filter(|a| u.servers.iter().any(|s| s.address == *a))
+    else {
+        return Reply::error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "upstream `{upstream}` has no server {server} (it has: {})",
+                listed.join(", ")
+            ),
+        );
+    };
+    let change = match (action, body) {
+        ("drain", _) => Change::Drain,
+        ("disable", _) => Change::Disable,
+        ("enable", _) => Change::Enable,
+        (_, body) => match serde_json::from_slice::<WeightBody>(body.unwrap_or_default()) {
+            Ok(WeightBody { weight }) if (1..=1000).contains(&weight) => {
+                Change::Weight(weight as u32)
+            }
+            Ok(WeightBody { weight }) => {
+                return Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("weight = {weight} is out of range: allowed 1 to 1000"),
+                );
+            }
+            Err(e) => {
+                return Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body must be {{\"weight\": N}} with N from 1 to 1000: {e}"),
+                );
+            }
+        },
+    };
+    let key = (upstream.to_string(), address);
+    let updated = cx.shared.update(|inputs| {
+        let o = inputs.overrides.entry(key.clone()).or_default();
+        match change {
+            Change::Drain => o.drain = Some(true),
+            Change::Disable => o.disabled = Some(true),
+            Change::Enable => {
+                o.drain = Some(false);
+                o.disabled = Some(false);
+            }
+            Change::Weight(weight) => o.weight = Some(weight),
+        }
+        if *o == ServerOverride::default() {
+            inputs.overrides.remove(&key);
+        }
+    });
+    if let Err(e) = updated {
+        return Reply::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the change could not be applied: {e}"),
+        );
+    }
+    tracing::info!(upstream, server = %address, action, "admin API: server changed until the next reload");
+    let rt = cx.shared.load();
+    let found = rt
+        .config
+        .upstreams
+        .iter()
+        .zip(&rt.upstreams)
+        .find(|(u, _)| u.name == upstream)
+        .and_then(|(u, running)| {
+            let i = u.servers.iter().position(|s| s.address == address)?;
+            Some((&u.servers[i], &running.servers[i]))
+        });
+    match found {
+        Some((config, server)) => {
+            let recent = super::lock(&cx.recent);
+            let view = server_view(upstream, config, server, &recent);
+            Reply::json(
+                StatusCode::OK,
+                &json!({ "upstream": upstream, "server": view, "until": UNTIL }),
+            )
+        }
+        // A reload removed it in the meantime.
+        None => Reply::error(
+            StatusCode::NOT_FOUND,
+            format!("upstream `{upstream}` no longer has server {address}"),
+        ),
+    }
+}
+
+/// `text` with `%XX` escapes decoded (an IPv6 address's brackets and colons may come
+/// escaped); `None` if an escape is broken or the result is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// `GET /api/config`: the config the runtime was built from, defaults filled in and admin
+/// changes applied; secrets (sticky secret, keys, the admin token) are left out.
+pub fn config(c: &Config) -> Value {
+    let listeners: Vec<Value> = c
+        .listeners
+        .iter()
+        .map(|l| {
+            let tls = l.tls.as_ref().map(|t| {
+                let (client_auth, client_ca) = match &t.client_auth {
+                    ClientAuth::Off => ("off", None),
+                    ClientAuth::Optional(ca) => ("optional", Some(&ca.path)),
+                    ClientAuth::Required(ca) => ("required", Some(&ca.path)),
+                };
+                json!({
+                    "certificates": t.certificates.iter().map(|cert| json!({
+                        "cert": cert.cert,
+                        "key": cert.key,
+                        "ocsp": cert.ocsp,
+                        "names": cert.loaded.names,
+                    })).collect::<Vec<_>>(),
+                    "min_version": match t.min_version { TlsVersion::V1_2 => "1.2", TlsVersion::V1_3 => "1.3" },
+                    "alpn": t.alpn.iter().map(|p| String::from_utf8_lossy(p)).collect::<Vec<_>>(),
+                    "session_tickets": t.session_tickets,
+                    "session_cache": t.session_cache,
+                    "client_auth": client_auth,
+                    "client_ca": client_ca,
+                    "client_cert_header": t.client_cert_header.as_str(),
+                })
+            });
+            json!({
+                "name": l.name,
+                "bind": l.bind,
+                "max_connections": l.max_connections,
+                "defer_accept": l.defer_accept,
+                "redirect_to_https": l.redirect_to_https,
+                "hsts": l.hsts.as_ref().and_then(|h| h.to_str().ok()),
+                "tls": tls,
+                "routes": l.routes.iter().map(|r| json!({
+                    "host": r.host,
+                    "path_prefix": r.path_prefix,
+                    "client_names": r.client_names,
+                    "upstream": c.upstreams[r.upstream].name,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let upstreams: Vec<Value> = c
+        .upstreams
+        .iter()
+        .map(|u| {
+            json!({
+                "name": u.name,
+                "balance": balance_name(u.balance),
+                "hash_key": u.hash_key.as_ref().map(|k| match k {
+                    HashKey::ClientIp => "client_ip".to_string(),
+                    HashKey::Path => "path".to_string(),
+                    HashKey::Header(name) => format!("header:{name}"),
+                    HashKey::Cookie(name) => format!("cookie:{name}"),
+                }),
+                "sticky_cookie": u.sticky_cookie,
+                "sticky_secret": if u.sticky_secret.is_some() { "(set, hidden)" } else { "(random per process)" },
+                "latency_decay": duration(u.latency_decay),
+                "slow_start": duration(u.slow_start),
+                "fail_timeout": duration(u.fail_timeout),
+                "preserve_host": u.preserve_host,
+                "pool_max_idle_per_server": u.pool_max_idle_per_server,
+                "pool_idle_timeout": duration(u.pool_idle_timeout),
+                "tls": u.tls.as_ref().map(|t| json!({
+                    "ca": t.ca.as_ref().map_or_else(|| "(system roots)".into(), |ca| ca.path.display().to_string()),
+                    "server_name": t.server_name,
+                    "client_cert": t.client_cert.is_some(),
+                    "insecure_skip_verify": t.insecure_skip_verify,
+                })),
+                "servers": u.servers.iter().map(|s| json!({
+                    "address": s.address,
+                    "weight": s.weight,
+                    "backup": s.backup,
+                    "drain": s.drain,
+                    "disabled": s.disabled,
+                    "max_connections": s.max_connections,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let t = &c.timeouts;
+    json!({
+        "workers": c.workers,
+        "listeners": listeners,
+        "upstreams": upstreams,
+        "timeouts": {
+            "client_header": duration(t.client_header),
+            "client_idle": duration(t.client_idle),
+            "upstream_connect": duration(t.upstream_connect),
+            "upstream_response_header": duration(t.upstream_response_header),
+            "upstream_idle": duration(t.upstream_idle),
+            "shutdown_grace": duration(t.shutdown_grace),
+            "tls_handshake": duration(t.tls_handshake),
+        },
+        "limits": {
+            "max_header_bytes": c.limits.max_header_bytes,
+            "max_headers": c.limits.max_headers,
+            "max_uri_bytes": c.limits.max_uri_bytes,
+            "max_body_bytes": c.limits.max_body_bytes,
+        },
+        "http2": {
+            "max_concurrent_streams": c.http2.max_concurrent_streams,
+            "max_header_list_bytes": c.http2.max_header_list_bytes,
+            "max_pending_resets": c.http2.max_pending_resets,
+        },
+        "access_log": {
+            "enabled": c.access_log.enabled,
+            "format": match c.access_log.format { crate::config::LogFormat::Text => "text", crate::config::LogFormat::Json => "json" },
+        },
+        "admin": c.admin.as_ref().map(|a| json!({
+            "bind": a.bind,
+            "token_file": a.token_file,
+            "changes_allowed": a.token.is_some(),
+        })),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaped_ipv6_addresses_decode() {
+        assert_eq!(
+            percent_decode("%5B%3A%3A1%5D:8080").as_deref(),
+            Some("[::1]:8080")
+        );
+        assert_eq!(
+            percent_decode("127.0.0.1:80").as_deref(),
+            Some("127.0.0.1:80")
+        );
+        assert_eq!(percent_decode("%5"), None);
+        assert_eq!(percent_decode("%zz"), None);
+    }
+
+    #[test]
+    fn recent_counts_start_at_the_older_sample() {
+        let key = ("app".to_string(), "127.0.0.1:1".parse().unwrap());
+        let mut window = RecentWindow::default();
+        assert_eq!(window.since(&key, 5, 1).requests, 5);
+        window.push(Instant::now(), HashMap::from([(key.clone(), (5, 1))]));
+        window.push(Instant::now(), HashMap::from([(key.clone(), (9, 1))]));
+        let recent = window.since(&key, 15, 3);
+        assert_eq!((recent.requests, recent.errors), (10, 2));
+        assert_eq!(recent.error_rate, 0.2);
+        window.push(Instant::now(), HashMap::from([(key.clone(), (15, 3))]));
+        assert_eq!(window.since(&key, 15, 3).requests, 6);
+        // A server made anew counts from zero again.
+        assert_eq!(window.since(&key, 2, 0).requests, 2);
+    }
+}

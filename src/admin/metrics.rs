@@ -1,0 +1,345 @@
+//! `GET /metrics`: Prometheus text exposition, made with prometheus-client.
+//!
+//! Nothing is recorded through prometheus-client on the request path: workers count in
+//! their own shards (`upstream::stats`), and each scrape reads those counters, and the
+//! servers' health and load, into a [`Scrape`] that a fresh registry encodes as a
+//! collector.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use http::StatusCode;
+
+use super::{Context, Reply};
+use crate::upstream::stats::{CLASSES, LATENCY_BUCKETS, RequestTotals};
+
+/// The states a server's health can be in, each a series of `fulcrum_server_state`.
+const STATES: [&str; 5] = ["up", "ramping", "down", "ejected", "unreachable"];
+
+pub fn reply(cx: &Context) -> Reply {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape::take(cx)));
+    let mut text = String::new();
+    match prometheus_client::encoding::prometheus_text::encode(&mut text, &registry) {
+        Ok(()) => Reply {
+            status: StatusCode::OK,
+            content_type: prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            body: text.into(),
+            extra: None,
+        },
+        Err(e) => Reply::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("metrics could not be encoded: {e}"),
+        ),
+    }
+}
+
+/// Everything one scrape shows, read at once.
+#[derive(Debug, Default)]
+struct Scrape {
+    listeners: Vec<ListenerScrape>,
+    upstreams: Vec<UpstreamScrape>,
+    /// Requests Fulcrum answered itself without a server.
+    answered: RequestTotals,
+    dropped_log_lines: Option<u64>,
+}
+
+#[derive(Debug)]
+struct ListenerScrape {
+    name: String,
+    connections_open: usize,
+}
+
+#[derive(Debug)]
+struct UpstreamScrape {
+    name: String,
+    servers: Vec<ServerScrape>,
+    // After the merge with the resilience work, `Upstream::resilience_stats()` (retries,
+    // budget_exhausted, queue_rejected, queue_timeouts, active, pending) goes here, read in
+    // `Scrape::take` and written in `encode` beside `fulcrum_upstream_latency_seconds`.
+}
+
+#[derive(Debug)]
+struct ServerScrape {
+    address: String,
+    state: &'static str,
+    weight: u32,
+    in_flight: usize,
+    ejections: u64,
+    requests: RequestTotals,
+    connections_opened: u64,
+    connections_reused: u64,
+}
+
+impl Scrape {
+    fn take(cx: &Context) -> Scrape {
+        let rt = cx.shared.load();
+        let listeners = rt
+            .config
+            .listeners
+            .iter()
+            .zip(&cx.listeners)
+            .map(|(l, info)| ListenerScrape {
+                name: l.name.clone(),
+                connections_open: info.open(),
+            })
+            .collect();
+        let upstreams = rt
+            .config
+            .upstreams
+            .iter()
+            .zip(&rt.upstreams)
+            .map(|(u, running)| UpstreamScrape {
+                name: u.name.clone(),
+                servers: u
+                    .servers
+                    .iter()
+                    .zip(running.servers.iter())
+                    .map(|(config, server)| {
+                        let health = server.health_report();
+                        let (opened, reused) = server.pool.handed_out.totals();
+                        ServerScrape {
+                            address: server.address.to_string(),
+                            state: health.state,
+                            weight: config.weight,
+                            in_flight: server.active(),
+                            ejections: health.ejections,
+                            requests: server.stats.totals(),
+                            connections_opened: opened,
+                            connections_reused: reused,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        Scrape {
+            listeners,
+            upstreams,
+            answered: rt.answers.totals(),
+            dropped_log_lines: crate::logging::dropped_lines(),
+        }
+    }
+
+    /// `fulcrum_requests_total`: one series per listener, upstream, server and class that
+    /// counted anything.
+    fn requests(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_requests",
+            "Requests by listener, upstream, server and status class (upstream and server empty: answered by Fulcrum itself without a server)",
+            None,
+            MetricType::Counter,
+        )?;
+        let served = self.upstreams.iter().flat_map(|u| {
+            u.servers
+                .iter()
+                .map(move |s| (u.name.as_str(), s.address.as_str(), &s.requests))
+        });
+        for (upstream, server, totals) in std::iter::once(("", "", &self.answered)).chain(served) {
+            for (listener, classes) in self.listeners.iter().zip(&totals.by_listener) {
+                for (class, &count) in CLASSES.iter().zip(classes) {
+                    if count == 0 {
+                        continue;
+                    }
+                    let labels = [
+                        ("listener", listener.name.as_str()),
+                        ("upstream", upstream),
+                        ("server", server),
+                        ("class", class),
+                    ];
+                    counter(&mut family, &labels, count)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `fulcrum_upstream_latency_seconds`: request durations (first byte in to last byte
+    /// out) per upstream, its servers' histograms added up.
+    fn latency(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_upstream_latency_seconds",
+            "Request durations by upstream, from the request's head to the response's end",
+            None,
+            MetricType::Histogram,
+        )?;
+        for u in &self.upstreams {
+            let mut buckets = vec![0u64; LATENCY_BUCKETS.len() + 1];
+            let mut sum = 0.0;
+            for s in &u.servers {
+                for (b, n) in buckets.iter_mut().zip(&s.requests.latency_buckets) {
+                    *b += n;
+                }
+                sum += s.requests.latency_sum.as_secs_f64();
+            }
+            let count = buckets.iter().sum();
+            let bounds: Vec<(f64, u64)> = LATENCY_BUCKETS
+                .iter()
+                .copied()
+                .zip(buckets.iter().copied())
+                .collect();
+            family
+                .encode_family(&[("upstream", u.name.as_str())])?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                sum, count, &bounds, None,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn servers(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let servers = || {
+            self.upstreams.iter().flat_map(|u| {
+                u.servers.iter().map(move |s| {
+                    (
+                        [
+                            ("upstream", u.name.as_str()),
+                            ("server", s.address.as_str()),
+                        ],
+                        s,
+                    )
+                })
+            })
+        };
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_server_up",
+            "1 while the server takes requests (up or ramping up), 0 otherwise",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, s) in servers() {
+            gauge(
+                &mut family,
+                &labels,
+                i64::from(matches!(s.state, "up" | "ramping")),
+            )?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_server_state",
+            "1 for the state the server's health is in, 0 for the others",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, s) in servers() {
+            for state in STATES {
+                let [upstream, server] = labels;
+                let labels = [upstream, server, ("state", state)];
+                gauge(&mut family, &labels, i64::from(s.state == state))?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_server_weight",
+            "The server's weight, admin changes included",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, s) in servers() {
+            gauge(&mut family, &labels, i64::from(s.weight))?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_server_in_flight",
+            "Requests in flight to the server",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, s) in servers() {
+            gauge(&mut family, &labels, s.in_flight as i64)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_server_ejections",
+            "Times outlier detection ejected the server",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, s) in servers() {
+            counter(&mut family, &labels, s.ejections)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_upstream_connections",
+            "Upstream connections a request used: opened for it (new) or taken from the pool (reused)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, s) in servers() {
+            let [upstream, server] = labels;
+            counter(
+                &mut family,
+                &[upstream, server, ("kind", "new")],
+                s.connections_opened,
+            )?;
+            counter(
+                &mut family,
+                &[upstream, server, ("kind", "reused")],
+                s.connections_reused,
+            )?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_upstream_connection_reuse_ratio",
+            "Share of the requests to the server that found a pooled connection",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, s) in servers() {
+            let total = s.connections_opened + s.connections_reused;
+            let ratio = if total == 0 {
+                0.0
+            } else {
+                s.connections_reused as f64 / total as f64
+            };
+            ConstGauge::new(ratio).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.requests(&mut encoder)?;
+        self.latency(&mut encoder)?;
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_connections_open",
+            "Client connections open, by listener",
+            None,
+            MetricType::Gauge,
+        )?;
+        for l in &self.listeners {
+            gauge(
+                &mut family,
+                &[("listener", l.name.as_str())],
+                l.connections_open as i64,
+            )?;
+        }
+        self.servers(&mut encoder)?;
+        // Only where the access log is written through `logging::init` (not in-process
+        // embedding, which sets up its own logging).
+        if let Some(dropped) = self.dropped_log_lines {
+            let family = encoder.encode_descriptor(
+                "fulcrum_access_log_dropped_lines",
+                "Access log lines dropped because stdout did not keep up",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(dropped).encode(family)?;
+        }
+        Ok(())
+    }
+}
+
+fn counter(
+    family: &mut prometheus_client::encoding::MetricEncoder,
+    labels: &impl EncodeLabelSet,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    ConstCounter::new(value).encode(family.encode_family(labels)?)
+}
+
+fn gauge(
+    family: &mut prometheus_client::encoding::MetricEncoder,
+    labels: &impl EncodeLabelSet,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(value).encode(family.encode_family(labels)?)
+}

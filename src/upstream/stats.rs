@@ -1,0 +1,250 @@
+//! Request statistics for the metrics and the admin API: requests by listener and status
+//! class, a latency histogram, and new versus reused upstream connections.
+//!
+//! Recording is on the request path of every worker, so each worker counts in its own
+//! cache-line-aligned shard of plain atomics (picked by `crate::server::worker()`); nothing
+//! is shared between workers until a scrape adds the shards up.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::server::worker;
+
+/// The status classes requests are counted by; `none` is a request that ended (the client
+/// went away, say) before any response status was settled.
+pub const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+const NO_STATUS: usize = 5;
+
+/// Upper bounds of the latency histogram's buckets, in seconds; one more bucket takes
+/// everything slower.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+/// The same bounds in microseconds, which recording compares with.
+const BUCKET_MICROS: [u64; 12] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    10_000_000,
+];
+
+/// Requests counted by listener and status class, and how long they took.
+#[derive(Debug)]
+pub struct RequestStats {
+    shards: Box<[Shard]>,
+}
+
+/// One worker's counts. Aligned to a cache line so that two workers never write the same
+/// line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Shard {
+    /// Per listener, per class. Sized on the worker's first request, when the number of
+    /// listeners is known; it stays fixed for the process (a reload that changes the
+    /// listeners is refused).
+    by_listener: OnceLock<Box<[[AtomicU64; CLASSES.len()]]>>,
+    /// Not cumulative: each request counts in its one bucket.
+    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_sum_us: AtomicU64,
+}
+
+/// `RequestStats` added up over the workers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestTotals {
+    /// Per listener, per class (in the order of [`CLASSES`]).
+    pub by_listener: Vec<[u64; CLASSES.len()]>,
+    /// Requests per bucket of [`LATENCY_BUCKETS`] (each in the first whose bound it is
+    /// within), then those slower than the last bound.
+    pub latency_buckets: Vec<u64>,
+    pub latency_sum: Duration,
+}
+
+impl RequestTotals {
+    pub fn requests(&self) -> u64 {
+        self.by_listener.iter().flatten().sum()
+    }
+
+    /// Requests answered with a 5xx status.
+    pub fn errors(&self) -> u64 {
+        self.by_listener.iter().map(|c| c[4]).sum()
+    }
+}
+
+impl RequestStats {
+    /// Counts for `workers` workers (at least one).
+    pub fn new(workers: usize) -> Self {
+        RequestStats {
+            shards: (0..workers.max(1)).map(|_| Shard::default()).collect(),
+        }
+    }
+
+    /// Counts one request on listener `listener` (of `listeners`) that ended with `status`
+    /// (`None`: without one) after `elapsed`.
+    pub fn record(
+        &self,
+        listeners: usize,
+        listener: usize,
+        status: Option<u16>,
+        elapsed: Duration,
+    ) {
+        let shard = &self.shards[worker().min(self.shards.len() - 1)];
+        let class = match status {
+            Some(status @ 100..=599) => usize::from(status / 100 - 1),
+            _ => NO_STATUS,
+        };
+        let counts = shard.by_listener.get_or_init(|| {
+            (0..listeners)
+                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+                .collect()
+        });
+        if let Some(counts) = counts.get(listener) {
+            bump(&counts[class]);
+        }
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = BUCKET_MICROS
+            .iter()
+            .position(|&bound| micros <= bound)
+            .unwrap_or(BUCKET_MICROS.len());
+        bump(&shard.latency[bucket]);
+        shard.latency_sum_us.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Everything counted so far, over all workers.
+    pub fn totals(&self) -> RequestTotals {
+        let mut totals = RequestTotals {
+            latency_buckets: vec![0; LATENCY_BUCKETS.len() + 1],
+            ..RequestTotals::default()
+        };
+        let mut sum_us = 0u64;
+        for shard in &self.shards {
+            if let Some(counts) = shard.by_listener.get() {
+                if totals.by_listener.len() < counts.len() {
+                    totals.by_listener.resize(counts.len(), [0; CLASSES.len()]);
+                }
+                for (total, counts) in totals.by_listener.iter_mut().zip(counts) {
+                    for (t, c) in total.iter_mut().zip(counts) {
+                        *t += c.load(Ordering::Relaxed);
+                    }
+                }
+            }
+            for (t, c) in totals.latency_buckets.iter_mut().zip(&shard.latency) {
+                *t += c.load(Ordering::Relaxed);
+            }
+            sum_us = sum_us.wrapping_add(shard.latency_sum_us.load(Ordering::Relaxed));
+        }
+        totals.latency_sum = Duration::from_micros(sum_us);
+        totals
+    }
+}
+
+/// Adds one to a counter of the calling worker's shard. Its cache line is the worker's
+/// own, so the atomic add costs no waiting on other cores; it stays exact where threads
+/// that are not workers (a multi-threaded runtime embedding Fulcrum) share shard 0.
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Connections a pool handed out, new and reused, per worker.
+#[derive(Debug)]
+pub struct ConnectionCounts {
+    shards: Box<[ConnectionShard]>,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct ConnectionShard {
+    opened: AtomicU64,
+    reused: AtomicU64,
+}
+
+impl ConnectionCounts {
+    pub fn new(workers: usize) -> Self {
+        ConnectionCounts {
+            shards: (0..workers.max(1))
+                .map(|_| ConnectionShard::default())
+                .collect(),
+        }
+    }
+
+    fn shard(&self) -> &ConnectionShard {
+        &self.shards[worker().min(self.shards.len() - 1)]
+    }
+
+    pub fn opened(&self) {
+        bump(&self.shard().opened);
+    }
+
+    pub fn reused(&self) {
+        bump(&self.shard().reused);
+    }
+
+    /// Connections opened and connections reused, over all workers.
+    pub fn totals(&self) -> (u64, u64) {
+        self.shards.iter().fold((0, 0), |(o, r), s| {
+            (
+                o + s.opened.load(Ordering::Relaxed),
+                r + s.reused.load(Ordering::Relaxed),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_count_by_listener_class_and_latency_bucket() {
+        let stats = RequestStats::new(2);
+        stats.record(2, 0, Some(200), Duration::from_micros(800));
+        stats.record(2, 0, Some(204), Duration::from_millis(3));
+        stats.record(2, 1, Some(502), Duration::from_secs(30));
+        stats.record(2, 1, None, Duration::from_millis(3));
+        let totals = stats.totals();
+        assert_eq!(
+            totals.by_listener,
+            vec![[0, 2, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]]
+        );
+        assert_eq!(totals.requests(), 4);
+        assert_eq!(totals.errors(), 1);
+        // ≤1 ms: 1; ≤5 ms: 2; beyond 10 s: 1.
+        let mut expected = vec![0; LATENCY_BUCKETS.len() + 1];
+        (expected[0], expected[2], expected[LATENCY_BUCKETS.len()]) = (1, 2, 1);
+        assert_eq!(totals.latency_buckets, expected);
+        assert_eq!(
+            totals.latency_sum,
+            Duration::from_micros(800 + 3000 + 30_000_000 + 3000)
+        );
+    }
+
+    #[test]
+    fn a_listener_beyond_the_known_ones_is_not_counted_rather_than_panicking() {
+        let stats = RequestStats::new(1);
+        stats.record(1, 3, Some(200), Duration::ZERO);
+        assert_eq!(stats.totals().requests(), 0);
+    }
+
+    #[test]
+    fn shards_of_every_worker_are_added_up() {
+        let stats = std::sync::Arc::new(RequestStats::new(4));
+        let counts = std::sync::Arc::new(ConnectionCounts::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|w| {
+                let (stats, counts) = (stats.clone(), counts.clone());
+                std::thread::spawn(move || {
+                    crate::server::set_worker_for_tests(w);
+                    for _ in 0..1000 {
+                        stats.record(1, 0, Some(200), Duration::from_millis(1));
+                        counts.opened();
+                        counts.reused();
+                        counts.reused();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(stats.totals().requests(), 4000);
+        assert_eq!(counts.totals(), (4000, 8000));
+    }
+}
