@@ -68,6 +68,7 @@ impl Drop for BackendProcess {
         // A frozen process must be let go before it can die.
         let _ = std::process::Command::new("kill")
             .args(["-s", "CONT", &self.child.id().to_string()])
+            .stderr(Stdio::null())
             .status();
         self.kill();
     }
@@ -81,8 +82,8 @@ struct Seen {
     requests: usize,
 }
 
-/// `clients` loops of GETs on kept-alive connections for `duration` (at most 20,000
-/// requests in all).
+/// `clients` loops of GETs on kept-alive connections for `duration`, each at most one
+/// request per millisecond (and at most 50,000 requests in all).
 async fn load(url: String, clients: usize, duration: Duration) -> Seen {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let end = Instant::now() + duration;
@@ -94,7 +95,7 @@ async fn load(url: String, clients: usize, duration: Duration) -> Seen {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap();
-            while Instant::now() < end && seen.lock().unwrap().requests < 20_000 {
+            while Instant::now() < end && seen.lock().unwrap().requests < 50_000 {
                 seen.lock().unwrap().requests += 1;
                 let outcome = match client.get(&url).send().await {
                     Ok(response) if response.status() == 200 => {
@@ -103,17 +104,20 @@ async fn load(url: String, clients: usize, duration: Duration) -> Seen {
                     Ok(response) => Err(format!("status {}", response.status())),
                     Err(e) => Err(e.to_string()),
                 };
-                let mut seen = seen.lock().unwrap();
-                match outcome {
-                    Ok(text) => {
-                        let name = text.split_whitespace().nth(4).unwrap_or("").to_string();
-                        seen.by_backend
-                            .entry(name)
-                            .or_default()
-                            .push(Instant::now());
+                {
+                    let mut seen = seen.lock().unwrap();
+                    match outcome {
+                        Ok(text) => {
+                            let name = text.split_whitespace().nth(4).unwrap_or("").to_string();
+                            seen.by_backend
+                                .entry(name)
+                                .or_default()
+                                .push(Instant::now());
+                        }
+                        Err(e) => seen.failures.push(e),
                     }
-                    Err(e) => seen.failures.push(e),
                 }
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }));
     }
@@ -214,13 +218,49 @@ async fn a_frozen_server_costs_clients_nothing_and_is_marked_down() {
         seen.requests,
         &seen.failures[..seen.failures.len().min(5)]
     );
-    // Once marked down, it gets nothing (answers from it can only predate the freeze).
+    // Frozen, it answers nothing (what it wrote just before may still be on its way).
+    let settled = frozen_at + Duration::from_millis(200);
     let late = seen
         .by_backend
         .get("two")
-        .map_or(0, |t| t.iter().filter(|&&t| t > frozen_at).count());
+        .map_or(0, |t| t.iter().filter(|&&t| t > settled).count());
     assert_eq!(late, 0, "answers from the frozen server");
     assert!(seen.requests > 100, "only {} requests", seen.requests);
+    // The metrics tell the same story: retries were made, and the server is down.
+    let metrics = metrics(admin).await;
+    assert!(
+        sample(
+            &metrics,
+            "fulcrum_upstream_retries_total",
+            &[("upstream", "app")]
+        ) > 0.0
+    );
+    let server = frozen.addr.to_string();
+    let down = [("server", server.as_str()), ("state", "down")];
+    assert_eq!(sample(&metrics, "fulcrum_server_state", &down), 1.0);
+}
+
+async fn metrics(admin: SocketAddr) -> prometheus_parse::Scrape {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+/// The value of the sample of `name` whose labels include `labels`.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let found = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("no {name} with {labels:?}"));
+    match found.value {
+        prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+        _ => panic!("{name} is not a counter or gauge"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,6 +272,7 @@ async fn a_killed_server_is_marked_down_and_comes_back_through_slow_start() {
         admin,
     } = setup();
     let addr = backends[1].addr;
+    let load_end = Instant::now() + Duration::from_secs(10);
     let load = tokio::spawn(load(proxy.url("/"), 4, Duration::from_secs(10)));
     tokio::time::sleep(Duration::from_secs(1)).await;
     backends[1].kill();
@@ -265,8 +306,19 @@ async fn a_killed_server_is_marked_down_and_comes_back_through_slow_start() {
         .copied()
         .filter(|&t| t > back_at)
         .collect();
+    let first = returned
+        .iter()
+        .filter(|&&t| t < back_at + Duration::from_secs(1))
+        .count();
+    let last = returned
+        .iter()
+        .filter(|&&t| t > load_end - Duration::from_secs(1))
+        .count();
+    eprintln!(
+        "answers from the restarted server: {first} in its first second back, {last} in the load's last second"
+    );
     assert!(
-        !returned.is_empty(),
-        "no traffic returned to the restarted server"
+        last > first,
+        "no gradual return: {first} answers in the first second, {last} in the last"
     );
 }

@@ -188,7 +188,13 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
                 .zip(running.servers.iter())
                 .map(|(s, server)| server_view(&u.name, s, server, recent))
                 .collect();
-            json!({ "name": u.name, "balance": balance_name(u.balance), "servers": servers })
+            json!({
+                "name": u.name,
+                "balance": balance_name(u.balance),
+                "servers": servers,
+                "panic": running.is_panicking(),
+                "resilience": running.resilience_stats(),
+            })
         })
         .collect();
     let mut overrides: Vec<Value> = cx.shared.inputs(|inputs| {

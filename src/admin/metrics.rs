@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 use http::StatusCode;
 
 use super::{Context, Reply};
+use crate::upstream::ResilienceStats;
 use crate::upstream::stats::{CLASSES, LATENCY_BUCKETS, RequestTotals};
 
 /// The states a server's health can be in, each a series of `fulcrum_server_state`.
@@ -58,9 +59,7 @@ struct ListenerScrape {
 struct UpstreamScrape {
     name: String,
     servers: Vec<ServerScrape>,
-    // After the merge with the resilience work, `Upstream::resilience_stats()` (retries,
-    // budget_exhausted, queue_rejected, queue_timeouts, active, pending) goes here, read in
-    // `Scrape::take` and written in `encode` beside `fulcrum_upstream_latency_seconds`.
+    resilience: ResilienceStats,
 }
 
 #[derive(Debug)]
@@ -95,6 +94,7 @@ impl Scrape {
             .zip(&rt.upstreams)
             .map(|(u, running)| UpstreamScrape {
                 name: u.name.clone(),
+                resilience: running.resilience_stats(),
                 servers: u
                     .servers
                     .iter()
@@ -295,6 +295,65 @@ impl Scrape {
     }
 }
 
+impl Scrape {
+    /// Retries, the retry budget and the circuit breaker, per upstream.
+    fn resilience(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        type Read = fn(&ResilienceStats) -> u64;
+        let counters: [(&str, &str, Read); 4] = [
+            (
+                "fulcrum_upstream_retries",
+                "Tries after a request's first, each on another server",
+                |r| r.retries,
+            ),
+            (
+                "fulcrum_upstream_retry_budget_exhausted",
+                "Failed requests not retried because the retry budget was spent",
+                |r| r.budget_exhausted,
+            ),
+            (
+                "fulcrum_upstream_queue_rejected",
+                "Requests refused (503) because the circuit breaker's line was full",
+                |r| r.queue_rejected,
+            ),
+            (
+                "fulcrum_upstream_queue_timeouts",
+                "Requests refused (503) after waiting out queue_timeout in the circuit breaker's line",
+                |r| r.queue_timeouts,
+            ),
+        ];
+        for (name, help, read) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for u in &self.upstreams {
+                counter(
+                    &mut family,
+                    &[("upstream", u.name.as_str())],
+                    read(&u.resilience),
+                )?;
+            }
+        }
+        let gauges: [(&str, &str, Read); 2] = [
+            (
+                "fulcrum_upstream_active_requests",
+                "Requests in flight to the upstream",
+                |r| r.active,
+            ),
+            (
+                "fulcrum_upstream_pending_requests",
+                "Requests waiting in the circuit breaker's line",
+                |r| r.pending,
+            ),
+        ];
+        for (name, help, read) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for u in &self.upstreams {
+                let value = i64::try_from(read(&u.resilience)).unwrap_or(i64::MAX);
+                gauge(&mut family, &[("upstream", u.name.as_str())], value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         self.requests(&mut encoder)?;
@@ -313,6 +372,7 @@ impl Collector for Scrape {
             )?;
         }
         self.servers(&mut encoder)?;
+        self.resilience(&mut encoder)?;
         // Only where the access log is written through `logging::init` (not in-process
         // embedding, which sets up its own logging).
         if let Some(dropped) = self.dropped_log_lines {

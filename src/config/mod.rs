@@ -1,8 +1,8 @@
 //! Configuration pipeline: TOML text → [`file`] (serde mirror of the file) → [`model`]
 //! (validated). Errors carry the file, line and column of what is wrong.
 
-mod dns;
 mod admin;
+mod dns;
 mod error;
 pub mod file;
 mod health;

@@ -220,6 +220,14 @@ async fn check_server(
             },
             None => {
                 tracing::debug!(upstream = %name, server = %server.address, passed = result.is_ok(), %detail, "health check");
+                // A server marked unreachable by a refused request, whose checks kept
+                // passing, is reachable: no need to wait out its `fail_timeout`.
+                if result.is_ok()
+                    && server.share() == 0
+                    && let Some((upstream, index)) = current(&shared, &name, &server)
+                {
+                    upstream.reached(index);
+                }
             }
         }
         due += check.interval;

@@ -146,11 +146,14 @@ impl ServerState {
         !before.unsettled
     }
 
-    /// Its active checks pass again: it ramps up now, or once an ejection still running is
-    /// over. Returns whether it has just become unsettled.
+    /// Its active checks pass again: it ramps up now, or once an ejection for failed
+    /// requests still running is over. Returns whether it has just become unsettled.
     pub fn checks_up(&self, slow_start: Duration) -> bool {
         self.checks_failing.store(false, Ordering::Release);
-        if now_ms() < self.down_until.load(Ordering::Relaxed) {
+        // A passing check has connected to it: a mark for being unreachable is over, while
+        // an ejection for failed requests runs its course.
+        let unreachable = Down::from_u8(self.cause.load(Ordering::Relaxed)) == Down::Unreachable;
+        if now_ms() < self.down_until.load(Ordering::Relaxed) && !unreachable {
             return false;
         }
         self.ramp_up(slow_start)
