@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use super::{Context, Reply};
 use crate::config::{BalanceKind, ClientAuth, Config, HashKey, ServerConfig, TlsVersion};
 use crate::runtime::{Runtime, ServerOverride};
+use crate::upstream::stats::SERVER_ERROR;
 use crate::upstream::{HealthReport, Server};
 
 /// What the status says about run-time changes.
@@ -154,16 +155,22 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
         .listeners
         .iter()
         .zip(&cx.listeners)
-        .map(|(l, info)| {
+        .zip(&rt.listeners)
+        .map(|((l, info), running)| {
             let routes: Vec<Value> = l
                 .routes
                 .iter()
-                .map(|r| {
+                .zip(running.router.targets())
+                .map(|(r, target)| {
+                    let classes = target.requests.totals();
                     json!({
                         "host": r.host,
                         "path_prefix": r.path_prefix,
                         "client_names": r.client_names,
                         "upstream": config.upstreams[r.upstream].name,
+                        // Since the route was added (or last sent to another upstream).
+                        "requests": classes.iter().sum::<u64>(),
+                        "errors": classes[SERVER_ERROR],
                     })
                 })
                 .collect();
