@@ -140,7 +140,19 @@ async fn spread(proxy: &Proxy, n: usize) -> HashMap<String, usize> {
 async fn the_status_lists_listeners_routes_upstreams_and_servers_and_the_config_hides_secrets() {
     let dir = TempDir::new();
     let (a, b) = (Backend::named("a").await, Backend::named("b").await);
-    let extra = format!("sticky_cookie = \"pin\"\n{}", admin_section(&dir, true));
+    // An upstream no route sends to, with every upstream key the config view shows, and
+    // [dns] for its named server, whose name server is not there.
+    let checked = "[upstreams.checked]\n\
+         servers = [{ address = \"127.0.0.1:1\" }, { address = \"db.internal:5432\", weight = 3 }]\n\
+         retries = 1\ntry_timeout = \"1500ms\"\nmax_active_requests = 50\npanic_threshold = 30\n\
+         [upstreams.checked.health_check]\npath = \"/healthz\"\ninterval = \"10s\"\n\
+         expect_status = [204, \"300-302\"]\n\
+         [upstreams.checked.outlier_detection]\nconsecutive_5xx = 3\n\
+         [dns]\nnameservers = [\"127.0.0.1:1\"]\nmin_ttl = \"2s\"\ntimeout = \"1s\"\n";
+    let extra = format!(
+        "sticky_cookie = \"pin\"\n{}{checked}",
+        admin_section(&dir, true)
+    );
     let config = format!(
         "sticky_secret = \"0123456789abcdef0123456789abcdef-secret\"\n{}",
         simple_config(2, &extra)
@@ -177,6 +189,37 @@ async fn the_status_lists_listeners_routes_upstreams_and_servers_and_the_config_
     );
     assert_eq!(json["timeouts"]["client_header"], "30s");
     assert_eq!(json["admin"]["changes_allowed"], true);
+    let app = &json["upstreams"][0];
+    assert_eq!(app["health_check"], Value::Null);
+    assert_eq!(app["named"], serde_json::json!([]));
+    assert_eq!(app["resilience"]["retries"], 2, "the default: {app:#}");
+    assert_eq!(app["resilience"]["max_active_requests"], Value::Null);
+    assert_eq!(app["outlier_detection"]["base_ejection_time"], "30s");
+    let checked = &json["upstreams"][1];
+    assert_eq!(checked["name"], "checked");
+    assert_eq!(checked["named"][0]["address"], "db.internal:5432");
+    assert_eq!(checked["named"][0]["weight"], 3);
+    let check = &checked["health_check"];
+    assert_eq!(check["type"], "http");
+    assert_eq!(check["path"], "/healthz");
+    assert_eq!(check["interval"], "10s");
+    assert_eq!(
+        check["expect_status"],
+        serde_json::json!(["204", "300-302"])
+    );
+    assert_eq!(checked["outlier_detection"]["consecutive_5xx"], 3);
+    assert_eq!(checked["outlier_detection"]["enabled"], true);
+    assert_eq!(checked["panic_threshold"], 30);
+    let resilience = &checked["resilience"];
+    assert_eq!(resilience["retries"], 1);
+    assert_eq!(resilience["try_timeout"], "1s 500ms");
+    assert_eq!(resilience["max_active_requests"], 50);
+    assert_eq!(
+        json["dns"]["nameservers"],
+        serde_json::json!(["127.0.0.1:1"])
+    );
+    assert_eq!(json["dns"]["min_ttl"], "2s");
+    assert_eq!(json["dns"]["timeout"], "1s");
     assert!(
         !config.contains("-secret"),
         "the sticky secret shows: {config}"
