@@ -186,7 +186,7 @@ impl Scrape {
     }
 
     /// `fulcrum_route_requests_total`: one series per listener, route and class that
-    /// counted anything. Requests refused before routing are only in `fulcrum_requests`.
+    /// counted anything. Requests refused before routing are only in `fulcrum_requests_total`.
     fn route_requests(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut family = encoder.encode_descriptor(
             "fulcrum_route_requests",
