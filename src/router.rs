@@ -1,11 +1,13 @@
 //! Routing: which upstream a request goes to, by host and longest matching path prefix, and
-//! on a listener that verifies client certificates, by the names in the client's.
+//! on a listener that verifies client certificates, by the names in the client's. Each
+//! route also counts the requests it took, for the metrics and the status.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::RouteConfig;
 use crate::upstream::Upstream;
+use crate::upstream::stats::ClassCounts;
 
 /// The routes of one listener, indexed for lookup.
 #[derive(Debug, Default)]
@@ -14,6 +16,8 @@ pub struct Router {
     by_host: HashMap<Box<str>, Vec<Rule>>,
     /// Rules without a host, longest prefix first; used when no host rule matches.
     any_host: Vec<Rule>,
+    /// Where each route sends, in the order of the listener's routes in the config.
+    targets: Vec<Target>,
 }
 
 #[derive(Debug)]
@@ -22,7 +26,17 @@ struct Rule {
     /// The rule takes only clients whose verified certificate has one of these names;
     /// empty: any client.
     client_names: Box<[Box<str>]>,
-    upstream: Arc<Upstream>,
+    /// Index into `Router::targets`.
+    target: usize,
+}
+
+/// What a route sends its requests to, and where it counts them.
+#[derive(Debug)]
+pub struct Target {
+    pub upstream: Arc<Upstream>,
+    /// Requests the route took, by the status they ended with. Shared with the snapshot
+    /// before, when it had the same route, so that a rebuild does not reset the count.
+    pub requests: Arc<ClassCounts>,
 }
 
 impl Rule {
@@ -37,9 +51,35 @@ impl Rule {
 }
 
 impl Router {
-    pub fn build(routes: &[RouteConfig], upstreams: &[Arc<Upstream>]) -> Self {
+    /// Indexes `routes`, whose upstreams are `upstreams`, with counts for `workers`
+    /// workers. A route that `previous` (the routes and router this one replaces) had
+    /// already, sending to the same upstream, keeps its counts; one that now sends
+    /// elsewhere counts anew, since its counts are shown by upstream.
+    pub fn build(
+        routes: &[RouteConfig],
+        upstreams: &[Arc<Upstream>],
+        workers: usize,
+        previous: Option<(&[RouteConfig], &Router)>,
+    ) -> Self {
         let mut router = Router::default();
-        for route in routes {
+        for (index, route) in routes.iter().enumerate() {
+            let upstream = upstreams[route.upstream].clone();
+            let kept = previous.and_then(|(old_routes, old_router)| {
+                old_routes
+                    .iter()
+                    .zip(&old_router.targets)
+                    .find(|(old, target)| {
+                        old.host == route.host
+                            && old.path_prefix == route.path_prefix
+                            && old.client_names == route.client_names
+                            && target.upstream.name == upstream.name
+                    })
+                    .map(|(_, target)| target.requests.clone())
+            });
+            router.targets.push(Target {
+                upstream,
+                requests: kept.unwrap_or_else(|| Arc::new(ClassCounts::new(workers))),
+            });
             let rule = Rule {
                 prefix: route.path_prefix.as_str().into(),
                 client_names: route
@@ -47,7 +87,7 @@ impl Router {
                     .iter()
                     .map(|n| n.as_str().into())
                     .collect(),
-                upstream: upstreams[route.upstream].clone(),
+                target: index,
             };
             match &route.host {
                 Some(host) => router
@@ -74,14 +114,14 @@ impl Router {
         router
     }
 
-    /// The upstream for a request to `host` (as sent, port and case allowed) and `path`,
-    /// from a client whose verified certificate has `client_names` (none without one).
+    /// Where a request to `host` (as sent, port and case allowed) and `path` goes, from a
+    /// client whose verified certificate has `client_names` (none without one).
     pub fn route(
         &self,
         host: Option<&str>,
         path: &str,
         client_names: &[String],
-    ) -> Option<&Arc<Upstream>> {
+    ) -> Option<&Target> {
         if let Some(host) = host.map(strip_port)
             && !self.by_host.is_empty()
         {
@@ -91,22 +131,36 @@ impl Router {
                 self.by_host.get(host)
             };
             if let Some(found) = rules.and_then(|rules| first_taker(rules, path, client_names)) {
-                return Some(found);
+                return Some(&self.targets[found]);
             }
         }
-        first_taker(&self.any_host, path, client_names)
+        first_taker(&self.any_host, path, client_names).map(|found| &self.targets[found])
+    }
+
+    /// Each route's target, in the order of the listener's routes in the config.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
     }
 }
 
-fn first_taker<'a>(
-    rules: &'a [Rule],
-    path: &str,
-    client_names: &[String],
-) -> Option<&'a Arc<Upstream>> {
+/// How the metrics name a route: its host (`*` for any) and path prefix run together, as
+/// in `shop.example.com/api/`, then the client names it is limited to, if any, which tell
+/// apart routes that differ only in those.
+pub fn label(route: &RouteConfig) -> String {
+    let host = route.host.as_deref().unwrap_or("*");
+    let mut label = format!("{host}{}", route.path_prefix);
+    if !route.client_names.is_empty() {
+        label.push_str(&format!(" (clients: {})", route.client_names.join(", ")));
+    }
+    label
+}
+
+/// The index of the target of the first of `rules` that takes the request.
+fn first_taker(rules: &[Rule], path: &str, client_names: &[String]) -> Option<usize> {
     rules
         .iter()
         .find(|r| r.takes(path, client_names))
-        .map(|r| &r.upstream)
+        .map(|r| r.target)
 }
 
 fn strip_port(host: &str) -> &str {
@@ -172,8 +226,14 @@ mod tests {
                 route(Some("example.com"), "/v2/", 3),
             ],
             &ups,
+            1,
+            None,
         );
-        let name = |host, path| router.route(host, path, &[]).map(|u| u.name.as_str());
+        let name = |host, path| {
+            router
+                .route(host, path, &[])
+                .map(|t| t.upstream.name.as_str())
+        };
         assert_eq!(name(Some("other.org"), "/api/x"), Some("api"));
         assert_eq!(name(None, "/x"), Some("default"));
         assert_eq!(name(Some("Example.COM:8080"), "/v2/x"), Some("site-v2"));
@@ -185,7 +245,7 @@ mod tests {
     #[test]
     fn unmatched_path_finds_nothing() {
         let ups = vec![upstream("api")];
-        let router = Router::build(&[route(None, "/api/", 0)], &ups);
+        let router = Router::build(&[route(None, "/api/", 0)], &ups, 1, None);
         assert!(router.route(Some("a"), "/other", &[]).is_none());
     }
 
@@ -194,11 +254,61 @@ mod tests {
         let ups = vec![upstream("admin"), upstream("public")];
         let mut admin = route(None, "/", 0);
         admin.client_names = vec!["alice.example".into(), "ops".into()];
-        let router = Router::build(&[route(None, "/", 1), admin], &ups);
-        let name = |names: &[String]| router.route(None, "/x", names).map(|u| u.name.as_str());
+        let router = Router::build(&[route(None, "/", 1), admin], &ups, 1, None);
+        let name = |names: &[String]| {
+            router
+                .route(None, "/x", names)
+                .map(|t| t.upstream.name.as_str())
+        };
         assert_eq!(name(&["alice.example".into()]), Some("admin"));
         assert_eq!(name(&["bob".into(), "ops".into()]), Some("admin"));
         assert_eq!(name(&["bob".into()]), Some("public"));
         assert_eq!(name(&[]), Some("public"));
+    }
+
+    #[test]
+    fn a_rebuild_keeps_the_counts_of_a_route_that_stays_and_to_the_same_upstream() {
+        let ups = vec![upstream("api"), upstream("site")];
+        let routes = [route(None, "/api/", 0), route(Some("example.com"), "/", 1)];
+        let before = Router::build(&routes, &ups, 1, None);
+        before
+            .route(None, "/api/x", &[])
+            .unwrap()
+            .requests
+            .record(Some(200));
+        before
+            .route(Some("example.com"), "/", &[])
+            .unwrap()
+            .requests
+            .record(Some(200));
+        // The same routes in another order, the second now to another upstream, and one new.
+        let changed = [
+            route(Some("example.com"), "/", 0),
+            route(None, "/api/", 0),
+            route(None, "/new/", 1),
+        ];
+        let after = Router::build(&changed, &ups, 1, Some((&routes, &before)));
+        let counted: Vec<u64> = after
+            .targets()
+            .iter()
+            .map(|t| t.requests.totals().iter().sum())
+            .collect();
+        assert_eq!(counted, [0, 1, 0]);
+        assert!(Arc::ptr_eq(
+            &after.targets()[1].requests,
+            &before.targets()[0].requests
+        ));
+    }
+
+    #[test]
+    fn labels_name_host_prefix_and_client_names() {
+        assert_eq!(
+            label(&route(Some("shop.example.com"), "/api/", 0)),
+            "shop.example.com/api/"
+        );
+        assert_eq!(label(&route(None, "/", 0)), "*/");
+        let mut admin = route(None, "/admin", 0);
+        admin.client_names = vec!["alice.example".into(), "ops".into()];
+        assert_eq!(label(&admin), "*/admin (clients: alice.example, ops)");
     }
 }

@@ -39,7 +39,7 @@ impl Runtime {
     /// Builds the snapshot for `config`. Replacing `previous` (a reload), upstreams of the
     /// same name keep the state of servers at the same address: pooled connections, load,
     /// marked down or ramping up; TLS listeners of the same name keep their session cache
-    /// and ticket keys.
+    /// and ticket keys, and the routes they still have, their request counts.
     pub fn build(config: Config, previous: Option<&Runtime>) -> Result<Self, String> {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
@@ -61,12 +61,15 @@ impl Runtime {
             .collect::<Result<_, String>>()?;
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let before = previous.and_then(|p| {
+            let same = previous.and_then(|p| {
                 let i = p
                     .config
                     .listeners
                     .iter()
                     .position(|old| old.name == l.name)?;
+                Some((p, i))
+            });
+            let before = same.and_then(|(p, i)| {
                 Some((
                     p.listeners[i].tls.as_ref()?,
                     p.config.listeners[i].tls.as_ref()?,
@@ -80,7 +83,12 @@ impl Runtime {
                 None => None,
             };
             listeners.push(ListenerRuntime {
-                router: Router::build(&l.routes, &upstreams),
+                router: Router::build(
+                    &l.routes,
+                    &upstreams,
+                    config.workers,
+                    same.map(|(p, i)| (&p.config.listeners[i].routes[..], &p.listeners[i].router)),
+                ),
                 tls,
             });
         }

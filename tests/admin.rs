@@ -140,7 +140,19 @@ async fn spread(proxy: &Proxy, n: usize) -> HashMap<String, usize> {
 async fn the_status_lists_listeners_routes_upstreams_and_servers_and_the_config_hides_secrets() {
     let dir = TempDir::new();
     let (a, b) = (Backend::named("a").await, Backend::named("b").await);
-    let extra = format!("sticky_cookie = \"pin\"\n{}", admin_section(&dir, true));
+    // An upstream no route sends to, with every upstream key the config view shows, and
+    // [dns] for its named server, whose name server is not there.
+    let checked = "[upstreams.checked]\n\
+         servers = [{ address = \"127.0.0.1:1\" }, { address = \"db.internal:5432\", weight = 3 }]\n\
+         retries = 1\ntry_timeout = \"1500ms\"\nmax_active_requests = 50\npanic_threshold = 30\n\
+         [upstreams.checked.health_check]\npath = \"/healthz\"\ninterval = \"10s\"\n\
+         expect_status = [204, \"300-302\"]\n\
+         [upstreams.checked.outlier_detection]\nconsecutive_5xx = 3\n\
+         [dns]\nnameservers = [\"127.0.0.1:1\"]\nmin_ttl = \"2s\"\ntimeout = \"1s\"\n";
+    let extra = format!(
+        "sticky_cookie = \"pin\"\n{}{checked}",
+        admin_section(&dir, true)
+    );
     let config = format!(
         "sticky_secret = \"0123456789abcdef0123456789abcdef-secret\"\n{}",
         simple_config(2, &extra)
@@ -177,6 +189,37 @@ async fn the_status_lists_listeners_routes_upstreams_and_servers_and_the_config_
     );
     assert_eq!(json["timeouts"]["client_header"], "30s");
     assert_eq!(json["admin"]["changes_allowed"], true);
+    let app = &json["upstreams"][0];
+    assert_eq!(app["health_check"], Value::Null);
+    assert_eq!(app["named"], serde_json::json!([]));
+    assert_eq!(app["resilience"]["retries"], 2, "the default: {app:#}");
+    assert_eq!(app["resilience"]["max_active_requests"], Value::Null);
+    assert_eq!(app["outlier_detection"]["base_ejection_time"], "30s");
+    let checked = &json["upstreams"][1];
+    assert_eq!(checked["name"], "checked");
+    assert_eq!(checked["named"][0]["address"], "db.internal:5432");
+    assert_eq!(checked["named"][0]["weight"], 3);
+    let check = &checked["health_check"];
+    assert_eq!(check["type"], "http");
+    assert_eq!(check["path"], "/healthz");
+    assert_eq!(check["interval"], "10s");
+    assert_eq!(
+        check["expect_status"],
+        serde_json::json!(["204", "300-302"])
+    );
+    assert_eq!(checked["outlier_detection"]["consecutive_5xx"], 3);
+    assert_eq!(checked["outlier_detection"]["enabled"], true);
+    assert_eq!(checked["panic_threshold"], 30);
+    let resilience = &checked["resilience"];
+    assert_eq!(resilience["retries"], 1);
+    assert_eq!(resilience["try_timeout"], "1s 500ms");
+    assert_eq!(resilience["max_active_requests"], 50);
+    assert_eq!(
+        json["dns"]["nameservers"],
+        serde_json::json!(["127.0.0.1:1"])
+    );
+    assert_eq!(json["dns"]["min_ttl"], "2s");
+    assert_eq!(json["dns"]["timeout"], "1s");
     assert!(
         !config.contains("-secret"),
         "the sticky secret shows: {config}"
@@ -539,6 +582,153 @@ async fn metrics_parse_as_prometheus_text_and_count_exactly_the_requests_sent() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(counted, 1.0);
+}
+
+/// `fulcrum_route_requests_total` of route `route` on listener `web`, for `class` (all
+/// classes: `None`).
+fn by_route(scrape: &prometheus_parse::Scrape, route: &str, class: Option<&str>) -> f64 {
+    let mut labels = vec![("listener", "web"), ("route", route)];
+    labels.extend(class.map(|c| ("class", c)));
+    sum(scrape, "fulcrum_route_requests_total", &labels)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_counted_per_route_whatever_their_outcome_and_a_reload_keeps_the_counts() {
+    let dir = TempDir::new();
+    let (a, gone) = (Backend::named("a").await, Backend::named("gone").await);
+    gone.stop();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let routes = "[listeners.web]\nbind = \"127.0.0.1:0\"\n\
+         [[listeners.web.routes]]\nhost = \"shop.example.com\"\npath_prefix = \"/api/\"\nupstream = \"app\"\n\
+         [[listeners.web.routes]]\npath_prefix = \"/static/\"\nupstream = \"app\"\n\
+         [[listeners.web.routes]]\npath_prefix = \"/gone/\"\nupstream = \"dead\"\n";
+    let upstreams = format!(
+        "[upstreams.app]\nservers = [{{ address = \"{{0}}\" }}]\n\
+         [upstreams.dead]\nservers = [{{ address = \"{{1}}\" }}]\n{}",
+        admin_section(&dir, false)
+    );
+    let config = format!("{routes}{upstreams}");
+    // Two workers, each counting in its own shard.
+    let proxy = Proxy::start_workers(&config, &[&a, &gone], 2);
+    let admin = Admin::of(&proxy);
+    let (api, stat, dead) = ("shop.example.com/api/", "*/static/", "*/gone/");
+
+    // A new connection for each request, so that both workers take some.
+    let send = |path: &'static str, host: &'static str| {
+        let url = proxy.url(path);
+        async move {
+            let response = client()
+                .get(url)
+                .header("host", host)
+                .header("connection", "close")
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            response.text().await.unwrap();
+            status
+        }
+    };
+    let (n, m) = (7, 4);
+    for _ in 0..n {
+        assert_eq!(send("/api/items", "shop.example.com").await, StatusCode::OK);
+    }
+    for _ in 0..m {
+        assert_eq!(
+            send("/static/app.js", "other.example").await,
+            StatusCode::OK
+        );
+    }
+    // Routed, then answered by Fulcrum itself: its server cannot be reached.
+    assert_eq!(
+        send("/gone/x", "other.example").await,
+        StatusCode::BAD_GATEWAY
+    );
+    // Refused before routing: not a route's.
+    assert_eq!(
+        send("/api/items", "other.example").await,
+        StatusCode::NOT_FOUND
+    );
+
+    // A request is counted just after its client has the response.
+    let expected = (n + m + 1) as f64;
+    let all = |s: &prometheus_parse::Scrape| sum(s, "fulcrum_route_requests_total", &[]);
+    let mut metrics = scrape(&admin).await;
+    for _ in 0..100 {
+        if all(&metrics) >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        metrics = scrape(&admin).await;
+    }
+    assert_eq!(all(&metrics), expected);
+    assert_eq!(by_route(&metrics, api, Some("2xx")), n as f64);
+    assert_eq!(by_route(&metrics, api, None), n as f64);
+    assert_eq!(by_route(&metrics, stat, Some("2xx")), m as f64);
+    assert_eq!(by_route(&metrics, stat, None), m as f64);
+    assert_eq!(by_route(&metrics, dead, Some("5xx")), 1.0);
+    let upstream_of = |route: &str| {
+        let sample = metrics
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == "fulcrum_route_requests_total" && s.labels.get("route") == Some(route)
+            })
+            .unwrap_or_else(|| panic!("no series for {route}"));
+        sample.labels.get("upstream").unwrap().to_string()
+    };
+    assert_eq!(
+        (upstream_of(api), upstream_of(stat)),
+        ("app".into(), "app".into())
+    );
+    assert_eq!(upstream_of(dead), "dead");
+    // The 404 is Fulcrum's own answer, counted without a server.
+    let own = [("listener", "web"), ("server", ""), ("class", "4xx")];
+    assert_eq!(sum(&metrics, "fulcrum_requests_total", &own), 1.0);
+
+    let status = admin.status().await;
+    let counted = |status: &Value| -> Vec<(u64, u64)> {
+        status["listeners"][0]["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["requests"].as_u64().unwrap(),
+                    r["errors"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(counted(&status), [(n, 0), (m, 0), (1, 1)], "{status:#}");
+
+    // A reload that keeps the routes, adds one and moves none, keeps their counts.
+    let added = format!(
+        "{routes}[[listeners.web.routes]]\npath_prefix = \"/new/\"\nupstream = \"app\"\n{upstreams}"
+    );
+    let text = format!("workers = 2\n{}", support::fill(&added, &[&a, &gone]));
+    proxy
+        .server
+        .reload(fulcrum::config::parse("test.toml", &text).unwrap())
+        .unwrap();
+    assert_eq!(send("/api/items", "shop.example.com").await, StatusCode::OK);
+    let mut status = admin.status().await;
+    for _ in 0..100 {
+        if counted(&status)[0].0 > n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = admin.status().await;
+    }
+    assert_eq!(
+        counted(&status),
+        [(n + 1, 0), (m, 0), (1, 1), (0, 0)],
+        "{status:#}"
+    );
+    let metrics = scrape(&admin).await;
+    assert_eq!(by_route(&metrics, api, Some("2xx")), (n + 1) as f64);
+    assert_eq!(by_route(&metrics, stat, Some("2xx")), m as f64);
+    assert_eq!(by_route(&metrics, "*/new/", None), 0.0);
 }
 
 /// A port nothing listens on now, for a config that must name its admin port.

@@ -11,8 +11,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{Context, Reply};
-use crate::config::{BalanceKind, ClientAuth, Config, HashKey, ServerConfig, TlsVersion};
+use crate::config::{
+    BalanceKind, CheckKind, ClientAuth, Config, HashKey, HealthCheck, OutlierDetection,
+    ResilienceConfig, ServerConfig, TlsVersion,
+};
 use crate::runtime::{Runtime, ServerOverride};
+use crate::upstream::stats::SERVER_ERROR;
 use crate::upstream::{HealthReport, Server};
 
 /// What the status says about run-time changes.
@@ -154,16 +158,22 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
         .listeners
         .iter()
         .zip(&cx.listeners)
-        .map(|(l, info)| {
+        .zip(&rt.listeners)
+        .map(|((l, info), running)| {
             let routes: Vec<Value> = l
                 .routes
                 .iter()
-                .map(|r| {
+                .zip(running.router.targets())
+                .map(|(r, target)| {
+                    let classes = target.requests.totals();
                     json!({
                         "host": r.host,
                         "path_prefix": r.path_prefix,
                         "client_names": r.client_names,
                         "upstream": config.upstreams[r.upstream].name,
+                        // Since the route was added (or last sent to another upstream).
+                        "requests": classes.iter().sum::<u64>(),
+                        "errors": classes[SERVER_ERROR],
                     })
                 })
                 .collect();
@@ -367,8 +377,9 @@ fn duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
-/// `GET /api/config`: the config the runtime was built from, defaults filled in and admin
-/// changes applied; secrets (sticky secret, keys, the admin token) are left out.
+/// `GET /api/config`: the config the runtime was built from, defaults filled in, admin
+/// changes applied and the addresses named servers last resolved to listed among the
+/// servers; secrets (sticky secret, keys, the admin token) are left out.
 pub fn config(c: &Config) -> Value {
     let listeners: Vec<Value> = c
         .listeners
@@ -448,6 +459,18 @@ pub fn config(c: &Config) -> Value {
                     "disabled": s.disabled,
                     "max_connections": s.max_connections,
                 })).collect::<Vec<_>>(),
+                // Each stands for the servers above at the addresses its name resolved to.
+                "named": u.named.iter().map(|n| json!({
+                    "address": n.name,
+                    "weight": n.weight,
+                    "backup": n.backup,
+                    "drain": n.drain,
+                    "max_connections": n.max_connections,
+                })).collect::<Vec<_>>(),
+                "health_check": u.health_check.as_ref().map(health_check),
+                "outlier_detection": outlier_detection(&u.outlier_detection),
+                "panic_threshold": u.panic_threshold,
+                "resilience": resilience(&u.resilience),
             })
         })
         .collect();
@@ -480,11 +503,70 @@ pub fn config(c: &Config) -> Value {
             "enabled": c.access_log.enabled,
             "format": match c.access_log.format { crate::config::LogFormat::Text => "text", crate::config::LogFormat::Json => "json" },
         },
+        "dns": {
+            "nameservers": c.dns.nameservers,
+            "min_ttl": duration(c.dns.min_ttl),
+            "max_ttl": duration(c.dns.max_ttl),
+            "timeout": duration(c.dns.timeout),
+        },
         "admin": c.admin.as_ref().map(|a| json!({
             "bind": a.bind,
             "token_file": a.token_file,
             "changes_allowed": a.token.is_some(),
         })),
+    })
+}
+
+/// An upstream's `health_check`; the keys of an HTTP check only on one.
+fn health_check(h: &HealthCheck) -> Value {
+    let mut view = json!({
+        "type": match h.kind { CheckKind::Http => "http", CheckKind::Tcp => "tcp" },
+        "interval": duration(h.interval),
+        "timeout": duration(h.timeout),
+        "jitter": duration(h.jitter),
+        "rise": h.rise,
+        "fall": h.fall,
+    });
+    if h.kind == CheckKind::Http {
+        let http = json!({
+            "method": h.method.as_str(),
+            "path": h.path,
+            "host": h.host,
+            "expect_status": h.expect_status.iter().map(|&(low, high)| {
+                if low == high { low.to_string() } else { format!("{low}-{high}") }
+            }).collect::<Vec<_>>(),
+            "expect_body": h.expect_body,
+        });
+        if let (Value::Object(view), Value::Object(http)) = (&mut view, http) {
+            view.extend(http);
+        }
+    }
+    view
+}
+
+fn outlier_detection(o: &OutlierDetection) -> Value {
+    json!({
+        "enabled": o.enabled,
+        "consecutive_5xx": o.consecutive_5xx,
+        "consecutive_failures": o.consecutive_failures,
+        "base_ejection_time": duration(o.base_ejection_time),
+        "max_ejection_time": duration(o.max_ejection_time),
+        "max_ejection_percent": o.max_ejection_percent,
+    })
+}
+
+/// Retries and the circuit breaker, under the names the upstream's keys have in the file.
+fn resilience(r: &ResilienceConfig) -> Value {
+    json!({
+        "retries": r.retries,
+        // `null`: the try waits as long as `timeouts.upstream_response_header`.
+        "try_timeout": r.try_timeout.map(duration),
+        "retry_budget": r.retry_budget_percent,
+        "retry_budget_min_per_second": r.retry_budget_min_per_second,
+        // All three `null`: no circuit breaker.
+        "max_active_requests": r.circuit.map(|c| c.max_active_requests),
+        "max_pending_requests": r.circuit.map(|c| c.max_pending_requests),
+        "queue_timeout": r.circuit.map(|c| duration(c.queue_timeout)),
     })
 }
 

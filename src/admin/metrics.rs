@@ -43,6 +43,7 @@ pub fn reply(cx: &Context) -> Reply {
 #[derive(Debug, Default)]
 struct Scrape {
     listeners: Vec<ListenerScrape>,
+    routes: Vec<RouteScrape>,
     upstreams: Vec<UpstreamScrape>,
     /// Requests Fulcrum answered itself without a server.
     answered: RequestTotals,
@@ -53,6 +54,15 @@ struct Scrape {
 struct ListenerScrape {
     name: String,
     connections_open: usize,
+}
+
+#[derive(Debug)]
+struct RouteScrape {
+    listener: String,
+    label: String,
+    upstream: String,
+    /// Per class, in the order of [`CLASSES`].
+    requests: [u64; CLASSES.len()],
 }
 
 #[derive(Debug)]
@@ -87,6 +97,23 @@ impl Scrape {
                 connections_open: info.open(),
             })
             .collect();
+        let routes = rt
+            .config
+            .listeners
+            .iter()
+            .zip(&rt.listeners)
+            .flat_map(|(l, running)| {
+                l.routes
+                    .iter()
+                    .zip(running.router.targets())
+                    .map(|(route, target)| RouteScrape {
+                        listener: l.name.clone(),
+                        label: crate::router::label(route),
+                        upstream: target.upstream.name.clone(),
+                        requests: target.requests.totals(),
+                    })
+            })
+            .collect();
         let upstreams = rt
             .config
             .upstreams
@@ -118,6 +145,7 @@ impl Scrape {
             .collect();
         Scrape {
             listeners,
+            routes,
             upstreams,
             answered: rt.answers.totals(),
             dropped_log_lines: crate::logging::dropped_lines(),
@@ -152,6 +180,32 @@ impl Scrape {
                     ];
                     counter(&mut family, &labels, count)?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// `fulcrum_route_requests_total`: one series per listener, route and class that
+    /// counted anything. Requests refused before routing are only in `fulcrum_requests_total`.
+    fn route_requests(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_route_requests",
+            "Requests by listener, route (host, * for any, then path prefix), upstream and status class, whatever their outcome once routed",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in &self.routes {
+            for (class, &count) in CLASSES.iter().zip(&r.requests) {
+                if count == 0 {
+                    continue;
+                }
+                let labels = [
+                    ("listener", r.listener.as_str()),
+                    ("route", r.label.as_str()),
+                    ("upstream", r.upstream.as_str()),
+                    ("class", class),
+                ];
+                counter(&mut family, &labels, count)?;
             }
         }
         Ok(())
@@ -357,6 +411,7 @@ impl Scrape {
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         self.requests(&mut encoder)?;
+        self.route_requests(&mut encoder)?;
         self.latency(&mut encoder)?;
         let mut family = encoder.encode_descriptor(
             "fulcrum_connections_open",

@@ -10,6 +10,7 @@ use http::{Method, StatusCode, Uri, Version};
 
 use crate::runtime::Runtime;
 use crate::upstream::Server;
+use crate::upstream::stats::ClassCounts;
 
 /// What is known about one request so far; counted and logged once, when dropped.
 pub struct AccessRecord<'rt> {
@@ -31,6 +32,8 @@ pub struct AccessRecord<'rt> {
     /// The server that answered, whose statistics count the request; `None`: Fulcrum's
     /// own answer.
     pub server: Option<&'rt Server>,
+    /// The counts of the route that took the request; `None`: refused before routing.
+    pub route: Option<&'rt ClassCounts>,
     /// The index of the listener the request came in on.
     listener: usize,
     rt: &'rt Runtime,
@@ -63,6 +66,7 @@ impl<'rt> AccessRecord<'rt> {
             reason: None,
             complete: false,
             server: None,
+            route: None,
             listener,
             rt,
         }
@@ -79,13 +83,12 @@ impl<'rt> AccessRecord<'rt> {
 impl Drop for AccessRecord<'_> {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
+        let status = self.final_status();
         let stats = self.server.map_or(&*self.rt.answers, |s| &s.stats);
-        stats.record(
-            self.rt.listeners.len(),
-            self.listener,
-            self.final_status(),
-            elapsed,
-        );
+        stats.record(self.rt.listeners.len(), self.listener, status, elapsed);
+        if let Some(route) = self.route {
+            route.record(status);
+        }
         if !self.rt.config.access_log.enabled {
             return;
         }

@@ -48,6 +48,7 @@ use crate::http::headers;
 use crate::http::validate::{self, Reject};
 use crate::http1::body::Framing;
 use crate::runtime::Runtime;
+use crate::upstream::stats::ClassCounts;
 use crate::upstream::{Affinity, Observed, RawConn, Upstream};
 
 /// The client connection a request arrived on, as the phases see it.
@@ -155,6 +156,10 @@ where
             return answer::write(writer, reject.into(), is_head, unread, &mut log).await;
         }
     };
+
+    if let Some(log) = log.as_mut() {
+        log.route = Some(routed.requests);
+    }
 
     // 2. Request filters: none yet.
 
@@ -415,6 +420,8 @@ pub async fn refuse<W: ResponseWriter>(writer: &mut W, status: StatusCode, reaso
 /// Where a validated request goes.
 pub struct Routed<'rt> {
     pub upstream: &'rt Arc<Upstream>,
+    /// The route's request counts, which count the request whatever its outcome.
+    pub requests: &'rt ClassCounts,
     /// The host the request is for (URI authority or Host header), if it named one.
     pub host: Option<HeaderValue>,
 }
@@ -432,7 +439,11 @@ pub fn route<'rt, B>(
         .router
         .route(host_str, req.uri().path(), client_names)
     {
-        Some(upstream) => Ok(Routed { upstream, host }),
+        Some(target) => Ok(Routed {
+            upstream: &target.upstream,
+            requests: &target.requests,
+            host,
+        }),
         None => Err(Reject {
             status: StatusCode::NOT_FOUND,
             reason: "no route for this host and path",

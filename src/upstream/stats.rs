@@ -1,5 +1,6 @@
 //! Request statistics for the metrics and the admin API: requests by listener and status
-//! class, a latency histogram, and new versus reused upstream connections.
+//! class with a latency histogram (per server), requests by status class alone (per
+//! route), and new versus reused upstream connections.
 //!
 //! Recording is on the request path of every worker, so each worker counts in its own
 //! cache-line-aligned shard of plain atomics (picked by `crate::server::worker()`); nothing
@@ -15,6 +16,8 @@ use crate::server::worker;
 /// went away, say) before any response status was settled.
 pub const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 const NO_STATUS: usize = 5;
+/// The index of `5xx` in [`CLASSES`]: the requests counted as errors.
+pub const SERVER_ERROR: usize = 4;
 
 /// Upper bounds of the latency histogram's buckets, in seconds; one more bucket takes
 /// everything slower.
@@ -65,7 +68,7 @@ impl RequestTotals {
 
     /// Requests answered with a 5xx status.
     pub fn errors(&self) -> u64 {
-        self.by_listener.iter().map(|c| c[4]).sum()
+        self.by_listener.iter().map(|c| c[SERVER_ERROR]).sum()
     }
 }
 
@@ -87,10 +90,7 @@ impl RequestStats {
         elapsed: Duration,
     ) {
         let shard = &self.shards[worker().min(self.shards.len() - 1)];
-        let class = match status {
-            Some(status @ 100..=599) => usize::from(status / 100 - 1),
-            _ => NO_STATUS,
-        };
+        let class = class_index(status);
         let counts = shard.by_listener.get_or_init(|| {
             (0..listeners)
                 .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
@@ -132,6 +132,52 @@ impl RequestStats {
             sum_us = sum_us.wrapping_add(shard.latency_sum_us.load(Ordering::Relaxed));
         }
         totals.latency_sum = Duration::from_micros(sum_us);
+        totals
+    }
+}
+
+/// The index in [`CLASSES`] of a request that ended with `status`.
+fn class_index(status: Option<u16>) -> usize {
+    match status {
+        Some(status @ 100..=599) => usize::from(status / 100 - 1),
+        _ => NO_STATUS,
+    }
+}
+
+/// Requests counted by status class only: a route's. Without the latency histogram and the
+/// listener split of [`RequestStats`], which a route has no use for (it belongs to one
+/// listener, and its upstream's servers time its requests already).
+#[derive(Debug)]
+pub struct ClassCounts {
+    shards: Box<[ClassShard]>,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct ClassShard([AtomicU64; CLASSES.len()]);
+
+impl ClassCounts {
+    /// Counts for `workers` workers (at least one).
+    pub fn new(workers: usize) -> Self {
+        ClassCounts {
+            shards: (0..workers.max(1)).map(|_| ClassShard::default()).collect(),
+        }
+    }
+
+    /// Counts one request that ended with `status` (`None`: without one).
+    pub fn record(&self, status: Option<u16>) {
+        let shard = &self.shards[worker().min(self.shards.len() - 1)];
+        bump(&shard.0[class_index(status)]);
+    }
+
+    /// Requests per class (in the order of [`CLASSES`]), over all workers.
+    pub fn totals(&self) -> [u64; CLASSES.len()] {
+        let mut totals = [0; CLASSES.len()];
+        for shard in &self.shards {
+            for (t, c) in totals.iter_mut().zip(&shard.0) {
+                *t += c.load(Ordering::Relaxed);
+            }
+        }
         totals
     }
 }
@@ -227,13 +273,15 @@ mod tests {
     fn shards_of_every_worker_are_added_up() {
         let stats = std::sync::Arc::new(RequestStats::new(4));
         let counts = std::sync::Arc::new(ConnectionCounts::new(4));
+        let classes = std::sync::Arc::new(ClassCounts::new(4));
         let threads: Vec<_> = (0..4)
             .map(|w| {
-                let (stats, counts) = (stats.clone(), counts.clone());
+                let (stats, counts, classes) = (stats.clone(), counts.clone(), classes.clone());
                 std::thread::spawn(move || {
                     crate::server::set_worker_for_tests(w);
                     for _ in 0..1000 {
                         stats.record(1, 0, Some(200), Duration::from_millis(1));
+                        classes.record(Some(200));
                         counts.opened();
                         counts.reused();
                         counts.reused();
@@ -246,5 +294,15 @@ mod tests {
         }
         assert_eq!(stats.totals().requests(), 4000);
         assert_eq!(counts.totals(), (4000, 8000));
+        assert_eq!(classes.totals(), [0, 4000, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn class_counts_sort_requests_by_status_class() {
+        let counts = ClassCounts::new(1);
+        for status in [Some(200), Some(204), Some(301), Some(503), None, Some(42)] {
+            counts.record(status);
+        }
+        assert_eq!(counts.totals(), [0, 2, 1, 0, 1, 2]);
     }
 }
