@@ -369,19 +369,73 @@ async fn the_limit_holds_across_workers() {
 }
 
 #[tokio::test]
-async fn try_timeout_cuts_short_only_what_could_be_retried() {
+async fn try_timeout_cuts_short_only_a_try_another_can_follow() {
     let slow = slow_backend(Duration::from_millis(1500)).await;
-    let proxy = Proxy::start(
+    let fast = Backend::named("fast").await;
+    let client = client();
+
+    // Alone, the slow server's GETs and POSTs are all waited for: no other try could follow.
+    let alone = Proxy::start(
         &config(&[primary(slow.addr)], "try_timeout = \"300ms\"\n"),
         &[],
     )
     .await;
-    let client = client();
-    // A POST cannot go again: it waits for upstream_response_header (60 s) as ever.
-    let resp = client.post(proxy.url("/")).body("x").send().await.unwrap();
+    let resp = client.post(alone.url("/")).body("x").send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    // A GET gives up after its try_timeout (the answer would come at 1.5 s); with no other
-    // server, the timeout is the answer.
-    let resp = client.get(proxy.url("/")).send().await.unwrap();
-    assert_eq!(resp.status(), 504);
+    let resp = client.get(alone.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "slow");
+
+    // Beside a fast server, a GET that lands on the slow one gives up after its try_timeout
+    // and is answered by the other.
+    let both = Proxy::start(
+        &config(
+            &[primary(slow.addr), primary(fast.addr)],
+            "try_timeout = \"300ms\"\n",
+        ),
+        &[],
+    )
+    .await;
+    for _ in 0..4 {
+        let started = std::time::Instant::now();
+        let resp = client.get(both.url("/")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), "fast");
+        assert!(
+            started.elapsed() < Duration::from_millis(1200),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// Connections that cannot be made cost no retry and no budget, and every dead server is
+/// marked, however many: with two of three servers refusing and no retries at all, no
+/// request fails.
+#[tokio::test]
+async fn refused_connections_move_on_to_the_next_server_whatever_the_retries() {
+    let alive = Backend::named("alive").await;
+    let (dead1, dead2) = (dead_address().await, dead_address().await);
+    let proxy = Proxy::start(
+        &config(
+            &[primary(dead1), primary(alive.addr), primary(dead2)],
+            "retries = 0\nretry_budget = 0\nretry_budget_min_per_second = 0\n",
+        ),
+        &[],
+    )
+    .await;
+    let client = client();
+    for _ in 0..200 {
+        let resp = client.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), "alive");
+    }
+    let rt = proxy.server.runtime();
+    let states: Vec<_> = rt.upstreams[0]
+        .servers
+        .iter()
+        .map(|s| s.health_state())
+        .collect();
+    assert_eq!(states, ["unreachable", "up", "unreachable"]);
+    assert_eq!(rt.upstreams[0].resilience_stats().budget_exhausted, 0);
 }

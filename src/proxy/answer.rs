@@ -132,6 +132,22 @@ impl Failure {
         }
     }
 
+    /// A failed try that could have been retried, but the upstream's retry budget is
+    /// spent; `last` is how the try failed.
+    pub fn budget_spent(last: &Failure) -> Self {
+        let last = last.detail.as_deref().unwrap_or(last.reason);
+        Failure {
+            retry_after: true,
+            ..Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream is failing and its retry budget is spent",
+            )
+            .detail(format!(
+                "not retried: the retry budget is spent; last try: {last}"
+            ))
+        }
+    }
+
     // === The client side ===
 
     pub fn body_too_large(limit: u64) -> Self {

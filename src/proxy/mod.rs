@@ -49,7 +49,7 @@ use crate::http::validate::{self, Reject};
 use crate::http1::body::Framing;
 use crate::runtime::Runtime;
 use crate::upstream::stats::ClassCounts;
-use crate::upstream::{Affinity, Observed, RawConn, Upstream};
+use crate::upstream::{Affinity, ConnectError, Observed, RawConn, Upstream};
 
 /// The client connection a request arrived on, as the phases see it.
 #[derive(Debug)]
@@ -200,14 +200,13 @@ where
         pinned: upstream.pinned(&parts.headers),
     };
     let timeouts = &rt.config.timeouts;
-    // A try that can be followed by another gives up on a silent server sooner.
-    let response_header = match upstream.try_timeout() {
-        Some(try_timeout) if replayable => try_timeout,
-        _ => timeouts.upstream_response_header,
-    };
-    let most_tries = (1 + upstream.retries()).min(upstream.tries(&affinity).max(1));
+    // Tries that sent the request: the first and its `retries`. Connections that could not
+    // be made are not counted: nothing was sent, and the next server is always tried.
+    let most_sent = 1 + upstream.retries();
+    let mut sent = 0;
     // Servers this request failed on, not to be tried again.
-    let mut failed = Vec::new();
+    let mut failed: Vec<usize> = Vec::new();
+    let mut last_failure: Option<Failure> = None;
     let mut fresh_only = false;
     // Every try so far went to a server that was out already: none could take the request.
     let mut all_out = true;
@@ -228,16 +227,30 @@ where
             mut conn,
             was_out,
         } = match connected {
+            // Every server has been tried: the balancer came back to one that failed.
+            Ok(connected) if failed.contains(&connected.index) => {
+                let failure = last_failure
+                    .take()
+                    .unwrap_or_else(|| Failure::from(ConnectError::NoServer));
+                let failure = give_up(upstream, failure, all_out);
+                return answer::write(writer, failure, is_head, unread, &mut log).await;
+            }
             Ok(connected) => connected,
             Err(unconnected) => {
-                // Nothing was sent: any request may go to another server.
+                // Nothing was sent: any request may go to another server, without spending
+                // a retry, until every server has been tried.
                 all_out &= unconnected.was_out;
                 let worth_it = unconnected.worth_another_try();
-                if worth_it && let Some(index) = unconnected.index {
-                    failed.push(index);
-                }
-                let mut failure = Failure::from(unconnected.error);
-                if worth_it && another_try(upstream, failed.len(), most_tries, &mut failure) {
+                let failure = Failure::from(unconnected.error);
+                let next = match unconnected.index {
+                    Some(index) if worth_it && !failed.contains(&index) => {
+                        failed.push(index);
+                        failed.len() < upstream.servers.len()
+                    }
+                    _ => false,
+                };
+                if next {
+                    last_failure = Some(failure);
                     continue;
                 }
                 let failure = give_up(upstream, failure, all_out);
@@ -284,6 +297,14 @@ where
         if expect_continue && writer.send_continue().await.is_err() {
             return Finished::Close;
         }
+        // A try that another can follow gives up on a silent server sooner; the last one
+        // waits as long as any request.
+        let followed =
+            replayable && sent + 1 < most_sent && failed.len() + 1 < upstream.servers.len();
+        let response_header = match upstream.try_timeout() {
+            Some(try_timeout) if followed => try_timeout,
+            _ => timeouts.upstream_response_header,
+        };
         let cx = Context {
             timeouts,
             is_head,
@@ -333,12 +354,15 @@ where
             continue;
         }
         upstream.record_outcome(index, observed);
+        sent += 1;
         // Sent, but no answer: only a replayable request may go to another server.
         let unanswered = observed == Observed::Timeout || failure.nothing_received;
         if replayable && unanswered {
             failed.push(index);
             fresh_only = false;
-            if another_try(upstream, failed.len(), most_tries, &mut failure) {
+            let another_server = failed.len() < upstream.servers.len();
+            if sent < most_sent && another_server && retry_allowed(upstream, &mut failure) {
+                last_failure = Some(failure);
                 continue;
             }
         }
@@ -377,31 +401,22 @@ where
     }
 }
 
-/// Whether a failed try is followed by another, `tries` having been made: one is left of
-/// the upstream's `retries`, and its retry budget allows it. A failure not retried for want
-/// of budget says so in the log.
-fn another_try(
-    upstream: &Upstream,
-    tries: usize,
-    most_tries: usize,
-    failure: &mut Failure,
-) -> bool {
-    if tries >= most_tries {
-        return false;
-    }
+/// Whether the retry budget allows another try after a failed one. When it does not, the
+/// failure becomes a 503 saying so: the request could have been retried, and the refusal
+/// is about load.
+fn retry_allowed(upstream: &Upstream, failure: &mut Failure) -> bool {
     if upstream.allow_retry() {
         return true;
     }
     tracing::warn!(upstream = %upstream.name, "retry budget spent: a failed request is not retried");
-    let last = failure.detail.as_deref().unwrap_or(failure.reason);
-    failure.detail = Some(format!("{last}; not retried: the retry budget is spent").into());
+    *failure = Failure::budget_spent(failure);
     false
 }
 
 /// The answer to a request whose last try failed: a 503 saying why, when every server it
 /// tried was out already and none is in now, else the last try's own failure.
 fn give_up(upstream: &Upstream, failure: Failure, all_out: bool) -> Failure {
-    match upstream.unavailable().filter(|_| all_out) {
+    match all_out.then(|| upstream.unavailable()).flatten() {
         Some(why) => {
             let failure = Failure::unavailable(why, &failure);
             tracing::warn!(upstream = %upstream.name, reason = failure.detail.as_deref().unwrap_or(failure.reason), "no upstream server can take the request");

@@ -1,28 +1,40 @@
 //! The retry budget: retries an upstream may make, as a share of its recent requests plus a
 //! small floor (as Linkerd's), so that retries cannot multiply the load on servers that are
-//! already failing. Counted in one-second buckets over a ten-second window, with atomics
-//! that every worker shares.
+//! already failing. Counted in one-second buckets over a ten-second window. Every request
+//! counts, so requests are counted in per-worker shards that no other worker writes; the
+//! rare retries share one set of buckets.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Seconds the budget looks back over, one bucket each.
 pub const WINDOW_SECONDS: u64 = 10;
 
+/// Shards of the request counts: workers beyond this many share one (worker `i` counts
+/// in shard `i % SHARDS`).
+const SHARDS: usize = 16;
+
 /// Requests and retries of the last `WINDOW_SECONDS` seconds.
 #[derive(Debug, Default)]
 pub struct RetryBudget {
-    /// Each bucket packs the second it counts for (high 32 bits) and its count (low 32), so
-    /// that moving a bucket on to a new second and counting in it is one atomic update.
-    requests: [AtomicU64; WINDOW_SECONDS as usize],
-    retries: [AtomicU64; WINDOW_SECONDS as usize],
+    requests: [Shard; SHARDS],
+    retries: Buckets,
 }
+
+/// Each bucket packs the second it counts for (high 32 bits) and its count (low 32), so that
+/// moving a bucket on to a new second and counting in it is one atomic update.
+type Buckets = [AtomicU64; WINDOW_SECONDS as usize];
+
+/// One worker's request counts, on cache lines of their own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(Buckets);
 
 const COUNT: u64 = 0xffff_ffff;
 
 impl RetryBudget {
     /// Counts a request (its first try) made in second `now`.
     pub fn record_request(&self, now: u64) {
-        add(&self.requests, now);
+        add(&self.requests[crate::server::worker() % SHARDS].0, now);
     }
 
     /// Whether a retry may be made in second `now`: the window's retries stay within
@@ -30,8 +42,9 @@ impl RetryBudget {
     /// may be made is counted. Workers deciding at the same instant may each take the last
     /// retry left: the budget is kept to within the number of workers.
     pub fn try_retry(&self, percent: u32, min_per_second: u32, now: u64) -> bool {
-        let allowed = sum(&self.requests, now) * u64::from(percent) / 100
-            + u64::from(min_per_second) * WINDOW_SECONDS;
+        let requests: u64 = self.requests.iter().map(|shard| sum(&shard.0, now)).sum();
+        let allowed =
+            requests * u64::from(percent) / 100 + u64::from(min_per_second) * WINDOW_SECONDS;
         if sum(&self.retries, now) >= allowed {
             return false;
         }
@@ -40,7 +53,7 @@ impl RetryBudget {
     }
 }
 
-fn add(buckets: &[AtomicU64; WINDOW_SECONDS as usize], now: u64) {
+fn add(buckets: &Buckets, now: u64) {
     let second = now & COUNT;
     let bucket = &buckets[(now % WINDOW_SECONDS) as usize];
     let _ = bucket.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |packed| {
@@ -53,7 +66,7 @@ fn add(buckets: &[AtomicU64; WINDOW_SECONDS as usize], now: u64) {
     });
 }
 
-fn sum(buckets: &[AtomicU64; WINDOW_SECONDS as usize], now: u64) -> u64 {
+fn sum(buckets: &Buckets, now: u64) -> u64 {
     let second = now & COUNT;
     buckets
         .iter()

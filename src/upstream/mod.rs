@@ -683,23 +683,18 @@ impl Upstream {
     }
 
     /// A connection to server `index` could not be made: it is left alone for
-    /// `fail_timeout` (as nginx's `max_fails=1`), so that requests stop paying for it, as
-    /// an ejection (within `max_ejection_percent`).
+    /// `fail_timeout` (as nginx's `max_fails=1`), so that requests stop paying for it. Not
+    /// limited by `max_ejection_percent`: a refused connection is a fact, and a dead server
+    /// left in would cost every request that picks it a failed connect.
     pub fn unreachable(&self, index: usize) {
         if self.fail_timeout.is_zero() {
             return;
         }
         let server = &self.servers[index];
-        let now = now_ms();
-        let mut ejecting = None;
-        if server.share() != 0 {
-            let guard = self.ejecting.lock().unwrap_or_else(|e| e.into_inner());
-            if !self.may_eject(now) {
-                // Not a warning: the failed connection itself was logged as one.
-                tracing::debug!(upstream = %self.name, server = %server.address, max_ejection_percent = self.outlier.max_ejection_percent, "server unreachable, but left in: as many servers as may be are ejected already");
-                return;
-            }
-            ejecting = Some(guard);
+        // A longer ejection for failed requests runs its course (the server was tried
+        // anyway, every server being out).
+        if server.state.down() == Some(Down::Ejected) {
+            return;
         }
         if server.share() != 0 {
             tracing::warn!(upstream = %self.name, server = %server.address, fail_timeout = ?self.fail_timeout, "server marked down");
@@ -710,7 +705,6 @@ impl Upstream {
         if server.state.mark_down(self.fail_timeout, Down::Unreachable) {
             self.unsettled.fetch_add(1, Ordering::Relaxed);
         }
-        drop(ejecting);
         self.load_changed(index);
         self.refresh_panic();
     }

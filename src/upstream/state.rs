@@ -128,10 +128,14 @@ impl ServerState {
         self.checks_failing.load(Ordering::Acquire)
     }
 
-    /// Whether the server is down for a while (unreachable or ejected) at `now`: what the
-    /// ejection cap counts.
+    /// Whether outlier detection has the server out at `now`: what the ejection cap counts.
+    /// A server marked unreachable is not counted: a refused connection is certain, not a
+    /// statistical guess that a cap guards against.
     pub fn ejected_at(&self, now: u64) -> bool {
-        self.share() == 0 && !self.checks_failing() && now < self.down_until.load(Ordering::Relaxed)
+        self.share() == 0
+            && !self.checks_failing()
+            && Down::from_u8(self.cause.load(Ordering::Relaxed)) == Down::Ejected
+            && now < self.down_until.load(Ordering::Relaxed)
     }
 
     /// Its active checks failed `fall` times in a row: down until they pass `rise` times.

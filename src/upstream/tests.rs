@@ -243,22 +243,26 @@ fn without_a_panic_threshold_down_servers_stay_out() {
 }
 
 #[test]
-fn unreachable_servers_count_toward_the_ejection_cap() {
-    // Four servers, at most half ejected.
+fn unreachable_servers_are_all_marked_and_leave_the_ejection_cap_to_outliers() {
+    // Four servers, at most half ejected for their errors.
     let up = upstream(
         BalanceKind::RoundRobin,
         &[(1, false), (2, false), (3, false), (4, false)],
     );
-    for i in 0..4 {
+    // A refused connection is certain: every such server is marked, whatever the cap.
+    for i in 0..3 {
         up.unreachable(i);
     }
     let states: Vec<_> = up.servers.iter().map(|s| s.health_state()).collect();
-    assert_eq!(states, ["unreachable", "unreachable", "up", "up"]);
-    // Nor may outlier detection eject one more.
+    assert_eq!(states, ["unreachable", "unreachable", "unreachable", "up"]);
+    // Outlier detection still ejects within its own cap, unreachable servers not counted.
     for _ in 0..10 {
-        up.record_outcome(2, Observed::ServerError);
+        up.record_outcome(3, Observed::ServerError);
     }
-    assert_eq!(up.servers[2].health_state(), "up");
+    assert_eq!(up.servers[3].health_state(), "ejected");
+    // An ejection is not cut short by a refused connection's shorter mark.
+    up.unreachable(3);
+    assert_eq!(up.servers[3].health_state(), "ejected");
 }
 
 #[test]
