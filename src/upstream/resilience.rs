@@ -175,12 +175,12 @@ impl Upstream {
             "unreachable" => Unavailable::AllUnreachable,
             _ => Unavailable::NoneUp,
         };
-        let mut found = kind(first.health_report().state);
+        let mut found = kind(first.health_state());
         for server in states {
             if server.share() != 0 {
                 return None;
             }
-            if kind(server.health_report().state) != found {
+            if kind(server.health_state()) != found {
                 found = Unavailable::NoneUp;
             }
         }
