@@ -42,22 +42,9 @@ impl Server {
     pub async fn start(config: Config) -> io::Result<Server> {
         let within = config.timeouts.upstream_connect;
         let (server, bound, admin) = Server::bind_all(config, 1)?;
-        server.start_admin(admin, &bound)?;
-        tokio::spawn(crate::tls::watch::watch_certificates(
-            server.shared.clone(),
-            server.shutdown.subscribe(),
-        ));
-        let (resolving, first_answers) = crate::discovery::dns::resolve_server_names(
-            server.shared.clone(),
-            server.shutdown.subscribe(),
-        );
-        tokio::spawn(resolving);
+        let first_answers = server.start_process_tasks(admin, &bound)?;
         first_answers.wait(within).await;
         tokio::spawn(sweep_idle_connections(
-            server.shared.clone(),
-            server.shutdown.subscribe(),
-        ));
-        tokio::spawn(crate::health::run_checks(
             server.shared.clone(),
             server.shutdown.subscribe(),
         ));
@@ -81,21 +68,7 @@ impl Server {
         let workers = config.workers;
         let within = config.timeouts.upstream_connect;
         let (server, mut bound, admin) = Server::bind_all(config, workers)?;
-        // Once per process, on the caller's runtime: the workers share what it swaps in.
-        server.start_admin(admin, &bound)?;
-        tokio::spawn(crate::tls::watch::watch_certificates(
-            server.shared.clone(),
-            server.shutdown.subscribe(),
-        ));
-        tokio::spawn(crate::health::run_checks(
-            server.shared.clone(),
-            server.shutdown.subscribe(),
-        ));
-        let (resolving, first_answers) = crate::discovery::dns::resolve_server_names(
-            server.shared.clone(),
-            server.shutdown.subscribe(),
-        );
-        tokio::spawn(resolving);
+        let first_answers = server.start_process_tasks(admin, &bound)?;
         for worker in 0..workers {
             let mut listeners = Vec::new();
             for (index, b) in bound.iter_mut().enumerate() {
@@ -140,6 +113,32 @@ impl Server {
                 })?;
         }
         Ok(server)
+    }
+
+    /// Starts what runs once per process, on the caller's runtime, and shares its findings
+    /// with every worker through the runtime it swaps in: the admin listener (on `admin`,
+    /// bound by `bind_all`), the certificate watcher, the health checks and the resolver of
+    /// servers given by name. Returns what tells when the resolver's first answers are in.
+    fn start_process_tasks(
+        &self,
+        admin: Option<std::net::TcpListener>,
+        bound: &[Bound],
+    ) -> io::Result<crate::discovery::dns::FirstAnswers> {
+        self.start_admin(admin, bound)?;
+        tokio::spawn(crate::tls::watch::watch_certificates(
+            self.shared.clone(),
+            self.shutdown.subscribe(),
+        ));
+        tokio::spawn(crate::health::run_checks(
+            self.shared.clone(),
+            self.shutdown.subscribe(),
+        ));
+        let (resolving, first_answers) = crate::discovery::dns::resolve_server_names(
+            self.shared.clone(),
+            self.shutdown.subscribe(),
+        );
+        tokio::spawn(resolving);
+        Ok(first_answers)
     }
 
     /// Serves the admin API on `socket` (bound by `bind_all`), on the caller's runtime.
