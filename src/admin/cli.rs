@@ -104,7 +104,10 @@ pub fn table(status: &Value) -> String {
                 }
             }
             let recent = &s["recent"];
-            let errors = match recent["requests"].as_u64() {
+            // Failed tries count as errors even with no request answered (a Fulcrum before
+            // they were counted reports requests only).
+            let tries = recent["tries"].as_u64().or(recent["requests"].as_u64());
+            let errors = match tries {
                 Some(0) | None => "-".to_string(),
                 Some(_) => format!(
                     "{:.1}%",

@@ -686,6 +686,7 @@ impl Upstream {
     /// `fail_timeout` (as nginx's `max_fails=1`), so that requests stop paying for it, as
     /// an ejection (within `max_ejection_percent`).
     pub fn unreachable(&self, index: usize) {
+        self.servers[index].count_failed_try();
         if self.fail_timeout.is_zero() {
             return;
         }
@@ -893,6 +894,7 @@ impl Upstream {
     /// What became of a request sent to server `index`, for passive outlier detection:
     /// enough errors in a row eject the server (see [`OutlierDetection`]).
     pub fn record_outcome(&self, index: usize, observed: Observed) {
+        self.servers[index].count_if_failed(observed);
         if !self.outlier.enabled {
             return;
         }
