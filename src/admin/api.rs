@@ -15,7 +15,7 @@ use crate::config::{
     BalanceKind, CheckKind, ClientAuth, Config, HashKey, HealthCheck, OutlierDetection,
     ResilienceConfig, ServerConfig, TlsVersion,
 };
-use crate::runtime::{Runtime, ServerOverride};
+use crate::runtime::{Inputs, Runtime, ServerOverride};
 use crate::upstream::stats::SERVER_ERROR;
 use crate::upstream::{HealthReport, Server};
 
@@ -343,6 +343,7 @@ pub fn change(
     };
     let key = (upstream.to_string(), address);
     let updated = cx.shared.update(|inputs| {
+        let file = file_settings(inputs, &key);
         let o = inputs.overrides.entry(key.clone()).or_default();
         match change {
             Change::Drain => o.drain = Some(true),
@@ -352,6 +353,12 @@ pub fn change(
                 o.disabled = Some(false);
             }
             Change::Weight(weight) => o.weight = Some(weight),
+        }
+        // What only restates the file is no change, and is not listed as one.
+        if let Some(file) = file {
+            o.weight = o.weight.filter(|&w| w != file.weight);
+            o.drain = o.drain.filter(|&d| d != file.drain);
+            o.disabled = o.disabled.filter(|&d| d != file.disabled);
         }
         if *o == ServerOverride::default() {
             inputs.overrides.remove(&key);
@@ -390,6 +397,15 @@ pub fn change(
             format!("upstream `{upstream}` no longer has server {address}"),
         ),
     }
+}
+
+/// Server `key` as the file sets it (a named server's addresses included), without the
+/// admin API's changes.
+fn file_settings(inputs: &Inputs, key: &(String, SocketAddr)) -> Option<ServerConfig> {
+    let mut file = inputs.file.clone();
+    crate::discovery::dns::expand(&mut file, &inputs.resolved);
+    let upstream = file.upstreams.into_iter().find(|u| u.name == key.0)?;
+    upstream.servers.into_iter().find(|s| s.address == key.1)
 }
 
 /// `text` with `%XX` escapes decoded (an IPv6 address's brackets and colons may come
