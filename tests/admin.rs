@@ -305,7 +305,10 @@ enabled = false
     assert_eq!(answered.get("good"), Some(&sent), "{answered:?}");
     let status = admin.status_after(sent as u64).await;
     let tries = accepted.load(Ordering::SeqCst) as u64;
-    assert!(tries >= (sent / 2) as u64, "round robin sends it every other request");
+    assert!(
+        tries >= (sent / 2) as u64,
+        "round robin sends it every other request"
+    );
     let failing = server(&status, bad);
     assert_eq!(failing["failed_tries"], tries, "{failing:#}");
     assert_eq!(failing["requests"], 0, "{failing:#}");

@@ -652,12 +652,21 @@ mod tests {
         };
         let mut window = RecentWindow::default();
         assert_eq!(window.since(&key, counts(5, 1, 0)).requests, 5);
-        window.push(Instant::now(), HashMap::from([(key.clone(), counts(5, 1, 0))]));
-        window.push(Instant::now(), HashMap::from([(key.clone(), counts(9, 1, 0))]));
+        window.push(
+            Instant::now(),
+            HashMap::from([(key.clone(), counts(5, 1, 0))]),
+        );
+        window.push(
+            Instant::now(),
+            HashMap::from([(key.clone(), counts(9, 1, 0))]),
+        );
         let recent = window.since(&key, counts(15, 3, 0));
         assert_eq!((recent.requests, recent.errors), (10, 2));
         assert_eq!(recent.error_rate, 0.2);
-        window.push(Instant::now(), HashMap::from([(key.clone(), counts(15, 3, 0))]));
+        window.push(
+            Instant::now(),
+            HashMap::from([(key.clone(), counts(15, 3, 0))]),
+        );
         assert_eq!(window.since(&key, counts(15, 3, 0)).requests, 6);
         // A server made anew counts from zero again.
         assert_eq!(window.since(&key, counts(2, 0, 0)).requests, 2);

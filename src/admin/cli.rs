@@ -31,8 +31,7 @@ struct AdminBind {
 /// unspecified bind address (`0.0.0.0`) is reached on loopback.
 pub fn admin_addr_from_config(path: &Path) -> Result<SocketAddr, String> {
     let shown = path.display();
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("{shown} cannot be read: {e}"))?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{shown} cannot be read: {e}"))?;
     let config: AdminOnly =
         toml::from_str(&text).map_err(|e| format!("{shown} is not valid TOML: {e}"))?;
     let Some(admin) = config.admin else {
@@ -46,7 +45,9 @@ pub fn admin_addr_from_config(path: &Path) -> Result<SocketAddr, String> {
         ));
     };
     let mut addr: SocketAddr = bind.parse().map_err(|_| {
-        format!("{shown}: [admin] bind `{bind}` is not an IP address and port, such as 127.0.0.1:9901")
+        format!(
+            "{shown}: [admin] bind `{bind}` is not an IP address and port, such as 127.0.0.1:9901"
+        )
     })?;
     if addr.port() == 0 {
         return Err(format!(
