@@ -231,6 +231,10 @@ mod tests {
         let path = config_file("bad", "[admin]\nbind = \"localhost:9901\"\n");
         let error = admin_addr_from_config(&path).unwrap_err();
         assert!(error.contains("is not an IP address and port"), "{error}");
+        for name in ["unreadable", "nobind", "off", "bad"] {
+            let dir = config_file(name, "");
+            std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+        }
     }
 
     #[test]
