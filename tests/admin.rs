@@ -6,7 +6,9 @@ mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -249,6 +251,10 @@ async fn a_server_whose_backend_is_gone_shows_unreachable_once_traffic_reaches_i
     let status = admin.status().await;
     assert_eq!(server(&status, gone.addr)["health"]["state"], "unreachable");
     assert_eq!(server(&status, a.addr)["health"]["state"], "up");
+    // The refused connection is the server's failure, though another server answered.
+    let refused = server(&status, gone.addr)["failed_tries"].as_u64().unwrap();
+    assert!(refused >= 1, "{status:#}");
+    assert_eq!(server(&status, a.addr)["failed_tries"], 0);
     let metrics = scrape(&admin).await;
     let (gone_addr, a_addr) = (gone.addr.to_string(), a.addr.to_string());
     let gone_labels = [("upstream", "app"), ("server", gone_addr.as_str())];
@@ -257,6 +263,83 @@ async fn a_server_whose_backend_is_gone_shows_unreachable_once_traffic_reaches_i
     assert_eq!(sum(&metrics, "fulcrum_server_up", &a_labels), 1.0);
     let unreachable = [gone_labels[0], gone_labels[1], ("state", "unreachable")];
     assert_eq!(sum(&metrics, "fulcrum_server_state", &unreachable), 1.0);
+    assert_eq!(
+        sum(&metrics, "fulcrum_server_failed_tries_total", &gone_labels),
+        refused as f64
+    );
+}
+
+/// A backend that accepts connections and closes them without a word, counting them.
+async fn hang_up_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn tries_a_server_fails_are_counted_against_it_though_another_server_answers() {
+    let dir = TempDir::new();
+    let good = Backend::named("good").await;
+    let (bad, accepted) = hang_up_backend().await;
+    // No outlier detection, so that the bad server keeps getting its turn.
+    let extra = format!(
+        "[upstreams.app.outlier_detection]
+enabled = false
+{}",
+        admin_section(&dir, false)
+    );
+    let config = simple_config(2, &extra).replace("{1}", &bad.to_string());
+    let proxy = Proxy::start(&config, &[&good]).await;
+    let admin = Admin::of(&proxy);
+
+    let sent = 10;
+    let answered = spread(&proxy, sent).await;
+    assert_eq!(answered.get("good"), Some(&sent), "{answered:?}");
+    let status = admin.status_after(sent as u64).await;
+    let tries = accepted.load(Ordering::SeqCst) as u64;
+    assert!(
+        tries >= (sent / 2) as u64,
+        "round robin sends it every other request"
+    );
+    let failing = server(&status, bad);
+    assert_eq!(failing["failed_tries"], tries, "{failing:#}");
+    assert_eq!(failing["requests"], 0, "{failing:#}");
+    assert_eq!(failing["recent"]["tries"], tries, "{failing:#}");
+    assert_eq!(failing["recent"]["error_rate"], 1.0, "{failing:#}");
+    let answering = server(&status, good.addr);
+    assert_eq!(answering["failed_tries"], 0);
+    assert_eq!(answering["requests"], sent);
+    assert_eq!(answering["recent"]["error_rate"], 0.0);
+
+    let metrics = scrape(&admin).await;
+    let bad_addr = bad.to_string();
+    let labels = [("upstream", "app"), ("server", bad_addr.as_str())];
+    assert_eq!(
+        sum(&metrics, "fulcrum_server_failed_tries_total", &labels),
+        tries as f64
+    );
+    let good_addr = good.addr.to_string();
+    let labels = [("upstream", "app"), ("server", good_addr.as_str())];
+    assert_eq!(
+        sum(&metrics, "fulcrum_server_failed_tries_total", &labels),
+        0.0
+    );
+
+    // `fulcrum status` shows the failing server's errors.
+    let table = fulcrum::admin::cli::table(&status);
+    let line = table
+        .lines()
+        .find(|l| l.contains(&bad_addr))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(line.contains("100.0%"), "{table}");
 }
 
 #[tokio::test]
@@ -582,6 +665,197 @@ async fn metrics_parse_as_prometheus_text_and_count_exactly_the_requests_sent() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(counted, 1.0);
+}
+
+/// Every sample of the latency histogram, by its labels (`le` included for buckets) and
+/// name suffix.
+fn latency_series(scrape: &prometheus_parse::Scrape) -> HashMap<String, f64> {
+    let mut series = HashMap::new();
+    for s in &scrape.samples {
+        if s.metric != "fulcrum_upstream_latency_seconds" {
+            continue;
+        }
+        let prometheus_parse::Value::Histogram(buckets) = &s.value else {
+            panic!("not a histogram: {s:?}");
+        };
+        let key = format!("{}/{}", s.labels["upstream"], s.labels["server"]);
+        for b in buckets {
+            series.insert(format!("{key} le={}", b.less_than), b.count);
+        }
+    }
+    for name in ["count", "sum"] {
+        let full = format!("fulcrum_upstream_latency_seconds_{name}");
+        for s in scrape.samples.iter().filter(|s| s.metric == full) {
+            let key = format!("{}/{} {name}", s.labels["upstream"], s.labels["server"]);
+            series.insert(key, sum(scrape, &full, &[("server", &s.labels["server"])]));
+        }
+    }
+    series
+}
+
+#[tokio::test]
+async fn a_reload_that_removes_a_server_lowers_no_latency_series() {
+    let dir = TempDir::new();
+    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
+    let config = simple_config(2, &admin_section(&dir, false));
+    let proxy = Proxy::start(&config, &[&a, &b]).await;
+    let admin = Admin::of(&proxy);
+    spread(&proxy, 10).await;
+    admin.status_after(10).await;
+    let before = latency_series(&scrape(&admin).await);
+    let (a_key, b_key) = (format!("app/{}", a.addr), format!("app/{}", b.addr));
+    assert_eq!(before[&format!("{a_key} count")], 5.0, "{before:?}");
+    assert_eq!(before[&format!("{b_key} count")], 5.0, "{before:?}");
+    assert_eq!(before[&format!("{a_key} le=inf")], 5.0, "{before:?}");
+
+    let kept = simple_config(1, &admin_section(&dir, false));
+    let file = fulcrum::config::parse("test.toml", &support::fill(&kept, &[&a])).unwrap();
+    proxy.server.reload(file).unwrap();
+    let after = latency_series(&scrape(&admin).await);
+    for (key, &value) in &after {
+        let was = before.get(key).copied().unwrap_or(0.0);
+        assert!(value >= was, "{key} went from {was} to {value}");
+    }
+    assert!(after.contains_key(&format!("{a_key} count")), "{after:?}");
+    assert!(
+        !after.keys().any(|k| k.starts_with(&b_key)),
+        "the removed server's series ends: {after:?}"
+    );
+}
+
+/// Whether a status request on a new connection is answered or refused, and how long
+/// that took.
+async fn try_status(admin: &Admin) -> (bool, Duration) {
+    let started = Instant::now();
+    let answered = client()
+        .get(format!("{}/api/status", admin.base))
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == StatusCode::OK);
+    (answered, started.elapsed())
+}
+
+#[tokio::test]
+async fn idle_connections_cannot_hold_the_admin_listener_up() {
+    let dir = TempDir::new();
+    let a = Backend::named("a").await;
+    let proxy = Proxy::simple(&[&a], &admin_section(&dir, false)).await;
+    let admin = Admin::of(&proxy);
+    let addr = proxy.server.admin_addr().unwrap();
+    // As many connections as the admin listener serves at once (and a few more), none
+    // sending anything.
+    let mut idle = Vec::new();
+    for _ in 0..70 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, took) = try_status(&admin).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "a status request waited {took:?} behind idle connections"
+    );
+    // The idle ones give their slots up within the few seconds a request head may take.
+    let started = Instant::now();
+    loop {
+        let (answered, _) = try_status(&admin).await;
+        if answered {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "still no answer after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut byte = [0u8; 1];
+    for stream in &mut idle {
+        let read = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::io::AsyncReadExt::read(stream, &mut byte),
+        )
+        .await
+        .expect("an idle connection is closed");
+        assert!(!matches!(read, Ok(n) if n > 0), "{read:?}");
+    }
+
+    // A connection kept alive after a request is closed once idle for a few seconds.
+    let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut kept,
+        b"GET /api/config HTTP/1.1\r\nhost: admin\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut response = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut kept, &mut response),
+    )
+    .await;
+    assert!(read.is_ok(), "a kept-alive connection stayed open 10 s");
+    assert!(response.starts_with(b"HTTP/1.1 200"));
+    assert!(
+        started.elapsed() < Duration::from_secs(7),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn changes_that_restate_the_file_leave_no_override_and_drained_servers_are_not_up() {
+    let dir = TempDir::new();
+    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
+    let config = simple_config(2, &admin_section(&dir, true)).replace(
+        "{ address = \"{1}\" }",
+        "{ address = \"{1}\", drain = true }",
+    );
+    let proxy = Proxy::start(&config, &[&a, &b]).await;
+    let admin = Admin::of(&proxy);
+    let overrides = || async { admin.status().await["overrides"].clone() };
+
+    // Enabling a server that nothing disabled, or giving it its own weight, changes nothing.
+    let (code, _, _) = admin.change(a.addr, "enable", None, Some(TOKEN)).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(overrides().await, serde_json::json!([]));
+    admin
+        .change(a.addr, "weight", Some(r#"{"weight": 1}"#), Some(TOKEN))
+        .await;
+    assert_eq!(overrides().await, serde_json::json!([]));
+    // Drained, then enabled again: back to the file.
+    admin.change(a.addr, "drain", None, Some(TOKEN)).await;
+    assert_eq!(overrides().await[0]["drain"], true);
+    let a_addr = a.addr.to_string();
+    let a_labels = [("upstream", "app"), ("server", a_addr.as_str())];
+    let metrics = scrape(&admin).await;
+    assert_eq!(sum(&metrics, "fulcrum_server_up", &a_labels), 0.0);
+    let a_state = [a_labels[0], a_labels[1], ("state", "up")];
+    assert_eq!(sum(&metrics, "fulcrum_server_state", &a_state), 1.0);
+    admin.change(a.addr, "enable", None, Some(TOKEN)).await;
+    assert_eq!(overrides().await, serde_json::json!([]));
+    assert_eq!(
+        sum(&scrape(&admin).await, "fulcrum_server_up", &a_labels),
+        1.0
+    );
+
+    // The file drains b: enabling it is a change, and listed.
+    let b_addr = b.addr.to_string();
+    let b_labels = [("upstream", "app"), ("server", b_addr.as_str())];
+    assert_eq!(
+        sum(&scrape(&admin).await, "fulcrum_server_up", &b_labels),
+        0.0
+    );
+    admin.change(b.addr, "enable", None, Some(TOKEN)).await;
+    let listed = overrides().await;
+    assert_eq!(listed[0]["server"], b_addr, "{listed:#}");
+    assert_eq!(listed[0]["drain"], false, "{listed:#}");
+    assert_eq!(listed[0]["disabled"], Value::Null, "{listed:#}");
+    assert_eq!(
+        sum(&scrape(&admin).await, "fulcrum_server_up", &b_labels),
+        1.0
+    );
 }
 
 /// `fulcrum_route_requests_total` of route `route` on listener `web`, for `class` (all

@@ -15,7 +15,7 @@ use crate::config::{
     BalanceKind, CheckKind, ClientAuth, Config, HashKey, HealthCheck, OutlierDetection,
     ResilienceConfig, ServerConfig, TlsVersion,
 };
-use crate::runtime::{Runtime, ServerOverride};
+use crate::runtime::{Inputs, Runtime, ServerOverride};
 use crate::upstream::stats::SERVER_ERROR;
 use crate::upstream::{HealthReport, Server};
 
@@ -23,8 +23,9 @@ use crate::upstream::{HealthReport, Server};
 const UNTIL: &str = "next reload";
 const NOTE: &str = "changes made through the admin API (overrides) last until the next reload";
 
-/// Requests and 5xx answers per server (by upstream name and address) at one moment.
-pub type Sample = HashMap<(String, SocketAddr), (u64, u64)>;
+/// Requests, 5xx answers and failed tries per server (by upstream name and address) at
+/// one moment.
+pub type Sample = HashMap<(String, SocketAddr), Counts>;
 
 /// The last two samples of request counts: the older one, 10 to 20 seconds old, is what
 /// "recent" counts from.
@@ -41,30 +42,63 @@ impl RecentWindow {
         }
     }
 
-    /// Requests and errors of a server since the older sample, and how long ago that was;
-    /// with no sample of it yet, everything since it was counted from.
-    fn since(&self, key: &(String, SocketAddr), requests: u64, errors: u64) -> Recent {
+    /// Counts of a server since the older sample, and how long ago that was; with no
+    /// sample of it yet, everything since it was counted from.
+    fn since(&self, key: &(String, SocketAddr), now: Counts) -> Recent {
         let base = self
             .samples
             .front()
             .and_then(|(at, sample)| Some((at, sample.get(key)?)));
-        let (seconds, requests, errors) = match base {
+        let (seconds, counts) = match base {
             // Counts that went down belong to a server made anew (its settings changed):
             // everything it counted is recent.
-            Some((at, &(r, e))) if r <= requests && e <= errors => {
-                (Some(at.elapsed().as_secs_f64()), requests - r, errors - e)
+            Some((at, then))
+                if then.requests <= now.requests
+                    && then.errors <= now.errors
+                    && then.failed_tries <= now.failed_tries =>
+            {
+                (
+                    Some(at.elapsed().as_secs_f64()),
+                    Counts {
+                        requests: now.requests - then.requests,
+                        errors: now.errors - then.errors,
+                        failed_tries: now.failed_tries - then.failed_tries,
+                    },
+                )
             }
-            _ => (None, requests, errors),
+            _ => (None, now),
         };
+        let tries = counts.requests + counts.failed_tries;
         Recent {
             seconds,
-            requests,
-            errors,
-            error_rate: if requests == 0 {
+            requests: counts.requests,
+            errors: counts.errors,
+            failed_tries: counts.failed_tries,
+            tries,
+            error_rate: if tries == 0 {
                 0.0
             } else {
-                errors as f64 / requests as f64
+                (counts.errors + counts.failed_tries) as f64 / tries as f64
             },
+        }
+    }
+}
+
+/// What the recent rates are worked out from, for one server.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Counts {
+    requests: u64,
+    errors: u64,
+    failed_tries: u64,
+}
+
+impl Counts {
+    fn of(server: &Server) -> Counts {
+        let totals = server.stats.totals();
+        Counts {
+            requests: totals.requests(),
+            errors: totals.errors(),
+            failed_tries: totals.failed_tries,
         }
     }
 }
@@ -74,11 +108,7 @@ pub fn sample(rt: &Runtime) -> Sample {
     let mut sample = HashMap::new();
     for upstream in &rt.upstreams {
         for server in upstream.servers.iter() {
-            let totals = server.stats.totals();
-            sample.insert(
-                (upstream.name.clone(), server.address),
-                (totals.requests(), totals.errors()),
-            );
+            sample.insert((upstream.name.clone(), server.address), Counts::of(server));
         }
     }
     sample
@@ -91,6 +121,11 @@ struct Recent {
     requests: u64,
     /// 5xx answers, the server's own or Fulcrum's for it (a timeout, a broken response).
     errors: u64,
+    /// Tries that got no response (see `ServerView::failed_tries`).
+    failed_tries: u64,
+    /// Requests and failed tries: everything sent to the server.
+    tries: u64,
+    /// Errors and failed tries over tries.
     error_rate: f64,
 }
 
@@ -108,6 +143,9 @@ struct ServerView {
     /// Since the server was added (or its connection settings last changed).
     requests: u64,
     errors: u64,
+    /// Tries that timed out, broke or could not connect, including those of requests
+    /// retried on another server (which count as that server's requests).
+    failed_tries: u64,
     recent: Recent,
     connections: Connections,
 }
@@ -124,8 +162,7 @@ fn server_view(
     server: &Server,
     recent: &RecentWindow,
 ) -> ServerView {
-    let totals = server.stats.totals();
-    let (requests, errors) = (totals.requests(), totals.errors());
+    let counts = Counts::of(server);
     let (opened, reused) = server.pool.handed_out.totals();
     ServerView {
         address: server.address,
@@ -136,9 +173,10 @@ fn server_view(
         health: server.health_report(),
         in_flight: server.active(),
         latency_ms: (server.latency().as_secs_f64() * 1e6).round() / 1e3,
-        requests,
-        errors,
-        recent: recent.since(&(upstream.to_string(), server.address), requests, errors),
+        requests: counts.requests,
+        errors: counts.errors,
+        failed_tries: counts.failed_tries,
+        recent: recent.since(&(upstream.to_string(), server.address), counts),
         connections: Connections { opened, reused },
     }
 }
@@ -305,6 +343,7 @@ pub fn change(
     };
     let key = (upstream.to_string(), address);
     let updated = cx.shared.update(|inputs| {
+        let file = file_settings(inputs, &key);
         let o = inputs.overrides.entry(key.clone()).or_default();
         match change {
             Change::Drain => o.drain = Some(true),
@@ -314,6 +353,12 @@ pub fn change(
                 o.disabled = Some(false);
             }
             Change::Weight(weight) => o.weight = Some(weight),
+        }
+        // What only restates the file is no change, and is not listed as one.
+        if let Some(file) = file {
+            o.weight = o.weight.filter(|&w| w != file.weight);
+            o.drain = o.drain.filter(|&d| d != file.drain);
+            o.disabled = o.disabled.filter(|&d| d != file.disabled);
         }
         if *o == ServerOverride::default() {
             inputs.overrides.remove(&key);
@@ -352,6 +397,15 @@ pub fn change(
             format!("upstream `{upstream}` no longer has server {address}"),
         ),
     }
+}
+
+/// Server `key` as the file sets it (a named server's addresses included), without the
+/// admin API's changes.
+fn file_settings(inputs: &Inputs, key: &(String, SocketAddr)) -> Option<ServerConfig> {
+    let mut file = inputs.file.clone();
+    crate::discovery::dns::expand(&mut file, &inputs.resolved);
+    let upstream = file.upstreams.into_iter().find(|u| u.name == key.0)?;
+    upstream.servers.into_iter().find(|s| s.address == key.1)
 }
 
 /// `text` with `%XX` escapes decoded (an IPv6 address's brackets and colons may come
@@ -591,16 +645,51 @@ mod tests {
     #[test]
     fn recent_counts_start_at_the_older_sample() {
         let key = ("app".to_string(), "127.0.0.1:1".parse().unwrap());
+        let counts = |requests, errors, failed_tries| Counts {
+            requests,
+            errors,
+            failed_tries,
+        };
         let mut window = RecentWindow::default();
-        assert_eq!(window.since(&key, 5, 1).requests, 5);
-        window.push(Instant::now(), HashMap::from([(key.clone(), (5, 1))]));
-        window.push(Instant::now(), HashMap::from([(key.clone(), (9, 1))]));
-        let recent = window.since(&key, 15, 3);
+        assert_eq!(window.since(&key, counts(5, 1, 0)).requests, 5);
+        window.push(
+            Instant::now(),
+            HashMap::from([(key.clone(), counts(5, 1, 0))]),
+        );
+        window.push(
+            Instant::now(),
+            HashMap::from([(key.clone(), counts(9, 1, 0))]),
+        );
+        let recent = window.since(&key, counts(15, 3, 0));
         assert_eq!((recent.requests, recent.errors), (10, 2));
         assert_eq!(recent.error_rate, 0.2);
-        window.push(Instant::now(), HashMap::from([(key.clone(), (15, 3))]));
-        assert_eq!(window.since(&key, 15, 3).requests, 6);
+        window.push(
+            Instant::now(),
+            HashMap::from([(key.clone(), counts(15, 3, 0))]),
+        );
+        assert_eq!(window.since(&key, counts(15, 3, 0)).requests, 6);
         // A server made anew counts from zero again.
-        assert_eq!(window.since(&key, 2, 0).requests, 2);
+        assert_eq!(window.since(&key, counts(2, 0, 0)).requests, 2);
+    }
+
+    #[test]
+    fn failed_tries_count_as_errors_among_the_tries() {
+        let key = ("app".to_string(), "127.0.0.1:1".parse().unwrap());
+        let mut window = RecentWindow::default();
+        let then = Counts {
+            requests: 10,
+            errors: 0,
+            failed_tries: 0,
+        };
+        window.push(Instant::now(), HashMap::from([(key.clone(), then)]));
+        // 2 requests answered, 1 of them 5xx, and 2 tries that got nothing.
+        let now = Counts {
+            requests: 12,
+            errors: 1,
+            failed_tries: 2,
+        };
+        let recent = window.since(&key, now);
+        assert_eq!((recent.tries, recent.failed_tries), (4, 2));
+        assert_eq!(recent.error_rate, 0.75);
     }
 }

@@ -15,17 +15,45 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// A status larger than this is not a Fulcrum's.
 const MAX_STATUS_BYTES: usize = 16 << 20;
 
+/// The one key of a config that `fulcrum status` needs; the rest of the file is not looked
+/// at, so that neither its TLS keys nor the token file have to be readable.
+#[derive(serde::Deserialize)]
+struct AdminOnly {
+    admin: Option<AdminBind>,
+}
+
+#[derive(serde::Deserialize)]
+struct AdminBind {
+    bind: Option<String>,
+}
+
 /// Where the admin listener of the Fulcrum running with the config at `path` listens; an
 /// unspecified bind address (`0.0.0.0`) is reached on loopback.
 pub fn admin_addr_from_config(path: &Path) -> Result<SocketAddr, String> {
-    let config = crate::config::load(path).map_err(|e| e.to_string())?;
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{shown} cannot be read: {e}"))?;
+    let config: AdminOnly =
+        toml::from_str(&text).map_err(|e| format!("{shown} is not valid TOML: {e}"))?;
     let Some(admin) = config.admin else {
         return Err(format!(
-            "{}: the admin listener is off: add an [admin] section with bind = \"127.0.0.1:9901\" (or pass --admin ADDRESS)",
-            path.display()
+            "{shown}: the admin listener is off: add an [admin] section with bind = \"127.0.0.1:9901\" (or pass --admin ADDRESS)"
         ));
     };
-    let mut addr = admin.bind;
+    let Some(bind) = admin.bind else {
+        return Err(format!(
+            "{shown}: [admin] has no bind: add bind = \"127.0.0.1:9901\" (or pass --admin ADDRESS)"
+        ));
+    };
+    let mut addr: SocketAddr = bind.parse().map_err(|_| {
+        format!(
+            "{shown}: [admin] bind `{bind}` is not an IP address and port, such as 127.0.0.1:9901"
+        )
+    })?;
+    if addr.port() == 0 {
+        return Err(format!(
+            "{shown}: [admin] bind has port 0, so the running Fulcrum's admin port is not in the file: pass --admin ADDRESS"
+        ));
+    }
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr.ip() {
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -104,7 +132,10 @@ pub fn table(status: &Value) -> String {
                 }
             }
             let recent = &s["recent"];
-            let errors = match recent["requests"].as_u64() {
+            // Failed tries count as errors even with no request answered (a Fulcrum before
+            // they were counted reports requests only).
+            let tries = recent["tries"].as_u64().or(recent["requests"].as_u64());
+            let errors = match tries {
                 Some(0) | None => "-".to_string(),
                 Some(_) => format!(
                     "{:.1}%",
@@ -168,6 +199,43 @@ pub fn table(status: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `text` written to a config file of its own, for `admin_addr_from_config`.
+    fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("fulcrum-cli-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fulcrum.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_admin_address_is_read_without_the_files_the_config_names() {
+        // Keys and a token file that are not there: a full load would stop on them.
+        let path = config_file(
+            "unreadable",
+            "[listeners.web]\nbind = \"0.0.0.0:443\"\n\
+             [[listeners.web.tls.certificates]]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n\
+             [admin]\nbind = \"0.0.0.0:9901\"\ntoken_file = \"/nonexistent/token\"\n",
+        );
+        assert_eq!(
+            admin_addr_from_config(&path),
+            Ok("127.0.0.1:9901".parse().unwrap())
+        );
+        let path = config_file("nobind", "[admin]\ntoken_file = \"t\"\n");
+        let error = admin_addr_from_config(&path).unwrap_err();
+        assert!(error.contains("[admin] has no bind"), "{error}");
+        let path = config_file("off", "workers = 2\n");
+        let error = admin_addr_from_config(&path).unwrap_err();
+        assert!(error.contains("the admin listener is off"), "{error}");
+        let path = config_file("bad", "[admin]\nbind = \"localhost:9901\"\n");
+        let error = admin_addr_from_config(&path).unwrap_err();
+        assert!(error.contains("is not an IP address and port"), "{error}");
+        for name in ["unreadable", "nobind", "off", "bad"] {
+            let dir = config_file(name, "");
+            std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+        }
+    }
 
     #[test]
     fn the_table_lines_servers_up_with_their_state_and_rates() {

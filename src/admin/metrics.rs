@@ -76,6 +76,9 @@ struct UpstreamScrape {
 struct ServerScrape {
     address: String,
     state: &'static str,
+    /// Drained or disabled by the file or the admin API: no new requests, whatever its
+    /// health.
+    held_back: bool,
     weight: u32,
     in_flight: usize,
     ejections: u64,
@@ -132,6 +135,7 @@ impl Scrape {
                         ServerScrape {
                             address: server.address.to_string(),
                             state: health.state,
+                            held_back: config.drain || config.disabled,
                             weight: config.weight,
                             in_flight: server.active(),
                             ejections: health.ejections,
@@ -212,34 +216,40 @@ impl Scrape {
     }
 
     /// `fulcrum_upstream_latency_seconds`: request durations (first byte in to last byte
-    /// out) per upstream, its servers' histograms added up.
+    /// out) per server. Per server rather than added up per upstream, so that a server a
+    /// reload or a DNS change removes takes its series away instead of making the
+    /// upstream's counts go down, which Prometheus would take for a restart.
     fn latency(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut family = encoder.encode_descriptor(
             "fulcrum_upstream_latency_seconds",
-            "Request durations by upstream, from the request's head to the response's end",
+            "Request durations by upstream and server, from the request's head to the response's end",
             None,
             MetricType::Histogram,
         )?;
         for u in &self.upstreams {
-            let mut buckets = vec![0u64; LATENCY_BUCKETS.len() + 1];
-            let mut sum = 0.0;
             for s in &u.servers {
-                for (b, n) in buckets.iter_mut().zip(&s.requests.latency_buckets) {
-                    *b += n;
-                }
-                sum += s.requests.latency_sum.as_secs_f64();
+                let latency = &s.requests;
+                let count = latency.latency_buckets.iter().sum();
+                // Per bucket, not cumulative (the encoder adds up), with the `+Inf` bucket
+                // that holds what is slower than the last bound.
+                let bounds: Vec<(f64, u64)> = LATENCY_BUCKETS
+                    .iter()
+                    .copied()
+                    .chain([f64::INFINITY])
+                    .zip(latency.latency_buckets.iter().copied())
+                    .collect();
+                family
+                    .encode_family(&[
+                        ("upstream", u.name.as_str()),
+                        ("server", s.address.as_str()),
+                    ])?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        latency.latency_sum.as_secs_f64(),
+                        count,
+                        &bounds,
+                        None,
+                    )?;
             }
-            let count = buckets.iter().sum();
-            let bounds: Vec<(f64, u64)> = LATENCY_BUCKETS
-                .iter()
-                .copied()
-                .zip(buckets.iter().copied())
-                .collect();
-            family
-                .encode_family(&[("upstream", u.name.as_str())])?
-                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                sum, count, &bounds, None,
-            )?;
         }
         Ok(())
     }
@@ -260,20 +270,17 @@ impl Scrape {
         };
         let mut family = encoder.encode_descriptor(
             "fulcrum_server_up",
-            "1 while the server takes requests (up or ramping up), 0 otherwise",
+            "1 while the server takes new requests (up or ramping up, neither drained nor disabled), 0 otherwise",
             None,
             MetricType::Gauge,
         )?;
         for (labels, s) in servers() {
-            gauge(
-                &mut family,
-                &labels,
-                i64::from(matches!(s.state, "up" | "ramping")),
-            )?;
+            let taking = matches!(s.state, "up" | "ramping") && !s.held_back;
+            gauge(&mut family, &labels, i64::from(taking))?;
         }
         let mut family = encoder.encode_descriptor(
             "fulcrum_server_state",
-            "1 for the state the server's health is in, 0 for the others",
+            "1 for the state the server's health is in, 0 for the others; a drained or disabled server keeps its health state (fulcrum_server_up is 0 for it)",
             None,
             MetricType::Gauge,
         )?;
@@ -310,6 +317,15 @@ impl Scrape {
         )?;
         for (labels, s) in servers() {
             counter(&mut family, &labels, s.ejections)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_server_failed_tries",
+            "Tries at the server that got no response (timed out, connection broken or refused), those of requests retried elsewhere included",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, s) in servers() {
+            counter(&mut family, &labels, s.requests.failed_tries)?;
         }
         let mut family = encoder.encode_descriptor(
             "fulcrum_upstream_connections",

@@ -30,12 +30,16 @@ use crate::config::Config;
 use crate::runtime::Shared;
 use api::RecentWindow;
 
-/// Admin connections served at once; more wait in the kernel's backlog.
+/// Admin connections served at once; more are closed as soon as they are accepted.
 const MAX_CONNECTIONS: usize = 64;
 /// A request body (a weight change) is a few bytes; anything larger is refused.
 const MAX_BODY_BYTES: usize = 4096;
-/// How long a client may take to send a request head, or its body.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request head, or its body: a few seconds, so that
+/// clients that connect and send nothing give their slot up soon.
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a connection may stay open with nothing moving either way, between requests
+/// kept alive or within one.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often request counts are sampled for the status's recent request and error rates.
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
@@ -118,10 +122,6 @@ pub fn spawn(
 async fn accept_loop(socket: TcpListener, cx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let permit = tokio::select! {
-            _ = crate::server::stopping(&mut shutdown) => return,
-            permit = slots.clone().acquire_owned() => permit.expect("never closed"),
-        };
         let stream = tokio::select! {
             _ = crate::server::stopping(&mut shutdown) => return,
             accepted = socket.accept() => match accepted {
@@ -134,12 +134,22 @@ async fn accept_loop(socket: TcpListener, cx: Arc<Context>, mut shutdown: watch:
                 }
             },
         };
+        // Accepting always and closing what is over the limit at once, rather than leaving
+        // it in the kernel's queue, means that clients holding every slot idle cannot keep
+        // an operator waiting: a refused connection says so straight away, and a slot frees
+        // within the timeouts.
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("admin listener at its connection limit: connection closed");
+            drop(stream);
+            continue;
+        };
         let (cx, mut shutdown) = (cx.clone(), shutdown.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let cx = cx.clone();
                 async move { Ok::<_, Infallible>(handle(&cx, req).await) }
             });
+            let stream = crate::idle_timeout::IdleTimeout::new(stream, IDLE_TIMEOUT);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(READ_TIMEOUT)

@@ -687,6 +687,7 @@ impl Upstream {
     /// limited by `max_ejection_percent`: a refused connection is a fact, and a dead server
     /// left in would cost every request that picks it a failed connect.
     pub fn unreachable(&self, index: usize) {
+        self.servers[index].count_failed_try();
         if self.fail_timeout.is_zero() {
             return;
         }
@@ -887,6 +888,7 @@ impl Upstream {
     /// What became of a request sent to server `index`, for passive outlier detection:
     /// enough errors in a row eject the server (see [`OutlierDetection`]).
     pub fn record_outcome(&self, index: usize, observed: Observed) {
+        self.servers[index].count_if_failed(observed);
         if !self.outlier.enabled {
             return;
         }

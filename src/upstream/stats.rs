@@ -1,6 +1,6 @@
 //! Request statistics for the metrics and the admin API: requests by listener and status
-//! class with a latency histogram (per server), requests by status class alone (per
-//! route), and new versus reused upstream connections.
+//! class with a latency histogram, and failed tries (per server), requests by status class
+//! alone (per route), and new versus reused upstream connections.
 //!
 //! Recording is on the request path of every worker, so each worker counts in its own
 //! cache-line-aligned shard of plain atomics (picked by `crate::server::worker()`); nothing
@@ -48,6 +48,8 @@ struct Shard {
     /// Not cumulative: each request counts in its one bucket.
     latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_us: AtomicU64,
+    /// Tries that got no response from the server, whatever became of their request.
+    failed_tries: AtomicU64,
 }
 
 /// `RequestStats` added up over the workers.
@@ -59,6 +61,10 @@ pub struct RequestTotals {
     /// within), then those slower than the last bound.
     pub latency_buckets: Vec<u64>,
     pub latency_sum: Duration,
+    /// Tries at the server that timed out, broke or could not connect. A request retried
+    /// elsewhere is not among the server's requests, so only this shows the server failing;
+    /// the last try of a request answered by Fulcrum's own 5xx counts in both.
+    pub failed_tries: u64,
 }
 
 impl RequestTotals {
@@ -69,6 +75,12 @@ impl RequestTotals {
     /// Requests answered with a 5xx status.
     pub fn errors(&self) -> u64 {
         self.by_listener.iter().map(|c| c[SERVER_ERROR]).sum()
+    }
+
+    /// Everything that went to the server: its requests, and the failed tries of requests
+    /// that went on elsewhere.
+    pub fn tries(&self) -> u64 {
+        self.requests() + self.failed_tries
     }
 }
 
@@ -108,6 +120,11 @@ impl RequestStats {
         shard.latency_sum_us.fetch_add(micros, Ordering::Relaxed);
     }
 
+    /// Counts one try that got no response (see [`RequestTotals::failed_tries`]).
+    pub fn failed_try(&self) {
+        bump(&self.shards[worker().min(self.shards.len() - 1)].failed_tries);
+    }
+
     /// Everything counted so far, over all workers.
     pub fn totals(&self) -> RequestTotals {
         let mut totals = RequestTotals {
@@ -130,9 +147,26 @@ impl RequestStats {
                 *t += c.load(Ordering::Relaxed);
             }
             sum_us = sum_us.wrapping_add(shard.latency_sum_us.load(Ordering::Relaxed));
+            totals.failed_tries += shard.failed_tries.load(Ordering::Relaxed);
         }
         totals.latency_sum = Duration::from_micros(sum_us);
         totals
+    }
+}
+
+impl super::Server {
+    /// Counts a try at this server that got no response: a refused connection, a timeout,
+    /// a connection that broke.
+    pub fn count_failed_try(&self) {
+        self.stats.failed_try();
+    }
+
+    /// Counts the try's outcome if it was a failure without a response; a response, 5xx
+    /// or not, is counted as a request when its request ends.
+    pub fn count_if_failed(&self, observed: super::Observed) {
+        if matches!(observed, super::Observed::Timeout | super::Observed::Broken) {
+            self.count_failed_try();
+        }
     }
 }
 
@@ -270,6 +304,19 @@ mod tests {
     }
 
     #[test]
+    fn failed_tries_add_to_the_tries_but_not_the_requests() {
+        let stats = RequestStats::new(2);
+        stats.record(1, 0, Some(200), Duration::ZERO);
+        stats.failed_try();
+        stats.failed_try();
+        let totals = stats.totals();
+        assert_eq!(
+            (totals.requests(), totals.failed_tries, totals.tries()),
+            (1, 2, 3)
+        );
+    }
+
+    #[test]
     fn shards_of_every_worker_are_added_up() {
         let stats = std::sync::Arc::new(RequestStats::new(4));
         let counts = std::sync::Arc::new(ConnectionCounts::new(4));
@@ -285,6 +332,7 @@ mod tests {
                         counts.opened();
                         counts.reused();
                         counts.reused();
+                        stats.failed_try();
                     }
                 })
             })
@@ -293,6 +341,7 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(stats.totals().requests(), 4000);
+        assert_eq!(stats.totals().failed_tries, 4000);
         assert_eq!(counts.totals(), (4000, 8000));
         assert_eq!(classes.totals(), [0, 4000, 0, 0, 0, 0]);
     }
