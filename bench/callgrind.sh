@@ -3,12 +3,14 @@
 # repeatable whatever else the machine is doing, unlike timings. One worker, one server (a
 # `fulcrum backend`), kept-alive HTTP/1.1 from h2load.
 #   sh bench/callgrind.sh [REQUESTS] [CONFIG-EXTRA]
-# CONFIG-EXTRA is appended to the config (e.g. an [admin] table, to count metrics recording).
+# CONFIG-EXTRA is appended to the config. FULCRUM=path measures another build (by default
+# this checkout's, built here); the backend is always this checkout's `fulcrum backend`.
 set -eu
 requests=${1:-20000}
 extra=${2:-}
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
+fulcrum=${FULCRUM:-./target/release/fulcrum}
 dir=$(mktemp -d)
 trap 'kill $backend $proxy 2>/dev/null || true; rm -rf "$dir"' EXIT
 ./target/release/fulcrum backend --listen 127.0.0.1:18601 >/dev/null &
@@ -26,7 +28,7 @@ enabled = false
 $extra
 TOML
 valgrind --tool=callgrind --callgrind-out-file="$dir/out" \
-    ./target/release/fulcrum run -c "$dir/fulcrum.toml" 2>"$dir/log" &
+    "$fulcrum" run -c "$dir/fulcrum.toml" 2>"$dir/log" &
 proxy=$!
 for _ in $(seq 100); do
     grep -q "listening" "$dir/log" 2>/dev/null && break

@@ -200,17 +200,15 @@ pub fn table(status: &Value) -> String {
 mod tests {
     use super::*;
 
-    /// `text` written to a config file of its own, for `admin_addr_from_config`.
-    fn config_file(name: &str, text: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("fulcrum-cli-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("fulcrum.toml");
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
     #[test]
     fn the_admin_address_is_read_without_the_files_the_config_names() {
+        // Removed, with what is in it, when the test ends (passed or not).
+        let dir = tempfile::tempdir().unwrap();
+        let config_file = |name: &str, text: &str| {
+            let path = dir.path().join(format!("{name}.toml"));
+            std::fs::write(&path, text).unwrap();
+            path
+        };
         // Keys and a token file that are not there: a full load would stop on them.
         let path = config_file(
             "unreadable",
@@ -231,10 +229,6 @@ mod tests {
         let path = config_file("bad", "[admin]\nbind = \"localhost:9901\"\n");
         let error = admin_addr_from_config(&path).unwrap_err();
         assert!(error.contains("is not an IP address and port"), "{error}");
-        for name in ["unreadable", "nobind", "off", "bad"] {
-            let dir = config_file(name, "");
-            std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
-        }
     }
 
     #[test]
