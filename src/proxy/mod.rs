@@ -49,7 +49,7 @@ use crate::http::validate::{self, Reject};
 use crate::http1::body::Framing;
 use crate::runtime::Runtime;
 use crate::upstream::stats::ClassCounts;
-use crate::upstream::{Affinity, ConnectError, Observed, RawConn, Upstream};
+use crate::upstream::{Admitted, Affinity, ConnectError, Observed, RawConn, Upstream};
 
 /// The client connection a request arrived on, as the phases see it.
 #[derive(Debug)]
@@ -165,10 +165,16 @@ where
 
     // 3. Wait for a turn under the upstream's limit, pick a server and connect.
     let upstream = routed.upstream;
-    let admitted = tokio::select! {
-        biased;
-        admitted = upstream.admit() => Some(admitted),
-        () = writer.abandoned() => None,
+    // Without a limit, no wait: nor a watch for the client leaving meanwhile, which costs
+    // HTTP/2 streams a waker.
+    let admitted = if upstream.limits_requests() {
+        tokio::select! {
+            biased;
+            admitted = upstream.admit() => Some(admitted),
+            () = writer.abandoned() => None,
+        }
+    } else {
+        Some(Ok(Admitted::unlimited()))
     };
     let _admitted = match admitted {
         Some(Ok(admitted)) => admitted,
@@ -181,7 +187,7 @@ where
             return answer::write(writer, Failure::abandoned(), is_head, unread, &mut log).await;
         }
     };
-    upstream.count_request();
+    upstream.count_request(started);
     let upgrade = upgrade_protocol(&req);
     // Only a request that is idempotent and has no body (nothing read from the client that
     // would be gone) may be sent again once a server may have seen it.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::Upstream;
 use super::admission::{Admission, Admitted, Refused};
 use super::budget::RetryBudget;
-use super::state::now_ms;
+use super::state::{ms_at, now_ms};
 use crate::config::ResilienceConfig;
 
 #[derive(Debug)]
@@ -112,6 +112,11 @@ impl Upstream {
         Some(admission.limits.queue_timeout)
     }
 
+    /// Whether the upstream has a circuit breaker: a request may have to wait for a turn.
+    pub fn limits_requests(&self) -> bool {
+        self.resilience.admission.is_some()
+    }
+
     /// Lets a request in under `max_active_requests`, after a wait in line if need be, or
     /// refuses it (counted).
     pub async fn admit(&self) -> Result<Admitted<'_>, Refused> {
@@ -130,9 +135,10 @@ impl Upstream {
     }
 
     /// Counts a request's first try, which the retry budget is a share of.
-    pub fn count_request(&self) {
+    pub fn count_request(&self, started: std::time::Instant) {
+        // The request's own start, rather than another read of the clock.
         if self.resilience.config.retries > 0 {
-            self.resilience.budget.record_request(now_ms() / 1000);
+            self.resilience.budget.record_request(ms_at(started) / 1000);
         }
     }
 

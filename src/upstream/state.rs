@@ -316,8 +316,14 @@ pub fn unix_ms() -> u64 {
 
 /// Milliseconds since the process first asked, never 0.
 pub fn now_ms() -> u64 {
+    ms_at(Instant::now())
+}
+
+/// `instant` in `now_ms` time, for a moment already read off the clock.
+pub fn ms_at(instant: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    let epoch = *EPOCH.get_or_init(|| instant);
+    instant.saturating_duration_since(epoch).as_millis() as u64 + 1
 }
 
 /// Runs `rounds` rounds of a race, for tests: each round `setup` runs alone, then `settle`
