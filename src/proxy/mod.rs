@@ -217,7 +217,12 @@ where
     // Every try so far went to a server that was out already: none could take the request.
     let mut all_out = true;
     let (server, conn, outcome, _in_flight) = loop {
-        let try_started = Instant::now();
+        // The first try starts with the request: no second read of the clock.
+        let try_started = if failed.is_empty() && !fresh_only {
+            started
+        } else {
+            Instant::now()
+        };
         let connected = connect::connect(
             upstream,
             &affinity,
