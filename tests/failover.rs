@@ -49,12 +49,7 @@ impl BackendProcess {
     }
 
     fn signal(&self, signal: &str) {
-        let ok = std::process::Command::new("kill")
-            .args(["-s", signal, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -s {signal} failed");
+        support::send_signal(self.child.id(), signal);
     }
 
     fn kill(&mut self) {
@@ -80,6 +75,18 @@ struct Seen {
     by_backend: HashMap<String, Vec<Instant>>,
     failures: Vec<String>,
     requests: usize,
+}
+
+impl Seen {
+    fn assert_none_failed(&self) {
+        assert!(
+            self.failures.is_empty(),
+            "{} of {} failed: {:?}",
+            self.failures.len(),
+            self.requests,
+            &self.failures[..self.failures.len().min(5)]
+        );
+    }
 }
 
 /// `clients` loops of GETs on kept-alive connections for `duration`, each at most one
@@ -211,13 +218,7 @@ async fn a_frozen_server_costs_clients_nothing_and_is_marked_down() {
     let took = wait_for_state(admin, frozen.addr, &["down"], INTERVAL * FALL + SLACK).await;
     eprintln!("frozen server marked down after {took:?}");
     let seen = load.await.unwrap();
-    assert!(
-        seen.failures.is_empty(),
-        "{} of {} failed: {:?}",
-        seen.failures.len(),
-        seen.requests,
-        &seen.failures[..seen.failures.len().min(5)]
-    );
+    seen.assert_none_failed();
     // Frozen, it answers nothing (what it wrote just before may still be on its way).
     let settled = frozen_at + Duration::from_millis(200);
     let late = seen
@@ -287,13 +288,7 @@ async fn a_killed_server_is_marked_down_and_comes_back_through_slow_start() {
     let took = wait_for_state(admin, addr, &["ramping", "up"], INTERVAL * RISE + SLACK).await;
     eprintln!("restarted server marked up after {took:?}");
     let seen = load.await.unwrap();
-    assert!(
-        seen.failures.is_empty(),
-        "{} of {} failed: {:?}",
-        seen.failures.len(),
-        seen.requests,
-        &seen.failures[..seen.failures.len().min(5)]
-    );
+    seen.assert_none_failed();
     // Traffic returns, gradually: less of it in the first second back than in the last,
     // when the ramp is over.
     let returned: Vec<Instant> = seen

@@ -149,18 +149,23 @@ async fn failing_gets(proxy: &Proxy, n: usize) {
     }
 }
 
+/// `n` servers that close every connection without answering, and their config entries.
+async fn closing_servers(n: usize) -> (Vec<RawBackend>, Vec<String>) {
+    let mut servers = Vec::new();
+    for _ in 0..n {
+        servers.push(closing_server().await);
+    }
+    let entries = servers.iter().map(|s| primary(s.addr)).collect();
+    (servers, entries)
+}
+
 fn tries(servers: &[RawBackend]) -> usize {
     servers.iter().map(|s| s.seen.lock().unwrap().len()).sum()
 }
 
 #[tokio::test]
 async fn retries_stay_within_their_share_of_requests() {
-    let servers = [
-        closing_server().await,
-        closing_server().await,
-        closing_server().await,
-    ];
-    let addrs: Vec<String> = servers.iter().map(|s| primary(s.addr)).collect();
+    let (servers, addrs) = closing_servers(3).await;
     let proxy = Proxy::start(
         &config(
             &addrs,
@@ -179,12 +184,7 @@ async fn retries_stay_within_their_share_of_requests() {
 
 #[tokio::test]
 async fn a_quiet_upstream_may_retry_up_to_the_floor() {
-    let servers = [
-        closing_server().await,
-        closing_server().await,
-        closing_server().await,
-    ];
-    let addrs: Vec<String> = servers.iter().map(|s| primary(s.addr)).collect();
+    let (servers, addrs) = closing_servers(3).await;
     // No share of requests: only the floor, one retry a second over the ten-second window.
     let proxy = Proxy::start(
         &config(

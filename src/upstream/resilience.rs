@@ -213,40 +213,15 @@ impl Upstream {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
 
     use super::*;
-    use crate::config::{BalanceKind, CircuitBreaker, ServerConfig, UpstreamConfig};
+    use crate::config::{BalanceKind, CircuitBreaker, UpstreamConfig};
 
     fn config(resilience: ResilienceConfig) -> UpstreamConfig {
+        let servers = [(1, false), (2, false)];
         UpstreamConfig {
-            name: "app".into(),
-            balance: BalanceKind::RoundRobin,
-            hash_key: None,
-            sticky_cookie: None,
-            sticky_secret: None,
-            latency_decay: Duration::from_secs(10),
-            slow_start: Duration::ZERO,
-            fail_timeout: Duration::from_secs(60),
-            servers: [1, 2]
-                .map(|port| ServerConfig {
-                    address: SocketAddr::from(([127, 0, 0, 1], port)),
-                    weight: 1,
-                    backup: false,
-                    drain: false,
-                    disabled: false,
-                    max_connections: 100,
-                })
-                .to_vec(),
-            preserve_host: true,
-            pool_max_idle_per_server: 0,
-            pool_idle_timeout: Duration::from_secs(1),
-            tls: None,
-            named: vec![],
-            health_check: None,
-            outlier_detection: Default::default(),
-            panic_threshold: 0,
             resilience,
+            ..crate::upstream::tests::config(BalanceKind::RoundRobin, &servers)
         }
     }
 

@@ -10,7 +10,8 @@ fn upstream(balance: BalanceKind, servers: &[(u16, bool)]) -> Upstream {
     Upstream::build(&config(balance, servers), 1, Duration::from_secs(1), None)
 }
 
-fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamConfig {
+/// An upstream's config as the tests of this module use it: `servers` are (port, backup).
+pub(super) fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamConfig {
     UpstreamConfig {
         name: "app".into(),
         balance,

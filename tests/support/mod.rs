@@ -247,6 +247,16 @@ impl Drop for TempDir {
     }
 }
 
+/// Sends `signal` (a name: `HUP`, `STOP`, …) to process `pid`, which must take it.
+pub fn send_signal(pid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .args(["-s", signal, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -s {signal} {pid} failed");
+}
+
 pub fn binary() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
 }
@@ -399,12 +409,7 @@ impl Process {
     }
 
     pub fn signal(&self, signal: &str) {
-        let ok = std::process::Command::new("kill")
-            .args(["-s", signal, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -s {signal} failed");
+        send_signal(self.child.id(), signal);
     }
 
     /// Waits for the process to exit and returns its exit code.
