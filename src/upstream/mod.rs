@@ -64,7 +64,8 @@ pub struct Upstream {
     /// Too few servers are healthy: requests go to all of them as if all were.
     panicking: AtomicBool,
     /// Held from counting the servers ejected to ejecting one more, so that workers
-    /// ejecting at once cannot pass the cap together. Taken only to eject, never per request.
+    /// ejecting at once cannot pass the cap together, and while the panic is judged. Taken
+    /// only when a server's state changes, never per request.
     ejecting: Mutex<()>,
     /// Servers down or ramping up. While there are any, picks bring their shares up to
     /// date and thin out their picks; otherwise a pick costs just this one load.
@@ -805,6 +806,9 @@ impl Upstream {
     /// Enters or leaves the panic, as the share of healthy primaries falls below
     /// `panic_threshold` or climbs back. While a backup is healthy, it takes over instead.
     fn refresh_panic(&self) {
+        // Serialized, so that the last change of state is also the last one judged: two
+        // callers racing without it could leave the flag as the earlier one saw things.
+        let _judging = self.ejecting.lock().unwrap_or_else(|e| e.into_inner());
         let primaries = &self.primary.members;
         let healthy = |i: &&usize| self.servers[**i].share() > 0;
         let up = primaries.iter().filter(healthy).count();
