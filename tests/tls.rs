@@ -518,7 +518,19 @@ async fn certificates_changed_on_disk_are_served_without_dropping_connections() 
     let pki = Pki::new();
     let site = pki.server("site", &["app.test"], Key::Ecdsa);
     let backend = Backend::named("a").await;
-    let mut process = Process::start(&https_config(&[&site], "", ""), &[&backend]);
+    // With an admin listener, to make a rebuild of the running config after the renewal.
+    let token = pki.dir.0.join("admin.token");
+    std::fs::write(&token, "a-token-for-this-test-only\n").unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = https_config(&[&site], "", "")
+        + &format!(
+            "[admin]\nbind = \"{admin}\"\ntoken_file = \"{}\"\n",
+            token.display()
+        );
+    let mut process = Process::start(&config, &[&backend]);
     // A new client config each time: a resumed session would not show the certificate.
     let config = || client(&pki, &["http/1.1"]);
     let first_cert = {
@@ -560,10 +572,26 @@ async fn certificates_changed_on_disk_are_served_without_dropping_connections() 
     let stream = tls::connect(process.addr, "app.test", config())
         .await
         .unwrap();
-    assert_ne!(
-        stream.get_ref().1.peer_certificates().unwrap()[0],
-        first_cert
-    );
+    let renewed = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_ne!(renewed, first_cert);
+
+    // A change through the admin API rebuilds the running config: from the renewed
+    // certificate, not from the one the file had when it was loaded.
+    let changed = reqwest::Client::new()
+        .put(format!(
+            "http://{admin}/api/upstreams/app/servers/{}/weight",
+            backend.addr
+        ))
+        .bearer_auth("a-token-for-this-test-only")
+        .body(r#"{"weight": 2}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(changed.status(), 200);
+    let stream = tls::connect(process.addr, "app.test", config())
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.peer_certificates().unwrap()[0], renewed);
 
     // The connection from before still works.
     before.write_all(keep_alive).await.unwrap();

@@ -48,7 +48,7 @@ pub async fn watch_certificates(shared: Arc<Shared>, shutdown: watch::Receiver<b
     every(CHECK_EVERY, shutdown, move || {
         let runtime = shared.load();
         for (config, listener) in runtime.config.listeners.iter().zip(&runtime.listeners) {
-            let (Some(tls_config), Some(tls)) = (&config.tls, &listener.tls) else {
+            let (Some(tls_config), Some(_)) = (&config.tls, &listener.tls) else {
                 continue;
             };
             let mut changed = false;
@@ -69,30 +69,51 @@ pub async fn watch_certificates(shared: Arc<Shared>, shutdown: watch::Receiver<b
                     }
                 }
             }
-            if changed && let Some(loaded) = reload(config, tls) {
-                // A later rebuild (a DNS answer, an admin change) starts from these.
-                shared.remember(|inputs| {
-                    let listener = inputs
-                        .file
-                        .listeners
-                        .iter_mut()
-                        .find(|l| l.name == config.name);
-                    let Some(tls) = listener.and_then(|l| l.tls.as_mut()) else {
-                        return;
-                    };
-                    for (c, loaded) in tls.certificates.iter_mut().zip(&loaded) {
-                        c.loaded = loaded.clone();
-                        c.stamps = c
-                            .stamps
-                            .iter()
-                            .map(|(p, _)| (p.clone(), stamp(p)))
-                            .collect();
-                    }
-                });
+            if changed {
+                reload_current(&shared, &config.name);
             }
         }
     })
     .await
+}
+
+/// Loads the certificates of listener `name` again and serves them, under the lock a
+/// rebuild takes: a rebuild (a DNS answer, an admin change) then either comes before, and
+/// this swaps into what it built, or after, and starts from these.
+fn reload_current(shared: &Shared, name: &str) {
+    shared.remember(|inputs| {
+        let runtime = shared.load();
+        let Some(i) = runtime.config.listeners.iter().position(|l| l.name == name) else {
+            return;
+        };
+        let (config, Some(tls)) = (&runtime.config.listeners[i], &runtime.listeners[i].tls) else {
+            return;
+        };
+        let Some(loaded) = reload(config, tls) else {
+            return;
+        };
+        let listener = inputs.file.listeners.iter_mut().find(|l| l.name == name);
+        let (Some(file_tls), Some(served)) = (listener.and_then(|l| l.tls.as_mut()), &config.tls)
+        else {
+            return;
+        };
+        // Matched by files, not by position: the file's list is what the served one was
+        // built from, unless a reload changed it meanwhile.
+        for c in &mut file_tls.certificates {
+            let same = served
+                .certificates
+                .iter()
+                .position(|s| s.cert == c.cert && s.key == c.key && s.ocsp == c.ocsp);
+            if let Some(j) = same {
+                c.loaded = loaded[j].clone();
+                c.stamps = c
+                    .stamps
+                    .iter()
+                    .map(|(p, _)| (p.clone(), stamp(p)))
+                    .collect();
+            }
+        }
+    });
 }
 
 /// Loads `config`'s certificates again and, if every one loads, serves them and returns
