@@ -133,6 +133,9 @@ pub struct Shared {
     /// Held while a new snapshot is built, so that a reload, a DNS answer and an admin
     /// change made at once each see the others.
     inputs: Mutex<Inputs>,
+    /// Told of every snapshot swapped in, for the tasks that follow the config (the
+    /// resolver of server names takes up a reload's new names at once).
+    swapped: tokio::sync::Notify,
 }
 
 /// What the running snapshot is built from: the config file, what DNS last answered for
@@ -191,6 +194,7 @@ impl Shared {
                 resolved: HashMap::new(),
                 overrides: HashMap::new(),
             }),
+            swapped: tokio::sync::Notify::new(),
         }
     }
 
@@ -216,6 +220,7 @@ impl Shared {
         match Runtime::build(inputs.effective(), Some(&self.load())) {
             Ok(runtime) => {
                 self.current.store(Arc::new(runtime));
+                self.swapped.notify_waiters();
                 Ok(())
             }
             Err(e) => {
@@ -230,6 +235,11 @@ impl Shared {
     /// which a rebuild for another reason must not undo.
     pub fn remember(&self, change: impl FnOnce(&mut Inputs)) {
         change(&mut self.inputs.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Resolves once a snapshot is swapped in after this call.
+    pub fn swapped(&self) -> tokio::sync::futures::Notified<'_> {
+        self.swapped.notified()
     }
 
     /// Reads what the snapshot is built from.

@@ -163,10 +163,14 @@ impl Resolving {
                 .map_or(Instant::now() + FOLLOW_EVERY, |due| {
                     due.min(Instant::now() + FOLLOW_EVERY)
                 });
+            // A reload is taken up at once, so that its new names have addresses as soon
+            // as they can: until then their upstream has no server for them.
+            let shared = self.shared.clone();
             tokio::select! {
                 biased;
                 _ = stopping(&mut shutdown) => return,
                 () = tokio::time::sleep_until(next) => {}
+                () = shared.swapped() => {}
             }
         }
     }
