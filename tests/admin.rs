@@ -1005,19 +1005,10 @@ async fn requests_are_counted_per_route_whatever_their_outcome_and_a_reload_keep
     assert_eq!(by_route(&metrics, "*/new/", None), 0.0);
 }
 
-/// A port nothing listens on now, for a config that must name its admin port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fulcrum_status_prints_the_servers_of_a_running_fulcrum() {
     let (a, b) = (Backend::named("a").await, Backend::named("b").await);
-    let admin = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", support::unused_addr().port());
     let config = simple_config(2, &format!("[admin]\nbind = \"{admin}\"\n"));
     let process = Process::start(&config, &[&a, &b]);
     let http = client();
@@ -1075,7 +1066,7 @@ fn fulcrum_status_says_why_it_cannot_show_anything() {
         "{stderr}"
     );
 
-    let closed = format!("127.0.0.1:{}", free_port());
+    let closed = format!("127.0.0.1:{}", support::unused_addr().port());
     let unreachable = binary()
         .args(["status", "--admin", &closed])
         .output()

@@ -10,16 +10,10 @@ use support::{Backend, Process, Proxy, client, config_for, raw, simple_config, s
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// An address on which nothing listens.
-async fn dead_address() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
-}
-
 #[tokio::test]
 async fn a_dead_server_is_skipped_and_no_request_is_lost() {
     let alive = Backend::named("alive").await;
-    let proxy = Proxy::start(&config_for(&[dead_address().await, alive.addr], ""), &[]).await;
+    let proxy = Proxy::start(&config_for(&[support::unused_addr(), alive.addr], ""), &[]).await;
     let client = client();
     for _ in 0..6 {
         let resp = client.get(proxy.url("/")).send().await.unwrap();
@@ -30,7 +24,7 @@ async fn a_dead_server_is_skipped_and_no_request_is_lost() {
 
 #[tokio::test]
 async fn no_reachable_server_is_502_with_a_logged_reason() {
-    let dead = dead_address().await;
+    let dead = support::unused_addr();
     let fulcrum = Process::start(
         &config_for(&[dead], "[access_log]\nformat = \"json\"\n"),
         &[],
@@ -209,7 +203,7 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
 
 #[tokio::test]
 async fn pipelined_requests_after_an_upstream_error_still_get_answers() {
-    let dead = dead_address().await;
+    let dead = support::unused_addr();
     let proxy = Proxy::start(&config_for(&[dead], ""), &[]).await;
     let request = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
     let out = raw(

@@ -168,18 +168,10 @@ fn missing_config_file_is_a_clear_error() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn the_demo_balances_across_its_three_backends_over_http_and_https() {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let https_port = free_port();
+    let listen = format!("127.0.0.1:{}", support::unused_addr().port());
+    let https_port = support::unused_addr().port();
     let certs = TempDir::new();
     let mut demo = binary()
         .args(["demo", "--listen", &listen])

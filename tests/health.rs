@@ -26,6 +26,24 @@ struct Switchable {
     checks: Arc<Mutex<Vec<Instant>>>,
 }
 
+/// A switchable backend for each name, all healthy.
+async fn switchables(names: &[&'static str]) -> Vec<Switchable> {
+    let mut backends = Vec::new();
+    for &name in names {
+        backends.push(Switchable::new(name).await);
+    }
+    backends
+}
+
+/// How many servers of the first upstream are in `state` now.
+fn servers_in(proxy: &Proxy, state: &str) -> usize {
+    proxy.server.runtime().upstreams[0]
+        .servers
+        .iter()
+        .filter(|s| s.health_state() == state)
+        .count()
+}
+
 impl Switchable {
     async fn new(name: &'static str) -> Switchable {
         let health = Arc::new(AtomicU16::new(200));
@@ -375,10 +393,7 @@ async fn no_more_than_max_ejection_percent_are_ejected() {
 #[tokio::test]
 async fn below_the_panic_threshold_traffic_goes_to_every_server() {
     let _timed = TIMED.lock().await;
-    let mut backends = Vec::new();
-    for name in ["a", "b", "c", "d"] {
-        backends.push(Switchable::new(name).await);
-    }
+    let backends = switchables(&["a", "b", "c", "d"]).await;
     // Three of four fail their checks but still answer requests.
     for s in &backends[1..] {
         s.health.store(503, Ordering::SeqCst);
@@ -394,12 +409,7 @@ async fn below_the_panic_threshold_traffic_goes_to_every_server() {
     .await;
     let runtime = || proxy.server.runtime();
     wait_for(Duration::from_secs(3), "three down", || {
-        runtime().upstreams[0]
-            .servers
-            .iter()
-            .filter(|s| s.health_state() == "down")
-            .count()
-            == 3
+        servers_in(&proxy, "down") == 3
     })
     .await;
     assert!(runtime().upstreams[0].is_panicking());
@@ -429,10 +439,7 @@ async fn below_the_panic_threshold_traffic_goes_to_every_server() {
 #[tokio::test]
 async fn without_a_panic_threshold_only_healthy_servers_take_traffic() {
     let _timed = TIMED.lock().await;
-    let mut backends = Vec::new();
-    for name in ["a", "b", "c"] {
-        backends.push(Switchable::new(name).await);
-    }
+    let backends = switchables(&["a", "b", "c"]).await;
     for s in &backends[1..] {
         s.health.store(503, Ordering::SeqCst);
     }
@@ -446,12 +453,7 @@ async fn without_a_panic_threshold_only_healthy_servers_take_traffic() {
     )
     .await;
     wait_for(Duration::from_secs(3), "two down", || {
-        proxy.server.runtime().upstreams[0]
-            .servers
-            .iter()
-            .filter(|s| s.health_state() == "down")
-            .count()
-            == 2
+        servers_in(&proxy, "down") == 2
     })
     .await;
     assert!(!proxy.server.runtime().upstreams[0].is_panicking());

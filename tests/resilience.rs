@@ -29,12 +29,6 @@ fn backup(addr: SocketAddr) -> String {
     format!("{{ address = \"{addr}\", backup = true }}")
 }
 
-/// An address on which nothing listens: connections are refused.
-async fn dead_address() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
-}
-
 /// A server that reads each request head and closes without a byte of answer.
 async fn closing_server() -> RawBackend {
     RawBackend::start(|_head| (Vec::new(), true)).await
@@ -124,7 +118,7 @@ async fn a_post_refused_at_connect_is_retried_with_its_body() {
     })
     .await;
     let proxy = Proxy::start(
-        &config(&[primary(dead_address().await), backup(echo.addr)], ""),
+        &config(&[primary(support::unused_addr()), backup(echo.addr)], ""),
         &[],
     )
     .await;
@@ -286,7 +280,7 @@ async fn a_request_waits_in_line_no_longer_than_queue_timeout() {
 
 #[tokio::test]
 async fn with_every_server_known_unreachable_the_answer_is_503_saying_so() {
-    let proxy = Proxy::start(&config(&[primary(dead_address().await)], ""), &[]).await;
+    let proxy = Proxy::start(&config(&[primary(support::unused_addr())], ""), &[]).await;
     let client = client();
     // The first request finds the server gone.
     let resp = client.get(proxy.url("/")).send().await.unwrap();
@@ -415,7 +409,7 @@ async fn try_timeout_cuts_short_only_a_try_another_can_follow() {
 #[tokio::test]
 async fn refused_connections_move_on_to_the_next_server_whatever_the_retries() {
     let alive = Backend::named("alive").await;
-    let (dead1, dead2) = (dead_address().await, dead_address().await);
+    let (dead1, dead2) = (support::unused_addr(), support::unused_addr());
     let proxy = Proxy::start(
         &config(
             &[primary(dead1), primary(alive.addr), primary(dead2)],

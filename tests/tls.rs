@@ -521,10 +521,7 @@ async fn certificates_changed_on_disk_are_served_without_dropping_connections() 
     // With an admin listener, to make a rebuild of the running config after the renewal.
     let token = pki.dir.0.join("admin.token");
     std::fs::write(&token, "a-token-for-this-test-only\n").unwrap();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let admin = support::unused_addr();
     let config = https_config(&[&site], "", "")
         + &format!(
             "[admin]\nbind = \"{admin}\"\ntoken_file = \"{}\"\n",

@@ -247,6 +247,15 @@ impl Drop for TempDir {
     }
 }
 
+/// A loopback address with a port nothing listens on now: connections to it are refused,
+/// and a config may name it for a listener of its own.
+pub fn unused_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// Sends `signal` (a name: `HUP`, `STOP`, …) to process `pid`, which must take it.
 pub fn send_signal(pid: u32, signal: &str) {
     let ok = std::process::Command::new("kill")
