@@ -41,6 +41,7 @@ pub mod cert;
 pub mod config;
 pub mod demo;
 pub mod discovery;
+pub mod ha;
 pub mod health;
 pub mod http;
 pub mod http1;
