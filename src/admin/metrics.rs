@@ -446,7 +446,11 @@ impl Scrape {
         )?;
         for peer in &ha.peers {
             let address = peer.address.to_string();
-            gauge(&mut family, &[("peer", address.as_str())], i64::from(peer.alive))?;
+            gauge(
+                &mut family,
+                &[("peer", address.as_str())],
+                i64::from(peer.alive),
+            )?;
         }
         let mut family = encoder.encode_descriptor(
             "fulcrum_ha_transitions",

@@ -51,8 +51,7 @@ impl VirtualAddresses {
             let text = address.to_string();
             let args = ["addr", "del", &text, "dev", &self.interface];
             let out = ip(&args).await?;
-            if !out.status.success() && !stderr(&out).contains("Cannot assign requested address")
-            {
+            if !out.status.success() && !stderr(&out).contains("Cannot assign requested address") {
                 return Err(failed(&args, &out));
             }
         }

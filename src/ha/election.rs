@@ -116,6 +116,9 @@ pub struct Election {
     switchover_outcome: Option<Result<String, String>>,
     /// The peer last heard active, to tell why the role came to this node.
     last_active_peer: Option<SocketAddr>,
+    /// A peer heard as a live backup that now says it is active: it preempted this node,
+    /// rather than two actives meeting after a split.
+    claimed_from_backup: Option<SocketAddr>,
 }
 
 impl Election {
@@ -137,6 +140,7 @@ impl Election {
             yielded: false,
             switchover_outcome: None,
             last_active_peer: None,
+            claimed_from_backup: None,
         };
         let started = held.then(|| {
             election.change(
@@ -187,8 +191,16 @@ impl Election {
             eligible: hb.eligible,
             last_heard: now,
         };
+        let dead_time = self.settings.dead_time;
         match self.peers.iter_mut().find(|p| p.addr == from) {
-            Some(known) => *known = peer,
+            Some(known) => {
+                let was_live_backup = known.role == WireRole::Backup
+                    && now.saturating_duration_since(known.last_heard) < dead_time;
+                if was_live_backup && peer.role == WireRole::Active {
+                    self.claimed_from_backup = Some(from);
+                }
+                *known = peer;
+            }
             None => self.peers.push(peer),
         }
         self.decide(now)
@@ -293,6 +305,10 @@ impl Election {
         let better = self.peers.iter().find(|p| {
             p.role == WireRole::Active && p.eligible && self.is_alive(p, now) && rank(p) > me
         })?;
+        if self.claimed_from_backup == Some(better.addr) {
+            let detail = format!("{} ranks higher and took the role", describe(better));
+            return Some(self.change(Role::Backup, Reason::Preempted, detail));
+        }
         let detail = format!("{} is active too and ranks higher", describe(better));
         Some(self.change(Role::Backup, Reason::DualActive, detail))
     }
@@ -322,12 +338,14 @@ impl Election {
         if better_taker {
             return None;
         }
-        let (reason, detail) = match self.last_active_peer.and_then(|addr| {
-            self.peers.iter().find(|p| p.addr == addr)
-        }) {
-            Some(p) if self.is_alive(p, now) && p.role == WireRole::Yielding => {
-                (Reason::PeerYielded, format!("{} yielded the role", describe(p)))
-            }
+        let (reason, detail) = match self
+            .last_active_peer
+            .and_then(|addr| self.peers.iter().find(|p| p.addr == addr))
+        {
+            Some(p) if self.is_alive(p, now) && p.role == WireRole::Yielding => (
+                Reason::PeerYielded,
+                format!("{} yielded the role", describe(p)),
+            ),
             Some(p) if self.is_alive(p, now) && !p.eligible => (
                 Reason::LostReach,
                 format!("{} lost reach and gave the role up", describe(p)),
@@ -354,6 +372,7 @@ impl Election {
 
     fn change(&mut self, to: Role, reason: Reason, detail: String) -> Transition {
         let from = std::mem::replace(&mut self.role, to);
+        self.claimed_from_backup = None;
         if to == Role::Active {
             self.yielded = false;
         }
@@ -494,7 +513,10 @@ mod tests {
             None,
             "still listening"
         );
-        assert_eq!(reason(on.pass(HALF)), Some((Role::Active, Reason::Preempted)));
+        assert_eq!(
+            reason(on.pass(HALF)),
+            Some((Role::Active, Reason::Preempted))
+        );
 
         let (mut off, _) = node("lb1", 200, false, false);
         off.hear_for(10, "lb2", 100, WireRole::Active);
@@ -511,6 +533,17 @@ mod tests {
         let (mut better, _) = node("lb1", 200, false, true);
         assert_eq!(better.hear("lb2", 100, WireRole::Active), None);
         assert_eq!(better.election.role(), Role::Active);
+    }
+
+    #[test]
+    fn an_active_node_a_better_backup_takes_the_role_from_says_preempted() {
+        let (mut lesser, _) = node("lb2", 100, true, true);
+        assert_eq!(lesser.hear("lb1", 200, WireRole::Backup), None);
+        assert_eq!(lesser.pass(HALF), None);
+        assert_eq!(
+            reason(lesser.hear("lb1", 200, WireRole::Active)),
+            Some((Role::Backup, Reason::Preempted))
+        );
     }
 
     #[test]
@@ -581,7 +614,10 @@ mod tests {
             reason(old.hear("lb2", 100, WireRole::Active)),
             Some((Role::Backup, Reason::Switchover))
         );
-        assert_eq!(old.election.take_switchover_outcome(), Some(Ok("lb2".into())));
+        assert_eq!(
+            old.election.take_switchover_outcome(),
+            Some(Ok("lb2".into()))
+        );
         // Better and preempting, but it yielded: it leaves the role where it sent it.
         old.hear_for(50, "lb2", 100, WireRole::Active);
         assert_eq!(old.election.role(), Role::Backup);
@@ -619,14 +655,16 @@ mod tests {
 
     #[test]
     fn a_restarted_better_node_preempts_after_listening() {
-        // The lesser node holds the role; the better one comes back.
+        // The lesser node holds the role; the better one comes back and listens first.
         let (mut n, _) = node("lb1", 200, true, false);
-        assert_eq!(n.hear("lb2", 100, WireRole::Active), None);
-        assert_eq!(n.pass(HALF), None);
-        assert_eq!(n.hear("lb2", 100, WireRole::Active), None);
-        assert_eq!(n.pass(HALF), None);
+        n.hear_for(2, "lb2", 100, WireRole::Active);
         assert_eq!(
-            reason(n.hear("lb2", 100, WireRole::Active).or_else(|| n.pass(HALF))),
+            n.hear("lb2", 100, WireRole::Active),
+            None,
+            "still listening"
+        );
+        assert_eq!(
+            reason(n.pass(HALF)),
             Some((Role::Active, Reason::Preempted))
         );
     }

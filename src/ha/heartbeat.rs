@@ -130,8 +130,7 @@ impl Heartbeat {
     /// The heartbeat in `bytes` if it is well formed and signed with `key`. The tag is
     /// checked before anything else is believed.
     pub fn decode(bytes: &[u8], key: &hmac::Key) -> Result<Heartbeat, Rejected> {
-        if bytes.len() < HEAD_BYTES + TAG_BYTES || &bytes[..4] != MAGIC || bytes[4] != VERSION
-        {
+        if bytes.len() < HEAD_BYTES + TAG_BYTES || &bytes[..4] != MAGIC || bytes[4] != VERSION {
             return Err(Rejected::Malformed);
         }
         let name_len = bytes[HEAD_BYTES - 1] as usize;
@@ -223,7 +222,10 @@ impl Inbox {
         if heartbeat.node == self.node {
             return Err(Rejected::OwnName);
         }
-        let last = self.last_sequence.entry(heartbeat.node.clone()).or_default();
+        let last = self
+            .last_sequence
+            .entry(heartbeat.node.clone())
+            .or_default();
         if heartbeat.sequence <= *last {
             return Err(Rejected::Replayed);
         }
@@ -267,7 +269,10 @@ mod tests {
                     eligible,
                     ..sample()
                 };
-                assert_eq!(Heartbeat::decode(&hb.encode(&group_key()), &group_key()), Ok(hb));
+                assert_eq!(
+                    Heartbeat::decode(&hb.encode(&group_key()), &group_key()),
+                    Ok(hb)
+                );
             }
         }
     }
@@ -304,7 +309,10 @@ mod tests {
         let now = Instant::now();
         let peer = PEER.parse().unwrap();
         let hb = sample();
-        assert_eq!(inbox.accept(peer, &hb.encode(&group_key()), now), Ok(hb.clone()));
+        assert_eq!(
+            inbox.accept(peer, &hb.encode(&group_key()), now),
+            Ok(hb.clone())
+        );
         // The same datagram again, and an older one: replays.
         assert_eq!(
             inbox.accept(peer, &hb.encode(&group_key()), now),
@@ -322,7 +330,10 @@ mod tests {
             sequence: hb.sequence + 1,
             ..hb.clone()
         };
-        assert_eq!(inbox.accept(peer, &next.encode(&group_key()), now), Ok(next));
+        assert_eq!(
+            inbox.accept(peer, &next.encode(&group_key()), now),
+            Ok(next)
+        );
         let stranger = "127.0.0.3:7946".parse().unwrap();
         let later = Heartbeat {
             sequence: hb.sequence + 2,
@@ -366,7 +377,11 @@ mod tests {
             inbox.accept(peer, &forged.encode(&key(b"a stranger's own key")), now),
             Err(Rejected::Unauthenticated)
         );
-        assert!(inbox.accept(peer, &sample().encode(&group_key()), now).is_ok());
+        assert!(
+            inbox
+                .accept(peer, &sample().encode(&group_key()), now)
+                .is_ok()
+        );
     }
 
     proptest! {

@@ -366,9 +366,9 @@ impl Runner {
         };
         let (mut election, started) =
             Election::new(settings, *eligibility.borrow(), held, Instant::now());
-        self.publish(&election);
-        if let Some(t) = started {
-            self.apply(t, &addresses, &election).await;
+        match started {
+            Some(t) => self.apply(t, &addresses, &election).await,
+            None => self.publish(&election),
         }
         if !held {
             // What an earlier process that was killed left behind is not ours to hold.
@@ -520,9 +520,15 @@ impl Runner {
             }
             _ => tracing::info!(from, to, reason, detail = %t.detail, "HA: role changed"),
         }
+        self.record(t, election);
+    }
+
+    /// Shows `t` and the state it left in the status, at once.
+    fn record(&self, t: Transition, election: &Election) {
         let mut view = lock(&self.inner.view);
         *view.transitions.entry((t.to, t.reason)).or_default() += 1;
         view.last_change = Some((SystemTime::now(), Instant::now(), t));
+        self.publish_into(&mut view, election);
     }
 
     /// Puts the addresses on (active) or takes them off (backup); on failure, remembers
@@ -553,7 +559,12 @@ impl Runner {
         }
     }
 
-    async fn leave(&mut self, release: bool, election: &mut Election, addresses: &VirtualAddresses) {
+    async fn leave(
+        &mut self,
+        release: bool,
+        election: &mut Election,
+        addresses: &VirtualAddresses,
+    ) {
         if !release {
             tracing::info!(
                 "HA: leaving the group, the virtual addresses left for the process that takes over"
@@ -574,9 +585,7 @@ impl Runner {
                 detail = %t.detail,
                 "HA: role changed"
             );
-            let mut view = lock(&self.inner.view);
-            *view.transitions.entry((t.to, t.reason)).or_default() += 1;
-            view.last_change = Some((SystemTime::now(), Instant::now(), t));
+            self.record(t, election);
         }
         tracing::info!("HA: left the group");
     }
@@ -608,7 +617,10 @@ impl Runner {
     }
 
     fn publish(&self, election: &Election) {
-        let mut view = lock(&self.inner.view);
+        self.publish_into(&mut lock(&self.inner.view), election);
+    }
+
+    fn publish_into(&self, view: &mut View, election: &Election) {
         view.role = election.role();
         view.wire_role = election.wire_role();
         view.eligible = election.eligible();

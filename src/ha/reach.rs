@@ -133,7 +133,10 @@ pub async fn run(
             }
             match &problem {
                 Some(problem) if !eligible => {
-                    tracing::warn!(problem, "HA: reach checks fail: this node may not hold the role")
+                    tracing::warn!(
+                        problem,
+                        "HA: reach checks fail: this node may not hold the role"
+                    )
                 }
                 _ => tracing::info!("HA: reach checks pass: this node may hold the role"),
             }
@@ -177,6 +180,9 @@ mod tests {
         let open = listener.local_addr().unwrap();
         assert!(probe(open, Duration::from_secs(2)).await);
         drop(listener);
-        assert!(probe(open, Duration::from_secs(2)).await, "refused is reachable");
+        assert!(
+            probe(open, Duration::from_secs(2)).await,
+            "refused is reachable"
+        );
     }
 }
