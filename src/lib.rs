@@ -27,6 +27,8 @@
 //! - [`discovery`]: servers given by host name, resolved by DNS and followed as it changes.
 //! - [`server`]: binds the listeners, runs one event loop per worker thread, and shuts down
 //!   gracefully.
+//! - [`ha`]: the active/standby group: heartbeats, election, reach checks, and the
+//!   virtual addresses the active node holds.
 //! - [`idle_timeout`]: closes connections on which nothing moves.
 //! - [`admin`]: the admin listener: JSON status and config, run-time server changes, and
 //!   Prometheus metrics.

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use fulcrum::ha::VirtualAddress;
+use fulcrum::config::VirtualAddress;
 use fulcrum::ha::address::VirtualAddresses;
 use support::netns::Topology;
 

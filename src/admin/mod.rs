@@ -49,6 +49,8 @@ pub struct Context {
     /// Per listener, in config order: its bound address, and the semaphore whose permits
     /// its open connections hold, with the number it started with.
     pub listeners: Vec<ListenerInfo>,
+    /// This node of the active/standby group, with `[ha]`.
+    pub ha: Option<crate::ha::HaHandle>,
     recent: Mutex<RecentWindow>,
 }
 
@@ -76,6 +78,7 @@ impl Context {
         Context {
             shared,
             listeners,
+            ha: None,
             recent: Mutex::new(RecentWindow::default()),
         }
     }
@@ -227,6 +230,15 @@ async fn route(cx: &Context, req: Request<Incoming>) -> Reply {
         }
         ["api", "config"] => {
             read_only(|cx| Reply::json(StatusCode::OK, &api::config(&cx.shared.load().config)))
+        }
+        ["api", "ha", "switchover"] => {
+            if method != Method::POST {
+                return method_not_allowed("POST");
+            }
+            if let Err(refused) = authorize(cx, &req) {
+                return refused;
+            }
+            api::switchover(cx).await
         }
         ["api", "upstreams", upstream, "servers", server, action] => {
             let change = match (*action, &method) {

@@ -28,6 +28,7 @@ pub struct File {
     #[serde(default)]
     pub dns: Dns,
     pub admin: Option<Spanned<Admin>>,
+    pub ha: Option<Spanned<Ha>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,4 +207,23 @@ pub struct Dns {
 pub struct Admin {
     pub bind: Spanned<String>,
     pub token_file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ha {
+    pub node: Spanned<String>,
+    pub priority: Option<Spanned<i64>>,
+    pub group: Option<Spanned<i64>>,
+    pub bind: Spanned<String>,
+    pub peers: Spanned<Vec<Spanned<String>>>,
+    pub key_file: Spanned<String>,
+    pub interface: Spanned<String>,
+    pub virtual_addresses: Spanned<Vec<Spanned<String>>>,
+    pub heartbeat_interval: Option<Spanned<String>>,
+    pub dead_after: Option<Spanned<i64>>,
+    pub preempt: Option<bool>,
+    #[serde(default)]
+    pub reach: Vec<Spanned<String>>,
+    pub reach_upstreams: Option<bool>,
 }

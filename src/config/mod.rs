@@ -5,6 +5,7 @@ mod admin;
 mod dns;
 mod error;
 pub mod file;
+mod ha;
 mod health;
 pub mod model;
 mod resilience;
@@ -299,6 +300,7 @@ impl Checker {
 
         let dns = self.dns(&file.dns);
         let admin = file.admin.map(|admin| self.admin(admin, &binds));
+        let ha = file.ha.map(|ha| self.ha(ha, &upstreams)).flatten();
 
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
         let workers = self.int(file.workers.as_ref(), "workers", 1, 1024, cores) as usize;
@@ -312,6 +314,7 @@ impl Checker {
             access_log,
             dns,
             admin: admin.flatten(),
+            ha,
             warnings: Vec::new(),
         }
     }

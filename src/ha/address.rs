@@ -17,7 +17,7 @@ use rtnetlink::{AddressMessageBuilder, Handle};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::task::AbortHandle;
 
-use super::VirtualAddress;
+use crate::config::VirtualAddress;
 
 /// When announcements are sent again after the first, counted from the claim: a frame lost
 /// on a busy segment, or a switch port still coming up, must not strand clients.

@@ -1,0 +1,437 @@
+//! Two real `fulcrum` processes forming an HA group on loopback: heartbeats over
+//! 127.0.0.1, virtual addresses 127.77.T.N/32 on `lo` (each node its own, so that the
+//! addresses show which node holds the role; T is unique per test). Needs root, as CI and
+//! the namespace tests do. The roles are read from each node's `/api/status`.
+
+mod support;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Process, TempDir, unused_addr};
+
+const INTERVAL_MS: u64 = 100;
+const DEAD_AFTER: u32 = 3;
+/// How long a change may take beyond the dead time on a busy machine.
+const SLACK: Duration = Duration::from_secs(3);
+const KEY: &str = "loopback-test-key-0123456789";
+const TOKEN: &str = "loopback-test-admin-token-0123456789";
+
+fn dead_time() -> Duration {
+    Duration::from_millis(INTERVAL_MS) * DEAD_AFTER
+}
+
+/// Virtual addresses of one test, taken off `lo` when it ends, however it ends.
+struct Addresses(Vec<String>);
+
+impl Addresses {
+    fn new(test: u8) -> Addresses {
+        let all = Addresses((1..=2).map(|n| format!("127.77.{test}.{n}/32")).collect());
+        all.remove_all();
+        all
+    }
+
+    fn of(&self, node: usize) -> &str {
+        &self.0[node]
+    }
+
+    fn on_lo(&self, node: usize) -> bool {
+        let out = std::process::Command::new("ip")
+            .args(["-o", "addr", "show", "dev", "lo"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .any(|w| w == self.of(node))
+    }
+
+    fn remove(&self, node: usize) {
+        let _ = std::process::Command::new("ip")
+            .args(["addr", "del", self.of(node), "dev", "lo"])
+            .output();
+    }
+
+    fn add(&self, node: usize) {
+        let ok = std::process::Command::new("ip")
+            .args(["addr", "add", self.of(node), "dev", "lo"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip addr add {} dev lo", self.of(node));
+    }
+
+    fn remove_all(&self) {
+        for node in 0..self.0.len() {
+            self.remove(node);
+        }
+    }
+}
+
+impl Drop for Addresses {
+    fn drop(&mut self) {
+        self.remove_all();
+    }
+}
+
+/// A free UDP port on 127.0.0.1.
+fn udp_addr() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The key and admin token files, shared by the nodes of a test.
+struct Secrets {
+    dir: TempDir,
+}
+
+impl Secrets {
+    fn new() -> Secrets {
+        let dir = TempDir::new();
+        std::fs::write(dir.0.join("ha.key"), KEY).unwrap();
+        std::fs::write(dir.0.join("admin.token"), TOKEN).unwrap();
+        Secrets { dir }
+    }
+}
+
+struct NodeSpec {
+    name: &'static str,
+    priority: u8,
+    preempt: bool,
+    bind: SocketAddr,
+    peers: Vec<SocketAddr>,
+    address: String,
+}
+
+fn config(spec: &NodeSpec, secrets: &Secrets) -> String {
+    let peers: Vec<String> = spec.peers.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
+         [upstreams.app]\nservers = [{{ address = \"{server}\" }}]\n\
+         [admin]\nbind = \"127.0.0.1:0\"\ntoken_file = \"{dir}/admin.token\"\n\
+         [ha]\nnode = \"{name}\"\npriority = {priority}\ngroup = 7\nbind = \"{bind}\"\n\
+         peers = [{peers}]\nkey_file = \"{dir}/ha.key\"\ninterface = \"lo\"\n\
+         virtual_addresses = [\"{address}\"]\nheartbeat_interval = \"{INTERVAL_MS}ms\"\n\
+         dead_after = {DEAD_AFTER}\npreempt = {preempt}\n",
+        server = unused_addr(),
+        dir = secrets.dir.0.display(),
+        name = spec.name,
+        priority = spec.priority,
+        bind = spec.bind,
+        peers = peers.join(", "),
+        address = spec.address,
+        preempt = spec.preempt,
+    )
+}
+
+struct Node {
+    process: Process,
+    admin: SocketAddr,
+}
+
+impl Node {
+    async fn start(spec: &NodeSpec, secrets: &Secrets) -> Node {
+        let process = Process::start(&config(spec, secrets), &[]);
+        let line = process.log_from("admin listener").await;
+        let admin = line
+            .lines()
+            .next()
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no admin address in {line}"));
+        Node { process, admin }
+    }
+
+    /// The node's `/api/status` `ha`, once its admin listener answers (it binds after the
+    /// listener whose log line `Process::start` waits for).
+    async fn status(&self) -> Value {
+        let url = format!("http://{}/api/status", self.admin);
+        let deadline = Instant::now() + SLACK;
+        loop {
+            match support::client().get(&url).send().await {
+                Ok(response) => {
+                    let status: Value =
+                        serde_json::from_str(&response.text().await.unwrap()).unwrap();
+                    return status["ha"].clone();
+                }
+                Err(e) => assert!(Instant::now() < deadline, "{url}: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn role(&self) -> String {
+        self.status().await["role"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until the node's role is `role`; returns its status then and how long it took.
+    async fn wait_for(&self, role: &str, within: Duration) -> (Value, Duration) {
+        let start = Instant::now();
+        loop {
+            let status = self.status().await;
+            if status["role"] == role {
+                return (status, start.elapsed());
+            }
+            assert!(
+                start.elapsed() < within,
+                "not {role} within {within:?}: {status:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn switchover(&self, token: Option<&str>) -> (u16, Value) {
+        let mut request =
+            support::client().post(format!("http://{}/api/ha/switchover", self.admin));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            serde_json::from_str(&response.text().await.unwrap()).unwrap(),
+        )
+    }
+}
+
+/// Two nodes: "lb1" (priority 200) and "lb2" (priority 100), lb1 started first and active.
+async fn pair(test: u8, preempt: bool) -> (Addresses, Secrets, [NodeSpec; 2], Node, Node) {
+    let addresses = Addresses::new(test);
+    let secrets = Secrets::new();
+    let (bind1, bind2) = (udp_addr(), udp_addr());
+    let specs = [
+        NodeSpec {
+            name: "lb1",
+            priority: 200,
+            preempt,
+            bind: bind1,
+            peers: vec![bind2],
+            address: addresses.of(0).to_string(),
+        },
+        NodeSpec {
+            name: "lb2",
+            priority: 100,
+            preempt,
+            bind: bind2,
+            peers: vec![bind1],
+            address: addresses.of(1).to_string(),
+        },
+    ];
+    let lb1 = Node::start(&specs[0], &secrets).await;
+    let (status, _) = lb1.wait_for("active", dead_time() + SLACK).await;
+    assert_eq!(status["last_change"]["reason"], "startup", "{status:#}");
+    assert!(addresses.on_lo(0));
+    let lb2 = Node::start(&specs[1], &secrets).await;
+    // lb2 listens for a dead time, hears lb1 active, and stays backup.
+    tokio::time::sleep(dead_time() * 3).await;
+    let status = lb2.status().await;
+    assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["peers"][0]["name"], "lb1", "{status:#}");
+    assert_eq!(status["peers"][0]["alive"], true, "{status:#}");
+    assert!(!addresses.on_lo(1));
+    (addresses, secrets, specs, lb1, lb2)
+}
+
+/// Kills lb1 (SIGKILL: nothing released, nothing said), as a host dies; its address goes
+/// with it. lb2 must take over within the dead time.
+async fn kill_lb1(addresses: &Addresses, lb1: Node, lb2: &Node) {
+    drop(lb1.process);
+    let killed = Instant::now();
+    addresses.remove(0);
+    let (status, _) = lb2.wait_for("active", dead_time() + SLACK).await;
+    let took = killed.elapsed();
+    eprintln!(
+        "lb2 active {took:?} after lb1 was killed (dead time {:?})",
+        dead_time()
+    );
+    assert_eq!(status["last_change"]["reason"], "peer_dead", "{status:#}");
+    assert!(addresses.on_lo(1));
+}
+
+#[tokio::test]
+async fn the_backup_takes_over_from_a_dead_active_and_the_better_node_preempts_on_return() {
+    let (addresses, secrets, specs, lb1, lb2) = pair(1, true).await;
+    kill_lb1(&addresses, lb1, &lb2).await;
+
+    let lb1 = Node::start(&specs[0], &secrets).await;
+    let (status, _) = lb1.wait_for("active", dead_time() + SLACK).await;
+    assert_eq!(status["last_change"]["reason"], "preempted", "{status:#}");
+    let (status, _) = lb2.wait_for("backup", SLACK).await;
+    assert_eq!(status["last_change"]["reason"], "preempted", "{status:#}");
+    assert!(addresses.on_lo(0));
+    assert!(!addresses.on_lo(1), "lb2 released its address");
+
+    let metrics =
+        support::get_text(&support::client(), &format!("http://{}/metrics", lb2.admin)).await;
+    for line in [
+        "fulcrum_ha_active 0",
+        "fulcrum_ha_transitions_total{to=\"active\",reason=\"peer_dead\"} 1",
+        "fulcrum_ha_transitions_total{to=\"backup\",reason=\"preempted\"} 1",
+    ] {
+        assert!(metrics.contains(line), "no {line} in:\n{metrics}");
+    }
+    assert!(
+        metrics.contains(&format!(
+            "fulcrum_ha_peer_up{{peer=\"{}\"}} 1",
+            specs[0].bind
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn without_preemption_the_returning_better_node_stays_backup() {
+    let (addresses, secrets, specs, lb1, lb2) = pair(2, false).await;
+    kill_lb1(&addresses, lb1, &lb2).await;
+
+    let lb1 = Node::start(&specs[0], &secrets).await;
+    tokio::time::sleep(dead_time() * 5).await;
+    let status = lb1.status().await;
+    assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["peers"][0]["role"], "active", "{status:#}");
+    assert_eq!(lb2.role().await, "active");
+    assert!(!addresses.on_lo(0));
+    assert!(addresses.on_lo(1));
+}
+
+#[tokio::test]
+async fn a_planned_switchover_moves_the_role_and_a_stopping_node_hands_it_back_at_once() {
+    let (addresses, _secrets, _specs, lb1, lb2) = pair(3, true).await;
+
+    let (code, body) = lb1.switchover(None).await;
+    assert_eq!(code, 401, "{body:#}");
+    let (code, body) = lb2.switchover(Some(TOKEN)).await;
+    assert_eq!(code, 409, "a backup has nothing to hand over: {body:#}");
+
+    let (code, body) = lb1.switchover(Some(TOKEN)).await;
+    assert_eq!(code, 200, "{body:#}");
+    assert_eq!(body["switched_over_to"], "lb2");
+    let status = lb1.status().await;
+    assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["last_change"]["reason"], "switchover", "{status:#}");
+    let status = lb2.status().await;
+    assert_eq!(status["role"], "active", "{status:#}");
+    assert_eq!(
+        status["last_change"]["reason"], "peer_yielded",
+        "{status:#}"
+    );
+    assert!(!addresses.on_lo(0));
+    assert!(addresses.on_lo(1));
+
+    // lb1 ranks higher and preempts, but it handed the role over: it leaves it there.
+    tokio::time::sleep(dead_time() * 5).await;
+    assert_eq!(lb1.role().await, "backup");
+    assert_eq!(lb2.role().await, "active");
+
+    // SIGTERM: lb2 says it yields as it leaves, so lb1 takes over without waiting a dead
+    // time, and lb2 takes its address off.
+    lb2.process.signal("TERM");
+    let (status, took) = lb1.wait_for("active", SLACK).await;
+    eprintln!("lb1 active {took:?} after lb2 got SIGTERM");
+    assert_eq!(
+        status["last_change"]["reason"], "peer_yielded",
+        "{status:#}"
+    );
+    let deadline = Instant::now() + SLACK;
+    while addresses.on_lo(1) {
+        assert!(Instant::now() < deadline, "lb2 kept its address");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(addresses.on_lo(0));
+}
+
+#[tokio::test]
+async fn a_heartbeat_without_the_key_is_ignored_and_counted() {
+    let addresses = Addresses::new(4);
+    let secrets = Secrets::new();
+    // The only peer is this test's socket: what it sends decides nothing unless accepted.
+    let forger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let spec = NodeSpec {
+        name: "lb1",
+        priority: 100,
+        preempt: true,
+        bind: udp_addr(),
+        peers: vec![forger.local_addr().unwrap()],
+        address: addresses.of(0).to_string(),
+    };
+    let lb1 = Node::start(&spec, &secrets).await;
+    lb1.wait_for("active", dead_time() + SLACK).await;
+
+    let claim = |sequence| fulcrum::ha::heartbeat::Heartbeat {
+        group: 7,
+        node: "intruder".into(),
+        priority: 254,
+        role: fulcrum::ha::heartbeat::WireRole::Active,
+        eligible: true,
+        sequence,
+    };
+    let wrong_key = fulcrum::ha::heartbeat::key(b"not-the-group-key-at-all");
+    for sequence in 1..=5 {
+        forger
+            .send_to(&claim(sequence).encode(&wrong_key), spec.bind)
+            .unwrap();
+    }
+    // From an address not in peers, even with the right key.
+    let right_key = fulcrum::ha::heartbeat::key(KEY.as_bytes());
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .send_to(&claim(6).encode(&right_key), spec.bind)
+        .unwrap();
+    tokio::time::sleep(dead_time() * 2).await;
+    let status = lb1.status().await;
+    assert_eq!(status["role"], "active", "{status:#}");
+    assert_eq!(
+        status["heartbeats_dropped"]["unauthenticated"], 5,
+        "{status:#}"
+    );
+    assert_eq!(
+        status["heartbeats_dropped"]["unknown_peer"], 1,
+        "{status:#}"
+    );
+    assert!(addresses.on_lo(0));
+    let metrics =
+        support::get_text(&support::client(), &format!("http://{}/metrics", lb1.admin)).await;
+    assert!(
+        metrics.contains("fulcrum_ha_heartbeats_dropped_total{reason=\"unauthenticated\"} 5"),
+        "{metrics}"
+    );
+
+    // The same claim with the key, from the peer's address, is believed: a better active
+    // node, so lb1 steps down and takes its address off.
+    forger
+        .send_to(&claim(7).encode(&right_key), spec.bind)
+        .unwrap();
+    let (status, _) = lb1.wait_for("backup", SLACK).await;
+    assert_eq!(status["last_change"]["reason"], "dual_active", "{status:#}");
+    assert!(!addresses.on_lo(0));
+}
+
+#[tokio::test]
+async fn a_node_finding_its_address_on_the_interface_starts_active_at_once() {
+    let addresses = Addresses::new(5);
+    let secrets = Secrets::new();
+    addresses.add(0);
+    let spec = NodeSpec {
+        name: "lb1",
+        priority: 100,
+        preempt: true,
+        bind: udp_addr(),
+        peers: vec![udp_addr()],
+        address: addresses.of(0).to_string(),
+    };
+    let lb1 = Node::start(&spec, &secrets).await;
+    let (status, _) = lb1.wait_for("active", SLACK).await;
+    assert_eq!(status["last_change"]["reason"], "startup", "{status:#}");
+    assert!(
+        status["last_change"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("already on the interface"),
+        "{status:#}"
+    );
+    assert!(addresses.on_lo(0));
+}
