@@ -232,7 +232,7 @@ fn remove_leftovers() {
 }
 
 /// A program running in a host of a [`Topology`], killed when dropped; its output is
-/// kept (and echoed to the test's stderr, prefixed with `label`).
+/// kept, and its stderr echoed to the test's, each line prefixed with `label`.
 pub struct Running {
     child: Child,
     output: Arc<Mutex<String>>,
@@ -250,12 +250,14 @@ impl Running {
         let output = Arc::new(Mutex::new(String::new()));
         let stdout: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
         let stderr: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
-        for stream in [stdout, stderr] {
+        for (stream, echo) in [(stdout, false), (stderr, true)] {
             let sink = output.clone();
             let label = label.to_string();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    eprintln!("[{label}] {line}");
+                    if echo {
+                        eprintln!("[{label}] {line}");
+                    }
                     let mut output = sink.lock().unwrap();
                     output.push_str(&line);
                     output.push('\n');
@@ -274,6 +276,11 @@ impl Running {
             std::thread::sleep(Duration::from_millis(20));
         }
         running
+    }
+
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
     }
 
     /// Everything it printed so far.
