@@ -399,6 +399,15 @@ async fn a_heartbeat_without_the_key_is_ignored_and_counted() {
         metrics.contains("fulcrum_ha_heartbeats_dropped_total{reason=\"unauthenticated\"} 5"),
         "{metrics}"
     );
+    let shown = support::get_text(
+        &support::client(),
+        &format!("http://{}/api/config", lb1.admin),
+    )
+    .await;
+    let config: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(config["ha"]["node"], "lb1", "{shown}");
+    assert_eq!(config["ha"]["key"], "(set, hidden)", "{shown}");
+    assert!(!shown.contains(KEY), "the key is shown: {shown}");
 
     // The same claim with the key, from the peer's address, is believed: a better active
     // node, so lb1 steps down and takes its address off.
