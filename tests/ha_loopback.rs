@@ -103,6 +103,25 @@ struct NodeSpec {
     bind: SocketAddr,
     peers: Vec<SocketAddr>,
     address: String,
+    /// The upstream's one server.
+    server: SocketAddr,
+    /// TOML added at the end of the file, inside `[ha]`; then `[upstreams.app.*]` tables.
+    extra: String,
+}
+
+impl NodeSpec {
+    fn new(name: &'static str, priority: u8, preempt: bool, address: &str) -> NodeSpec {
+        NodeSpec {
+            name,
+            priority,
+            preempt,
+            bind: udp_addr(),
+            peers: vec![udp_addr()],
+            address: address.to_string(),
+            server: unused_addr(),
+            extra: String::new(),
+        }
+    }
 }
 
 fn config(spec: &NodeSpec, secrets: &Secrets) -> String {
@@ -114,8 +133,9 @@ fn config(spec: &NodeSpec, secrets: &Secrets) -> String {
          [ha]\nnode = \"{name}\"\npriority = {priority}\ngroup = 7\nbind = \"{bind}\"\n\
          peers = [{peers}]\nkey_file = \"{dir}/ha.key\"\ninterface = \"lo\"\n\
          virtual_addresses = [\"{address}\"]\nheartbeat_interval = \"{INTERVAL_MS}ms\"\n\
-         dead_after = {DEAD_AFTER}\npreempt = {preempt}\n",
-        server = unused_addr(),
+         dead_after = {DEAD_AFTER}\npreempt = {preempt}\n{extra}\n",
+        server = spec.server,
+        extra = spec.extra,
         dir = secrets.dir.0.display(),
         name = spec.name,
         priority = spec.priority,
@@ -203,24 +223,12 @@ async fn pair(test: u8, preempt: bool) -> (Addresses, Secrets, [NodeSpec; 2], No
     let addresses = Addresses::new(test);
     let secrets = Secrets::new();
     let (bind1, bind2) = (udp_addr(), udp_addr());
-    let specs = [
-        NodeSpec {
-            name: "lb1",
-            priority: 200,
-            preempt,
-            bind: bind1,
-            peers: vec![bind2],
-            address: addresses.of(0).to_string(),
-        },
-        NodeSpec {
-            name: "lb2",
-            priority: 100,
-            preempt,
-            bind: bind2,
-            peers: vec![bind1],
-            address: addresses.of(1).to_string(),
-        },
+    let mut specs = [
+        NodeSpec::new("lb1", 200, preempt, addresses.of(0)),
+        NodeSpec::new("lb2", 100, preempt, addresses.of(1)),
     ];
+    (specs[0].bind, specs[1].bind) = (bind1, bind2);
+    (specs[0].peers, specs[1].peers) = (vec![bind2], vec![bind1]);
     let lb1 = Node::start(&specs[0], &secrets).await;
     let (status, _) = lb1.wait_for("active", dead_time() + SLACK).await;
     assert_eq!(status["last_change"]["reason"], "startup", "{status:#}");
@@ -350,14 +358,8 @@ async fn a_heartbeat_without_the_key_is_ignored_and_counted() {
     let secrets = Secrets::new();
     // The only peer is this test's socket: what it sends decides nothing unless accepted.
     let forger = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let spec = NodeSpec {
-        name: "lb1",
-        priority: 100,
-        preempt: true,
-        bind: udp_addr(),
-        peers: vec![forger.local_addr().unwrap()],
-        address: addresses.of(0).to_string(),
-    };
+    let mut spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    spec.peers = vec![forger.local_addr().unwrap()];
     let lb1 = Node::start(&spec, &secrets).await;
     lb1.wait_for("active", dead_time() + SLACK).await;
 
@@ -399,6 +401,15 @@ async fn a_heartbeat_without_the_key_is_ignored_and_counted() {
         metrics.contains("fulcrum_ha_heartbeats_dropped_total{reason=\"unauthenticated\"} 5"),
         "{metrics}"
     );
+    let shown = support::get_text(
+        &support::client(),
+        &format!("http://{}/api/config", lb1.admin),
+    )
+    .await;
+    let config: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(config["ha"]["node"], "lb1", "{shown}");
+    assert_eq!(config["ha"]["key"], "(set, hidden)", "{shown}");
+    assert!(!shown.contains(KEY), "the key is shown: {shown}");
 
     // The same claim with the key, from the peer's address, is believed: a better active
     // node, so lb1 steps down and takes its address off.
@@ -415,14 +426,7 @@ async fn a_node_finding_its_address_on_the_interface_starts_active_at_once() {
     let addresses = Addresses::new(5);
     let secrets = Secrets::new();
     addresses.add(0);
-    let spec = NodeSpec {
-        name: "lb1",
-        priority: 100,
-        preempt: true,
-        bind: udp_addr(),
-        peers: vec![udp_addr()],
-        address: addresses.of(0).to_string(),
-    };
+    let spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
     let lb1 = Node::start(&spec, &secrets).await;
     let (status, _) = lb1.wait_for("active", SLACK).await;
     assert_eq!(status["last_change"]["reason"], "startup", "{status:#}");
@@ -433,5 +437,94 @@ async fn a_node_finding_its_address_on_the_interface_starts_active_at_once() {
             .contains("already on the interface"),
         "{status:#}"
     );
+    assert!(addresses.on_lo(0));
+}
+
+/// A TCP port whose answers the test turns on and off: while off, the accept queue (of
+/// one) stays full and the kernel drops new SYNs, so a connection times out as to a host
+/// cut off.
+struct Gateway {
+    addr: SocketAddr,
+    answering: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gateway {
+    fn start() -> Gateway {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        socket.listen(0).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let listener: std::net::TcpListener = socket.into();
+        let addr = listener.local_addr().unwrap();
+        let answering = std::sync::Arc::new(AtomicBool::new(true));
+        let on = answering.clone();
+        std::thread::spawn(move || {
+            // Ends with the test process; accepts only while answering.
+            loop {
+                if on.load(Ordering::SeqCst) {
+                    while listener.accept().is_ok() {}
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Gateway { addr, answering }
+    }
+
+    fn answer(&self, on: bool) {
+        self.answering
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_reach_its_gateway_gives_the_role_up_and_takes_it_back() {
+    let addresses = Addresses::new(6);
+    let secrets = Secrets::new();
+    let gateway = Gateway::start();
+    let mut spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    spec.extra = format!("reach = [\"{}\"]", gateway.addr);
+    let lb1 = Node::start(&spec, &secrets).await;
+    lb1.wait_for("active", dead_time() + SLACK).await;
+    assert!(addresses.on_lo(0));
+
+    gateway.answer(false);
+    let (status, took) = lb1.wait_for("backup", SLACK * 2).await;
+    eprintln!("lb1 gave the role up {took:?} after its gateway stopped answering");
+    assert_eq!(status["last_change"]["reason"], "lost_reach", "{status:#}");
+    assert_eq!(status["eligible"], false, "{status:#}");
+    assert!(!addresses.on_lo(0));
+    // Alone, but not eligible: it stays backup.
+    tokio::time::sleep(dead_time() * 3).await;
+    assert_eq!(lb1.role().await, "backup");
+
+    gateway.answer(true);
+    let (status, _) = lb1.wait_for("active", SLACK * 2).await;
+    assert_eq!(status["eligible"], true, "{status:#}");
+    assert!(addresses.on_lo(0));
+}
+
+#[tokio::test]
+async fn with_reach_upstreams_a_node_claims_only_once_a_server_is_up() {
+    let addresses = Addresses::new(7);
+    let secrets = Secrets::new();
+    let mut spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    spec.extra = "reach_upstreams = true\n\
+                  [upstreams.app.health_check]\ntype = \"tcp\"\ninterval = \"100ms\"\nfall = 1\nrise = 1"
+        .into();
+    let lb1 = Node::start(&spec, &secrets).await;
+    // Its one server refuses connections: checked down, so no reach.
+    tokio::time::sleep(dead_time() * 5).await;
+    let status = lb1.status().await;
+    assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["eligible"], false, "{status:#}");
+    assert!(!addresses.on_lo(0));
+
+    let _server = support::Backend::named_at("app", spec.server).await;
+    let (status, _) = lb1.wait_for("active", SLACK * 2).await;
+    assert_eq!(status["eligible"], true, "{status:#}");
     assert!(addresses.on_lo(0));
 }

@@ -264,3 +264,258 @@ fn parse_virtual_address(text: &str) -> Result<VirtualAddress, String> {
     }
     Ok(VirtualAddress { ip, prefix })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::parse;
+
+    const LISTENER: &str = "[listeners.web]\nbind = \"127.0.0.1:8080\"\n[[listeners.web.routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [{ address = \"127.0.0.1:9001\" }]\n";
+
+    const HA: &str = r#"[ha]
+node = "lb1"
+priority = 200
+group = 51
+bind = "192.0.2.11:7946"
+peers = ["192.0.2.12:7946"]
+key_file = "ha.key"
+interface = "eth0"
+virtual_addresses = ["192.0.2.100/24", "2001:db8::100/64"]
+"#;
+
+    /// A directory with a good key, a short one, and the config file's name in it.
+    struct Dir {
+        dir: tempfile::TempDir,
+        name: String,
+    }
+
+    fn dir() -> Dir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ha.key"), "0123456789abcdef0123\n").unwrap();
+        std::fs::write(dir.path().join("short.key"), "  0123456789abcde \n").unwrap();
+        let name = dir.path().join("fulcrum.toml").display().to_string();
+        Dir { dir, name }
+    }
+
+    /// The config with `key = value` lines of `[ha]` replaced (or added), and the
+    /// `LINE:COLUMN` where the first changed value starts.
+    fn with(changes: &[(&str, &str)]) -> (String, String) {
+        let mut lines: Vec<String> = HA.lines().map(str::to_string).collect();
+        for (key, value) in changes {
+            let line = format!("{key} = {value}");
+            match lines
+                .iter()
+                .position(|l| l.starts_with(&format!("{key} =")))
+            {
+                Some(at) => lines[at] = line,
+                None => lines.push(line),
+            }
+        }
+        let text = format!("{LISTENER}{}\n", lines.join("\n"));
+        let position = changes
+            .first()
+            .map(|(key, value)| {
+                let prefix = format!("{key} = ");
+                // A list's problem is shown at its item.
+                let item = usize::from(value.starts_with("[\""));
+                let (index, _) = text
+                    .lines()
+                    .enumerate()
+                    .skip_while(|(_, l)| *l != "[ha]")
+                    .find(|(_, l)| l.starts_with(&prefix))
+                    .unwrap();
+                format!(":{}:{}:", index + 1, prefix.len() + 1 + item)
+            })
+            .unwrap_or_default();
+        (text, position)
+    }
+
+    fn error(dir: &Dir, changes: &[(&str, &str)]) -> (String, String) {
+        let (text, position) = with(changes);
+        let e = parse(&dir.name, &text).unwrap_err().to_string();
+        (e, position)
+    }
+
+    #[test]
+    fn a_good_section_takes_defaults_and_reads_its_key_from_the_configs_directory() {
+        let dir = dir();
+        let config = parse(&dir.name, &with(&[]).0).unwrap();
+        let ha = config.ha.unwrap();
+        assert_eq!(ha.node, "lb1");
+        assert_eq!((ha.priority, ha.group), (200, 51));
+        assert_eq!(ha.peers, vec!["192.0.2.12:7946".parse().unwrap()]);
+        assert_eq!(ha.key.bytes(), b"0123456789abcdef0123");
+        assert_eq!(format!("{:?}", ha.key), "<hidden>");
+        assert_eq!(ha.key_file, Path::new(&dir.dir.path().join("ha.key")));
+        assert_eq!(ha.interface, "eth0");
+        assert_eq!(
+            ha.virtual_addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["192.0.2.100/24", "2001:db8::100/64"]
+        );
+        assert_eq!(ha.heartbeat_interval, std::time::Duration::from_millis(50));
+        assert_eq!(ha.dead_after, 3);
+        assert!(ha.preempt);
+        assert!(ha.reach.is_empty());
+        assert!(!ha.reach_upstreams);
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        assert!(parse(&dir.name, LISTENER).unwrap().ha.is_none());
+    }
+
+    #[test]
+    fn every_bad_value_is_refused_where_it_is() {
+        let dir = dir();
+        let cases: &[(&str, &str, &str)] = &[
+            ("node", "\"\"", "node `` is not a node name"),
+            ("node", "\"lb 1\"", "node `lb 1` is not a node name"),
+            (
+                "priority",
+                "0",
+                "priority = 0 is out of range: allowed 1 to 254",
+            ),
+            (
+                "priority",
+                "255",
+                "priority = 255 is out of range: allowed 1 to 254",
+            ),
+            ("group", "0", "group = 0 is out of range: allowed 1 to 255"),
+            (
+                "bind",
+                "\"0.0.0.0:7946\"",
+                "bind `0.0.0.0:7946` must be one node's own unicast address",
+            ),
+            (
+                "bind",
+                "\"192.0.2.11:0\"",
+                "bind `192.0.2.11:0` must be one node's own unicast address",
+            ),
+            (
+                "bind",
+                "\"lb1:7946\"",
+                "bind `lb1:7946` is not an IP address and port",
+            ),
+            ("peers", "[]", "peers is empty"),
+            ("key_file", "\"missing.key\"", "key_file `"),
+            (
+                "key_file",
+                "\"short.key\"",
+                "holds 15 bytes: a heartbeat key needs at least 16",
+            ),
+            ("interface", "\"\"", "interface `` is empty"),
+            (
+                "interface",
+                "\"a-very-long-name0\"",
+                "interface `a-very-long-name0` is 17 bytes long: Linux allows at most 15",
+            ),
+            ("interface", "\"eth0:1\"", "may not hold `/`, `:`"),
+            ("virtual_addresses", "[]", "virtual_addresses is empty"),
+            (
+                "virtual_addresses",
+                "[\"192.0.2.100\"]",
+                "virtual address `192.0.2.100` has no prefix length",
+            ),
+            (
+                "virtual_addresses",
+                "[\"192.0.2.100/33\"]",
+                "has prefix length `33`: allowed 1 to 32",
+            ),
+            (
+                "virtual_addresses",
+                "[\"2001:db8::1/129\"]",
+                "has prefix length `129`: allowed 1 to 128",
+            ),
+            (
+                "virtual_addresses",
+                "[\"vip/24\"]",
+                "virtual address `vip/24` is not an IP address",
+            ),
+            (
+                "virtual_addresses",
+                "[\"224.0.0.1/32\"]",
+                "must be a unicast address",
+            ),
+            (
+                "heartbeat_interval",
+                "\"5ms\"",
+                "heartbeat_interval = \"5ms\" is out of range: allowed 10ms to 10s",
+            ),
+            ("heartbeat_interval", "\"11s\"", "is out of range"),
+            (
+                "dead_after",
+                "1",
+                "dead_after = 1 is out of range: allowed 2 to 100",
+            ),
+            (
+                "reach",
+                "[\"192.0.2.1\"]",
+                "reach `192.0.2.1` is not an IP address and port",
+            ),
+            (
+                "reach",
+                "[\"192.0.2.1:0\"]",
+                "reach `192.0.2.1:0` has port 0",
+            ),
+        ];
+        for (key, value, message) in cases {
+            let (e, position) = error(&dir, &[(key, value)]);
+            assert!(
+                e.contains(&position),
+                "{key} = {value}: not at {position}: {e}"
+            );
+            assert!(e.contains(message), "{key} = {value}: {e}");
+        }
+        let (e, _) = error(&dir, &[("prempt", "true")]);
+        assert!(e.contains(":16:1: error: unknown field `prempt`"), "{e}");
+    }
+
+    #[test]
+    fn peers_must_differ_from_each_other_and_from_bind_and_match_its_family() {
+        let dir = dir();
+        let (e, _) = error(
+            &dir,
+            &[("peers", "[\"192.0.2.12:7946\", \"192.0.2.12:7946\"]")],
+        );
+        assert!(e.contains("peers lists 192.0.2.12:7946 twice"), "{e}");
+        let (e, _) = error(&dir, &[("peers", "[\"192.0.2.11:7946\"]")]);
+        assert!(
+            e.contains("peer 192.0.2.11:7946 is this node's own bind address"),
+            "{e}"
+        );
+        let (e, _) = error(&dir, &[("peers", "[\"[2001:db8::12]:7946\"]")]);
+        assert!(e.contains("is not of the address family of bind"), "{e}");
+        let (e, _) = error(
+            &dir,
+            &[(
+                "virtual_addresses",
+                "[\"192.0.2.100/24\", \"192.0.2.100/32\"]",
+            )],
+        );
+        assert!(
+            e.contains("virtual_addresses lists 192.0.2.100 twice"),
+            "{e}"
+        );
+        let (e, _) = error(&dir, &[("reach", "[\"192.0.2.1:80\", \"192.0.2.1:80\"]")]);
+        assert!(e.contains("reach lists 192.0.2.1:80 twice"), "{e}");
+    }
+
+    #[test]
+    fn sticky_cookies_without_a_shared_secret_are_warned_about() {
+        let dir = dir();
+        let text = with(&[]).0.replace(
+            "[upstreams.app]\n",
+            "[upstreams.app]\nsticky_cookie = \"lb\"\n",
+        );
+        let config = parse(&dir.name, &text).unwrap();
+        assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+        assert!(
+            config.warnings[0].contains("`app` set sticky_cookie without sticky_secret"),
+            "{:?}",
+            config.warnings
+        );
+        let shared = format!("sticky_secret = \"0123456789abcdef0123456789abcdef\"\n{text}");
+        assert!(parse(&dir.name, &shared).unwrap().warnings.is_empty());
+    }
+}

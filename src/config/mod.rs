@@ -300,7 +300,7 @@ impl Checker {
 
         let dns = self.dns(&file.dns);
         let admin = file.admin.map(|admin| self.admin(admin, &binds));
-        let ha = file.ha.map(|ha| self.ha(ha, &upstreams)).flatten();
+        let ha = file.ha.and_then(|ha| self.ha(ha, &upstreams));
 
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
         let workers = self.int(file.workers.as_ref(), "workers", 1, 1024, cores) as usize;

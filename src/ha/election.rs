@@ -119,6 +119,10 @@ pub struct Election {
     /// A peer heard as a live backup that now says it is active: it preempted this node,
     /// rather than two actives meeting after a split.
     claimed_from_backup: Option<SocketAddr>,
+    /// Set when an active peer stepped down while this node is active: the peer may have
+    /// announced the addresses as its own since this node last did, so this node announces
+    /// them again.
+    reannounce: bool,
 }
 
 impl Election {
@@ -141,6 +145,7 @@ impl Election {
             switchover_outcome: None,
             last_active_peer: None,
             claimed_from_backup: None,
+            reannounce: false,
         };
         let started = held.then(|| {
             election.change(
@@ -199,6 +204,12 @@ impl Election {
                 if was_live_backup && peer.role == WireRole::Active {
                     self.claimed_from_backup = Some(from);
                 }
+                if self.role == Role::Active
+                    && known.role == WireRole::Active
+                    && peer.role == WireRole::Backup
+                {
+                    self.reannounce = true;
+                }
                 *known = peer;
             }
             None => self.peers.push(peer),
@@ -239,6 +250,11 @@ impl Election {
     /// How the last switchover ended (the peer that took the role, or why none did), once.
     pub fn take_switchover_outcome(&mut self) -> Option<Result<String, String>> {
         self.switchover_outcome.take()
+    }
+
+    /// Whether this node, active, should announce its addresses again (once).
+    pub fn take_reannounce(&mut self) -> bool {
+        std::mem::take(&mut self.reannounce) && self.role == Role::Active
     }
 
     /// This node stops holding the role because it shuts down.
@@ -544,6 +560,18 @@ mod tests {
             reason(lesser.hear("lb1", 200, WireRole::Active)),
             Some((Role::Backup, Reason::Preempted))
         );
+    }
+
+    #[test]
+    fn the_node_that_stays_active_announces_again_once_the_other_steps_down() {
+        let (mut better, _) = node("lb1", 200, true, true);
+        assert_eq!(better.hear("lb2", 100, WireRole::Active), None);
+        assert!(!better.election.take_reannounce());
+        assert_eq!(better.hear("lb2", 100, WireRole::Backup), None);
+        assert!(better.election.take_reannounce());
+        assert!(!better.election.take_reannounce(), "once");
+        assert_eq!(better.hear("lb2", 100, WireRole::Backup), None);
+        assert!(!better.election.take_reannounce());
     }
 
     #[test]

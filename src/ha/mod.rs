@@ -463,6 +463,12 @@ impl Runner {
             } else if send_now {
                 self.send(election.wire_role(), election.eligible()).await;
             }
+            if election.take_reannounce() {
+                tracing::info!(
+                    "HA: an active peer stepped down: announcing the virtual addresses again"
+                );
+                self.retry(Role::Active, &addresses).await;
+            }
             if let Some(outcome) = election.take_switchover_outcome() {
                 for reply in waiting.drain(..) {
                     let _ = reply.send(outcome.clone());
@@ -475,6 +481,9 @@ impl Runner {
         }
         self.publish(&election);
         lock(&self.inner.view).left = true;
+        // The socket goes now: with SO_REUSEPORT, a socket kept open would take its share
+        // of the peers' heartbeats from the process that took over.
+        drop(self);
         // Calls to leave after this one return at once.
         commands.close();
         while let Some(command) = commands.recv().await {
