@@ -419,25 +419,7 @@ impl Runner {
                     Ok((len, from)) => {
                         let now = Instant::now();
                         match self.inbox.accept(from, &buf[..len], now) {
-                            Ok(hb) => {
-                                let was_active = election.peers().iter().any(|p| {
-                                    p.addr == from
-                                        && p.role == WireRole::Active
-                                        && election.is_alive(p, now)
-                                });
-                                let step = election.heard(from, &hb, now);
-                                // A peer that just turned active announced the addresses as
-                                // its own; if this node stays active, clients must hear from
-                                // it again, or they keep sending to a peer that steps down.
-                                if step.is_none()
-                                    && !was_active
-                                    && hb.role == WireRole::Active
-                                    && election.role() == Role::Active
-                                {
-                                    self.retry(Role::Active, &addresses).await;
-                                }
-                                step
-                            }
+                            Ok(hb) => election.heard(from, &hb, now),
                             Err(_) => None,
                         }
                     }
