@@ -291,6 +291,7 @@ impl Announcer {
                     // Receivers drop neighbour discovery that crossed a router (RFC 4861 7.1.2).
                     socket.set_multicast_hops_v6(255)?;
                     socket.set_multicast_if_v6(index)?;
+                    block_all_incoming(&socket)?;
                     Ok(socket)
                 })
                 .map_err(|e| {
@@ -360,6 +361,29 @@ impl Announcer {
             }
         }
         Ok(())
+    }
+}
+
+/// A raw ICMPv6 socket gets a copy of every ICMPv6 packet that arrives; this one only
+/// sends, so it filters them all out (`ICMP6_FILTER_SETBLOCKALL`) rather than keep a
+/// receive buffer full.
+fn block_all_incoming(socket: &Socket) -> io::Result<()> {
+    const ICMP6_FILTER: libc::c_int = 1;
+    let block_all = [u32::MAX; 8];
+    // SAFETY: the option value is a live icmp6_filter (256 bits) of the size given.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_ICMPV6,
+            ICMP6_FILTER,
+            block_all.as_ptr().cast(),
+            std::mem::size_of_val(&block_all) as libc::socklen_t,
+        )
+    };
+    if set == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
