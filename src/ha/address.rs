@@ -51,37 +51,34 @@ impl VirtualAddresses {
         let (connection, netlink, _) = rtnetlink::new_connection()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot open a netlink socket: {e}")))?;
         let connection = tokio::spawn(connection).abort_handle();
-        let link = netlink
-            .link()
-            .get()
-            .match_name(interface)
-            .execute()
-            .try_next()
-            .await
-            .map_err(|e| netlink_error(format!("interface `{interface}`"), e))?
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("interface `{interface}`: no such interface"),
-                )
-            });
-        let link = match link {
-            Ok(link) => link,
-            Err(e) => {
-                connection.abort();
-                return Err(e);
-            }
-        };
-        let mac = (link.header.link_layer_type == LinkLayerType::Ether)
-            .then(|| {
-                link.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(&bytes[..]).ok(),
-                    _ => None,
+        let opened = async {
+            let link = netlink
+                .link()
+                .get()
+                .match_name(interface)
+                .execute()
+                .try_next()
+                .await
+                .map_err(|e| netlink_error(format!("interface `{interface}`"), e))?
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("interface `{interface}`: no such interface"),
+                    )
+                })?;
+            let mac = (link.header.link_layer_type == LinkLayerType::Ether)
+                .then(|| {
+                    link.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(&bytes[..]).ok(),
+                        _ => None,
+                    })
                 })
-            })
-            .flatten();
-        let announcer = match Announcer::open(interface, link.header.index, mac, addresses) {
-            Ok(announcer) => announcer,
+                .flatten();
+            let index = link.header.index;
+            Ok((index, Announcer::open(interface, index, mac, addresses)?))
+        };
+        let (index, announcer) = match opened.await {
+            Ok(opened) => opened,
             Err(e) => {
                 connection.abort();
                 return Err(e);
@@ -89,7 +86,7 @@ impl VirtualAddresses {
         };
         Ok(VirtualAddresses {
             interface: interface.to_string(),
-            index: link.header.index,
+            index,
             addresses: addresses.to_vec(),
             netlink,
             connection,
