@@ -238,6 +238,81 @@ fn a_missing_interface_is_named() {
     assert!(e.to_string().contains("`nosuch0`"), "{e}");
 }
 
+#[test]
+fn without_the_privileges_the_errors_say_which_is_missing() {
+    let net = segment();
+    let e = net
+        .run("lb1", || async {
+            drop_capability(CAP_NET_RAW);
+            VirtualAddresses::open("eth0", &virtual_addresses()).await
+        })
+        .err()
+        .expect("no raw sockets without CAP_NET_RAW");
+    assert!(e.to_string().ends_with("(needs CAP_NET_RAW)"), "{e}");
+    assert!(e.to_string().contains("`eth0`"), "{e}");
+
+    let e = net.run("lb1", || async {
+        drop_capability(CAP_NET_ADMIN);
+        let addresses = VirtualAddresses::open("eth0", &virtual_addresses())
+            .await
+            .unwrap();
+        addresses
+            .claim()
+            .await
+            .expect_err("no addresses without CAP_NET_ADMIN")
+    });
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+    assert_eq!(
+        e.to_string(),
+        "interface `eth0`: add 198.18.0.100/24: Operation not permitted (os error 1) \
+         (needs CAP_NET_ADMIN)"
+    );
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
+
+/// Takes `capability` out of the calling thread's effective set (capabilities are per
+/// thread): the thread acts as a process without it would.
+fn drop_capability(capability: u32) {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset on this thread with a live header and two data slots, as
+    // version 3 wants.
+    unsafe {
+        assert_eq!(
+            libc::syscall(
+                libc::SYS_capget,
+                &mut header as *mut Header,
+                data.as_mut_ptr()
+            ),
+            0
+        );
+        data[(capability / 32) as usize].effective &= !(1 << (capability % 32));
+        assert_eq!(
+            libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()),
+            0,
+            "capset: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 // === The pair of real Fulcrum nodes ===
 
 const KEY: &str = "netns-test-group-key-0123456789";
