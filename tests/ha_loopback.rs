@@ -203,6 +203,18 @@ impl Node {
         }
     }
 
+    /// Runs `fulcrum ARGS -c CONFIG --admin ADDRESS` against this node.
+    fn fulcrum(&self, args: &[&str]) -> std::process::Output {
+        support::binary()
+            .args(args)
+            .arg("-c")
+            .arg(&self.process.config)
+            .arg("--admin")
+            .arg(self.admin.to_string())
+            .output()
+            .unwrap()
+    }
+
     async fn switchover(&self, token: Option<&str>) -> (u16, Value) {
         let mut request =
             support::client().post(format!("http://{}/api/ha/switchover", self.admin));
@@ -315,9 +327,18 @@ async fn a_planned_switchover_moves_the_role_and_a_stopping_node_hands_it_back_a
     let (code, body) = lb2.switchover(Some(TOKEN)).await;
     assert_eq!(code, 409, "a backup has nothing to hand over: {body:#}");
 
-    let (code, body) = lb1.switchover(Some(TOKEN)).await;
-    assert_eq!(code, 200, "{body:#}");
-    assert_eq!(body["switched_over_to"], "lb2");
+    // As an operator would: `fulcrum ha switchover`, with the admin token from the config.
+    let out = lb1.fulcrum(&["ha", "switchover"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("switched over: lb2 is active\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("lb1 (127.77.3.1/32, priority 200): backup"),
+        "{stdout}"
+    );
     let status = lb1.status().await;
     assert_eq!(status["role"], "backup", "{status:#}");
     assert_eq!(status["last_change"]["reason"], "switchover", "{status:#}");
@@ -334,6 +355,22 @@ async fn a_planned_switchover_moves_the_role_and_a_stopping_node_hands_it_back_a
     tokio::time::sleep(dead_time() * 5).await;
     assert_eq!(lb1.role().await, "backup");
     assert_eq!(lb2.role().await, "active");
+    let out = lb2.fulcrum(&["ha", "status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.starts_with("lb2 (127.77.3.2/32, priority 100): active\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("  peer lb1 127.0.0.1:"), "{stdout}");
+    assert!(
+        stdout.contains(": backup (priority 200), heard "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  last change: backup -> active (peer_yielded) at "),
+        "{stdout}"
+    );
 
     // SIGTERM: lb2 says it yields as it leaves, so lb1 takes over without waiting a dead
     // time, and lb2 takes its address off.

@@ -6,12 +6,14 @@
 //! - [`election`]: who should be active, a pure state machine.
 //! - [`reach`]: whether this node may hold the role (a gateway or upstreams answer).
 //! - [`address`]: the addresses on the interface (the OS side).
+//! - [`cli`]: `fulcrum ha status` and `fulcrum ha switchover`.
 //!
 //! The runner here ties them together on the process's main runtime: one task sends
 //! heartbeats every interval and at once on a change of role, receives the peers', and
 //! claims or releases the addresses as the election decides.
 
 pub mod address;
+pub mod cli;
 pub mod election;
 pub mod heartbeat;
 pub mod reach;
