@@ -247,6 +247,26 @@ impl Election {
         Ok(())
     }
 
+    /// When the election should next look again though nothing is heard: a backup at the
+    /// end of its listening or when a peer alive now would count as gone, a yielding node
+    /// when its switchover runs out. Waking then, rather than at the next heartbeat tick,
+    /// takes up to an interval off a takeover.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        match (self.role, self.yielding_since) {
+            (Role::Active, Some(since)) => Some(since + self.settings.dead_time),
+            (Role::Active, None) => None,
+            (Role::Backup, _) => {
+                let listening = (now < self.listen_until).then_some(self.listen_until);
+                self.peers
+                    .iter()
+                    .filter(|p| self.is_alive(p, now))
+                    .map(|p| p.last_heard + self.settings.dead_time)
+                    .chain(listening)
+                    .min()
+            }
+        }
+    }
+
     /// How the last switchover ended (the peer that took the role, or why none did), once.
     pub fn take_switchover_outcome(&mut self) -> Option<Result<String, String>> {
         self.switchover_outcome.take()
@@ -572,6 +592,31 @@ mod tests {
         assert!(!better.election.take_reannounce(), "once");
         assert_eq!(better.hear("lb2", 100, WireRole::Backup), None);
         assert!(!better.election.take_reannounce());
+    }
+
+    #[test]
+    fn a_backup_wakes_when_its_listening_ends_and_when_a_peer_would_be_gone() {
+        let (mut n, _) = node("lb2", 100, true, false);
+        let start = n.now;
+        assert_eq!(n.election.next_deadline(n.now), Some(start + DEAD));
+        n.pass(HALF);
+        n.hear("lb1", 200, WireRole::Active);
+        assert_eq!(n.election.next_deadline(n.now), Some(start + DEAD));
+        n.pass(DEAD);
+        n.hear("lb1", 200, WireRole::Active);
+        assert_eq!(n.election.next_deadline(n.now), Some(n.now + DEAD));
+        // At that very moment the peer is gone and this node takes over.
+        let deadline = n.election.next_deadline(n.now).unwrap();
+        n.now = deadline;
+        assert_eq!(
+            reason(n.election.tick(deadline)),
+            Some((Role::Active, Reason::PeerDead))
+        );
+        assert_eq!(
+            n.election.next_deadline(n.now),
+            None,
+            "active, not yielding"
+        );
     }
 
     #[test]

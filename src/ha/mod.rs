@@ -383,6 +383,7 @@ impl Runner {
         let mut buf = [0u8; MAX_DATAGRAM];
         loop {
             let mut send_now = false;
+            let deadline = election.next_deadline(Instant::now());
             let step = tokio::select! {
                 biased;
                 _ = crate::server::stopping(&mut shutdown) => {
@@ -415,6 +416,9 @@ impl Runner {
                         self.retry(role, &addresses).await;
                     }
                     send_now = true;
+                    election.tick(Instant::now())
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {
                     election.tick(Instant::now())
                 }
                 received = self.socket.recv_from(&mut buf) => match received {
@@ -646,6 +650,14 @@ impl Runner {
             .iter()
             .map(|(&r, &count)| (r, count))
             .collect();
+    }
+}
+
+/// Sleeps until `deadline` (forever without one).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
