@@ -34,8 +34,8 @@ use address::VirtualAddresses;
 use election::{Election, Peer, Reason, Role, Settings, Transition};
 use heartbeat::{Heartbeat, Inbox, Rejected, WireRole};
 
-/// How long to wait before trying again to open the interface, or to put the addresses on
-/// it or take them off, after a failure.
+/// How long to wait before trying again to open the interface. (Putting the addresses on
+/// or taking them off is tried again at every heartbeat tick: the role depends on it.)
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Heartbeats are a few dozen bytes; anything longer is not one.
 const MAX_DATAGRAM: usize = 512;
@@ -374,7 +374,7 @@ impl Runner {
         }
         if !held {
             // What an earlier process that was killed left behind is not ours to hold.
-            self.retry(Role::Backup, &addresses).await;
+            self.set_addresses(Role::Backup, &addresses).await;
         }
         let mut tick = tokio::time::interval(self.config.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -413,7 +413,7 @@ impl Runner {
                 },
                 _ = tick.tick() => {
                     if let Some(role) = self.unapplied {
-                        self.retry(role, &addresses).await;
+                        self.set_addresses(role, &addresses).await;
                     }
                     send_now = true;
                     election.tick(Instant::now())
@@ -455,7 +455,7 @@ impl Runner {
                 tracing::info!(
                     "HA: an active peer stepped down: announcing the virtual addresses again"
                 );
-                self.retry(Role::Active, &addresses).await;
+                self.set_addresses(Role::Active, &addresses).await;
             }
             if let Some(outcome) = election.take_switchover_outcome() {
                 for reply in waiting.drain(..) {
@@ -526,7 +526,7 @@ impl Runner {
     /// Acts on a change of role: the addresses first (a new active node claims before
     /// anything else), then a heartbeat at once, then the log line and the record.
     async fn apply(&mut self, t: Transition, addresses: &VirtualAddresses, election: &Election) {
-        self.retry(t.to, addresses).await;
+        self.set_addresses(t.to, addresses).await;
         self.send(election.wire_role(), election.eligible()).await;
         let (from, to, reason) = (t.from.name(), t.to.name(), t.reason.name());
         match t.reason {
@@ -548,7 +548,7 @@ impl Runner {
 
     /// Puts the addresses on (active) or takes them off (backup); on failure, remembers
     /// to try again at the next tick.
-    async fn retry(&mut self, role: Role, addresses: &VirtualAddresses) {
+    async fn set_addresses(&mut self, role: Role, addresses: &VirtualAddresses) {
         let result = match role {
             Role::Active => addresses.claim().await,
             Role::Backup => addresses.release().await,
@@ -592,7 +592,7 @@ impl Runner {
             }
         }
         if let Some(t) = election.leave() {
-            self.retry(Role::Backup, addresses).await;
+            self.set_addresses(Role::Backup, addresses).await;
             tracing::info!(
                 from = t.from.name(),
                 to = t.to.name(),
