@@ -565,3 +565,45 @@ async fn with_reach_upstreams_a_node_claims_only_once_a_server_is_up() {
     assert_eq!(status["eligible"], true, "{status:#}");
     assert!(addresses.on_lo(0));
 }
+
+#[tokio::test]
+async fn an_in_process_server_refuses_an_ha_reload_and_hands_over_on_shutdown() {
+    let addresses = Addresses::new(8);
+    let secrets = Secrets::new();
+    let spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    let text = config(&spec, &secrets);
+    let parsed = |text: &str| fulcrum::config::parse("ha.toml", text).unwrap();
+    let server = fulcrum::server::Server::start(parsed(&text)).await.unwrap();
+    let ha = server.ha().expect("a node with [ha]");
+    let deadline = Instant::now() + dead_time() + SLACK;
+    while ha.status().role != "active" {
+        assert!(Instant::now() < deadline, "{:?}", ha.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(addresses.on_lo(0));
+
+    let refused = server
+        .reload(parsed(&text.replace("priority = 100", "priority = 101")))
+        .unwrap_err();
+    assert!(refused.contains("[ha] changed"), "{refused}");
+
+    // The peer (this test's socket) hears the farewell: "yielding", from lb1.
+    let peer = UdpSocket::bind(spec.peers[0]).unwrap();
+    peer.set_read_timeout(Some(SLACK)).unwrap();
+    assert!(server.shutdown(Duration::from_secs(1)).await);
+    assert!(!addresses.on_lo(0), "the address is released on shutdown");
+    let key = fulcrum::ha::heartbeat::key(KEY.as_bytes());
+    let mut buf = [0u8; 512];
+    // Heartbeats queued since the socket was bound, the last ones "yielding"; then silence.
+    let mut yielded = false;
+    while let Ok((len, _)) = peer.recv_from(&mut buf) {
+        let heartbeat = fulcrum::ha::heartbeat::Heartbeat::decode(&buf[..len], &key).unwrap();
+        if heartbeat.role == fulcrum::ha::heartbeat::WireRole::Yielding {
+            yielded = true;
+            break;
+        }
+    }
+    assert!(yielded, "no yielding heartbeat");
+    assert!(ha.status().left);
+    assert_eq!(ha.status().last_change.unwrap().reason, "shutdown");
+}
