@@ -741,4 +741,120 @@ mod tests {
             Some((Role::Active, Reason::Preempted))
         );
     }
+
+    /// Two nodes on a simulated link, stepped 10 ms at a time: each heartbeats every 50 ms
+    /// (at its own phase), delivered at once while the link is up.
+    mod simulated {
+        use super::*;
+        use proptest::prelude::*;
+
+        const STEP: Duration = Duration::from_millis(10);
+        const INTERVAL_STEPS: u32 = 5;
+
+        /// A stretch of time: how many steps, whether the link is up, and whether each
+        /// node passes its reach checks.
+        type Phase = (u32, bool, bool, bool);
+
+        struct Sim {
+            nodes: [Election; 2],
+            sequence: u64,
+            now: Instant,
+            addrs: [SocketAddr; 2],
+            /// Steps in a row with both nodes active and the link up.
+            split_for: u32,
+        }
+
+        impl Sim {
+            fn new(preempt: bool) -> Sim {
+                let now = Instant::now();
+                let make = |node: &str, priority| {
+                    let settings = Settings {
+                        node: node.into(),
+                        priority,
+                        preempt,
+                        dead_time: DEAD,
+                    };
+                    Election::new(settings, true, false, now).0
+                };
+                Sim {
+                    nodes: [make("lb1", 200), make("lb2", 100)],
+                    sequence: 0,
+                    now,
+                    addrs: [
+                        "127.0.0.1:1".parse().unwrap(),
+                        "127.0.0.2:1".parse().unwrap(),
+                    ],
+                    split_for: 0,
+                }
+            }
+
+            fn step(&mut self, step: u32, phases: [u32; 2], (_, up, e0, e1): Phase) {
+                self.now += STEP;
+                self.nodes[0].set_eligible(e0, self.now);
+                self.nodes[1].set_eligible(e1, self.now);
+                for i in 0..2 {
+                    self.nodes[i].tick(self.now);
+                    if step % INTERVAL_STEPS != phases[i] || !up {
+                        continue;
+                    }
+                    self.sequence += 1;
+                    let from = &self.nodes[i];
+                    let hb = Heartbeat {
+                        group: 1,
+                        node: from.settings().node.clone(),
+                        priority: from.settings().priority,
+                        role: from.wire_role(),
+                        eligible: from.eligible(),
+                        sequence: self.sequence,
+                    };
+                    let to = 1 - i;
+                    self.nodes[to].heard(self.addrs[i], &hb, self.now);
+                }
+                let split = up && self.actives() == 2;
+                self.split_for = if split { self.split_for + 1 } else { 0 };
+            }
+
+            fn actives(&self) -> usize {
+                self.nodes
+                    .iter()
+                    .filter(|n| n.role() == Role::Active)
+                    .count()
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn the_pair_never_stays_split_and_settles_on_one_active(
+                preempt in any::<bool>(),
+                phases in [0u32..INTERVAL_STEPS, 0u32..INTERVAL_STEPS],
+                chaos in proptest::collection::vec(
+                    (1u32..60, any::<bool>(), any::<bool>(), any::<bool>()), 0..12),
+            ) {
+                let mut sim = Sim::new(preempt);
+                let calm: Phase = (100, true, true, true);
+                let mut step = 0;
+                for phase in chaos.iter().chain([&calm]) {
+                    for _ in 0..phase.0 {
+                        step += 1;
+                        sim.step(step, phases, *phase);
+                        for n in &sim.nodes {
+                            prop_assert!(
+                                n.role() == Role::Backup || n.eligible(),
+                                "{} active though not eligible", n.settings().node
+                            );
+                        }
+                        // Two actives that can hear each other resolve within a heartbeat.
+                        prop_assert!(
+                            sim.split_for <= INTERVAL_STEPS,
+                            "both active with the link up for {} steps", sim.split_for
+                        );
+                    }
+                }
+                prop_assert_eq!(sim.actives(), 1);
+                if preempt {
+                    prop_assert_eq!(sim.nodes[0].role(), Role::Active, "the better node holds the role");
+                }
+            }
+        }
+    }
 }
