@@ -792,9 +792,9 @@ mod tests {
                 self.now += STEP;
                 self.nodes[0].set_eligible(e0, self.now);
                 self.nodes[1].set_eligible(e1, self.now);
-                for i in 0..2 {
+                for (i, phase) in phases.into_iter().enumerate() {
                     self.nodes[i].tick(self.now);
-                    if step % INTERVAL_STEPS != phases[i] || !up {
+                    if step % INTERVAL_STEPS != phase || !up {
                         continue;
                     }
                     self.sequence += 1;
