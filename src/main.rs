@@ -70,6 +70,11 @@ enum Command {
         #[arg(long, value_name = "ADDRESS")]
         admin: Option<SocketAddr>,
     },
+    /// The active/standby group ([ha]): this node's role, or a planned switchover.
+    Ha {
+        #[command(subcommand)]
+        command: fulcrum::ha::cli::HaCommand,
+    },
     /// Certificates for development: a local CA, certificates it signs, and inspection.
     Cert {
         #[command(subcommand)]
@@ -88,6 +93,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Check { config } => check(&config),
             Command::Cert { command } => fulcrum::cert::cli::run(command),
+            Command::Ha { command } => fulcrum::ha::cli::run(command).await,
             Command::Backend { listen, name } => backend(listen, name).await,
             Command::Status { config, admin } => status(&config, admin).await,
             Command::Run { config: path } => match config::load(&path) {

@@ -203,6 +203,34 @@ impl Node {
         }
     }
 
+    /// Waits until the node hears `peer` (its first peer), then a few dead times more, so
+    /// that whatever it decides from hearing it is decided; returns its status then.
+    async fn settled_hearing(&self, peer: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let status = self.status().await;
+            if status["peers"][0]["name"] == peer && status["peers"][0]["alive"] == true {
+                break;
+            }
+            assert!(start.elapsed() < SLACK, "{peer} not heard: {status:#}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(dead_time() * 3).await;
+        self.status().await
+    }
+
+    /// Runs `fulcrum ARGS -c CONFIG --admin ADDRESS` against this node.
+    fn fulcrum(&self, args: &[&str]) -> std::process::Output {
+        support::binary()
+            .args(args)
+            .arg("-c")
+            .arg(&self.process.config)
+            .arg("--admin")
+            .arg(self.admin.to_string())
+            .output()
+            .unwrap()
+    }
+
     async fn switchover(&self, token: Option<&str>) -> (u16, Value) {
         let mut request =
             support::client().post(format!("http://{}/api/ha/switchover", self.admin));
@@ -235,10 +263,8 @@ async fn pair(test: u8, preempt: bool) -> (Addresses, Secrets, [NodeSpec; 2], No
     assert!(addresses.on_lo(0));
     let lb2 = Node::start(&specs[1], &secrets).await;
     // lb2 listens for a dead time, hears lb1 active, and stays backup.
-    tokio::time::sleep(dead_time() * 3).await;
-    let status = lb2.status().await;
+    let status = lb2.settled_hearing("lb1").await;
     assert_eq!(status["role"], "backup", "{status:#}");
-    assert_eq!(status["peers"][0]["name"], "lb1", "{status:#}");
     assert_eq!(status["peers"][0]["alive"], true, "{status:#}");
     assert!(!addresses.on_lo(1));
     (addresses, secrets, specs, lb1, lb2)
@@ -297,8 +323,7 @@ async fn without_preemption_the_returning_better_node_stays_backup() {
     kill_lb1(&addresses, lb1, &lb2).await;
 
     let lb1 = Node::start(&specs[0], &secrets).await;
-    tokio::time::sleep(dead_time() * 5).await;
-    let status = lb1.status().await;
+    let status = lb1.settled_hearing("lb2").await;
     assert_eq!(status["role"], "backup", "{status:#}");
     assert_eq!(status["peers"][0]["role"], "active", "{status:#}");
     assert_eq!(lb2.role().await, "active");
@@ -315,9 +340,18 @@ async fn a_planned_switchover_moves_the_role_and_a_stopping_node_hands_it_back_a
     let (code, body) = lb2.switchover(Some(TOKEN)).await;
     assert_eq!(code, 409, "a backup has nothing to hand over: {body:#}");
 
-    let (code, body) = lb1.switchover(Some(TOKEN)).await;
-    assert_eq!(code, 200, "{body:#}");
-    assert_eq!(body["switched_over_to"], "lb2");
+    // As an operator would: `fulcrum ha switchover`, with the admin token from the config.
+    let out = lb1.fulcrum(&["ha", "switchover"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("switched over: lb2 is active\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("lb1 (127.77.3.1/32, priority 200): backup"),
+        "{stdout}"
+    );
     let status = lb1.status().await;
     assert_eq!(status["role"], "backup", "{status:#}");
     assert_eq!(status["last_change"]["reason"], "switchover", "{status:#}");
@@ -334,6 +368,22 @@ async fn a_planned_switchover_moves_the_role_and_a_stopping_node_hands_it_back_a
     tokio::time::sleep(dead_time() * 5).await;
     assert_eq!(lb1.role().await, "backup");
     assert_eq!(lb2.role().await, "active");
+    let out = lb2.fulcrum(&["ha", "status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.starts_with("lb2 (127.77.3.2/32, priority 100): active\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("  peer lb1 127.0.0.1:"), "{stdout}");
+    assert!(
+        stdout.contains(": backup (priority 200), heard "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  last change: backup -> active (peer_yielded) at "),
+        "{stdout}"
+    );
 
     // SIGTERM: lb2 says it yields as it leaves, so lb1 takes over without waiting a dead
     // time, and lb2 takes its address off.
@@ -383,13 +433,17 @@ async fn a_heartbeat_without_the_key_is_ignored_and_counted() {
         .unwrap()
         .send_to(&claim(6).encode(&right_key), spec.bind)
         .unwrap();
-    tokio::time::sleep(dead_time() * 2).await;
-    let status = lb1.status().await;
+    let start = Instant::now();
+    let status = loop {
+        let status = lb1.status().await;
+        let dropped = &status["heartbeats_dropped"];
+        if dropped["unauthenticated"] == 5 && dropped["unknown_peer"] == 1 {
+            break status;
+        }
+        assert!(start.elapsed() < SLACK, "not all dropped: {status:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(status["role"], "active", "{status:#}");
-    assert_eq!(
-        status["heartbeats_dropped"]["unauthenticated"], 5,
-        "{status:#}"
-    );
     assert_eq!(
         status["heartbeats_dropped"]["unknown_peer"], 1,
         "{status:#}"
@@ -527,4 +581,46 @@ async fn with_reach_upstreams_a_node_claims_only_once_a_server_is_up() {
     let (status, _) = lb1.wait_for("active", SLACK * 2).await;
     assert_eq!(status["eligible"], true, "{status:#}");
     assert!(addresses.on_lo(0));
+}
+
+#[tokio::test]
+async fn an_in_process_server_refuses_an_ha_reload_and_hands_over_on_shutdown() {
+    let addresses = Addresses::new(8);
+    let secrets = Secrets::new();
+    let spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    let text = config(&spec, &secrets);
+    let parsed = |text: &str| fulcrum::config::parse("ha.toml", text).unwrap();
+    let server = fulcrum::server::Server::start(parsed(&text)).await.unwrap();
+    let ha = server.ha().expect("a node with [ha]");
+    let deadline = Instant::now() + dead_time() + SLACK;
+    while ha.status().role != "active" {
+        assert!(Instant::now() < deadline, "{:?}", ha.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(addresses.on_lo(0));
+
+    let refused = server
+        .reload(parsed(&text.replace("priority = 100", "priority = 101")))
+        .unwrap_err();
+    assert!(refused.contains("[ha] changed"), "{refused}");
+
+    // The peer (this test's socket) hears the farewell: "yielding", from lb1.
+    let peer = UdpSocket::bind(spec.peers[0]).unwrap();
+    peer.set_read_timeout(Some(SLACK)).unwrap();
+    assert!(server.shutdown(Duration::from_secs(1)).await);
+    assert!(!addresses.on_lo(0), "the address is released on shutdown");
+    let key = fulcrum::ha::heartbeat::key(KEY.as_bytes());
+    let mut buf = [0u8; 512];
+    // Heartbeats queued since the socket was bound, the last ones "yielding"; then silence.
+    let mut yielded = false;
+    while let Ok((len, _)) = peer.recv_from(&mut buf) {
+        let heartbeat = fulcrum::ha::heartbeat::Heartbeat::decode(&buf[..len], &key).unwrap();
+        if heartbeat.role == fulcrum::ha::heartbeat::WireRole::Yielding {
+            yielded = true;
+            break;
+        }
+    }
+    assert!(yielded, "no yielding heartbeat");
+    assert!(ha.status().left);
+    assert_eq!(ha.status().last_change.unwrap().reason, "shutdown");
 }

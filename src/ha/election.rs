@@ -247,6 +247,26 @@ impl Election {
         Ok(())
     }
 
+    /// When the election should next look again though nothing is heard: a backup at the
+    /// end of its listening or when a peer alive now would count as gone, a yielding node
+    /// when its switchover runs out. Waking then, rather than at the next heartbeat tick,
+    /// takes up to an interval off a takeover.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        match (self.role, self.yielding_since) {
+            (Role::Active, Some(since)) => Some(since + self.settings.dead_time),
+            (Role::Active, None) => None,
+            (Role::Backup, _) => {
+                let listening = (now < self.listen_until).then_some(self.listen_until);
+                self.peers
+                    .iter()
+                    .filter(|p| self.is_alive(p, now))
+                    .map(|p| p.last_heard + self.settings.dead_time)
+                    .chain(listening)
+                    .min()
+            }
+        }
+    }
+
     /// How the last switchover ended (the peer that took the role, or why none did), once.
     pub fn take_switchover_outcome(&mut self) -> Option<Result<String, String>> {
         self.switchover_outcome.take()
@@ -575,6 +595,31 @@ mod tests {
     }
 
     #[test]
+    fn a_backup_wakes_when_its_listening_ends_and_when_a_peer_would_be_gone() {
+        let (mut n, _) = node("lb2", 100, true, false);
+        let start = n.now;
+        assert_eq!(n.election.next_deadline(n.now), Some(start + DEAD));
+        n.pass(HALF);
+        n.hear("lb1", 200, WireRole::Active);
+        assert_eq!(n.election.next_deadline(n.now), Some(start + DEAD));
+        n.pass(DEAD);
+        n.hear("lb1", 200, WireRole::Active);
+        assert_eq!(n.election.next_deadline(n.now), Some(n.now + DEAD));
+        // At that very moment the peer is gone and this node takes over.
+        let deadline = n.election.next_deadline(n.now).unwrap();
+        n.now = deadline;
+        assert_eq!(
+            reason(n.election.tick(deadline)),
+            Some((Role::Active, Reason::PeerDead))
+        );
+        assert_eq!(
+            n.election.next_deadline(n.now),
+            None,
+            "active, not yielding"
+        );
+    }
+
+    #[test]
     fn equal_priorities_resolve_by_name() {
         let (mut b, _) = node("lb-b", 100, true, true);
         assert_eq!(
@@ -695,5 +740,121 @@ mod tests {
             reason(n.pass(HALF)),
             Some((Role::Active, Reason::Preempted))
         );
+    }
+
+    /// Two nodes on a simulated link, stepped 10 ms at a time: each heartbeats every 50 ms
+    /// (at its own phase), delivered at once while the link is up.
+    mod simulated {
+        use super::*;
+        use proptest::prelude::*;
+
+        const STEP: Duration = Duration::from_millis(10);
+        const INTERVAL_STEPS: u32 = 5;
+
+        /// A stretch of time: how many steps, whether the link is up, and whether each
+        /// node passes its reach checks.
+        type Phase = (u32, bool, bool, bool);
+
+        struct Sim {
+            nodes: [Election; 2],
+            sequence: u64,
+            now: Instant,
+            addrs: [SocketAddr; 2],
+            /// Steps in a row with both nodes active and the link up.
+            split_for: u32,
+        }
+
+        impl Sim {
+            fn new(preempt: bool) -> Sim {
+                let now = Instant::now();
+                let make = |node: &str, priority| {
+                    let settings = Settings {
+                        node: node.into(),
+                        priority,
+                        preempt,
+                        dead_time: DEAD,
+                    };
+                    Election::new(settings, true, false, now).0
+                };
+                Sim {
+                    nodes: [make("lb1", 200), make("lb2", 100)],
+                    sequence: 0,
+                    now,
+                    addrs: [
+                        "127.0.0.1:1".parse().unwrap(),
+                        "127.0.0.2:1".parse().unwrap(),
+                    ],
+                    split_for: 0,
+                }
+            }
+
+            fn step(&mut self, step: u32, phases: [u32; 2], (_, up, e0, e1): Phase) {
+                self.now += STEP;
+                self.nodes[0].set_eligible(e0, self.now);
+                self.nodes[1].set_eligible(e1, self.now);
+                for (i, phase) in phases.into_iter().enumerate() {
+                    self.nodes[i].tick(self.now);
+                    if step % INTERVAL_STEPS != phase || !up {
+                        continue;
+                    }
+                    self.sequence += 1;
+                    let from = &self.nodes[i];
+                    let hb = Heartbeat {
+                        group: 1,
+                        node: from.settings().node.clone(),
+                        priority: from.settings().priority,
+                        role: from.wire_role(),
+                        eligible: from.eligible(),
+                        sequence: self.sequence,
+                    };
+                    let to = 1 - i;
+                    self.nodes[to].heard(self.addrs[i], &hb, self.now);
+                }
+                let split = up && self.actives() == 2;
+                self.split_for = if split { self.split_for + 1 } else { 0 };
+            }
+
+            fn actives(&self) -> usize {
+                self.nodes
+                    .iter()
+                    .filter(|n| n.role() == Role::Active)
+                    .count()
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn the_pair_never_stays_split_and_settles_on_one_active(
+                preempt in any::<bool>(),
+                phases in [0u32..INTERVAL_STEPS, 0u32..INTERVAL_STEPS],
+                chaos in proptest::collection::vec(
+                    (1u32..60, any::<bool>(), any::<bool>(), any::<bool>()), 0..12),
+            ) {
+                let mut sim = Sim::new(preempt);
+                let calm: Phase = (100, true, true, true);
+                let mut step = 0;
+                for phase in chaos.iter().chain([&calm]) {
+                    for _ in 0..phase.0 {
+                        step += 1;
+                        sim.step(step, phases, *phase);
+                        for n in &sim.nodes {
+                            prop_assert!(
+                                n.role() == Role::Backup || n.eligible(),
+                                "{} active though not eligible", n.settings().node
+                            );
+                        }
+                        // Two actives that can hear each other resolve within a heartbeat.
+                        prop_assert!(
+                            sim.split_for <= INTERVAL_STEPS,
+                            "both active with the link up for {} steps", sim.split_for
+                        );
+                    }
+                }
+                prop_assert_eq!(sim.actives(), 1);
+                if preempt {
+                    prop_assert_eq!(sim.nodes[0].role(), Role::Active, "the better node holds the role");
+                }
+            }
+        }
     }
 }

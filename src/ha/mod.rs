@@ -6,12 +6,14 @@
 //! - [`election`]: who should be active, a pure state machine.
 //! - [`reach`]: whether this node may hold the role (a gateway or upstreams answer).
 //! - [`address`]: the addresses on the interface (the OS side).
+//! - [`cli`]: `fulcrum ha status` and `fulcrum ha switchover`.
 //!
 //! The runner here ties them together on the process's main runtime: one task sends
 //! heartbeats every interval and at once on a change of role, receives the peers', and
 //! claims or releases the addresses as the election decides.
 
 pub mod address;
+pub mod cli;
 pub mod election;
 pub mod heartbeat;
 pub mod reach;
@@ -32,8 +34,8 @@ use address::VirtualAddresses;
 use election::{Election, Peer, Reason, Role, Settings, Transition};
 use heartbeat::{Heartbeat, Inbox, Rejected, WireRole};
 
-/// How long to wait before trying again to open the interface, or to put the addresses on
-/// it or take them off, after a failure.
+/// How long to wait before trying again to open the interface. (Putting the addresses on
+/// or taking them off is tried again at every heartbeat tick: the role depends on it.)
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Heartbeats are a few dozen bytes; anything longer is not one.
 const MAX_DATAGRAM: usize = 512;
@@ -372,7 +374,7 @@ impl Runner {
         }
         if !held {
             // What an earlier process that was killed left behind is not ours to hold.
-            self.retry(Role::Backup, &addresses).await;
+            self.set_addresses(Role::Backup, &addresses).await;
         }
         let mut tick = tokio::time::interval(self.config.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -381,6 +383,7 @@ impl Runner {
         let mut buf = [0u8; MAX_DATAGRAM];
         loop {
             let mut send_now = false;
+            let deadline = election.next_deadline(Instant::now());
             let step = tokio::select! {
                 biased;
                 _ = crate::server::stopping(&mut shutdown) => {
@@ -410,9 +413,12 @@ impl Runner {
                 },
                 _ = tick.tick() => {
                     if let Some(role) = self.unapplied {
-                        self.retry(role, &addresses).await;
+                        self.set_addresses(role, &addresses).await;
                     }
                     send_now = true;
+                    election.tick(Instant::now())
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {
                     election.tick(Instant::now())
                 }
                 received = self.socket.recv_from(&mut buf) => match received {
@@ -449,7 +455,7 @@ impl Runner {
                 tracing::info!(
                     "HA: an active peer stepped down: announcing the virtual addresses again"
                 );
-                self.retry(Role::Active, &addresses).await;
+                self.set_addresses(Role::Active, &addresses).await;
             }
             if let Some(outcome) = election.take_switchover_outcome() {
                 for reply in waiting.drain(..) {
@@ -520,7 +526,7 @@ impl Runner {
     /// Acts on a change of role: the addresses first (a new active node claims before
     /// anything else), then a heartbeat at once, then the log line and the record.
     async fn apply(&mut self, t: Transition, addresses: &VirtualAddresses, election: &Election) {
-        self.retry(t.to, addresses).await;
+        self.set_addresses(t.to, addresses).await;
         self.send(election.wire_role(), election.eligible()).await;
         let (from, to, reason) = (t.from.name(), t.to.name(), t.reason.name());
         match t.reason {
@@ -542,7 +548,7 @@ impl Runner {
 
     /// Puts the addresses on (active) or takes them off (backup); on failure, remembers
     /// to try again at the next tick.
-    async fn retry(&mut self, role: Role, addresses: &VirtualAddresses) {
+    async fn set_addresses(&mut self, role: Role, addresses: &VirtualAddresses) {
         let result = match role {
             Role::Active => addresses.claim().await,
             Role::Backup => addresses.release().await,
@@ -586,7 +592,7 @@ impl Runner {
             }
         }
         if let Some(t) = election.leave() {
-            self.retry(Role::Backup, addresses).await;
+            self.set_addresses(Role::Backup, addresses).await;
             tracing::info!(
                 from = t.from.name(),
                 to = t.to.name(),
@@ -644,6 +650,14 @@ impl Runner {
             .iter()
             .map(|(&r, &count)| (r, count))
             .collect();
+    }
+}
+
+/// Sleeps until `deadline` (forever without one).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
