@@ -56,6 +56,7 @@ fn client_neighbour_becomes(net: &Topology, address: &str, mac: &str) -> Option<
 
 #[test]
 fn claimed_addresses_are_on_the_interface_and_clients_move_to_the_claimer() {
+    let _one = one_at_a_time();
     let net = segment();
     net.run("lb1", || async {
         let addresses = VirtualAddresses::open("eth0", &virtual_addresses())
@@ -125,6 +126,7 @@ fn claimed_addresses_are_on_the_interface_and_clients_move_to_the_claimer() {
 
 #[test]
 fn announcements_repeat_after_a_claim_and_stop_at_a_release() {
+    let _one = one_at_a_time();
     let net = segment();
     let lb2 = net.mac("lb2");
     let capture_for = Duration::from_millis(2800);
@@ -228,6 +230,7 @@ fn format_mac(bytes: &[u8]) -> String {
 
 #[test]
 fn a_missing_interface_is_named() {
+    let _one = one_at_a_time();
     let net = segment();
     let e = net
         .run("lb1", || async {
@@ -240,6 +243,7 @@ fn a_missing_interface_is_named() {
 
 #[test]
 fn without_the_privileges_the_errors_say_which_is_missing() {
+    let _one = one_at_a_time();
     let net = segment();
     let e = net
         .run("lb1", || async {
@@ -324,7 +328,8 @@ const DEAD_AFTER: u32 = 3;
 const PER_SECOND: u32 = 50;
 const DEADLINE: Duration = Duration::from_secs(1);
 
-/// The pair tests measure timing: one at a time, so they do not load each other.
+/// The tests here measure timing (with heartbeats 20 ms apart, a starved node is taken
+/// for dead): one at a time, so they do not load each other.
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static PAIR: std::sync::Mutex<()> = std::sync::Mutex::new(());
     PAIR.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
