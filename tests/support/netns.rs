@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 /// The namespaces of one test, named after the test process so that runs never collide.
 pub struct Topology {
     prefix: String,
-    hosts: Vec<String>,
+    /// Every namespace made so far, to delete.
+    made: Vec<String>,
 }
 
 /// Where the `ip netns` namespaces are mounted.
@@ -36,17 +37,18 @@ impl Topology {
         // Built up as it goes, so that a failing step still removes what was made.
         let mut topology = Topology {
             prefix,
-            hosts: Vec::new(),
+            made: Vec::new(),
         };
         let switch = topology.switch();
         ip(&["netns", "add", &switch]);
-        topology.hosts.push(String::new());
+        topology.made.push(switch.clone());
         ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &switch, "link", "set", "br0", "up"]);
         for (host, addresses) in hosts {
+            assert_ne!(*host, "switch", "a host may not be called `switch`");
             let ns = topology.ns(host);
             ip(&["netns", "add", &ns]);
-            topology.hosts.push(host.to_string());
+            topology.made.push(ns.clone());
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
             ip(&[
                 "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", host, "netns",
@@ -155,14 +157,9 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         // Deleting a namespace destroys its end of each veth, and with it the other end.
-        for host in &self.hosts {
-            let ns = if host.is_empty() {
-                self.switch()
-            } else {
-                self.ns(host)
-            };
+        for ns in &self.made {
             let _ = Command::new("ip")
-                .args(["netns", "del", &ns])
+                .args(["netns", "del", ns])
                 .stderr(Stdio::null())
                 .status();
         }
