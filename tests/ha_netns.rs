@@ -1,8 +1,9 @@
 //! The balancer's own redundancy on a real (virtual) segment: network namespaces made by
 //! each test, joined by a bridge. First the virtual addresses alone (put on, taken off,
-//! announced so that a client's neighbour cache moves); then an active/standby pair of real
-//! Fulcrum processes under a steady load of new connections, with the active node's cable
-//! pulled, a planned switch-over, and forged heartbeats. Needs root, as CI runs it.
+//! announced so that a client's neighbour cache moves, errors without the privileges); then
+//! an active/standby pair of real Fulcrum processes under a steady load of new connections:
+//! the active node's cable pulled and put back, a planned switch-over, the active node
+//! stalled, and forged heartbeats. Needs root, as CI runs it; prints the figures measured.
 
 mod support;
 
@@ -30,6 +31,15 @@ fn virtual_addresses() -> Vec<VirtualAddress> {
             prefix: 64,
         },
     ]
+}
+
+/// The tests here measure timing (with heartbeats 20 ms apart, a starved node is taken
+/// for dead): one at a time, so they do not load each other.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ALONE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A client and two nodes, dual-stack.
@@ -327,13 +337,6 @@ const DEAD_AFTER: u32 = 3;
 /// The client's rate and each request's deadline (connect and whole response).
 const PER_SECOND: u32 = 50;
 const DEADLINE: Duration = Duration::from_secs(1);
-
-/// The tests here measure timing (with heartbeats 20 ms apart, a starved node is taken
-/// for dead): one at a time, so they do not load each other.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static PAIR: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    PAIR.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// lb1 (priority 200) and lb2 (100) sharing 198.18.0.100 in front of one server host that
 /// runs a demo backend per node ("via-lb1" behind lb1, "via-lb2" behind lb2), so the answer
