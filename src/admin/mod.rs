@@ -13,7 +13,7 @@ mod metrics;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -50,6 +50,9 @@ pub struct Context {
     /// its open connections hold, with the number it started with.
     pub listeners: Vec<ListenerInfo>,
     recent: Mutex<RecentWindow>,
+    /// Where `POST /api/reload` goes: the run loop, which handles every reload. Set once
+    /// the run loop exists; unset in the demo, which has no file to reload.
+    control: Arc<OnceLock<crate::control::Requests>>,
 }
 
 pub struct ListenerInfo {
@@ -72,11 +75,16 @@ impl ListenerInfo {
 }
 
 impl Context {
-    pub fn new(shared: Arc<Shared>, listeners: Vec<ListenerInfo>) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        listeners: Vec<ListenerInfo>,
+        control: Arc<OnceLock<crate::control::Requests>>,
+    ) -> Self {
         Context {
             shared,
             listeners,
             recent: Mutex::new(RecentWindow::default()),
+            control,
         }
     }
 }
@@ -227,6 +235,15 @@ async fn route(cx: &Context, req: Request<Incoming>) -> Reply {
         }
         ["api", "config"] => {
             read_only(|cx| Reply::json(StatusCode::OK, &api::config(&cx.shared.load().config)))
+        }
+        ["api", "reload"] => {
+            if method != Method::POST {
+                return method_not_allowed("POST");
+            }
+            if let Err(refused) = authorize(cx, &req) {
+                return refused;
+            }
+            api::reload(cx).await
         }
         ["api", "upstreams", upstream, "servers", server, action] => {
             let change = match (*action, &method) {
