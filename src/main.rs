@@ -126,7 +126,7 @@ fn main() -> ExitCode {
                 command: HaCommand::Switchover { config },
             } => switchover_command(&config).await,
             Command::Run { config: path } => match config::load(&path) {
-                Ok(config) => run(config, Some(&path)).await,
+                Ok(config) => run(config, Some(&path), None).await,
                 Err(e) => {
                     eprintln!("{e}");
                     ExitCode::FAILURE
@@ -160,7 +160,7 @@ async fn demo(setup: fulcrum::demo::DemoSetup) -> ExitCode {
                 certs.ca.display(),
                 setup.listen_https.port()
             );
-            run(config, None).await
+            run(config, None, None).await
         }
         Ok(Err(e)) => {
             eprintln!("{e}");
@@ -239,8 +239,14 @@ async fn status(config: &std::path::Path, admin: Option<SocketAddr>) -> ExitCode
 
 /// Serves until SIGTERM or SIGINT; on SIGHUP, reads the config file at `path` again and
 /// applies it if it is good. With a config file, the control socket takes `fulcrum reload`,
-/// `fulcrum upgrade` and `fulcrum ha switchover` requests, which are handled here too.
-async fn run(config: Config, path: Option<&Path>) -> ExitCode {
+/// `fulcrum upgrade` and `fulcrum ha switchover` requests, which are handled here too. The
+/// control socket is bound now, or `inherited_control` from the process this one takes
+/// over from in a binary upgrade.
+async fn run(
+    config: Config,
+    path: Option<&Path>,
+    inherited_control: Option<std::os::unix::net::UnixListener>,
+) -> ExitCode {
     // Held to the end, so that queued access log lines are written out on exit.
     let _log = fulcrum::logging::init(&config.access_log);
     for warning in &config.warnings {
@@ -249,7 +255,8 @@ async fn run(config: Config, path: Option<&Path>) -> ExitCode {
     let grace = config.timeouts.shutdown_grace;
     // Before the listeners: a second process with this file would otherwise bind them
     // beside the first one (SO_REUSEPORT) and take a share of its connections.
-    let (mut control, reloads, mut requests) = match start_control(&config, path) {
+    let (mut control, reloads, mut requests) = match start_control(&config, path, inherited_control)
+    {
         Ok(Some((control, reloads, requests))) => (Some(control), Some(reloads), Some(requests)),
         Ok(None) => (None, None, None),
         Err(e) => {
@@ -283,7 +290,8 @@ async fn run(config: Config, path: Option<&Path>) -> ExitCode {
                     let _ = reload(&server, path, "SIGHUP");
                 }
                 Some((request, reply_to)) = next_request(&mut requests) => {
-                    let (reply, stop) = handle_request(request, &server, path, control.as_mut(), grace);
+                    let (reply, stop) =
+                        handle_request(request, &server, path, control.as_mut(), grace).await;
                     let _ = reply_to.send(reply);
                     if let Some(reason) = stop {
                         break reason;
@@ -323,6 +331,7 @@ type ControlRequest = (
 fn start_control(
     config: &Config,
     path: Option<&Path>,
+    inherited: Option<std::os::unix::net::UnixListener>,
 ) -> Result<
     Option<(
         fulcrum::control::Control,
@@ -334,7 +343,10 @@ fn start_control(
     let (Some(path), Some(control)) = (path, &config.control) else {
         return Ok(None);
     };
-    let listener = fulcrum::control::bind(&control.socket)?;
+    let listener = match inherited {
+        Some(listener) => listener,
+        None => fulcrum::control::bind(&control.socket)?,
+    };
     let status = fulcrum::control::Status {
         pid: std::process::id(),
         config: path.display().to_string(),
@@ -367,7 +379,7 @@ async fn next_request(
 
 /// Acts on a request from the control socket or the admin API: the reply, and the reason
 /// to shut down if the request ends this process's service.
-fn handle_request(
+async fn handle_request(
     request: fulcrum::control::Request,
     server: &Server,
     path: Option<&Path>,
@@ -384,7 +396,7 @@ fn handle_request(
                     None,
                 );
             };
-            match upgrade(server, Path::new(&binary), path, control.listener()) {
+            match upgrade(server, Path::new(&binary), path, control.listener()).await {
                 Ok(new_pid) => {
                     control.handed_over();
                     let message = format!(
@@ -403,6 +415,7 @@ fn handle_request(
         }
         Request::HaSwitchover => (
             ha_switchover(server)
+                .await
                 .map(|()| "switched over".to_string())
                 .into(),
             None,
@@ -414,7 +427,7 @@ fn handle_request(
 
 /// Starts `binary` with the config at `path` and hands it the listeners and the control
 /// socket; the new process's id once it serves.
-fn upgrade(
+async fn upgrade(
     _server: &Server,
     _binary: &Path,
     _path: &Path,
@@ -424,7 +437,7 @@ fn upgrade(
 }
 
 /// Hands the active role of a high-availability pair to a peer.
-fn ha_switchover(_server: &Server) -> Result<(), String> {
+async fn ha_switchover(_server: &Server) -> Result<(), String> {
     Err("high availability is not configured ([ha] section)".to_string())
 }
 

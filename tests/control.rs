@@ -86,8 +86,7 @@ fn only(name: &str, n: usize) -> HashMap<String, usize> {
 }
 
 #[tokio::test]
-async fn reload_applies_an_edited_file_reports_a_broken_one_and_the_socket_goes_with_the_process()
-{
+async fn reload_applies_an_edited_file_reports_a_broken_one_and_the_socket_goes_with_the_process() {
     let (a, b) = (Backend::named("a").await, Backend::named("b").await);
     let control = "[control]\nsocket = \"ctl/web.sock\"\n";
     let mut process = Process::start(&two_upstreams("one", control), &[&a, &b]);
@@ -110,7 +109,10 @@ async fn reload_applies_an_edited_file_reports_a_broken_one_and_the_socket_goes_
     // A file with an error of meaning: its place is printed, and `two` goes on serving.
     std::fs::write(
         &process.config,
-        moved.replace("[access_log]", "[upstreams.two.health_check]\nrise = 0\n[access_log]"),
+        moved.replace(
+            "[access_log]",
+            "[upstreams.two.health_check]\nrise = 0\n[access_log]",
+        ),
     )
     .unwrap();
     let out = fulcrum(&["reload"], &process.config, Path::new("/nonexistent")).await;
@@ -155,7 +157,12 @@ async fn the_default_socket_is_found_by_the_file_and_guards_it_against_a_second_
     let dir = run_dir(&first);
     let sockets = sockets_in(&dir);
     assert_eq!(sockets.len(), 1, "{sockets:?}");
-    let name = sockets[0].file_name().unwrap().to_str().unwrap().to_string();
+    let name = sockets[0]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(
         name.starts_with("fulcrum-") && name.ends_with(".sock") && name.len() == 29,
         "{name}"
@@ -201,7 +208,10 @@ async fn the_default_socket_is_found_by_the_file_and_guards_it_against_a_second_
             "{}",
             std::fs::read_to_string(&log).unwrap()
         );
-        assert!(Instant::now() < deadline, "the second process did not start");
+        assert!(
+            Instant::now() < deadline,
+            "the second process did not start"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let out = fulcrum(&["reload"], &first.config, &dir).await;
@@ -227,9 +237,16 @@ async fn reload_of_a_file_nothing_runs_with_says_so() {
     .unwrap();
     let out = fulcrum(&["reload"], &other, &dir.0).await;
     assert_eq!(out.code, 1, "{}", out.all());
-    let line = format!("no Fulcrum runs with {}: nothing answers on ", other.display());
+    let line = format!(
+        "no Fulcrum runs with {}: nothing answers on ",
+        other.display()
+    );
     assert!(out.stderr.contains(&line), "{}", out.all());
-    assert!(out.stderr.contains(&dir.0.display().to_string()), "{}", out.all());
+    assert!(
+        out.stderr.contains(&dir.0.display().to_string()),
+        "{}",
+        out.all()
+    );
 
     // A stale file (a socket nobody listens on) reads the same.
     let socket = config_socket(&other, &dir.0);
@@ -286,7 +303,12 @@ async fn post_api_reload_reloads_with_the_token_only() {
     assert_eq!(wrong.status(), 401);
     assert_eq!(answers(&process, 3).await, only("a", 3));
     assert_eq!(
-        http.get(&url).bearer_auth(TOKEN).send().await.unwrap().status(),
+        http.get(&url)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .status(),
         405
     );
 
@@ -297,7 +319,11 @@ async fn post_api_reload_reloads_with_the_token_only() {
     assert_eq!(answers(&process, 3).await, only("b", 3));
 
     // A bad file: 400 with the error's place, and the running config stays.
-    std::fs::write(&process.config, moved.replace("upstream = \"two\"", "upstream = \"three\"")).unwrap();
+    std::fs::write(
+        &process.config,
+        moved.replace("upstream = \"two\"", "upstream = \"three\""),
+    )
+    .unwrap();
     let bad = http.post(&url).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(bad.status(), 400);
     let body: serde_json::Value = serde_json::from_str(&bad.text().await.unwrap()).unwrap();
@@ -308,8 +334,7 @@ async fn post_api_reload_reloads_with_the_token_only() {
 
     // The config shows where the control socket is.
     let config: serde_json::Value =
-        serde_json::from_str(&get_text(&http, &format!("http://{addr}/api/config")).await)
-            .unwrap();
+        serde_json::from_str(&get_text(&http, &format!("http://{addr}/api/config")).await).unwrap();
     let socket = config["control"]["socket"].as_str().unwrap();
     assert_eq!(Path::new(socket), sockets_in(&run_dir(&process))[0]);
 }

@@ -199,7 +199,7 @@ mod tests {
         let error = super::super::parse("/etc/fulcrum/web.toml", &config(&long))
             .unwrap_err()
             .to_string();
-        assert!(error.contains("/etc/fulcrum/web.toml:7:10"), "{error}");
+        assert!(error.contains("/etc/fulcrum/web.toml:8:10"), "{error}");
         assert!(error.contains("at most 107"), "{error}");
         let error = super::super::parse(
             "/etc/fulcrum/web.toml",
@@ -214,7 +214,7 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(error.contains("/etc/fulcrum/web.toml:7:1"), "{error}");
+        assert!(error.contains("/etc/fulcrum/web.toml:8:1"), "{error}");
         assert!(
             super::super::parse("/etc/fulcrum/web.toml", &config(""))
                 .unwrap()

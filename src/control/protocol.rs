@@ -1,10 +1,11 @@
 //! What travels on the control socket: one request per connection as a line of JSON, and
 //! one reply line. JSON escapes line breaks inside strings, so a line is always one message.
+//! Fields a side does not know are ignored, so that a newer command may add optional ones.
 
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "request", rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(tag = "request", rename_all = "kebab-case")]
 pub enum Request {
     /// Read the config file again and apply it, as SIGHUP does.
     Reload,
@@ -18,7 +19,6 @@ pub enum Request {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Reply {
     pub ok: bool,
     /// What happened, or every reason it did not (config errors with file:line:col).
@@ -110,12 +110,16 @@ mod tests {
             decode_request(br#"{"request":"ha-switchover"}"#),
             Ok(Request::HaSwitchover)
         );
+        // A field of a newer command is left for it.
+        assert_eq!(
+            decode_request(br#"{"request":"reload","wait":true}"#),
+            Ok(Request::Reload)
+        );
         for bad in [
             &b""[..],
             b"reload",
             b"{\"request\":\"restart\"}",
             b"{\"request\":\"upgrade\"}",
-            b"{\"request\":\"reload\",\"force\":true}",
             b"\xff\xfe",
         ] {
             let error = decode_request(bad).unwrap_err();

@@ -193,10 +193,11 @@ impl Control {
         let now = std::fs::symlink_metadata(&self.path)
             .ok()
             .map(|m| (m.dev(), m.ino()));
-        if now.is_some() && now == self.identity {
-            if let Err(e) = std::fs::remove_file(&self.path) {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the control socket");
-            }
+        if now.is_some()
+            && now == self.identity
+            && let Err(e) = std::fs::remove_file(&self.path)
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the control socket");
         }
     }
 }
