@@ -430,3 +430,36 @@ async fn misbehaving_clients_get_an_error_or_a_close_and_others_are_still_answer
     let out = fulcrum(&["reload"], &process.config, &dir).await;
     assert_eq!(out.code, 0, "{}", out.all());
 }
+
+#[tokio::test]
+async fn upgrade_checks_the_file_itself_before_asking_the_process() {
+    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
+    let process = Process::start(&two_upstreams("one", ""), &[&a, &b]);
+    let dir = run_dir(&process);
+    let good = std::fs::read_to_string(&process.config).unwrap();
+    std::fs::write(
+        &process.config,
+        good.replace("upstream = \"one\"", "upstream = \"none\""),
+    )
+    .unwrap();
+    let out = fulcrum(&["upgrade"], &process.config, &dir).await;
+    assert_eq!(out.code, 1, "{}", out.all());
+    let place = format!("{}:4:12", process.config.display());
+    assert!(out.stderr.contains(&place), "{place} in {}", out.all());
+    assert!(
+        out.stderr.contains("not upgraded: fix the config first"),
+        "{}",
+        out.all()
+    );
+    // The process was not asked: its log has no request of any kind, and it serves on.
+    assert_eq!(answers(&process, 3).await, only("a", 3));
+    let log = process.stderr.lock().unwrap().clone();
+    assert!(!log.contains("upgrade"), "{log}");
+
+    // With nothing running, the command says so.
+    std::fs::write(&process.config, &good).unwrap();
+    let elsewhere = TempDir::new();
+    let out = fulcrum(&["upgrade"], &process.config, &elsewhere.0).await;
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.stderr.contains("nothing answers on"), "{}", out.all());
+}

@@ -42,14 +42,23 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
             path.display()
         )
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| cannot(&e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| cannot(&e))?;
+        }
+        // In a directory anyone may write to, anyone could put a socket of their own in
+        // this one's place for commands to talk to (/tmp's sticky bit prevents that).
+        let mode = std::fs::metadata(dir).map_err(|e| cannot(&e))?.mode();
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            return Err(cannot(&format_args!(
+                "its directory {} may be written by any user",
+                dir.display()
+            )));
+        }
     }
     let listener = match UnixListener::bind(path) {
         Ok(listener) => listener,
@@ -313,4 +322,44 @@ async fn write_reply(mut write: impl tokio::io::AsyncWrite + Unpin, reply: &Repl
         write.shutdown().await
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binding_makes_a_private_directory_and_keeps_off_what_is_not_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("run/web.sock");
+        let listener = bind(&socket).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&dir.path().join("run")), 0o700);
+        assert_eq!(mode(&socket), 0o600);
+
+        // A live socket is not taken over; a dead one is.
+        let error = bind(&socket).unwrap_err();
+        assert!(
+            error.contains("another Fulcrum runs with this config"),
+            "{error}"
+        );
+        drop(listener);
+        assert!(socket.exists());
+        drop(bind(&socket).unwrap());
+
+        // Something other than a socket at the path is left alone.
+        let file = dir.path().join("run/notes.sock");
+        std::fs::write(&file, "keep me").unwrap();
+        let error = bind(&file).unwrap_err();
+        assert!(error.contains("not a socket"), "{error}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let error = bind(&open.join("web.sock")).unwrap_err();
+        assert!(error.contains("may be written by any user"), "{error}");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        drop(bind(&open.join("web.sock")).unwrap());
+    }
 }
