@@ -1,7 +1,8 @@
 //! The admin listener: a small HTTP/1.1 server (hyper) on its own address, apart from the
 //! proxy's listeners, that shows the running state as JSON (`/api/status`, `/api/config`),
 //! serves Prometheus metrics (`/metrics`), and lets an operator drain, disable, enable or
-//! reweigh a server until the next reload, with a bearer token.
+//! reweigh a server until the next reload, or reload the config file (`/api/reload`), with a
+//! bearer token.
 //!
 //! It runs once per process on the caller's runtime, never on a worker: nothing it does
 //! touches the request path beyond reading the counters the workers keep.
