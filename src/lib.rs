@@ -28,6 +28,8 @@
 //! - [`server`]: binds the listeners, runs one event loop per worker thread, and shuts down
 //!   gracefully.
 //! - [`idle_timeout`]: closes connections on which nothing moves.
+//! - [`control`]: the control socket through which `fulcrum reload`, `fulcrum upgrade` and
+//!   `fulcrum ha switchover` reach the process started with a config file.
 //! - [`admin`]: the admin listener: JSON status and config, run-time server changes, and
 //!   Prometheus metrics.
 //! - [`logging`]: diagnostics to stderr, the access log to stdout.
@@ -39,6 +41,7 @@ pub mod admin;
 pub mod balance;
 pub mod cert;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod discovery;
 pub mod health;

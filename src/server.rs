@@ -9,7 +9,7 @@
 use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -27,6 +27,8 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
     /// Where the admin listener listens, if there is one.
     admin_addr: Option<SocketAddr>,
+    /// Where the admin API sends reload requests: see [`Server::send_reloads_to`].
+    control: Arc<OnceLock<crate::control::Requests>>,
 }
 
 /// A listener's sockets, one per worker, all bound to its address with `SO_REUSEPORT`: the
@@ -160,7 +162,7 @@ impl Server {
                 accept_loops: b.sockets.len(),
             })
             .collect();
-        let cx = crate::admin::Context::new(self.shared.clone(), listeners);
+        let cx = crate::admin::Context::new(self.shared.clone(), listeners, self.control.clone());
         crate::admin::spawn(socket, Arc::new(cx), self.shutdown.subscribe())
     }
 
@@ -204,6 +206,7 @@ impl Server {
                 connection_limits,
                 shutdown,
                 admin_addr,
+                control: Arc::default(),
             },
             bound,
             admin,
@@ -231,6 +234,11 @@ impl Server {
             inputs.overrides.clear();
             crate::discovery::dns::forget_unlisted(inputs);
         })
+    }
+
+    /// Has the admin API's `POST /api/reload` sent to `requests` (the run loop's), once.
+    pub fn send_reloads_to(&self, requests: crate::control::Requests) {
+        let _ = self.control.set(requests);
     }
 
     /// The snapshot new requests are served with now: upstreams, their servers and health.
@@ -305,6 +313,18 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
             "admin bind changed from {} to {}",
             show(admin_bind(old)),
             show(admin_bind(new))
+        ));
+    }
+    if old.control != new.control {
+        let show = |c: &Config| {
+            c.control
+                .as_ref()
+                .map_or("none".to_string(), |c| c.socket.display().to_string())
+        };
+        changed.push(format!(
+            "control socket changed from {} to {}",
+            show(old),
+            show(new)
         ));
     }
     if old.access_log.enabled != new.access_log.enabled

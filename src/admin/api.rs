@@ -568,7 +568,39 @@ pub fn config(c: &Config) -> Value {
             "token_file": a.token_file,
             "changes_allowed": a.token.is_some(),
         })),
+        "control": c.control.as_ref().map(|control| json!({ "socket": control.socket })),
     })
+}
+
+/// `POST /api/reload`: the config file read again and applied by the run loop, as SIGHUP
+/// and `fulcrum reload` have it done; 400 with every error when the file is not good.
+pub async fn reload(cx: &Context) -> Reply {
+    const STOPPING: &str = "Fulcrum is shutting down: the config was not reloaded";
+    let Some(requests) = cx.control.get() else {
+        return Reply::error(
+            StatusCode::CONFLICT,
+            "this Fulcrum was not started with a config file (the demo): there is nothing to reload",
+        );
+    };
+    let (reply_to, reply) = tokio::sync::oneshot::channel();
+    if requests
+        .send((crate::control::Request::Reload, reply_to))
+        .await
+        .is_err()
+    {
+        return Reply::error(StatusCode::SERVICE_UNAVAILABLE, STOPPING);
+    }
+    match reply.await {
+        Ok(reply) if reply.ok => Reply::json(
+            StatusCode::OK,
+            &json!({ "reloaded": true, "message": reply.message }),
+        ),
+        Ok(reply) => Reply::json(
+            StatusCode::BAD_REQUEST,
+            &json!({ "reloaded": false, "error": reply.message }),
+        ),
+        Err(_) => Reply::error(StatusCode::SERVICE_UNAVAILABLE, STOPPING),
+    }
 }
 
 /// An upstream's `health_check`; the keys of an HTTP check only on one.

@@ -1,7 +1,8 @@
 //! The admin listener: a small HTTP/1.1 server (hyper) on its own address, apart from the
 //! proxy's listeners, that shows the running state as JSON (`/api/status`, `/api/config`),
 //! serves Prometheus metrics (`/metrics`), and lets an operator drain, disable, enable or
-//! reweigh a server until the next reload, with a bearer token.
+//! reweigh a server until the next reload, or reload the config file (`/api/reload`), with a
+//! bearer token.
 //!
 //! It runs once per process on the caller's runtime, never on a worker: nothing it does
 //! touches the request path beyond reading the counters the workers keep.
@@ -13,7 +14,7 @@ mod metrics;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -50,6 +51,9 @@ pub struct Context {
     /// its open connections hold, with the number it started with.
     pub listeners: Vec<ListenerInfo>,
     recent: Mutex<RecentWindow>,
+    /// Where `POST /api/reload` goes: the run loop, which handles every reload. Set once
+    /// the run loop exists; unset in the demo, which has no file to reload.
+    control: Arc<OnceLock<crate::control::Requests>>,
 }
 
 pub struct ListenerInfo {
@@ -72,11 +76,16 @@ impl ListenerInfo {
 }
 
 impl Context {
-    pub fn new(shared: Arc<Shared>, listeners: Vec<ListenerInfo>) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        listeners: Vec<ListenerInfo>,
+        control: Arc<OnceLock<crate::control::Requests>>,
+    ) -> Self {
         Context {
             shared,
             listeners,
             recent: Mutex::new(RecentWindow::default()),
+            control,
         }
     }
 }
@@ -227,6 +236,15 @@ async fn route(cx: &Context, req: Request<Incoming>) -> Reply {
         }
         ["api", "config"] => {
             read_only(|cx| Reply::json(StatusCode::OK, &api::config(&cx.shared.load().config)))
+        }
+        ["api", "reload"] => {
+            if method != Method::POST {
+                return method_not_allowed("POST");
+            }
+            if let Err(refused) = authorize(cx, &req) {
+                return refused;
+            }
+            api::reload(cx).await
         }
         ["api", "upstreams", upstream, "servers", server, action] => {
             let change = match (*action, &method) {

@@ -2,6 +2,7 @@
 //! (validated). Errors carry the file, line and column of what is wrong.
 
 mod admin;
+pub mod control;
 mod dns;
 mod error;
 pub mod file;
@@ -38,7 +39,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::plain(&name, format!("cannot read config file: {e}")))?;
-    parse(&name, &text)
+    let mut config = parse(&name, &text)?;
+    if config.control.is_none() {
+        config.control = Some(ControlConfig {
+            socket: control::default_socket(path),
+        });
+    }
+    Ok(config)
 }
 
 /// Validates config `text`; `name` is what errors call the file.
@@ -299,6 +306,7 @@ impl Checker {
 
         let dns = self.dns(&file.dns);
         let admin = file.admin.map(|admin| self.admin(admin, &binds));
+        let control = file.control.and_then(|control| self.control(control));
 
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
         let workers = self.int(file.workers.as_ref(), "workers", 1, 1024, cores) as usize;
@@ -312,6 +320,7 @@ impl Checker {
             access_log,
             dns,
             admin: admin.flatten(),
+            control,
             warnings: Vec::new(),
         }
     }
