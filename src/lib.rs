@@ -27,6 +27,8 @@
 //! - [`discovery`]: servers given by host name, resolved by DNS and followed as it changes.
 //! - [`server`]: binds the listeners, runs one event loop per worker thread, and shuts down
 //!   gracefully.
+//! - [`ha`]: the active/standby group: heartbeats, election, reach checks, and the
+//!   virtual addresses the active node holds.
 //! - [`idle_timeout`]: closes connections on which nothing moves.
 //! - [`control`]: the control socket through which `fulcrum reload`, `fulcrum upgrade` and
 //!   `fulcrum ha switchover` reach the process started with a config file.
@@ -44,6 +46,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod discovery;
+pub mod ha;
 pub mod health;
 pub mod http;
 pub mod http1;

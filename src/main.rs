@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use fulcrum::config::{self, Config};
+use fulcrum::ha::cli::HaCommand;
 
 // Connections come and go with a few buffers each; mimalloc serves such churn with far
 // fewer instructions than glibc's allocator (measured: see bench/README.md). Built without
@@ -72,6 +73,11 @@ enum Command {
         #[arg(long, value_name = "ADDRESS")]
         admin: Option<SocketAddr>,
     },
+    /// The active/standby group ([ha]): this node's role, or a planned switchover.
+    Ha {
+        #[command(subcommand)]
+        command: HaCommand,
+    },
     /// Certificates for development: a local CA, certificates it signs, and inspection.
     Cert {
         #[command(subcommand)]
@@ -90,21 +96,6 @@ enum Command {
         #[arg(short, long, default_value = "fulcrum.toml")]
         config: PathBuf,
     },
-    /// High availability: act on this node of an active/standby pair.
-    Ha {
-        #[command(subcommand)]
-        command: HaCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum HaCommand {
-    /// Hand the active role to a peer in a planned way: this node stops taking new
-    /// connections, finishes what it has, then yields.
-    Switchover {
-        #[arg(short, long, default_value = "fulcrum.toml")]
-        config: PathBuf,
-    },
 }
 
 fn main() -> ExitCode {
@@ -118,6 +109,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Check { config } => check(&config),
             Command::Cert { command } => fulcrum::cert::cli::run(command),
+            Command::Ha {
+                command: HaCommand::Status { config, admin },
+            } => fulcrum::ha::cli::status(&config, admin).await,
             Command::Backend { listen, name } => backend(listen, name).await,
             Command::Status { config, admin } => status(&config, admin).await,
             Command::Reload { config } => reload_command(&config).await,
@@ -413,13 +407,7 @@ async fn handle_request(
                 }
             }
         }
-        Request::HaSwitchover => (
-            ha_switchover(server)
-                .await
-                .map(|()| "switched over".to_string())
-                .into(),
-            None,
-        ),
+        Request::HaSwitchover => (ha_switchover(server).await.into(), None),
         // The control socket answers these itself.
         Request::Status => (Reply::ok("running"), None),
     }
@@ -436,9 +424,14 @@ async fn upgrade(
     Err("binary upgrade is not available in this build".to_string())
 }
 
-/// Hands the active role of a high-availability pair to a peer.
-async fn ha_switchover(_server: &Server) -> Result<(), String> {
-    Err("high availability is not configured ([ha] section)".to_string())
+/// Hands the active role of a high-availability pair to a peer; returns once it holds it.
+async fn ha_switchover(server: &Server) -> Result<String, String> {
+    let Some(ha) = server.ha() else {
+        return Err("high availability is not configured ([ha] section)".to_string());
+    };
+    ha.switchover()
+        .await
+        .map(|peer| format!("switched over: {peer} is active"))
 }
 
 /// Reads the config file at `path` again and applies it if it is good: `Ok("reloaded")`,

@@ -29,6 +29,8 @@ pub struct Server {
     admin_addr: Option<SocketAddr>,
     /// Where the admin API sends reload requests: see [`Server::send_reloads_to`].
     control: Arc<OnceLock<crate::control::Requests>>,
+    /// This node of an active/standby group, with `[ha]`.
+    ha: Option<crate::ha::HaHandle>,
 }
 
 /// A listener's sockets, one per worker, all bound to its address with `SO_REUSEPORT`: the
@@ -43,7 +45,7 @@ impl Server {
     /// (tests, embedding). Fails without serving anything if a listener cannot be bound.
     pub async fn start(config: Config) -> io::Result<Server> {
         let within = config.timeouts.upstream_connect;
-        let (server, bound, admin) = Server::bind_all(config, 1)?;
+        let (mut server, bound, admin) = Server::bind_all(config, 1)?;
         let first_answers = server.start_process_tasks(admin, &bound)?;
         first_answers.wait(within).await;
         tokio::spawn(sweep_idle_connections(
@@ -69,7 +71,7 @@ impl Server {
     pub fn start_workers(config: Config) -> io::Result<Server> {
         let workers = config.workers;
         let within = config.timeouts.upstream_connect;
-        let (server, mut bound, admin) = Server::bind_all(config, workers)?;
+        let (mut server, mut bound, admin) = Server::bind_all(config, workers)?;
         let first_answers = server.start_process_tasks(admin, &bound)?;
         for worker in 0..workers {
             let mut listeners = Vec::new();
@@ -119,13 +121,21 @@ impl Server {
 
     /// Starts what runs once per process, on the caller's runtime, and shares its findings
     /// with every worker through the runtime it swaps in: the admin listener (on `admin`,
-    /// bound by `bind_all`), the certificate watcher, the health checks and the resolver of
-    /// servers given by name. Returns what tells when the resolver's first answers are in.
+    /// bound by `bind_all`), the certificate watcher, the health checks, the resolver of
+    /// servers given by name and, with `[ha]`, the node of the active/standby group.
+    /// Returns what tells when the resolver's first answers are in.
     fn start_process_tasks(
-        &self,
+        &mut self,
         admin: Option<std::net::TcpListener>,
         bound: &[Bound],
     ) -> io::Result<crate::discovery::dns::FirstAnswers> {
+        if let Some(ha) = &self.shared.load().config.ha {
+            self.ha = Some(crate::ha::start(
+                ha,
+                self.shared.clone(),
+                self.shutdown.subscribe(),
+            )?);
+        }
         self.start_admin(admin, bound)?;
         tokio::spawn(crate::tls::watch::watch_certificates(
             self.shared.clone(),
@@ -162,7 +172,9 @@ impl Server {
                 accept_loops: b.sockets.len(),
             })
             .collect();
-        let cx = crate::admin::Context::new(self.shared.clone(), listeners, self.control.clone());
+        let mut cx =
+            crate::admin::Context::new(self.shared.clone(), listeners, self.control.clone());
+        cx.ha = self.ha.clone();
         crate::admin::spawn(socket, Arc::new(cx), self.shutdown.subscribe())
     }
 
@@ -207,6 +219,7 @@ impl Server {
                 shutdown,
                 admin_addr,
                 control: Arc::default(),
+                ha: None,
             },
             bound,
             admin,
@@ -251,14 +264,24 @@ impl Server {
         self.admin_addr
     }
 
+    /// This node of the active/standby group, with `[ha]`.
+    pub fn ha(&self) -> Option<crate::ha::HaHandle> {
+        self.ha.clone()
+    }
+
     /// The addresses actually bound, in config order (useful with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
     }
 
     /// Stops accepting, asks every connection to finish its requests in flight and close,
-    /// and waits up to `grace`. Returns whether every connection closed in time.
+    /// and waits up to `grace`. Returns whether every connection closed in time. An active
+    /// HA node first hands its role over and takes the virtual addresses off, so the peer
+    /// serves new connections while these finish (see [`crate::ha::HaHandle::leave`]).
     pub async fn shutdown(self, grace: Duration) -> bool {
+        if let Some(ha) = &self.ha {
+            ha.leave(true).await;
+        }
         let _ = self.shutdown.send(true);
         let drained = async {
             for (limit, permits) in &self.connection_limits {
@@ -326,6 +349,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
             show(old),
             show(new)
         ));
+    }
+    if old.ha != new.ha {
+        changed.push("[ha] changed".to_string());
     }
     if old.access_log.enabled != new.access_log.enabled
         || old.access_log.format != new.access_log.format

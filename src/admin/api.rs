@@ -1,5 +1,6 @@
 //! The admin API's JSON: the running state (`/api/status`), the effective config
-//! (`/api/config`, secrets left out), and the run-time changes to a server, each made
+//! (`/api/config`, secrets left out), the run-time changes to a server, and the HA
+//! switchover, each made
 //! through `Shared::update` so that it lasts until the next reload.
 
 use std::collections::{HashMap, VecDeque};
@@ -267,8 +268,26 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
         "upstreams": upstreams,
         "fulcrum_answered": { "requests": answered.requests(), "errors": answered.errors() },
         "overrides": overrides,
+        "ha": cx.ha.as_ref().map(|ha| ha.status()),
         "note": NOTE,
     })
+}
+
+/// `POST /api/ha/switchover`: hands the active role to a peer; answers once one holds it.
+pub async fn switchover(cx: &Context) -> Reply {
+    let Some(ha) = &cx.ha else {
+        return Reply::error(
+            StatusCode::NOT_FOUND,
+            "this node is not in an HA group: the config has no [ha] section",
+        );
+    };
+    match ha.switchover().await {
+        Ok(peer) => Reply::json(
+            StatusCode::OK,
+            &json!({ "switched_over_to": peer, "ha": ha.status() }),
+        ),
+        Err(why) => Reply::error(StatusCode::CONFLICT, format!("no switchover: {why}")),
+    }
 }
 
 /// How a server changes at run time.
@@ -569,6 +588,22 @@ pub fn config(c: &Config) -> Value {
             "changes_allowed": a.token.is_some(),
         })),
         "control": c.control.as_ref().map(|control| json!({ "socket": control.socket })),
+        "ha": c.ha.as_ref().map(|h| json!({
+            "node": h.node,
+            "priority": h.priority,
+            "group": h.group,
+            "bind": h.bind,
+            "peers": h.peers,
+            "key_file": h.key_file,
+            "key": "(set, hidden)",
+            "interface": h.interface,
+            "virtual_addresses": h.virtual_addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "heartbeat_interval": duration(h.heartbeat_interval),
+            "dead_after": h.dead_after,
+            "preempt": h.preempt,
+            "reach": h.reach,
+            "reach_upstreams": h.reach_upstreams,
+        })),
     })
 }
 

@@ -48,6 +48,8 @@ struct Scrape {
     /// Requests Fulcrum answered itself without a server.
     answered: RequestTotals,
     dropped_log_lines: Option<u64>,
+    /// This node of the active/standby group, with `[ha]`.
+    ha: Option<crate::ha::HaStatus>,
 }
 
 #[derive(Debug)]
@@ -153,6 +155,7 @@ impl Scrape {
             upstreams,
             answered: rt.answers.totals(),
             dropped_log_lines: crate::logging::dropped_lines(),
+            ha: cx.ha.as_ref().map(|ha| ha.status()),
         }
     }
 
@@ -424,6 +427,53 @@ impl Scrape {
     }
 }
 
+impl Scrape {
+    /// The node's role, its peers, its changes of role and the heartbeats it dropped.
+    fn ha(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(ha) = &self.ha else { return Ok(()) };
+        let family = encoder.encode_descriptor(
+            "fulcrum_ha_active",
+            "1 while this node holds the group's virtual addresses, 0 otherwise",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(ha.role == "active")).encode(family)?;
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_ha_peer_up",
+            "1 while the peer's heartbeats arrive (heard within the dead time), by its configured address",
+            None,
+            MetricType::Gauge,
+        )?;
+        for peer in &ha.peers {
+            let address = peer.address.to_string();
+            gauge(
+                &mut family,
+                &[("peer", address.as_str())],
+                i64::from(peer.alive),
+            )?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_ha_transitions",
+            "Changes of this node's role, by the role taken and why",
+            None,
+            MetricType::Counter,
+        )?;
+        for t in &ha.transitions_by {
+            counter(&mut family, &[("to", t.to), ("reason", t.reason)], t.count)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_ha_heartbeats_dropped",
+            "Heartbeat datagrams dropped: malformed, unauthenticated (wrong key), of another group, from an address not in peers, replayed, or naming this node",
+            None,
+            MetricType::Counter,
+        )?;
+        for (&reason, &count) in &ha.heartbeats_dropped {
+            counter(&mut family, &[("reason", reason)], count)?;
+        }
+        Ok(())
+    }
+}
+
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         self.requests(&mut encoder)?;
@@ -444,6 +494,7 @@ impl Collector for Scrape {
         }
         self.servers(&mut encoder)?;
         self.resilience(&mut encoder)?;
+        self.ha(&mut encoder)?;
         // Only where the access log is written through `logging::init` (not in-process
         // embedding, which sets up its own logging).
         if let Some(dropped) = self.dropped_log_lines {

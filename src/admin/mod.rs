@@ -50,6 +50,8 @@ pub struct Context {
     /// Per listener, in config order: its bound address, and the semaphore whose permits
     /// its open connections hold, with the number it started with.
     pub listeners: Vec<ListenerInfo>,
+    /// This node of the active/standby group, with `[ha]`.
+    pub ha: Option<crate::ha::HaHandle>,
     recent: Mutex<RecentWindow>,
     /// Where `POST /api/reload` goes: the run loop, which handles every reload. Set once
     /// the run loop exists; unset in the demo, which has no file to reload.
@@ -84,6 +86,7 @@ impl Context {
         Context {
             shared,
             listeners,
+            ha: None,
             recent: Mutex::new(RecentWindow::default()),
             control,
         }
@@ -245,6 +248,15 @@ async fn route(cx: &Context, req: Request<Incoming>) -> Reply {
                 return refused;
             }
             api::reload(cx).await
+        }
+        ["api", "ha", "switchover"] => {
+            if method != Method::POST {
+                return method_not_allowed("POST");
+            }
+            if let Err(refused) = authorize(cx, &req) {
+                return refused;
+            }
+            api::switchover(cx).await
         }
         ["api", "upstreams", upstream, "servers", server, action] => {
             let change = match (*action, &method) {

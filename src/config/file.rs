@@ -29,6 +29,7 @@ pub struct File {
     pub dns: Dns,
     pub admin: Option<Spanned<Admin>>,
     pub control: Option<Spanned<Control>>,
+    pub ha: Option<Spanned<Ha>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,4 +214,23 @@ pub struct Admin {
 #[serde(deny_unknown_fields)]
 pub struct Control {
     pub socket: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ha {
+    pub node: Spanned<String>,
+    pub priority: Option<Spanned<i64>>,
+    pub group: Option<Spanned<i64>>,
+    pub bind: Spanned<String>,
+    pub peers: Spanned<Vec<Spanned<String>>>,
+    pub key_file: Spanned<String>,
+    pub interface: Spanned<String>,
+    pub virtual_addresses: Spanned<Vec<Spanned<String>>>,
+    pub heartbeat_interval: Option<Spanned<String>>,
+    pub dead_after: Option<Spanned<i64>>,
+    pub preempt: Option<bool>,
+    #[serde(default)]
+    pub reach: Vec<Spanned<String>>,
+    pub reach_upstreams: Option<bool>,
 }

@@ -6,6 +6,7 @@ pub mod control;
 mod dns;
 mod error;
 pub mod file;
+mod ha;
 mod health;
 pub mod model;
 mod resilience;
@@ -307,6 +308,7 @@ impl Checker {
         let dns = self.dns(&file.dns);
         let admin = file.admin.map(|admin| self.admin(admin, &binds));
         let control = file.control.and_then(|control| self.control(control));
+        let ha = file.ha.and_then(|ha| self.ha(ha, &upstreams));
 
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
         let workers = self.int(file.workers.as_ref(), "workers", 1, 1024, cores) as usize;
@@ -321,6 +323,7 @@ impl Checker {
             dns,
             admin: admin.flatten(),
             control,
+            ha,
             warnings: Vec::new(),
         }
     }

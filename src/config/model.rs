@@ -25,6 +25,8 @@ pub struct Config {
     /// or derived from the file's path by [`load`](crate::config::load); none for a config
     /// that is not from a file (the demo).
     pub control: Option<ControlConfig>,
+    /// This node's place in an active/standby group sharing virtual addresses, if any.
+    pub ha: Option<HaConfig>,
     /// Things that work but deserve a look (a certificate about to expire), each located
     /// and worded like an error.
     pub warnings: Vec<String>,
@@ -482,5 +484,80 @@ impl AdminToken {
 impl fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("AdminToken(..)")
+    }
+}
+
+/// The `[ha]` section: this node of an active/standby group, its peers, and the virtual
+/// addresses the active node holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaConfig {
+    /// This node's name, unique in the group.
+    pub node: String,
+    /// 1..=254; the highest eligible node should be active.
+    pub priority: u8,
+    /// Heartbeats of other groups are ignored (like a VRRP router id).
+    pub group: u8,
+    /// Where heartbeats are received and sent from (UDP).
+    pub bind: SocketAddr,
+    /// The other nodes' `bind` addresses; heartbeats from anywhere else are dropped.
+    pub peers: Vec<SocketAddr>,
+    /// The secret heartbeats are authenticated with, read from `key_file`.
+    pub key: HaKey,
+    pub key_file: PathBuf,
+    /// Where the virtual addresses go.
+    pub interface: String,
+    pub virtual_addresses: Vec<VirtualAddress>,
+    pub heartbeat_interval: Duration,
+    /// Heartbeats missed in a row after which a peer counts as gone.
+    pub dead_after: u32,
+    /// Whether a better node takes the role back from an active lesser one.
+    pub preempt: bool,
+    /// TCP targets of which one must answer for this node to hold the role; empty: none.
+    pub reach: Vec<SocketAddr>,
+    /// Whether holding the role also needs some upstream server up.
+    pub reach_upstreams: bool,
+}
+
+impl HaConfig {
+    /// How long a peer stays alive without a heartbeat.
+    pub fn dead_time(&self) -> Duration {
+        self.heartbeat_interval * self.dead_after
+    }
+}
+
+/// An address with its prefix length, as the interface carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VirtualAddress {
+    pub ip: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl fmt::Display for VirtualAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.ip, self.prefix)
+    }
+}
+
+/// The group's shared heartbeat key. Its `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HaKey(Arc<[u8]>);
+
+impl HaKey {
+    /// Shorter keys could be guessed by a stranger on the segment.
+    pub const MIN_BYTES: usize = 16;
+
+    /// `None` when `bytes` is too short.
+    pub fn new(bytes: &[u8]) -> Option<Self> {
+        (bytes.len() >= Self::MIN_BYTES).then(|| HaKey(bytes.into()))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for HaKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<hidden>")
     }
 }

@@ -1,0 +1,666 @@
+//! The balancer's own redundancy: nodes of an active/standby group exchange authenticated
+//! heartbeats over UDP, elect the node that holds the virtual addresses, and move them on
+//! failure, on preemption or on a planned switchover (no keepalived).
+//!
+//! - [`heartbeat`]: the datagram, its HMAC, and what a node accepts.
+//! - [`election`]: who should be active, a pure state machine.
+//! - [`reach`]: whether this node may hold the role (a gateway or upstreams answer).
+//! - [`address`]: the addresses on the interface (the OS side).
+//! - [`cli`]: `fulcrum ha status` and `fulcrum ha switchover`.
+//!
+//! The runner here ties them together on the process's main runtime: one task sends
+//! heartbeats every interval and at once on a change of role, receives the peers', and
+//! claims or releases the addresses as the election decides.
+
+pub mod address;
+pub mod cli;
+pub mod election;
+pub mod heartbeat;
+pub mod reach;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::HaConfig;
+use crate::runtime::Shared;
+use address::VirtualAddresses;
+use election::{Election, Peer, Reason, Role, Settings, Transition};
+use heartbeat::{Heartbeat, Inbox, Rejected, WireRole};
+
+/// How long to wait before trying again to open the interface. (Putting the addresses on
+/// or taking them off is tried again at every heartbeat tick: the role depends on it.)
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// Heartbeats are a few dozen bytes; anything longer is not one.
+const MAX_DATAGRAM: usize = 512;
+/// How often a failing send is logged at most.
+const SEND_WARNING_EVERY: Duration = Duration::from_secs(60);
+/// "Yielding" heartbeats a leaving node sends, back to back, so one lost datagram does not
+/// leave the peer waiting a dead time.
+const FAREWELLS: usize = 3;
+
+/// The running HA node: its state for the admin API, and the calls that change it.
+#[derive(Clone)]
+pub struct HaHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    commands: mpsc::Sender<Command>,
+    view: Mutex<View>,
+    dead_time: Duration,
+}
+
+enum Command {
+    Switchover(oneshot::Sender<Result<String, String>>),
+    Leave {
+        release: bool,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// What the runner last published, for [`HaHandle::status`].
+struct View {
+    node: String,
+    priority: u8,
+    group: u8,
+    virtual_addresses: Vec<String>,
+    role: Role,
+    wire_role: WireRole,
+    eligible: bool,
+    /// Per configured peer address, what was last heard from it.
+    peers: Vec<(SocketAddr, Option<Peer>)>,
+    last_change: Option<(SystemTime, Instant, Transition)>,
+    transitions: BTreeMap<(Role, Reason), u64>,
+    dropped: BTreeMap<Rejected, u64>,
+    /// The latest failure to open the interface or change its addresses, until one works.
+    error: Option<String>,
+    /// Whether the node has left the group (shutting down, or replaced by an upgrade).
+    left: bool,
+}
+
+/// `/api/status`'s `"ha"`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HaStatus {
+    pub node: String,
+    /// `active` or `backup`.
+    pub role: &'static str,
+    /// Active and handing the role over (a switchover in progress).
+    pub yielding: bool,
+    /// Whether this node passes its reach checks.
+    pub eligible: bool,
+    pub priority: u8,
+    pub group: u8,
+    pub virtual_addresses: Vec<String>,
+    pub peers: Vec<PeerStatus>,
+    pub last_change: Option<ChangeStatus>,
+    /// Changes of role since start.
+    pub transitions: u64,
+    pub transitions_by: Vec<TransitionCount>,
+    /// Datagrams dropped, by reason: `malformed`, `unauthenticated`, `other_group`,
+    /// `unknown_peer`, `replayed`, `own_name`.
+    pub heartbeats_dropped: BTreeMap<&'static str, u64>,
+    /// Why the addresses could not be changed, while that lasts.
+    pub error: Option<String>,
+    /// The node left the group (shutting down or handed to an upgraded process).
+    pub left: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// As configured in `peers`.
+    pub address: SocketAddr,
+    /// As its heartbeats say; `None` until heard.
+    pub name: Option<String>,
+    pub role: Option<WireRole>,
+    pub priority: Option<u8>,
+    pub eligible: Option<bool>,
+    /// Heard within the dead time.
+    pub alive: bool,
+    pub last_heard_ms_ago: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChangeStatus {
+    /// RFC 3339, UTC.
+    pub at: String,
+    pub ms_ago: u64,
+    pub from: &'static str,
+    pub to: &'static str,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TransitionCount {
+    pub to: &'static str,
+    pub reason: &'static str,
+    pub count: u64,
+}
+
+impl HaHandle {
+    /// Planned hand-over from the active node: returns once a peer holds the role (its
+    /// name), or why none does.
+    pub async fn switchover(&self) -> Result<String, String> {
+        let (reply, outcome) = oneshot::channel();
+        self.inner
+            .commands
+            .send(Command::Switchover(reply))
+            .await
+            .map_err(|_| "this node has left the group".to_string())?;
+        outcome
+            .await
+            .map_err(|_| "this node left the group during the switchover".to_string())?
+    }
+
+    /// Leaves the group: stops heartbeats and, with `release`, hands the role over (a last
+    /// "yielding" heartbeat, so the peer takes over at once) and takes the addresses off.
+    /// Without `release` (a binary upgrade), the addresses stay for the new process, which
+    /// finds them and starts active. Returns once done; later calls return at once.
+    pub async fn leave(&self, release: bool) {
+        let (done, finished) = oneshot::channel();
+        if self
+            .inner
+            .commands
+            .send(Command::Leave { release, done })
+            .await
+            .is_ok()
+        {
+            let _ = finished.await;
+        }
+    }
+
+    pub fn status(&self) -> HaStatus {
+        let view = lock(&self.inner.view);
+        let now = Instant::now();
+        let peers = view
+            .peers
+            .iter()
+            .map(|(address, peer)| PeerStatus {
+                address: *address,
+                name: peer.as_ref().map(|p| p.name.clone()),
+                role: peer.as_ref().map(|p| p.role),
+                priority: peer.as_ref().map(|p| p.priority),
+                eligible: peer.as_ref().map(|p| p.eligible),
+                alive: peer.as_ref().is_some_and(|p| {
+                    now.saturating_duration_since(p.last_heard) < self.inner.dead_time
+                }),
+                last_heard_ms_ago: peer
+                    .as_ref()
+                    .map(|p| now.saturating_duration_since(p.last_heard).as_millis() as u64),
+            })
+            .collect();
+        HaStatus {
+            node: view.node.clone(),
+            role: view.role.name(),
+            yielding: view.wire_role == WireRole::Yielding,
+            eligible: view.eligible,
+            priority: view.priority,
+            group: view.group,
+            virtual_addresses: view.virtual_addresses.clone(),
+            peers,
+            last_change: view.last_change.as_ref().map(|(at, when, t)| ChangeStatus {
+                at: humantime::format_rfc3339_millis(*at).to_string(),
+                ms_ago: now.saturating_duration_since(*when).as_millis() as u64,
+                from: t.from.name(),
+                to: t.to.name(),
+                reason: t.reason.name(),
+                detail: t.detail.clone(),
+            }),
+            transitions: view.transitions.values().sum(),
+            transitions_by: view
+                .transitions
+                .iter()
+                .map(|(&(to, reason), &count)| TransitionCount {
+                    to: to.name(),
+                    reason: reason.name(),
+                    count,
+                })
+                .collect(),
+            heartbeats_dropped: Rejected::ALL
+                .iter()
+                .map(|r| (r.name(), view.dropped.get(r).copied().unwrap_or(0)))
+                .collect(),
+            error: view.error.clone(),
+            left: view.left,
+        }
+    }
+}
+
+/// Binds the heartbeat socket (a taken address stops the start) and starts the runner on
+/// the current runtime.
+pub fn start(
+    config: &HaConfig,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<HaHandle> {
+    let socket = bind(config.bind).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("[ha] cannot bind {} for heartbeats: {e}", config.bind),
+        )
+    })?;
+    let (commands, received) = mpsc::channel(16);
+    let inner = Arc::new(Inner {
+        commands,
+        dead_time: config.dead_time(),
+        view: Mutex::new(View {
+            node: config.node.clone(),
+            priority: config.priority,
+            group: config.group,
+            virtual_addresses: config
+                .virtual_addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            role: Role::Backup,
+            wire_role: WireRole::Backup,
+            eligible: false,
+            peers: config.peers.iter().map(|&a| (a, None)).collect(),
+            last_change: None,
+            transitions: BTreeMap::new(),
+            dropped: BTreeMap::new(),
+            error: None,
+            left: false,
+        }),
+    });
+    tracing::info!(
+        node = %config.node,
+        priority = config.priority,
+        group = config.group,
+        bind = %config.bind,
+        peers = ?config.peers,
+        interface = %config.interface,
+        "HA: joining the group"
+    );
+    let runner = Runner {
+        config: config.clone(),
+        socket,
+        inbox: Inbox::new(
+            heartbeat::key(config.key.bytes()),
+            config.group,
+            &config.node,
+            &config.peers,
+        ),
+        key: heartbeat::key(config.key.bytes()),
+        sequence: wall_clock_micros(),
+        inner: inner.clone(),
+        last_send_warning: None,
+        unapplied: None,
+    };
+    tokio::spawn(runner.run(received, shared, shutdown));
+    Ok(HaHandle { inner })
+}
+
+/// A UDP socket on `addr` with `SO_REUSEPORT`, so that a process started by a binary
+/// upgrade can bind it while this one still holds it.
+fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Sequence numbers start here, so that a restarted node's are greater than any it sent
+/// before (one a heartbeat is far slower than one a microsecond).
+fn wall_clock_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+}
+
+struct Runner {
+    config: HaConfig,
+    socket: UdpSocket,
+    inbox: Inbox,
+    key: aws_lc_rs::hmac::Key,
+    /// The last sequence number sent.
+    sequence: u64,
+    inner: Arc<Inner>,
+    last_send_warning: Option<Instant>,
+    /// The role whose addresses could not be put on (or taken off) yet, to try again.
+    unapplied: Option<Role>,
+}
+
+impl Runner {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        shared: Arc<Shared>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let Some(addresses) = self.open(&mut commands, &mut shutdown).await else {
+            return;
+        };
+        let held = match addresses.held().await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "HA: cannot tell whether the virtual addresses are here; starting as backup");
+                false
+            }
+        };
+        let checks = !self.config.reach.is_empty() || self.config.reach_upstreams;
+        // Until its first round, a node that already holds the addresses trusts the
+        // process it replaces; any other starts ineligible, to claim nothing unchecked.
+        let (verdict, mut eligibility) = watch::channel(held || !checks);
+        tokio::spawn(reach::run(
+            self.config.clone(),
+            shared,
+            verdict,
+            shutdown.clone(),
+        ));
+        let settings = Settings {
+            node: self.config.node.clone(),
+            priority: self.config.priority,
+            preempt: self.config.preempt,
+            dead_time: self.config.dead_time(),
+        };
+        let (mut election, started) =
+            Election::new(settings, *eligibility.borrow(), held, Instant::now());
+        match started {
+            Some(t) => self.apply(t, &addresses, &election).await,
+            None => self.publish(&election),
+        }
+        if !held {
+            // What an earlier process that was killed left behind is not ours to hold.
+            self.set_addresses(Role::Backup, &addresses).await;
+        }
+        let mut tick = tokio::time::interval(self.config.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut waiting: Vec<oneshot::Sender<Result<String, String>>> = Vec::new();
+        let mut watching = true;
+        let mut buf = [0u8; MAX_DATAGRAM];
+        loop {
+            let mut send_now = false;
+            let deadline = election.next_deadline(Instant::now());
+            let step = tokio::select! {
+                biased;
+                _ = crate::server::stopping(&mut shutdown) => {
+                    self.leave(true, &mut election, &addresses).await;
+                    break;
+                }
+                command = commands.recv() => match command {
+                    Some(Command::Switchover(reply)) => {
+                        match election.start_switchover(Instant::now()) {
+                            Ok(()) => {
+                                tracing::info!("HA: switchover asked: yielding the role");
+                                waiting.push(reply);
+                                send_now = true;
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                            }
+                        }
+                        None
+                    }
+                    Some(Command::Leave { release, done }) => {
+                        self.leave(release, &mut election, &addresses).await;
+                        let _ = done.send(());
+                        break;
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    if let Some(role) = self.unapplied {
+                        self.set_addresses(role, &addresses).await;
+                    }
+                    send_now = true;
+                    election.tick(Instant::now())
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    election.tick(Instant::now())
+                }
+                received = self.socket.recv_from(&mut buf) => match received {
+                    Ok((len, from)) => {
+                        let now = Instant::now();
+                        match self.inbox.accept(from, &buf[..len], now) {
+                            Ok(hb) => election.heard(from, &hb, now),
+                            Err(_) => None,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "HA: heartbeat receive failed");
+                        None
+                    }
+                },
+                changed = eligibility.changed(), if watching => match changed {
+                    Ok(()) => {
+                        let eligible = *eligibility.borrow_and_update();
+                        election.set_eligible(eligible, Instant::now())
+                    }
+                    Err(_) => {
+                        watching = false;
+                        None
+                    }
+                },
+            };
+            if let Some(t) = step {
+                // `apply` heartbeats at once itself.
+                self.apply(t, &addresses, &election).await;
+            } else if send_now {
+                self.send(election.wire_role(), election.eligible()).await;
+            }
+            if election.take_reannounce() {
+                tracing::info!(
+                    "HA: an active peer stepped down: announcing the virtual addresses again"
+                );
+                self.set_addresses(Role::Active, &addresses).await;
+            }
+            if let Some(outcome) = election.take_switchover_outcome() {
+                for reply in waiting.drain(..) {
+                    let _ = reply.send(outcome.clone());
+                }
+            }
+            self.publish(&election);
+        }
+        for reply in waiting.drain(..) {
+            let _ = reply.send(Err("this node left the group".into()));
+        }
+        self.publish(&election);
+        lock(&self.inner.view).left = true;
+        // The socket goes now: with SO_REUSEPORT, a socket kept open would take its share
+        // of the peers' heartbeats from the process that took over.
+        drop(self);
+        // Calls to leave after this one return at once.
+        commands.close();
+        while let Some(command) = commands.recv().await {
+            if let Command::Leave { done, .. } = command {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Opens the interface, trying again every second until it works or the node leaves.
+    async fn open(
+        &mut self,
+        commands: &mut mpsc::Receiver<Command>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<VirtualAddresses> {
+        loop {
+            match VirtualAddresses::open(&self.config.interface, &self.config.virtual_addresses)
+                .await
+            {
+                Ok(addresses) => {
+                    lock(&self.inner.view).error = None;
+                    return Some(addresses);
+                }
+                Err(e) => {
+                    let error = format!("interface `{}`: {e}", self.config.interface);
+                    let mut view = lock(&self.inner.view);
+                    if view.error.as_ref() != Some(&error) {
+                        tracing::error!(
+                            "HA: {error}; this node stays out of the group until it can hold the addresses"
+                        );
+                    }
+                    view.error = Some(error);
+                }
+            }
+            tokio::select! {
+                _ = crate::server::stopping(shutdown) => return None,
+                command = commands.recv() => match command {
+                    Some(Command::Switchover(reply)) => {
+                        let _ = reply.send(Err("this node cannot open its interface".into()));
+                    }
+                    Some(Command::Leave { done, .. }) => {
+                        let _ = done.send(());
+                        return None;
+                    }
+                    None => return None,
+                },
+                _ = tokio::time::sleep(RETRY_EVERY) => {}
+            }
+        }
+    }
+
+    /// Acts on a change of role: the addresses first (a new active node claims before
+    /// anything else), then a heartbeat at once, then the log line and the record.
+    async fn apply(&mut self, t: Transition, addresses: &VirtualAddresses, election: &Election) {
+        self.set_addresses(t.to, addresses).await;
+        self.send(election.wire_role(), election.eligible()).await;
+        let (from, to, reason) = (t.from.name(), t.to.name(), t.reason.name());
+        match t.reason {
+            Reason::PeerDead | Reason::LostReach | Reason::DualActive => {
+                tracing::warn!(from, to, reason, detail = %t.detail, "HA: role changed")
+            }
+            _ => tracing::info!(from, to, reason, detail = %t.detail, "HA: role changed"),
+        }
+        self.record(t, election);
+    }
+
+    /// Shows `t` and the state it left in the status, at once.
+    fn record(&self, t: Transition, election: &Election) {
+        let mut view = lock(&self.inner.view);
+        *view.transitions.entry((t.to, t.reason)).or_default() += 1;
+        view.last_change = Some((SystemTime::now(), Instant::now(), t));
+        self.publish_into(&mut view, election);
+    }
+
+    /// Puts the addresses on (active) or takes them off (backup); on failure, remembers
+    /// to try again at the next tick.
+    async fn set_addresses(&mut self, role: Role, addresses: &VirtualAddresses) {
+        let result = match role {
+            Role::Active => addresses.claim().await,
+            Role::Backup => addresses.release().await,
+        };
+        let mut view = lock(&self.inner.view);
+        match result {
+            Ok(()) => {
+                self.unapplied = None;
+                view.error = None;
+            }
+            Err(e) => {
+                let what = match role {
+                    Role::Active => "put the virtual addresses on",
+                    Role::Backup => "take the virtual addresses off",
+                };
+                let error = format!("cannot {what} `{}`: {e}", self.config.interface);
+                if view.error.as_ref() != Some(&error) {
+                    tracing::error!("HA: {error}; trying again");
+                }
+                view.error = Some(error);
+                self.unapplied = Some(role);
+            }
+        }
+    }
+
+    async fn leave(
+        &mut self,
+        release: bool,
+        election: &mut Election,
+        addresses: &VirtualAddresses,
+    ) {
+        if !release {
+            tracing::info!(
+                "HA: leaving the group, the virtual addresses left for the process that takes over"
+            );
+            return;
+        }
+        if election.role() == Role::Active {
+            for _ in 0..FAREWELLS {
+                self.send(WireRole::Yielding, election.eligible()).await;
+            }
+        }
+        if let Some(t) = election.leave() {
+            self.set_addresses(Role::Backup, addresses).await;
+            tracing::info!(
+                from = t.from.name(),
+                to = t.to.name(),
+                reason = t.reason.name(),
+                detail = %t.detail,
+                "HA: role changed"
+            );
+            self.record(t, election);
+        }
+        tracing::info!("HA: left the group");
+    }
+
+    /// One heartbeat to every peer.
+    async fn send(&mut self, role: WireRole, eligible: bool) {
+        self.sequence += 1;
+        let bytes = Heartbeat {
+            group: self.config.group,
+            node: self.config.node.clone(),
+            priority: self.config.priority,
+            role,
+            eligible,
+            sequence: self.sequence,
+        }
+        .encode(&self.key);
+        for &peer in &self.config.peers {
+            if let Err(e) = self.socket.send_to(&bytes, peer).await {
+                let now = Instant::now();
+                let due = self
+                    .last_send_warning
+                    .is_none_or(|at| now.duration_since(at) >= SEND_WARNING_EVERY);
+                if due {
+                    self.last_send_warning = Some(now);
+                    tracing::warn!(%peer, error = %e, "HA: cannot send a heartbeat (further failures are not logged for a minute)");
+                }
+            }
+        }
+    }
+
+    fn publish(&self, election: &Election) {
+        self.publish_into(&mut lock(&self.inner.view), election);
+    }
+
+    fn publish_into(&self, view: &mut View, election: &Election) {
+        view.role = election.role();
+        view.wire_role = election.wire_role();
+        view.eligible = election.eligible();
+        for (addr, slot) in view.peers.iter_mut() {
+            if let Some(peer) = election.peers().iter().find(|p| p.addr == *addr) {
+                *slot = Some(peer.clone());
+            }
+        }
+        view.dropped = self
+            .inbox
+            .dropped
+            .iter()
+            .map(|(&r, &count)| (r, count))
+            .collect();
+    }
+}
+
+/// Sleeps until `deadline` (forever without one).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

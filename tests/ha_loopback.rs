@@ -1,0 +1,626 @@
+//! Two real `fulcrum` processes forming an HA group on loopback: heartbeats over
+//! 127.0.0.1, virtual addresses 127.77.T.N/32 on `lo` (each node its own, so that the
+//! addresses show which node holds the role; T is unique per test). Needs root, as CI and
+//! the namespace tests do. The roles are read from each node's `/api/status`.
+
+mod support;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Process, TempDir, unused_addr};
+
+const INTERVAL_MS: u64 = 100;
+const DEAD_AFTER: u32 = 3;
+/// How long a change may take beyond the dead time on a busy machine.
+const SLACK: Duration = Duration::from_secs(3);
+const KEY: &str = "loopback-test-key-0123456789";
+const TOKEN: &str = "loopback-test-admin-token-0123456789";
+
+fn dead_time() -> Duration {
+    Duration::from_millis(INTERVAL_MS) * DEAD_AFTER
+}
+
+/// Virtual addresses of one test, taken off `lo` when it ends, however it ends.
+struct Addresses(Vec<String>);
+
+impl Addresses {
+    fn new(test: u8) -> Addresses {
+        let all = Addresses((1..=2).map(|n| format!("127.77.{test}.{n}/32")).collect());
+        all.remove_all();
+        all
+    }
+
+    fn of(&self, node: usize) -> &str {
+        &self.0[node]
+    }
+
+    fn on_lo(&self, node: usize) -> bool {
+        let out = std::process::Command::new("ip")
+            .args(["-o", "addr", "show", "dev", "lo"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .any(|w| w == self.of(node))
+    }
+
+    fn remove(&self, node: usize) {
+        let _ = std::process::Command::new("ip")
+            .args(["addr", "del", self.of(node), "dev", "lo"])
+            .output();
+    }
+
+    fn add(&self, node: usize) {
+        let ok = std::process::Command::new("ip")
+            .args(["addr", "add", self.of(node), "dev", "lo"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip addr add {} dev lo", self.of(node));
+    }
+
+    fn remove_all(&self) {
+        for node in 0..self.0.len() {
+            self.remove(node);
+        }
+    }
+}
+
+impl Drop for Addresses {
+    fn drop(&mut self) {
+        self.remove_all();
+    }
+}
+
+/// A free UDP port on 127.0.0.1.
+fn udp_addr() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The key and admin token files, shared by the nodes of a test.
+struct Secrets {
+    dir: TempDir,
+}
+
+impl Secrets {
+    fn new() -> Secrets {
+        let dir = TempDir::new();
+        std::fs::write(dir.0.join("ha.key"), KEY).unwrap();
+        std::fs::write(dir.0.join("admin.token"), TOKEN).unwrap();
+        Secrets { dir }
+    }
+}
+
+struct NodeSpec {
+    name: &'static str,
+    priority: u8,
+    preempt: bool,
+    bind: SocketAddr,
+    peers: Vec<SocketAddr>,
+    address: String,
+    /// The upstream's one server.
+    server: SocketAddr,
+    /// TOML added at the end of the file, inside `[ha]`; then `[upstreams.app.*]` tables.
+    extra: String,
+}
+
+impl NodeSpec {
+    fn new(name: &'static str, priority: u8, preempt: bool, address: &str) -> NodeSpec {
+        NodeSpec {
+            name,
+            priority,
+            preempt,
+            bind: udp_addr(),
+            peers: vec![udp_addr()],
+            address: address.to_string(),
+            server: unused_addr(),
+            extra: String::new(),
+        }
+    }
+}
+
+fn config(spec: &NodeSpec, secrets: &Secrets) -> String {
+    let peers: Vec<String> = spec.peers.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"app\"\n\
+         [upstreams.app]\nservers = [{{ address = \"{server}\" }}]\n\
+         [admin]\nbind = \"127.0.0.1:0\"\ntoken_file = \"{dir}/admin.token\"\n\
+         [ha]\nnode = \"{name}\"\npriority = {priority}\ngroup = 7\nbind = \"{bind}\"\n\
+         peers = [{peers}]\nkey_file = \"{dir}/ha.key\"\ninterface = \"lo\"\n\
+         virtual_addresses = [\"{address}\"]\nheartbeat_interval = \"{INTERVAL_MS}ms\"\n\
+         dead_after = {DEAD_AFTER}\npreempt = {preempt}\n{extra}\n",
+        server = spec.server,
+        extra = spec.extra,
+        dir = secrets.dir.0.display(),
+        name = spec.name,
+        priority = spec.priority,
+        bind = spec.bind,
+        peers = peers.join(", "),
+        address = spec.address,
+        preempt = spec.preempt,
+    )
+}
+
+struct Node {
+    process: Process,
+    admin: SocketAddr,
+}
+
+impl Node {
+    async fn start(spec: &NodeSpec, secrets: &Secrets) -> Node {
+        let process = Process::start(&config(spec, secrets), &[]);
+        let line = process.log_from("admin listener").await;
+        let admin = line
+            .lines()
+            .next()
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no admin address in {line}"));
+        Node { process, admin }
+    }
+
+    /// The node's `/api/status` `ha`, once its admin listener answers (it binds after the
+    /// listener whose log line `Process::start` waits for).
+    async fn status(&self) -> Value {
+        let url = format!("http://{}/api/status", self.admin);
+        let deadline = Instant::now() + SLACK;
+        loop {
+            match support::client().get(&url).send().await {
+                Ok(response) => {
+                    let status: Value =
+                        serde_json::from_str(&response.text().await.unwrap()).unwrap();
+                    return status["ha"].clone();
+                }
+                Err(e) => assert!(Instant::now() < deadline, "{url}: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn role(&self) -> String {
+        self.status().await["role"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until the node's role is `role`; returns its status then and how long it took.
+    async fn wait_for(&self, role: &str, within: Duration) -> (Value, Duration) {
+        let start = Instant::now();
+        loop {
+            let status = self.status().await;
+            if status["role"] == role {
+                return (status, start.elapsed());
+            }
+            assert!(
+                start.elapsed() < within,
+                "not {role} within {within:?}: {status:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the node hears `peer` (its first peer), then a few dead times more, so
+    /// that whatever it decides from hearing it is decided; returns its status then.
+    async fn settled_hearing(&self, peer: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let status = self.status().await;
+            if status["peers"][0]["name"] == peer && status["peers"][0]["alive"] == true {
+                break;
+            }
+            assert!(start.elapsed() < SLACK, "{peer} not heard: {status:#}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(dead_time() * 3).await;
+        self.status().await
+    }
+
+    /// Runs `fulcrum ARGS -c CONFIG` against this node, as an operator on it would: its
+    /// control socket is found from the config (in the directory `Process` gives it).
+    fn fulcrum(&self, args: &[&str]) -> std::process::Output {
+        support::binary()
+            .args(args)
+            .arg("-c")
+            .arg(&self.process.config)
+            .env("FULCRUM_RUN_DIR", self.process.config.parent().unwrap())
+            .output()
+            .unwrap()
+    }
+
+    async fn switchover(&self, token: Option<&str>) -> (u16, Value) {
+        let mut request =
+            support::client().post(format!("http://{}/api/ha/switchover", self.admin));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            serde_json::from_str(&response.text().await.unwrap()).unwrap(),
+        )
+    }
+}
+
+/// Two nodes: "lb1" (priority 200) and "lb2" (priority 100), lb1 started first and active.
+async fn pair(test: u8, preempt: bool) -> (Addresses, Secrets, [NodeSpec; 2], Node, Node) {
+    let addresses = Addresses::new(test);
+    let secrets = Secrets::new();
+    let (bind1, bind2) = (udp_addr(), udp_addr());
+    let mut specs = [
+        NodeSpec::new("lb1", 200, preempt, addresses.of(0)),
+        NodeSpec::new("lb2", 100, preempt, addresses.of(1)),
+    ];
+    (specs[0].bind, specs[1].bind) = (bind1, bind2);
+    (specs[0].peers, specs[1].peers) = (vec![bind2], vec![bind1]);
+    let lb1 = Node::start(&specs[0], &secrets).await;
+    let (status, _) = lb1.wait_for("active", dead_time() + SLACK).await;
+    assert_eq!(status["last_change"]["reason"], "startup", "{status:#}");
+    assert!(addresses.on_lo(0));
+    let lb2 = Node::start(&specs[1], &secrets).await;
+    // lb2 listens for a dead time, hears lb1 active, and stays backup.
+    let status = lb2.settled_hearing("lb1").await;
+    assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["peers"][0]["alive"], true, "{status:#}");
+    assert!(!addresses.on_lo(1));
+    (addresses, secrets, specs, lb1, lb2)
+}
+
+/// Kills lb1 (SIGKILL: nothing released, nothing said), as a host dies; its address goes
+/// with it. lb2 must take over within the dead time.
+async fn kill_lb1(addresses: &Addresses, lb1: Node, lb2: &Node) {
+    drop(lb1.process);
+    let killed = Instant::now();
+    addresses.remove(0);
+    let (status, _) = lb2.wait_for("active", dead_time() + SLACK).await;
+    let took = killed.elapsed();
+    eprintln!(
+        "lb2 active {took:?} after lb1 was killed (dead time {:?})",
+        dead_time()
+    );
+    assert_eq!(status["last_change"]["reason"], "peer_dead", "{status:#}");
+    assert!(addresses.on_lo(1));
+}
+
+#[tokio::test]
+async fn the_backup_takes_over_from_a_dead_active_and_the_better_node_preempts_on_return() {
+    let (addresses, secrets, specs, lb1, lb2) = pair(1, true).await;
+    kill_lb1(&addresses, lb1, &lb2).await;
+
+    let lb1 = Node::start(&specs[0], &secrets).await;
+    let (status, _) = lb1.wait_for("active", dead_time() + SLACK).await;
+    assert_eq!(status["last_change"]["reason"], "preempted", "{status:#}");
+    let (status, _) = lb2.wait_for("backup", SLACK).await;
+    assert_eq!(status["last_change"]["reason"], "preempted", "{status:#}");
+    assert!(addresses.on_lo(0));
+    assert!(!addresses.on_lo(1), "lb2 released its address");
+
+    let metrics =
+        support::get_text(&support::client(), &format!("http://{}/metrics", lb2.admin)).await;
+    for line in [
+        "fulcrum_ha_active 0",
+        "fulcrum_ha_transitions_total{to=\"active\",reason=\"peer_dead\"} 1",
+        "fulcrum_ha_transitions_total{to=\"backup\",reason=\"preempted\"} 1",
+    ] {
+        assert!(metrics.contains(line), "no {line} in:\n{metrics}");
+    }
+    assert!(
+        metrics.contains(&format!(
+            "fulcrum_ha_peer_up{{peer=\"{}\"}} 1",
+            specs[0].bind
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn without_preemption_the_returning_better_node_stays_backup() {
+    let (addresses, secrets, specs, lb1, lb2) = pair(2, false).await;
+    kill_lb1(&addresses, lb1, &lb2).await;
+
+    let lb1 = Node::start(&specs[0], &secrets).await;
+    let status = lb1.settled_hearing("lb2").await;
+    assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["peers"][0]["role"], "active", "{status:#}");
+    assert_eq!(lb2.role().await, "active");
+    assert!(!addresses.on_lo(0));
+    assert!(addresses.on_lo(1));
+}
+
+#[tokio::test]
+async fn a_planned_switchover_moves_the_role_and_a_stopping_node_hands_it_back_at_once() {
+    let (addresses, _secrets, _specs, lb1, lb2) = pair(3, true).await;
+
+    let (code, body) = lb1.switchover(None).await;
+    assert_eq!(code, 401, "{body:#}");
+    let (code, body) = lb2.switchover(Some(TOKEN)).await;
+    assert_eq!(code, 409, "a backup has nothing to hand over: {body:#}");
+
+    // As an operator would: `fulcrum ha switchover`, through the control socket.
+    let out = lb1.fulcrum(&["ha", "switchover"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(": switched over: lb2 is active\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("lb1 (127.77.3.1/32, priority 200): backup"),
+        "{stdout}"
+    );
+    let status = lb1.status().await;
+    assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["last_change"]["reason"], "switchover", "{status:#}");
+    let status = lb2.status().await;
+    assert_eq!(status["role"], "active", "{status:#}");
+    assert_eq!(
+        status["last_change"]["reason"], "peer_yielded",
+        "{status:#}"
+    );
+    assert!(!addresses.on_lo(0));
+    assert!(addresses.on_lo(1));
+
+    // lb1 ranks higher and preempts, but it handed the role over: it leaves it there.
+    tokio::time::sleep(dead_time() * 5).await;
+    assert_eq!(lb1.role().await, "backup");
+    assert_eq!(lb2.role().await, "active");
+    let out = lb2.fulcrum(&["ha", "status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.starts_with("lb2 (127.77.3.2/32, priority 100): active\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("  peer lb1 127.0.0.1:"), "{stdout}");
+    assert!(
+        stdout.contains(": backup (priority 200), heard "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  last change: backup -> active (peer_yielded) at "),
+        "{stdout}"
+    );
+
+    // SIGTERM: lb2 says it yields as it leaves, so lb1 takes over without waiting a dead
+    // time, and lb2 takes its address off.
+    lb2.process.signal("TERM");
+    let (status, took) = lb1.wait_for("active", SLACK).await;
+    eprintln!("lb1 active {took:?} after lb2 got SIGTERM");
+    assert_eq!(
+        status["last_change"]["reason"], "peer_yielded",
+        "{status:#}"
+    );
+    let deadline = Instant::now() + SLACK;
+    while addresses.on_lo(1) {
+        assert!(Instant::now() < deadline, "lb2 kept its address");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(addresses.on_lo(0));
+}
+
+#[tokio::test]
+async fn a_heartbeat_without_the_key_is_ignored_and_counted() {
+    let addresses = Addresses::new(4);
+    let secrets = Secrets::new();
+    // The only peer is this test's socket: what it sends decides nothing unless accepted.
+    let forger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    spec.peers = vec![forger.local_addr().unwrap()];
+    let lb1 = Node::start(&spec, &secrets).await;
+    lb1.wait_for("active", dead_time() + SLACK).await;
+
+    let claim = |sequence| fulcrum::ha::heartbeat::Heartbeat {
+        group: 7,
+        node: "intruder".into(),
+        priority: 254,
+        role: fulcrum::ha::heartbeat::WireRole::Active,
+        eligible: true,
+        sequence,
+    };
+    let wrong_key = fulcrum::ha::heartbeat::key(b"not-the-group-key-at-all");
+    for sequence in 1..=5 {
+        forger
+            .send_to(&claim(sequence).encode(&wrong_key), spec.bind)
+            .unwrap();
+    }
+    // From an address not in peers, even with the right key.
+    let right_key = fulcrum::ha::heartbeat::key(KEY.as_bytes());
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .send_to(&claim(6).encode(&right_key), spec.bind)
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        let status = lb1.status().await;
+        let dropped = &status["heartbeats_dropped"];
+        if dropped["unauthenticated"] == 5 && dropped["unknown_peer"] == 1 {
+            break status;
+        }
+        assert!(start.elapsed() < SLACK, "not all dropped: {status:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status["role"], "active", "{status:#}");
+    assert_eq!(
+        status["heartbeats_dropped"]["unknown_peer"], 1,
+        "{status:#}"
+    );
+    assert!(addresses.on_lo(0));
+    let metrics =
+        support::get_text(&support::client(), &format!("http://{}/metrics", lb1.admin)).await;
+    assert!(
+        metrics.contains("fulcrum_ha_heartbeats_dropped_total{reason=\"unauthenticated\"} 5"),
+        "{metrics}"
+    );
+    let shown = support::get_text(
+        &support::client(),
+        &format!("http://{}/api/config", lb1.admin),
+    )
+    .await;
+    let config: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(config["ha"]["node"], "lb1", "{shown}");
+    assert_eq!(config["ha"]["key"], "(set, hidden)", "{shown}");
+    assert!(!shown.contains(KEY), "the key is shown: {shown}");
+
+    // The same claim with the key, from the peer's address, is believed: a better active
+    // node, so lb1 steps down and takes its address off.
+    forger
+        .send_to(&claim(7).encode(&right_key), spec.bind)
+        .unwrap();
+    let (status, _) = lb1.wait_for("backup", SLACK).await;
+    assert_eq!(status["last_change"]["reason"], "dual_active", "{status:#}");
+    assert!(!addresses.on_lo(0));
+}
+
+#[tokio::test]
+async fn a_node_finding_its_address_on_the_interface_starts_active_at_once() {
+    let addresses = Addresses::new(5);
+    let secrets = Secrets::new();
+    addresses.add(0);
+    let spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    let lb1 = Node::start(&spec, &secrets).await;
+    let (status, _) = lb1.wait_for("active", SLACK).await;
+    assert_eq!(status["last_change"]["reason"], "startup", "{status:#}");
+    assert!(
+        status["last_change"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("already on the interface"),
+        "{status:#}"
+    );
+    assert!(addresses.on_lo(0));
+}
+
+/// A TCP port whose answers the test turns on and off: while off, the accept queue (of
+/// one) stays full and the kernel drops new SYNs, so a connection times out as to a host
+/// cut off.
+struct Gateway {
+    addr: SocketAddr,
+    answering: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gateway {
+    fn start() -> Gateway {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        socket.listen(0).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let listener: std::net::TcpListener = socket.into();
+        let addr = listener.local_addr().unwrap();
+        let answering = std::sync::Arc::new(AtomicBool::new(true));
+        let on = answering.clone();
+        std::thread::spawn(move || {
+            // Ends with the test process; accepts only while answering.
+            loop {
+                if on.load(Ordering::SeqCst) {
+                    while listener.accept().is_ok() {}
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Gateway { addr, answering }
+    }
+
+    fn answer(&self, on: bool) {
+        self.answering
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_reach_its_gateway_gives_the_role_up_and_takes_it_back() {
+    let addresses = Addresses::new(6);
+    let secrets = Secrets::new();
+    let gateway = Gateway::start();
+    let mut spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    spec.extra = format!("reach = [\"{}\"]", gateway.addr);
+    let lb1 = Node::start(&spec, &secrets).await;
+    lb1.wait_for("active", dead_time() + SLACK).await;
+    assert!(addresses.on_lo(0));
+
+    gateway.answer(false);
+    let (status, took) = lb1.wait_for("backup", SLACK * 2).await;
+    eprintln!("lb1 gave the role up {took:?} after its gateway stopped answering");
+    assert_eq!(status["last_change"]["reason"], "lost_reach", "{status:#}");
+    assert_eq!(status["eligible"], false, "{status:#}");
+    assert!(!addresses.on_lo(0));
+    // Alone, but not eligible: it stays backup.
+    tokio::time::sleep(dead_time() * 3).await;
+    assert_eq!(lb1.role().await, "backup");
+
+    gateway.answer(true);
+    let (status, _) = lb1.wait_for("active", SLACK * 2).await;
+    assert_eq!(status["eligible"], true, "{status:#}");
+    assert!(addresses.on_lo(0));
+}
+
+#[tokio::test]
+async fn with_reach_upstreams_a_node_claims_only_once_a_server_is_up() {
+    let addresses = Addresses::new(7);
+    let secrets = Secrets::new();
+    let mut spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    spec.extra = "reach_upstreams = true\n\
+                  [upstreams.app.health_check]\ntype = \"tcp\"\ninterval = \"100ms\"\nfall = 1\nrise = 1"
+        .into();
+    let lb1 = Node::start(&spec, &secrets).await;
+    // Its one server refuses connections: checked down, so no reach.
+    tokio::time::sleep(dead_time() * 5).await;
+    let status = lb1.status().await;
+    assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["eligible"], false, "{status:#}");
+    assert!(!addresses.on_lo(0));
+
+    let _server = support::Backend::named_at("app", spec.server).await;
+    let (status, _) = lb1.wait_for("active", SLACK * 2).await;
+    assert_eq!(status["eligible"], true, "{status:#}");
+    assert!(addresses.on_lo(0));
+}
+
+#[tokio::test]
+async fn an_in_process_server_refuses_an_ha_reload_and_hands_over_on_shutdown() {
+    let addresses = Addresses::new(8);
+    let secrets = Secrets::new();
+    let spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    let text = config(&spec, &secrets);
+    let parsed = |text: &str| fulcrum::config::parse("ha.toml", text).unwrap();
+    let server = fulcrum::server::Server::start(parsed(&text)).await.unwrap();
+    let ha = server.ha().expect("a node with [ha]");
+    let deadline = Instant::now() + dead_time() + SLACK;
+    while ha.status().role != "active" {
+        assert!(Instant::now() < deadline, "{:?}", ha.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(addresses.on_lo(0));
+
+    let refused = server
+        .reload(parsed(&text.replace("priority = 100", "priority = 101")))
+        .unwrap_err();
+    assert!(refused.contains("[ha] changed"), "{refused}");
+
+    // The peer (this test's socket) hears the farewell: "yielding", from lb1.
+    let peer = UdpSocket::bind(spec.peers[0]).unwrap();
+    peer.set_read_timeout(Some(SLACK)).unwrap();
+    assert!(server.shutdown(Duration::from_secs(1)).await);
+    assert!(!addresses.on_lo(0), "the address is released on shutdown");
+    let key = fulcrum::ha::heartbeat::key(KEY.as_bytes());
+    let mut buf = [0u8; 512];
+    // Heartbeats queued since the socket was bound, the last ones "yielding"; then silence.
+    let mut yielded = false;
+    while let Ok((len, _)) = peer.recv_from(&mut buf) {
+        let heartbeat = fulcrum::ha::heartbeat::Heartbeat::decode(&buf[..len], &key).unwrap();
+        if heartbeat.role == fulcrum::ha::heartbeat::WireRole::Yielding {
+            yielded = true;
+            break;
+        }
+    }
+    assert!(yielded, "no yielding heartbeat");
+    assert!(ha.status().left);
+    assert_eq!(ha.status().last_change.unwrap().reason, "shutdown");
+}
