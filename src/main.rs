@@ -211,7 +211,17 @@ async fn run(config: Config, path: Option<&std::path::Path>) -> ExitCode {
         tracing::warn!("{warning}");
     }
     let grace = config.timeouts.shutdown_grace;
-    let server = match Server::start_workers(config) {
+    // Recorded now: once a package upgrade has replaced the file, this path names the new
+    // binary, which SIGUSR2 starts.
+    let binary = std::env::current_exe().ok();
+    let inherited = match fulcrum::upgrade::inherited() {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            tracing::error!("cannot take over the old process's sockets: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match Server::start_workers_inheriting(config, inherited) {
         Ok(server) => server,
         Err(e) => {
             tracing::error!("{e}");
@@ -223,11 +233,16 @@ async fn run(config: Config, path: Option<&std::path::Path>) -> ExitCode {
         let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
         let mut int = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
         let mut hup = signal(SignalKind::hangup()).expect("cannot listen for SIGHUP");
+        let mut usr2 =
+            signal(SignalKind::user_defined2()).expect("cannot listen for SIGUSR2");
         loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
                 _ = hup.recv() => reload(&server, path),
+                _ = usr2.recv() => if upgrade(&server, binary.as_deref(), path).await {
+                    break "SIGUSR2";
+                },
             }
         }
     };
@@ -245,6 +260,33 @@ async fn run(config: Config, path: Option<&std::path::Path>) -> ExitCode {
         );
     }
     ExitCode::SUCCESS
+}
+
+/// SIGUSR2: hands the listening sockets over to a new process of `binary` (the file this
+/// one was started from) with the config at `path`. True once the new process serves: this
+/// one then stops accepting and finishes its connections; false, and this one serves on.
+async fn upgrade(
+    server: &Server,
+    binary: Option<&std::path::Path>,
+    path: Option<&std::path::Path>,
+) -> bool {
+    let (Some(binary), Some(path)) = (binary, path) else {
+        tracing::warn!("SIGUSR2: no binary path or config file to upgrade with");
+        return false;
+    };
+    match fulcrum::upgrade::hand_over(server, binary, path, None).await {
+        Ok(pid) => {
+            tracing::info!(
+                pid,
+                "SIGUSR2: upgraded: process {pid} serves now; this one stops accepting"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::error!("SIGUSR2: upgrade failed; still serving: {e}");
+            false
+        }
+    }
 }
 
 fn reload(server: &Server, path: Option<&std::path::Path>) {

@@ -195,9 +195,9 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
     let listeners: Vec<Value> = config
         .listeners
         .iter()
-        .zip(&cx.listeners)
         .zip(&rt.listeners)
-        .map(|((l, info), running)| {
+        .map(|(l, running)| {
+            let (bind, open) = cx.listener(running.slot).unwrap_or((l.bind, 0));
             let routes: Vec<Value> = l
                 .routes
                 .iter()
@@ -217,9 +217,9 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
                 .collect();
             json!({
                 "name": l.name,
-                "bind": info.addr,
+                "bind": bind,
                 "tls": l.tls.is_some(),
-                "connections_open": info.open(),
+                "connections_open": open,
                 "max_connections": l.max_connections,
                 "routes": routes,
             })

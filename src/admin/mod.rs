@@ -46,12 +46,16 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// What the admin API reads beyond the runtime snapshot: the listeners' connection counts.
 pub struct Context {
     pub shared: Arc<Shared>,
-    /// Per listener, in config order: its bound address, and the semaphore whose permits
-    /// its open connections hold, with the number it started with.
-    pub listeners: Vec<ListenerInfo>,
+    /// The running listeners, kept up to date by the server as reloads change them.
+    pub listeners: ListenerTable,
     recent: Mutex<RecentWindow>,
 }
 
+/// Per listener slot (`crate::runtime::ListenerRuntime::slot`): its bound address, and the
+/// semaphore whose permits its open connections hold, with the number it has now.
+pub type ListenerTable = Arc<Mutex<std::collections::HashMap<usize, ListenerInfo>>>;
+
+#[derive(Clone)]
 pub struct ListenerInfo {
     pub addr: SocketAddr,
     pub connections: Arc<Semaphore>,
@@ -72,7 +76,14 @@ impl ListenerInfo {
 }
 
 impl Context {
-    pub fn new(shared: Arc<Shared>, listeners: Vec<ListenerInfo>) -> Self {
+    /// The listener in `slot`: where it is bound and its connections open now (`None`:
+    /// a reload is adding or removing it at this moment).
+    pub fn listener(&self, slot: usize) -> Option<(SocketAddr, usize)> {
+        let table = lock(&self.listeners);
+        table.get(&slot).map(|info| (info.addr, info.open()))
+    }
+
+    pub fn new(shared: Arc<Shared>, listeners: ListenerTable) -> Self {
         Context {
             shared,
             listeners,
