@@ -233,8 +233,7 @@ async fn run(config: Config, path: Option<&std::path::Path>) -> ExitCode {
         let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
         let mut int = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
         let mut hup = signal(SignalKind::hangup()).expect("cannot listen for SIGHUP");
-        let mut usr2 =
-            signal(SignalKind::user_defined2()).expect("cannot listen for SIGUSR2");
+        let mut usr2 = signal(SignalKind::user_defined2()).expect("cannot listen for SIGUSR2");
         loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",

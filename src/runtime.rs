@@ -47,7 +47,10 @@ const NONE: u32 = u32::MAX;
 
 /// Whether `new` keeps the sockets (and so the slot and the connections) of `old`: the
 /// same name, bound the same way. Anything else about a listener changes in place.
-pub fn same_sockets(old: &crate::config::ListenerConfig, new: &crate::config::ListenerConfig) -> bool {
+pub fn same_sockets(
+    old: &crate::config::ListenerConfig,
+    new: &crate::config::ListenerConfig,
+) -> bool {
     old.name == new.name && old.bind == new.bind && old.defer_accept == new.defer_accept
 }
 

@@ -195,8 +195,8 @@ async fn wait_ready(socket: OwnedFd) -> Result<(), String> {
         .map_err(|e| format!("handover socket: {e}"))?;
     // SAFETY: the descriptor is owned by the `AsyncFd` and neither replaced nor closed
     // while registered.
-    let socket = unsafe { AsyncFd::register(socket) }
-        .map_err(|e| format!("handover socket: {e}"))?;
+    let socket =
+        unsafe { AsyncFd::register(socket) }.map_err(|e| format!("handover socket: {e}"))?;
     loop {
         let mut guard = socket
             .readable()
@@ -257,7 +257,10 @@ impl Inherited {
 
     /// The sockets of the old process's listener of the same name, configured bind and
     /// `defer_accept`, if it had one.
-    pub(crate) fn take_listener(&mut self, l: &ListenerConfig) -> Option<Vec<std::net::TcpListener>> {
+    pub(crate) fn take_listener(
+        &mut self,
+        l: &ListenerConfig,
+    ) -> Option<Vec<std::net::TcpListener>> {
         let at = self.listeners.iter().position(|h| {
             h.name == l.name && h.bind == l.bind && h.defer_accept == l.defer_accept
         })?;
@@ -355,7 +358,11 @@ fn receive(channel: &OwnedFd) -> io::Result<(Manifest, Vec<OwnedFd>)> {
         for cmsg in msg.cmsgs()? {
             if let ControlMessageOwned::ScmRights(received) = cmsg {
                 // SAFETY: descriptors the kernel just installed in this process for us.
-                fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                fds.extend(
+                    received
+                        .into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
     }

@@ -110,7 +110,9 @@ impl Opened {
         for (i, socket) in self.sockets.into_iter().enumerate() {
             match socket.try_clone() {
                 Ok(copy) => copies.push(copy),
-                Err(e) => tracing::warn!(listener = %self.name, error = %e, "cannot keep a copy of a socket for a handover"),
+                Err(e) => {
+                    tracing::warn!(listener = %self.name, error = %e, "cannot keep a copy of a socket for a handover")
+                }
             }
             let (shared, stop, connections) =
                 (shared.clone(), stop.subscribe(), connections.clone());
@@ -339,4 +341,3 @@ fn set_defer_accept(socket: &socket2::Socket, wait: Duration) -> io::Result<()> 
 fn set_defer_accept(_socket: &socket2::Socket, _wait: Duration) -> io::Result<()> {
     Ok(())
 }
-

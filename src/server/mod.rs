@@ -279,7 +279,12 @@ impl Server {
         }
         drop(set);
         for mut listener in opened {
-            if let Some(l) = rt.config.listeners.iter().position(|l| l.name == listener.name) {
+            if let Some(l) = rt
+                .config
+                .listeners
+                .iter()
+                .position(|l| l.name == listener.name)
+            {
                 listener.slot = rt.listeners[l].slot;
             }
             self.serve(vec![listener], None);

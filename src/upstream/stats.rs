@@ -325,7 +325,10 @@ mod tests {
             assert!(k < SLOT_CHUNKS && at < FIRST_CHUNK << k, "{slot}: {k} {at}");
             assert!(seen.insert((k, at)));
         }
-        assert_eq!(chunk_of(FIRST_CHUNK * ((1 << SLOT_CHUNKS) - 1)).0, SLOT_CHUNKS);
+        assert_eq!(
+            chunk_of(FIRST_CHUNK * ((1 << SLOT_CHUNKS) - 1)).0,
+            SLOT_CHUNKS
+        );
     }
 
     #[test]

@@ -142,8 +142,9 @@ pub async fn serve(
             keep_alive,
             timeouts,
             rt.listener_config(client.conn.listener)
-                        .and_then(|l| l.hsts.as_ref()),
-        );
+                .and_then(|l| l.hsts.as_ref()),
+        )
+        .closing_on(&shutdown);
         let incoming = Incoming { head: req, framing };
         // Boxed: a request's phases hold several KiB of state while they run, which a
         // connection waiting for its next request should not carry.
