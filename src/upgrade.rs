@@ -38,6 +38,7 @@ const FDS_PER_MESSAGE: usize = 64;
 /// The largest manifest read (a few hundred bytes per listener).
 const MANIFEST_MAX: usize = 1 << 20;
 const READY: &[u8] = b"ready";
+const EXITED: &str = "the new process exited before it was ready";
 
 /// What comes before the descriptors: what each is, in the order they follow.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -203,11 +204,16 @@ async fn wait_ready(socket: OwnedFd) -> Result<(), String> {
             .await
             .map_err(|e| format!("handover socket: {e}"))?;
         let mut buf = [0u8; 16];
-        match guard.try_io(|fd| {
+        let received = guard.try_io(|fd| {
             nix::sys::socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
                 .map_err(io::Error::from)
-        }) {
-            Ok(Ok(0)) => return Err("the new process exited before it was ready".to_string()),
+        });
+        match received {
+            // Reset: it exited without reading everything it was sent.
+            Ok(Ok(0)) => return Err(EXITED.to_string()),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                return Err(EXITED.to_string());
+            }
             Ok(Ok(n)) if &buf[..n] == READY => return Ok(()),
             Ok(Ok(n)) => {
                 return Err(format!(

@@ -263,6 +263,8 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
     overrides.sort_by_key(|o| (o["upstream"].to_string(), o["server"].to_string()));
     let answered = rt.answers.totals();
     json!({
+        // Which process answers: after a binary upgrade, the new one.
+        "pid": std::process::id(),
         "listeners": listeners,
         "upstreams": upstreams,
         "fulcrum_answered": { "requests": answered.requests(), "errors": answered.errors() },
