@@ -182,9 +182,8 @@ impl Server {
             )?;
             opened.push(listener);
         }
-        let handed_admin = inherited
-            .as_deref_mut()
-            .and_then(|i| i.take_admin(config.admin.as_ref().map(|a| a.bind)));
+        let handed_admin =
+            inherited.and_then(|i| i.take_admin(config.admin.as_ref().map(|a| a.bind)));
         let admin = match handed_admin {
             Some(socket) => Some(socket),
             None => crate::admin::bind(&config)?,
