@@ -34,7 +34,7 @@ pub struct Runtime {
 
 pub struct ListenerRuntime {
     /// The listener's identity for as long as it keeps its sockets: the same through
-    /// reloads that leave its `bind` and `defer_accept` alone, a new one (never given out
+    /// reloads that leave its `bind` alone, a new one (never given out
     /// before) for a listener added or rebound.
     pub slot: usize,
     pub router: Router,
@@ -46,12 +46,12 @@ pub struct ListenerRuntime {
 const NONE: u32 = u32::MAX;
 
 /// Whether `new` keeps the sockets (and so the slot and the connections) of `old`: the
-/// same name, bound the same way. Anything else about a listener changes in place.
+/// same name and bind. Anything else about a listener changes in place.
 pub fn same_sockets(
     old: &crate::config::ListenerConfig,
     new: &crate::config::ListenerConfig,
 ) -> bool {
-    old.name == new.name && old.bind == new.bind && old.defer_accept == new.defer_accept
+    old.name == new.name && old.bind == new.bind
 }
 
 impl Runtime {

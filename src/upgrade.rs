@@ -56,7 +56,6 @@ struct Manifest {
 struct ManifestListener {
     name: String,
     bind: SocketAddr,
-    defer_accept: bool,
     sockets: usize,
 }
 
@@ -93,7 +92,6 @@ pub async fn hand_over(
             .map(|l| ManifestListener {
                 name: l.name.clone(),
                 bind: l.bind,
-                defer_accept: l.defer_accept,
                 sockets: l.sockets.len(),
             })
             .collect(),
@@ -261,15 +259,16 @@ impl Inherited {
         self.control.take()
     }
 
-    /// The sockets of the old process's listener of the same name, configured bind and
-    /// `defer_accept`, if it had one.
+    /// The sockets of the old process's listener of the same name and configured bind, if
+    /// it had one.
     pub(crate) fn take_listener(
         &mut self,
         l: &ListenerConfig,
     ) -> Option<Vec<std::net::TcpListener>> {
-        let at = self.listeners.iter().position(|h| {
-            h.name == l.name && h.bind == l.bind && h.defer_accept == l.defer_accept
-        })?;
+        let at = self
+            .listeners
+            .iter()
+            .position(|h| h.name == l.name && h.bind == l.bind)?;
         Some(self.listeners.swap_remove(at).sockets)
     }
 
@@ -316,7 +315,6 @@ pub fn inherited() -> io::Result<Option<Inherited>> {
         listeners.push(HandedListener {
             name: l.name,
             bind: l.bind,
-            defer_accept: l.defer_accept,
             sockets,
         });
     }
@@ -409,13 +407,11 @@ mod tests {
                 ManifestListener {
                     name: "web".into(),
                     bind: "127.0.0.1:80".parse().unwrap(),
-                    defer_accept: false,
                     sockets: 4,
                 },
                 ManifestListener {
                     name: "tls".into(),
                     bind: "127.0.0.1:443".parse().unwrap(),
-                    defer_accept: true,
                     sockets: 2,
                 },
             ],
@@ -443,7 +439,6 @@ mod tests {
             listeners: vec![ManifestListener {
                 name: "web".into(),
                 bind: addr,
-                defer_accept: false,
                 sockets: 1,
             }],
             admin: None,

@@ -385,3 +385,45 @@ async fn a_reload_adds_removes_and_rebinds_listeners_without_failing_a_request_o
 async fn on_two_workers_a_reload_changes_listeners_without_failing_a_request_on_the_others() {
     reload_changes_listeners_under_load(2).await;
 }
+
+/// Whether a request sent on a new connection to `addr` is answered within `within`.
+async fn answered_within(addr: SocketAddr, within: Duration) -> bool {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = support::read_until_close(&mut stream, within).await;
+    answer.starts_with("HTTP/1.1 200")
+}
+
+#[tokio::test]
+async fn max_connections_changes_apply_to_the_running_listener() {
+    let app = Backend::named("app").await;
+    let limited = |max: usize| {
+        support::fill(
+            &format!(
+                "[listeners.web]\nbind = \"127.0.0.1:0\"\nmax_connections = {max}\n\
+                 [[listeners.web.routes]]\nupstream = \"app\"\n\
+                 [upstreams.app]\nservers = [{{ address = \"{{0}}\" }}]\n"
+            ),
+            &[&app],
+        )
+    };
+    let proxy = support::Proxy::start(&limited(1), &[&app]).await;
+    // The one connection allowed, held open: the next waits in the listen queue.
+    // (Part of a head: with `defer_accept`, a connection is accepted once bytes arrive.)
+    let mut held = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    held.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!answered_within(proxy.addr, Duration::from_millis(500)).await);
+
+    let config = fulcrum::config::parse("test.toml", &limited(3)).unwrap();
+    proxy.server.reload(config).unwrap();
+    assert_eq!(
+        proxy.server.local_addrs(),
+        [proxy.addr],
+        "the listener was rebound"
+    );
+    assert!(answered_within(proxy.addr, Duration::from_secs(5)).await);
+}

@@ -38,7 +38,6 @@ pub(super) struct Opened {
     pub name: String,
     /// As configured (port 0 stays 0), which a handover matches on.
     bind: SocketAddr,
-    defer_accept: bool,
     pub slot: usize,
     max_connections: usize,
     /// At least one per worker.
@@ -72,6 +71,8 @@ pub(super) fn open(
             }
             for socket in &sockets {
                 socket.set_nonblocking(true)?;
+                // The new config's, whatever the old process had.
+                set_defer_accept(&socket2::SockRef::from(socket), defer)?;
             }
             sockets
         }
@@ -82,7 +83,6 @@ pub(super) fn open(
     Ok(Opened {
         name: l.name.clone(),
         bind: l.bind,
-        defer_accept: l.defer_accept,
         slot,
         max_connections: l.max_connections,
         sockets,
@@ -144,7 +144,6 @@ impl Opened {
         Running {
             name: self.name,
             bind: self.bind,
-            defer_accept: self.defer_accept,
             slot: self.slot,
             addr,
             accept_loops: copies.len().max(1),
@@ -160,7 +159,6 @@ impl Opened {
 pub(super) struct Running {
     pub name: String,
     bind: SocketAddr,
-    defer_accept: bool,
     pub slot: usize,
     /// Where it is bound.
     pub addr: SocketAddr,
@@ -208,12 +206,19 @@ impl Running {
         self.permits = new;
     }
 
+    /// Applies a new `defer_accept` to its sockets, which accept on without a gap.
+    pub fn set_defer_accept(&self, defer: Option<Duration>) -> io::Result<()> {
+        for socket in &self.sockets {
+            set_defer_accept(&socket2::SockRef::from(socket), defer)?;
+        }
+        Ok(())
+    }
+
     /// Duplicates of its sockets, with what a new process matches them on.
     pub fn hand_over(&self) -> io::Result<HandedListener> {
         Ok(HandedListener {
             name: self.name.clone(),
             bind: self.bind,
-            defer_accept: self.defer_accept,
             sockets: self
                 .sockets
                 .iter()
@@ -263,7 +268,6 @@ pub struct Handover {
 pub struct HandedListener {
     pub name: String,
     pub bind: SocketAddr,
-    pub defer_accept: bool,
     pub sockets: Vec<std::net::TcpListener>,
 }
 
@@ -309,17 +313,20 @@ fn bind(addr: SocketAddr, defer_accept: Option<Duration>) -> io::Result<std::net
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    if let Some(wait) = defer_accept {
-        set_defer_accept(&socket, wait)?;
+    if defer_accept.is_some() {
+        set_defer_accept(&socket, defer_accept)?;
     }
     socket.listen(4096)?;
     Ok(socket.into())
 }
 
 #[cfg(target_os = "linux")]
-fn set_defer_accept(socket: &socket2::Socket, wait: Duration) -> io::Result<()> {
+fn set_defer_accept(socket: &socket2::Socket, wait: Option<Duration>) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let seconds = libc::c_int::try_from(wait.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    // 0 turns it off.
+    let seconds = wait.map_or(0, |wait| {
+        libc::c_int::try_from(wait.as_secs().max(1)).unwrap_or(libc::c_int::MAX)
+    });
     // SAFETY: a valid socket descriptor, and a pointer to a c_int with its exact size.
     let rc = unsafe {
         libc::setsockopt(
@@ -338,6 +345,6 @@ fn set_defer_accept(socket: &socket2::Socket, wait: Duration) -> io::Result<()> 
 }
 
 #[cfg(not(target_os = "linux"))]
-fn set_defer_accept(_socket: &socket2::Socket, _wait: Duration) -> io::Result<()> {
+fn set_defer_accept(_socket: &socket2::Socket, _wait: Option<Duration>) -> io::Result<()> {
     Ok(())
 }

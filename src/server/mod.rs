@@ -76,15 +76,23 @@ impl Server {
     ) -> io::Result<Server> {
         let workers = config.workers.max(1);
         let within = config.timeouts.upstream_connect;
-        if let Some(key) = inherited.as_ref().and_then(|i| i.sticky_key) {
-            crate::upstream::sticky::adopt_process_key(key);
+        if let Some(key) = inherited.as_ref().and_then(|i| i.sticky_key)
+            && !crate::upstream::sticky::adopt_process_key(key)
+        {
+            tracing::warn!(
+                "sticky cookies of the old process will not pin: a key was drawn already"
+            );
         }
-        let mut handles = Vec::new();
-        for worker in 0..workers {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            handles.push(runtime.handle().clone());
+        let runtimes = (0..workers)
+            .map(|_| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let handles = runtimes.iter().map(|r| r.handle().clone()).collect();
+        let (server, opened, admin) = Server::bind_all(config, handles, inherited.as_mut())?;
+        for (worker, runtime) in runtimes.into_iter().enumerate() {
             std::thread::Builder::new()
                 .name(format!("fulcrum-worker-{worker}"))
                 .spawn(move || {
@@ -94,7 +102,6 @@ impl Server {
                     runtime.block_on(std::future::pending::<()>());
                 })?;
         }
-        let (server, opened, admin) = Server::bind_all(config, handles, inherited.as_mut())?;
         let first_answers = server.start_process_tasks(admin)?;
         for handle in &server.workers {
             handle.spawn(sweep_idle_connections(
@@ -104,9 +111,8 @@ impl Server {
         }
         // Connections wait in the listen queue until servers given by name have addresses.
         let (ready_tx, ready) = watch::channel(false);
-        let waited = first_answers.clone();
         tokio::spawn(async move {
-            waited.wait(within).await;
+            first_answers.wait(within).await;
             let _ = ready_tx.send(true);
         });
         server.serve(opened, Some(ready.clone()));
@@ -212,9 +218,9 @@ impl Server {
     /// timeouts and limits. Servers that stay keep their pooled connections and state;
     /// servers that join (added, or no longer drained) ramp up over `slow_start`.
     ///
-    /// Listeners added (or rebound: a new `bind` or `defer_accept`) are bound and get an
-    /// accept loop on every worker; removed ones stop accepting, and their connections
-    /// finish what is in flight and close; `max_connections` changes apply in place;
+    /// Listeners added (or rebound: a new `bind`) are bound and get an accept loop on every
+    /// worker; removed ones stop accepting, and their connections finish what is in flight
+    /// and close; `max_connections` and `defer_accept` changes apply in place;
     /// listeners left alone keep their sockets. If a listener cannot be bound, nothing
     /// changes and the error names it. Workers and logging are set up at start, so a config
     /// that changes them is refused, with what changed; the running config stays either way.
@@ -250,10 +256,13 @@ impl Server {
                 opened.push(listener);
             }
         }
-        let limits: Vec<(String, usize)> = config
+        let settings: Vec<(String, usize, Option<Duration>)> = config
             .listeners
             .iter()
-            .map(|l| (l.name.clone(), l.max_connections))
+            .map(|l| {
+                let defer = l.defer_accept.then_some(config.timeouts.client_header);
+                (l.name.clone(), l.max_connections, defer)
+            })
             .collect();
         // Changes made through the admin API last until the file is loaded again.
         self.shared.update(|inputs| {
@@ -271,9 +280,14 @@ impl Server {
         set.draining.extend(removed.into_iter().map(|r| r.close()));
         set.draining.retain(|d| !d.is_done());
         for running in &mut set.running {
-            if let Some((_, max)) = limits.iter().find(|(name, _)| *name == running.name) {
-                running.set_max_connections(*max);
-                lock(&self.admin_listeners).insert(running.slot, running.info());
+            let Some((_, max, defer)) = settings.iter().find(|(name, ..)| *name == running.name)
+            else {
+                continue;
+            };
+            running.set_max_connections(*max);
+            lock(&self.admin_listeners).insert(running.slot, running.info());
+            if let Err(e) = running.set_defer_accept(*defer) {
+                tracing::warn!(listener = %running.name, error = %e, "defer_accept not changed");
             }
         }
         drop(set);
