@@ -106,6 +106,7 @@ impl Opened {
             .first()
             .and_then(|s| s.local_addr().ok())
             .unwrap_or(self.bind);
+        let accept_loops = self.sockets.len();
         let mut copies = Vec::new();
         for (i, socket) in self.sockets.into_iter().enumerate() {
             match socket.try_clone() {
@@ -146,7 +147,7 @@ impl Opened {
             bind: self.bind,
             slot: self.slot,
             addr,
-            accept_loops: copies.len().max(1),
+            accept_loops,
             sockets: copies,
             connections,
             permits,

@@ -131,7 +131,15 @@ impl Server {
     /// Starts the accept loops of `opened` listeners, spreading their sockets over the
     /// workers, each loop once `ready` (if given) is true.
     fn serve(&self, opened: Vec<Opened>, ready: Option<watch::Receiver<bool>>) {
-        let mut set = lock(&self.listeners);
+        self.serve_in(&mut lock(&self.listeners), opened, ready);
+    }
+
+    fn serve_in(
+        &self,
+        set: &mut ListenerSet,
+        opened: Vec<Opened>,
+        ready: Option<watch::Receiver<bool>>,
+    ) {
         for listener in opened {
             let running = listener.start(&self.workers, &self.shared, ready.clone());
             lock(&self.admin_listeners).insert(running.slot, running.info());
@@ -290,18 +298,17 @@ impl Server {
                 tracing::warn!(listener = %running.name, error = %e, "defer_accept not changed");
             }
         }
-        drop(set);
-        for mut listener in opened {
-            if let Some(l) = rt
+        for listener in &mut opened {
+            if let Some(i) = rt
                 .config
                 .listeners
                 .iter()
                 .position(|l| l.name == listener.name)
             {
-                listener.slot = rt.listeners[l].slot;
+                listener.slot = rt.listeners[i].slot;
             }
-            self.serve(vec![listener], None);
         }
+        self.serve_in(&mut set, opened, None);
         Ok(())
     }
 
