@@ -188,30 +188,37 @@ async fn reloads_under_steady_load_on_several_workers_fail_no_request() {
     assert_eq!(answers(&process, 6).await, HashSet::from(["b".to_string()]));
 }
 
-/// Listeners `gone`, `keep` and `moved` (at `moved_to`), or after the change `added`,
-/// `keep` and `moved`, each routing to `app`; an admin listener to read them from.
+/// Listeners at `binds`: `keep` routing to `app` (`{0}`, answering `ok`), the others to
+/// `side` (`{1}`, answering `side`), so that a request counted against the wrong listener
+/// gets the wrong answer; an admin listener to read them from.
 fn listeners(workers: usize, admin: SocketAddr, binds: &[(&str, SocketAddr)]) -> String {
     let mut text = format!(
         "workers = {workers}\n[admin]\nbind = \"{admin}\"\n[access_log]\nenabled = false\n\
-         [upstreams.app]\nservers = [{{ address = \"{{0}}\" }}]\n"
+         [upstreams.app]\nservers = [{{ address = \"{{0}}\" }}]\n\
+         [upstreams.side]\nservers = [{{ address = \"{{1}}\" }}]\n"
     );
     for (name, bind) in binds {
+        let upstream = if *name == "keep" { "app" } else { "side" };
         text.push_str(&format!(
-            "[listeners.{name}]\nbind = \"{bind}\"\n[[listeners.{name}.routes]]\nupstream = \"app\"\n"
+            "[listeners.{name}]\nbind = \"{bind}\"\n[[listeners.{name}.routes]]\nupstream = \"{upstream}\"\n"
         ));
     }
     text
 }
 
-/// A backend answering `ok`, after 1.5 s on `/slow`.
-async fn slow_backend() -> Backend {
-    Backend::with(|req| async move {
+/// A backend answering `answer`, after 1.5 s on `/slow`.
+async fn slow_backend(answer: &'static str) -> Backend {
+    Backend::with(move |req| async move {
         if req.uri().path() == "/slow" {
             tokio::time::sleep(Duration::from_millis(1500)).await;
         }
-        http::Response::new(support::full("ok"))
+        http::Response::new(support::full(answer))
     })
     .await
+}
+
+async fn get(addr: SocketAddr) -> String {
+    support::get_text(&support::client(), &format!("http://{addr}/")).await
 }
 
 /// Requests to `addr` until `stop` (at most 3,000), on kept-alive connections if `reuse`,
@@ -278,11 +285,12 @@ async fn listener_names(admin: SocketAddr) -> Vec<String> {
 }
 
 async fn reload_changes_listeners_under_load(workers: usize) {
-    let app = slow_backend().await;
-    let [keep, gone, moved, moved_to, added, admin] =
-        std::array::from_fn(|_| support::unused_addr());
+    let (app, side) = (slow_backend("ok").await, slow_backend("side").await);
+    let backends = [&app, &side];
+    let [keep, gone, moved, moved_to, new, admin] = std::array::from_fn(|_| support::unused_addr());
+    // Listeners are kept in name order: after the change `keep` is first, not second.
     let before = [("gone", gone), ("keep", keep), ("moved", moved)];
-    let process = Process::start(&listeners(workers, admin, &before), &[&app]);
+    let process = Process::start(&listeners(workers, admin, &before), &backends);
     // Serving, so its signal handlers are in place.
     process.log_from("admin listener").await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -295,50 +303,62 @@ async fn reload_changes_listeners_under_load(workers: usize) {
     // every listener serves as before.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap();
-    let blocked = [("added", taken_addr), ("keep", keep), ("moved", moved)];
+    let blocked = [("keep", keep), ("moved", moved), ("new", taken_addr)];
     std::fs::write(
         &process.config,
-        support::fill(&listeners(workers, admin, &blocked), &[&app]),
+        support::fill(&listeners(workers, admin, &blocked), &backends),
     )
     .unwrap();
     process.signal("HUP");
     let log = process.log_from("config not reloaded").await;
     assert!(
-        log.contains(&format!("listener `added` cannot bind {taken_addr}")),
+        log.contains(&format!("listener `new` cannot bind {taken_addr}")),
         "{log}"
     );
-    for addr in [gone, keep, moved] {
-        assert_eq!(
-            support::get_text(&support::client(), &format!("http://{addr}/")).await,
-            "ok"
-        );
-    }
+    assert_eq!(
+        [get(gone).await, get(keep).await, get(moved).await],
+        ["side", "ok", "side"]
+    );
     drop(taken);
 
-    // A request in flight on the listener about to go.
+    // Requests in flight on the listener about to go, over HTTP/1.1 and HTTP/2.
     let mut in_flight = tokio::net::TcpStream::connect(gone).await.unwrap();
     in_flight
         .write_all(b"GET /slow HTTP/1.1\r\nHost: gone\r\n\r\n")
         .await
         .unwrap();
+    let h2_in_flight = tokio::spawn(async move {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let resp = client.get(format!("http://{gone}/slow")).send().await;
+        match resp {
+            Ok(resp) => format!(
+                "{} {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            ),
+            Err(e) => format!("error {e:?}"),
+        }
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let after = [("added", added), ("keep", keep), ("moved", moved_to)];
+    let after = [("keep", keep), ("moved", moved_to), ("new", new)];
     std::fs::write(
         &process.config,
-        support::fill(&listeners(workers, admin, &after), &[&app]),
+        support::fill(&listeners(workers, admin, &after), &backends),
     )
     .unwrap();
     process.signal("HUP");
     process.log_from("config reloaded").await;
 
     // The new listeners serve; the old addresses refuse new connections.
-    for addr in [added, moved_to] {
-        assert_eq!(
-            support::get_text(&support::client(), &format!("http://{addr}/")).await,
-            "ok"
-        );
-    }
+    assert_eq!(
+        [get(keep).await, get(moved_to).await, get(new).await],
+        ["ok", "side", "side"]
+    );
     assert!(refused(gone).await, "the removed listener still accepts");
     assert!(
         refused(moved).await,
@@ -351,15 +371,16 @@ async fn reload_changes_listeners_under_load(workers: usize) {
         answer.to_ascii_lowercase().contains("connection: close"),
         "{answer}"
     );
-    assert!(answer.ends_with("ok"), "{answer}");
+    assert!(answer.ends_with("side"), "{answer}");
+    assert_eq!(h2_in_flight.await.unwrap(), "200 OK side");
     let mut shown = listener_names(admin).await;
     shown.sort();
     assert_eq!(
         shown,
         [
-            format!("added@{added}"),
             format!("keep@{keep}"),
-            format!("moved@{moved_to}")
+            format!("moved@{moved_to}"),
+            format!("new@{new}")
         ]
     );
 
