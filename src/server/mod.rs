@@ -91,7 +91,14 @@ impl Server {
             })
             .collect::<io::Result<Vec<_>>>()?;
         let handles = runtimes.iter().map(|r| r.handle().clone()).collect();
-        let (server, opened, admin) = Server::bind_all(config, handles, inherited.as_mut())?;
+        let (server, opened, admin) = match Server::bind_all(config, handles, inherited.as_mut()) {
+            Ok(bound) => bound,
+            Err(e) => {
+                // Dropped on the caller's runtime, a runtime must not wait for its tasks.
+                runtimes.into_iter().for_each(|r| r.shutdown_background());
+                return Err(e);
+            }
+        };
         for (worker, runtime) in runtimes.into_iter().enumerate() {
             std::thread::Builder::new()
                 .name(format!("fulcrum-worker-{worker}"))
