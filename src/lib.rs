@@ -59,4 +59,5 @@ pub mod runtime;
 pub mod server;
 pub mod tls;
 pub mod transport;
+pub mod upgrade;
 pub mod upstream;

@@ -120,7 +120,7 @@ fn main() -> ExitCode {
                 command: HaCommand::Switchover { config },
             } => switchover_command(&config).await,
             Command::Run { config: path } => match config::load(&path) {
-                Ok(config) => run(config, Some(&path), None).await,
+                Ok(config) => run(config, Some(&path)).await,
                 Err(e) => {
                     eprintln!("{e}");
                     ExitCode::FAILURE
@@ -154,7 +154,7 @@ async fn demo(setup: fulcrum::demo::DemoSetup) -> ExitCode {
                 certs.ca.display(),
                 setup.listen_https.port()
             );
-            run(config, None, None).await
+            run(config, None).await
         }
         Ok(Err(e)) => {
             eprintln!("{e}");
@@ -234,19 +234,27 @@ async fn status(config: &std::path::Path, admin: Option<SocketAddr>) -> ExitCode
 /// Serves until SIGTERM or SIGINT; on SIGHUP, reads the config file at `path` again and
 /// applies it if it is good. With a config file, the control socket takes `fulcrum reload`,
 /// `fulcrum upgrade` and `fulcrum ha switchover` requests, which are handled here too. The
-/// control socket is bound now, or `inherited_control` from the process this one takes
-/// over from in a binary upgrade.
-async fn run(
-    config: Config,
-    path: Option<&Path>,
-    inherited_control: Option<std::os::unix::net::UnixListener>,
-) -> ExitCode {
+/// control socket and the listeners are bound now, or taken from the process this one
+/// replaces in a binary upgrade (see `fulcrum::upgrade`); SIGUSR2 starts such an upgrade
+/// with the binary this process was started from.
+async fn run(config: Config, path: Option<&Path>) -> ExitCode {
     // Held to the end, so that queued access log lines are written out on exit.
     let _log = fulcrum::logging::init(&config.access_log);
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
     let grace = config.timeouts.shutdown_grace;
+    // Recorded now: once a package upgrade has replaced the file, this path names the new
+    // binary, which SIGUSR2 starts.
+    let binary = std::env::current_exe().ok();
+    let mut inherited = match fulcrum::upgrade::inherited() {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            tracing::error!("cannot take over the old process's sockets: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let inherited_control = inherited.as_mut().and_then(|i| i.take_control());
     // Before the listeners: a second process with this file would otherwise bind them
     // beside the first one (SO_REUSEPORT) and take a share of its connections.
     let (mut control, reloads, mut requests) = match start_control(&config, path, inherited_control)
@@ -258,7 +266,7 @@ async fn run(
             return ExitCode::FAILURE;
         }
     };
-    let server = match Server::start_workers(config) {
+    let server = match Server::start_workers_inheriting(config, inherited) {
         Ok(server) => server,
         Err(e) => {
             tracing::error!("{e}");
@@ -276,6 +284,7 @@ async fn run(
         let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
         let mut int = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
         let mut hup = signal(SignalKind::hangup()).expect("cannot listen for SIGHUP");
+        let mut usr2 = signal(SignalKind::user_defined2()).expect("cannot listen for SIGUSR2");
         loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
@@ -287,6 +296,17 @@ async fn run(
                     let (reply, stop) =
                         handle_request(request, &server, path, control.as_mut(), grace).await;
                     let _ = reply_to.send(reply);
+                    if let Some(reason) = stop {
+                        break reason;
+                    }
+                }
+                _ = usr2.recv() => {
+                    let Some(binary) = binary.as_deref().and_then(Path::to_str) else {
+                        tracing::error!("SIGUSR2: cannot tell which binary this process was started from");
+                        continue;
+                    };
+                    let upgrade = fulcrum::control::Request::Upgrade { binary: binary.to_string() };
+                    let (_, stop) = handle_request(upgrade, &server, path, control.as_mut(), grace).await;
                     if let Some(reason) = stop {
                         break reason;
                     }
@@ -390,9 +410,20 @@ async fn handle_request(
                     None,
                 );
             };
-            match upgrade(server, Path::new(&binary), path, control.listener()).await {
+            match fulcrum::upgrade::hand_over(
+                server,
+                Path::new(&binary),
+                path,
+                Some(control.listener()),
+            )
+            .await
+            {
                 Ok(new_pid) => {
                     control.handed_over();
+                    // The new process holds the virtual addresses now: leave them on.
+                    if let Some(ha) = server.ha() {
+                        ha.leave(false).await;
+                    }
                     let message = format!(
                         "upgraded: process {new_pid} serves, process {} drains (up to {})",
                         std::process::id(),
@@ -411,17 +442,6 @@ async fn handle_request(
         // The control socket answers these itself.
         Request::Status => (Reply::ok("running"), None),
     }
-}
-
-/// Starts `binary` with the config at `path` and hands it the listeners and the control
-/// socket; the new process's id once it serves.
-async fn upgrade(
-    _server: &Server,
-    _binary: &Path,
-    _path: &Path,
-    _control: &std::os::unix::net::UnixListener,
-) -> Result<u32, String> {
-    Err("binary upgrade is not available in this build".to_string())
 }
 
 /// Hands the active role of a high-availability pair to a peer; returns once it holds it.

@@ -196,9 +196,9 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
     let listeners: Vec<Value> = config
         .listeners
         .iter()
-        .zip(&cx.listeners)
         .zip(&rt.listeners)
-        .map(|((l, info), running)| {
+        .map(|(l, running)| {
+            let (bind, open) = cx.listener(running.slot).unwrap_or((l.bind, 0));
             let routes: Vec<Value> = l
                 .routes
                 .iter()
@@ -218,9 +218,9 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
                 .collect();
             json!({
                 "name": l.name,
-                "bind": info.addr,
+                "bind": bind,
                 "tls": l.tls.is_some(),
-                "connections_open": info.open(),
+                "connections_open": open,
                 "max_connections": l.max_connections,
                 "routes": routes,
             })
@@ -264,6 +264,8 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
     overrides.sort_by_key(|o| (o["upstream"].to_string(), o["server"].to_string()));
     let answered = rt.answers.totals();
     json!({
+        // Which process answers: after a binary upgrade, the new one.
+        "pid": std::process::id(),
         "listeners": listeners,
         "upstreams": upstreams,
         "fulcrum_answered": { "requests": answered.requests(), "errors": answered.errors() },

@@ -47,9 +47,8 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// What the admin API reads beyond the runtime snapshot: the listeners' connection counts.
 pub struct Context {
     pub shared: Arc<Shared>,
-    /// Per listener, in config order: its bound address, and the semaphore whose permits
-    /// its open connections hold, with the number it started with.
-    pub listeners: Vec<ListenerInfo>,
+    /// The running listeners, kept up to date by the server as reloads change them.
+    pub listeners: ListenerTable,
     /// This node of the active/standby group, with `[ha]`.
     pub ha: Option<crate::ha::HaHandle>,
     recent: Mutex<RecentWindow>,
@@ -58,6 +57,11 @@ pub struct Context {
     control: Arc<OnceLock<crate::control::Requests>>,
 }
 
+/// Per listener slot (`crate::runtime::ListenerRuntime::slot`): its bound address, and the
+/// semaphore whose permits its open connections hold, with the number it has now.
+pub type ListenerTable = Arc<Mutex<std::collections::HashMap<usize, ListenerInfo>>>;
+
+#[derive(Clone)]
 pub struct ListenerInfo {
     pub addr: SocketAddr,
     pub connections: Arc<Semaphore>,
@@ -78,9 +82,16 @@ impl ListenerInfo {
 }
 
 impl Context {
+    /// The listener in `slot`: where it is bound and its connections open now (`None`:
+    /// a reload is adding or removing it at this moment).
+    pub fn listener(&self, slot: usize) -> Option<(SocketAddr, usize)> {
+        let table = lock(&self.listeners);
+        table.get(&slot).map(|info| (info.addr, info.open()))
+    }
+
     pub fn new(
         shared: Arc<Shared>,
-        listeners: Vec<ListenerInfo>,
+        listeners: ListenerTable,
         control: Arc<OnceLock<crate::control::Requests>>,
     ) -> Self {
         Context {
