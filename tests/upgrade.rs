@@ -204,9 +204,9 @@ async fn sigusr2_hands_over_to_a_new_process_without_a_failed_request() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     process.signal("USR2");
-    let line = process.log_from("serves now").await;
+    let line = process.log_from("upgraded: process ").await;
     let new: u32 = line
-        .split("pid=")
+        .split("upgraded: process ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|pid| pid.parse().ok())
@@ -282,8 +282,8 @@ async fn an_upgrade_whose_new_process_cannot_start_leaves_the_old_one_serving() 
 
     std::fs::write(&process.config, "[listeners.web]\nbind = \"nowhere\"\n").unwrap();
     process.signal("USR2");
-    let log = process.log_from("upgrade failed").await;
-    assert!(log.contains("still serving"), "{log}");
+    let log = process.log_from("binary upgrade failed").await;
+    assert!(log.contains("this process serves on"), "{log}");
     assert!(log.contains("exited before it was ready"), "{log}");
     // The new process said what is wrong with the file, where the old one logs.
     let whole = process.stderr.lock().unwrap().clone();
