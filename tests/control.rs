@@ -463,3 +463,61 @@ async fn upgrade_checks_the_file_itself_before_asking_the_process() {
     assert_eq!(out.code, 1, "{}", out.all());
     assert!(out.stderr.contains("nothing answers on"), "{}", out.all());
 }
+
+/// The process `fulcrum upgrade` says serves now.
+fn new_pid(out: &Outcome) -> u32 {
+    out.stdout
+        .split("upgraded: process ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no new pid in {}", out.all()))
+}
+
+/// A process this test did not start itself (one a binary upgrade started): killed at the end.
+struct Successor(u32);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        support::send_signal(self.0, "KILL");
+    }
+}
+
+#[tokio::test]
+async fn fulcrum_upgrade_replaces_the_process_and_its_control_socket_answers_from_the_new_one() {
+    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
+    let mut process = Process::start(&two_upstreams("one", ""), &[&a, &b]);
+    let dir = run_dir(&process);
+    assert_eq!(answers(&process, 2).await, only("a", 2));
+
+    let out = fulcrum(&["upgrade"], &process.config, &dir).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    let new = new_pid(&out);
+    let _successor = Successor(new);
+    assert_ne!(new, process.child.id());
+    // The old process had nothing in flight: it finishes at once and exits cleanly.
+    assert_eq!(process.wait(Duration::from_secs(20)), 0);
+    assert_eq!(answers(&process, 2).await, only("a", 2));
+
+    // The socket file is the new process's now (the old one left it in place), and a
+    // reload through it reaches the new process.
+    assert_eq!(sockets_in(&dir).len(), 1, "{dir:?}");
+    std::fs::write(
+        &process.config,
+        support::fill(&two_upstreams("two", ""), &[&a, &b]),
+    )
+    .unwrap();
+    let out = fulcrum(&["reload"], &process.config, &dir).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(answers(&process, 2).await, only("b", 2));
+    let out = fulcrum(&["upgrade"], &process.config, &dir).await;
+    assert_eq!(
+        out.code,
+        0,
+        "a second upgrade from the new process: {}",
+        out.all()
+    );
+    let newer = new_pid(&out);
+    let _newer = Successor(newer);
+    assert_eq!(answers(&process, 2).await, only("b", 2));
+}
