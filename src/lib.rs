@@ -30,6 +30,8 @@
 //! - [`ha`]: the active/standby group: heartbeats, election, reach checks, and the
 //!   virtual addresses the active node holds.
 //! - [`idle_timeout`]: closes connections on which nothing moves.
+//! - [`control`]: the control socket through which `fulcrum reload`, `fulcrum upgrade` and
+//!   `fulcrum ha switchover` reach the process started with a config file.
 //! - [`admin`]: the admin listener: JSON status and config, run-time server changes, and
 //!   Prometheus metrics.
 //! - [`logging`]: diagnostics to stderr, the access log to stdout.
@@ -41,6 +43,7 @@ pub mod admin;
 pub mod balance;
 pub mod cert;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod discovery;
 pub mod ha;
@@ -56,4 +59,5 @@ pub mod runtime;
 pub mod server;
 pub mod tls;
 pub mod transport;
+pub mod upgrade;
 pub mod upstream;

@@ -14,14 +14,15 @@ use crate::server::stopping;
 /// A bound listener and what its accept loop needs.
 pub struct Listener {
     pub socket: TcpListener,
-    /// Index in the runtime's listener list.
-    pub index: usize,
+    /// The listener's slot (`crate::runtime::ListenerRuntime::slot`).
+    pub slot: usize,
     /// One permit per open connection; a connection task holds its permit until it ends, so
     /// holding all permits means every connection is gone.
     pub connections: Arc<Semaphore>,
 }
 
-/// Accepts until shutdown is signalled, then drops the socket so no more clients connect.
+/// Accepts until `shutdown` (the server's, or the listener's own when a reload removes it)
+/// is signalled, then drops the socket so no more clients connect.
 pub async fn accept_loop(
     listener: Listener,
     shared: Arc<Shared>,
@@ -43,11 +44,11 @@ pub async fn accept_loop(
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let (shared, shutdown) = (shared.clone(), shutdown.clone());
-                let index = listener.index;
+                let slot = listener.slot;
                 // Boxed: a connection's future is several KiB, which tokio would otherwise copy
                 // a few times on the way into its task (measured: ~6k instructions each).
                 tokio::spawn(Box::pin(async move {
-                    serve_connection(stream, peer, index, shared, shutdown).await;
+                    serve_connection(stream, peer, slot, shared, shutdown).await;
                     drop(permit);
                 }));
             }

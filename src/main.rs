@@ -1,12 +1,15 @@
-//! The `fulcrum` command: `demo`, `run`, `check`, `status` and `cert`.
+//! The `fulcrum` command: `demo`, `run`, `check`, `status`, `cert`, and `reload`, `upgrade`
+//! and `ha switchover`, which act on a running Fulcrum through its control socket.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use fulcrum::config::{self, Config};
+use fulcrum::ha::cli::HaCommand;
 
 // Connections come and go with a few buffers each; mimalloc serves such churn with far
 // fewer instructions than glibc's allocator (measured: see bench/README.md). Built without
@@ -73,12 +76,25 @@ enum Command {
     /// The active/standby group ([ha]): this node's role, or a planned switchover.
     Ha {
         #[command(subcommand)]
-        command: fulcrum::ha::cli::HaCommand,
+        command: HaCommand,
     },
     /// Certificates for development: a local CA, certificates it signs, and inspection.
     Cert {
         #[command(subcommand)]
         command: fulcrum::cert::cli::CertCommand,
+    },
+    /// Have the Fulcrum started with this config file read it again and apply it; prints
+    /// the outcome (the errors, with file:line:col, if the file is not good).
+    Reload {
+        #[arg(short, long, default_value = "fulcrum.toml")]
+        config: PathBuf,
+    },
+    /// Replace the Fulcrum started with this config file by one running this binary,
+    /// without refusing a connection: the new process takes the listeners over, the old
+    /// one finishes what it has and exits.
+    Upgrade {
+        #[arg(short, long, default_value = "fulcrum.toml")]
+        config: PathBuf,
     },
 }
 
@@ -93,9 +109,16 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Check { config } => check(&config),
             Command::Cert { command } => fulcrum::cert::cli::run(command),
-            Command::Ha { command } => fulcrum::ha::cli::run(command).await,
+            Command::Ha {
+                command: HaCommand::Status { config, admin },
+            } => fulcrum::ha::cli::status(&config, admin).await,
             Command::Backend { listen, name } => backend(listen, name).await,
             Command::Status { config, admin } => status(&config, admin).await,
+            Command::Reload { config } => reload_command(&config).await,
+            Command::Upgrade { config } => upgrade_command(&config).await,
+            Command::Ha {
+                command: HaCommand::Switchover { config },
+            } => switchover_command(&config).await,
             Command::Run { config: path } => match config::load(&path) {
                 Ok(config) => run(config, Some(&path)).await,
                 Err(e) => {
@@ -209,39 +232,98 @@ async fn status(config: &std::path::Path, admin: Option<SocketAddr>) -> ExitCode
 }
 
 /// Serves until SIGTERM or SIGINT; on SIGHUP, reads the config file at `path` again and
-/// applies it if it is good.
-async fn run(config: Config, path: Option<&std::path::Path>) -> ExitCode {
+/// applies it if it is good. With a config file, the control socket takes `fulcrum reload`,
+/// `fulcrum upgrade` and `fulcrum ha switchover` requests, which are handled here too. The
+/// control socket and the listeners are bound now, or taken from the process this one
+/// replaces in a binary upgrade (see `fulcrum::upgrade`); SIGUSR2 starts such an upgrade
+/// with the binary this process was started from.
+async fn run(config: Config, path: Option<&Path>) -> ExitCode {
     // Held to the end, so that queued access log lines are written out on exit.
     let _log = fulcrum::logging::init(&config.access_log);
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
     let grace = config.timeouts.shutdown_grace;
-    let server = match Server::start_workers(config) {
-        Ok(server) => server,
+    // Recorded now: once a package upgrade has replaced the file, this path names the new
+    // binary, which SIGUSR2 starts.
+    let binary = std::env::current_exe().ok();
+    let mut inherited = match fulcrum::upgrade::inherited() {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            tracing::error!("cannot take over the old process's sockets: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let inherited_control = inherited.as_mut().and_then(|i| i.take_control());
+    // Before the listeners: a second process with this file would otherwise bind them
+    // beside the first one (SO_REUSEPORT) and take a share of its connections.
+    let (mut control, reloads, mut requests) = match start_control(&config, path, inherited_control)
+    {
+        Ok(Some((control, reloads, requests))) => (Some(control), Some(reloads), Some(requests)),
+        Ok(None) => (None, None, None),
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    let signal = {
+    let server = match Server::start_workers_inheriting(config, inherited) {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::error!("{e}");
+            if let Some(control) = control {
+                control.stop().await;
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(reloads) = reloads {
+        server.send_reloads_to(reloads);
+    }
+    let stop_reason = {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
         let mut int = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
         let mut hup = signal(SignalKind::hangup()).expect("cannot listen for SIGHUP");
+        let mut usr2 = signal(SignalKind::user_defined2()).expect("cannot listen for SIGUSR2");
         loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
-                _ = hup.recv() => reload(&server, path),
+                _ = hup.recv() => {
+                    let _ = reload(&server, path, "SIGHUP");
+                }
+                Some((request, reply_to)) = next_request(&mut requests) => {
+                    let (reply, stop) =
+                        handle_request(request, &server, path, control.as_mut(), grace).await;
+                    let _ = reply_to.send(reply);
+                    if let Some(reason) = stop {
+                        break reason;
+                    }
+                }
+                _ = usr2.recv() => {
+                    let Some(binary) = binary.as_deref().and_then(Path::to_str) else {
+                        tracing::error!("SIGUSR2: cannot tell which binary this process was started from");
+                        continue;
+                    };
+                    let upgrade = fulcrum::control::Request::Upgrade { binary: binary.to_string() };
+                    let (_, stop) = handle_request(upgrade, &server, path, control.as_mut(), grace).await;
+                    if let Some(reason) = stop {
+                        break reason;
+                    }
+                }
             }
         }
     };
+    // Requests still queued are told that nothing will come of them.
+    drop(requests);
     tracing::info!(
-        signal,
+        reason = stop_reason,
         ?grace,
         "shutting down: no new connections; requests in flight may finish"
     );
+    if let Some(control) = control {
+        control.stop().await;
+    }
     if server.shutdown(grace).await {
         tracing::info!("all connections closed; exiting");
     } else {
@@ -253,10 +335,131 @@ async fn run(config: Config, path: Option<&std::path::Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn reload(server: &Server, path: Option<&std::path::Path>) {
+type ControlRequest = (
+    fulcrum::control::Request,
+    tokio::sync::oneshot::Sender<fulcrum::control::Reply>,
+);
+
+/// The control socket of a process run with a config file, serving; a sender of requests
+/// for the admin API; and the run loop's end of the requests. `None` for the demo.
+fn start_control(
+    config: &Config,
+    path: Option<&Path>,
+    inherited: Option<std::os::unix::net::UnixListener>,
+) -> Result<
+    Option<(
+        fulcrum::control::Control,
+        fulcrum::control::Requests,
+        tokio::sync::mpsc::Receiver<ControlRequest>,
+    )>,
+    String,
+> {
+    let (Some(path), Some(control)) = (path, &config.control) else {
+        return Ok(None);
+    };
+    let listener = match inherited {
+        Some(listener) => listener,
+        None => fulcrum::control::bind(&control.socket)?,
+    };
+    let status = fulcrum::control::Status {
+        pid: std::process::id(),
+        config: path.display().to_string(),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    // A few at most: the control socket serves a handful of connections, the admin API
+    // one reload at a time per connection.
+    let (requests, queue) = tokio::sync::mpsc::channel(8);
+    let control = fulcrum::control::serve(listener, &control.socket, status, requests.clone())
+        .map_err(|e| {
+            format!(
+                "cannot serve the control socket {}: {e}",
+                control.socket.display()
+            )
+        })?;
+    Ok(Some((control, requests, queue)))
+}
+
+async fn next_request(
+    requests: &mut Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
+) -> Option<ControlRequest> {
+    match requests {
+        Some(requests) => requests.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Acts on a request from the control socket or the admin API: the reply, and the reason
+/// to shut down if the request ends this process's service.
+async fn handle_request(
+    request: fulcrum::control::Request,
+    server: &Server,
+    path: Option<&Path>,
+    control: Option<&mut fulcrum::control::Control>,
+    grace: Duration,
+) -> (fulcrum::control::Reply, Option<&'static str>) {
+    use fulcrum::control::{Reply, Request};
+    match request {
+        Request::Reload => (reload(server, path, "reload request").into(), None),
+        Request::Upgrade { binary } => {
+            let (Some(path), Some(control)) = (path, control) else {
+                return (
+                    Reply::error("this Fulcrum has no config file: it cannot be upgraded"),
+                    None,
+                );
+            };
+            match fulcrum::upgrade::hand_over(
+                server,
+                Path::new(&binary),
+                path,
+                Some(control.listener()),
+            )
+            .await
+            {
+                Ok(new_pid) => {
+                    control.handed_over();
+                    // The new process holds the virtual addresses now: leave them on.
+                    if let Some(ha) = server.ha() {
+                        ha.leave(false).await;
+                    }
+                    let message = format!(
+                        "upgraded: process {new_pid} serves, process {} drains (up to {})",
+                        std::process::id(),
+                        humantime::format_duration(grace)
+                    );
+                    tracing::info!("{message}");
+                    (Reply::ok(message), Some("binary upgrade"))
+                }
+                Err(e) => {
+                    tracing::error!("binary upgrade failed; this process serves on: {e}");
+                    (Reply::error(format!("not upgraded: {e}")), None)
+                }
+            }
+        }
+        Request::HaSwitchover => (ha_switchover(server).await.into(), None),
+        // The control socket answers these itself.
+        Request::Status => (Reply::ok("running"), None),
+    }
+}
+
+/// Hands the active role of a high-availability pair to a peer; returns once it holds it.
+async fn ha_switchover(server: &Server) -> Result<String, String> {
+    let Some(ha) = server.ha() else {
+        return Err("high availability is not configured ([ha] section)".to_string());
+    };
+    ha.switchover()
+        .await
+        .map(|peer| format!("switched over: {peer} is active"))
+}
+
+/// Reads the config file at `path` again and applies it if it is good: `Ok("reloaded")`,
+/// or every reason it was not. `trigger` names what asked, for the log.
+fn reload(server: &Server, path: Option<&Path>, trigger: &str) -> Result<String, String> {
     let Some(path) = path else {
-        tracing::warn!("SIGHUP: the demo has no config file to reload");
-        return;
+        tracing::warn!("{trigger}: the demo has no config file to reload");
+        return Err("the demo has no config file to reload".to_string());
     };
     let outcome = config::load(path)
         .map_err(|e| e.to_string())
@@ -267,10 +470,124 @@ fn reload(server: &Server, path: Option<&std::path::Path>) {
             server.reload(config)
         });
     match outcome {
-        Ok(()) => tracing::info!(config = %path.display(), "SIGHUP: config reloaded"),
-        Err(e) => tracing::error!(
-            config = %path.display(),
-            "SIGHUP: config not reloaded; still serving with the previous one:\n{e}"
-        ),
+        Ok(()) => {
+            tracing::info!(config = %path.display(), "{trigger}: config reloaded");
+            Ok("reloaded".to_string())
+        }
+        Err(e) => {
+            tracing::error!(
+                config = %path.display(),
+                "{trigger}: config not reloaded; still serving with the previous one:\n{e}"
+            );
+            Err(format!(
+                "not reloaded; still serving with the previous config:\n{e}"
+            ))
+        }
+    }
+}
+
+/// `fulcrum reload -c FILE`.
+async fn reload_command(config: &Path) -> ExitCode {
+    use fulcrum::control::Request;
+    match ask_running(config, &Request::Reload, Duration::from_secs(30)).await {
+        Ok(reply) if reply.ok => {
+            println!("{}: {}", config.display(), reply.message);
+            ExitCode::SUCCESS
+        }
+        Ok(reply) => {
+            eprintln!("{}: {}", config.display(), reply.message);
+            ExitCode::FAILURE
+        }
+        Err(code) => code,
+    }
+}
+
+/// `fulcrum upgrade -c FILE`: checked here first, so that a bad file is reported without
+/// disturbing the running process.
+async fn upgrade_command(config: &Path) -> ExitCode {
+    use fulcrum::control::Request;
+    if let Err(e) = config::load(config) {
+        eprintln!("{e}");
+        eprintln!("{}: not upgraded: fix the config first", config.display());
+        return ExitCode::FAILURE;
+    }
+    let binary = match std::env::current_exe() {
+        Ok(binary) => binary,
+        Err(e) => {
+            eprintln!("cannot tell which binary this is: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(binary) = binary.to_str().map(str::to_string) else {
+        eprintln!(
+            "the binary's path {} is not UTF-8, which the control socket cannot carry",
+            binary.display()
+        );
+        return ExitCode::FAILURE;
+    };
+    let request = Request::Upgrade { binary };
+    match ask_running(config, &request, Duration::from_secs(60)).await {
+        Ok(reply) if reply.ok => {
+            println!("{}", reply.message);
+            ExitCode::SUCCESS
+        }
+        Ok(reply) => {
+            eprintln!("{}: {}", config.display(), reply.message);
+            ExitCode::FAILURE
+        }
+        Err(code) => code,
+    }
+}
+
+/// `fulcrum ha switchover -c FILE`.
+async fn switchover_command(config: &Path) -> ExitCode {
+    use fulcrum::control::Request;
+    match ask_running(config, &Request::HaSwitchover, Duration::from_secs(60)).await {
+        Ok(reply) if reply.ok => {
+            println!("{}: {}", config.display(), reply.message);
+            ExitCode::SUCCESS
+        }
+        Ok(reply) => {
+            eprintln!("{}: {}", config.display(), reply.message);
+            ExitCode::FAILURE
+        }
+        Err(code) => code,
+    }
+}
+
+/// Sends `request` to the Fulcrum running with the config file `config`, through the
+/// control socket that file names (or its default); on failure, says why and returns the
+/// exit code.
+async fn ask_running(
+    config: &Path,
+    request: &fulcrum::control::Request,
+    within: Duration,
+) -> Result<fulcrum::control::Reply, ExitCode> {
+    use fulcrum::control::client::{AskError, ask};
+    let socket = match config::control::socket_of(config) {
+        Ok(socket) => socket,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!(
+                "{}: its control socket cannot be found until the file reads as TOML: nothing was sent",
+                config.display()
+            );
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    match ask(&socket, request, within).await {
+        Ok(reply) => Ok(reply),
+        Err(AskError::NotRunning { socket }) => {
+            eprintln!(
+                "no Fulcrum runs with {}: nothing answers on {}",
+                config.display(),
+                socket.display()
+            );
+            Err(ExitCode::FAILURE)
+        }
+        Err(AskError::Failed(e)) => {
+            eprintln!("{e}");
+            Err(ExitCode::FAILURE)
+        }
     }
 }

@@ -20,6 +20,9 @@ pub struct Runtime {
     pub config: Config,
     /// In the order of `config.listeners`.
     pub listeners: Vec<ListenerRuntime>,
+    /// Per listener slot ever given out, the listener's index in `listeners`, or `NONE`
+    /// once it is gone: a connection keeps its listener's slot, which no reload reuses.
+    by_slot: Box<[u32]>,
     pub upstreams: Vec<Arc<Upstream>>,
     /// HTTP/2 settings for client connections (stream, header and flow-control limits),
     /// shared by every listener. HTTP/1.1 reads its limits from `config` directly.
@@ -30,12 +33,42 @@ pub struct Runtime {
 }
 
 pub struct ListenerRuntime {
+    /// The listener's identity for as long as it keeps its sockets: the same through
+    /// reloads that leave its `bind` alone, a new one (never given out
+    /// before) for a listener added or rebound.
+    pub slot: usize,
     pub router: Router,
     /// The TLS settings new connections are accepted with, on a TLS listener.
     pub tls: Option<TlsListener>,
 }
 
+/// `Runtime::by_slot` for a slot whose listener is gone.
+const NONE: u32 = u32::MAX;
+
+/// Whether `new` keeps the sockets (and so the slot and the connections) of `old`: the
+/// same name and bind. Anything else about a listener changes in place.
+pub fn same_sockets(
+    old: &crate::config::ListenerConfig,
+    new: &crate::config::ListenerConfig,
+) -> bool {
+    old.name == new.name && old.bind == new.bind
+}
+
 impl Runtime {
+    /// The index in `listeners` (and `config.listeners`) of the listener in `slot`, or
+    /// `None` if a reload removed it: its connections finish and close.
+    pub fn listener_index(&self, slot: usize) -> Option<usize> {
+        match self.by_slot.get(slot) {
+            Some(&i) if i != NONE => Some(i as usize),
+            _ => None,
+        }
+    }
+
+    /// The config of the listener in `slot`, unless a reload removed it.
+    pub fn listener_config(&self, slot: usize) -> Option<&crate::config::ListenerConfig> {
+        Some(&self.config.listeners[self.listener_index(slot)?])
+    }
+
     /// Builds the snapshot for `config`. Replacing `previous` (a reload), upstreams of the
     /// same name keep the state of servers at the same address: pooled connections, load,
     /// marked down or ramping up; TLS listeners of the same name keep their session cache
@@ -60,6 +93,7 @@ impl Runtime {
             })
             .collect::<Result<_, String>>()?;
         let mut listeners = Vec::new();
+        let mut next_slot = previous.map_or(0, |p| p.by_slot.len());
         for l in &config.listeners {
             let same = previous.and_then(|p| {
                 let i = p
@@ -69,6 +103,13 @@ impl Runtime {
                     .position(|old| old.name == l.name)?;
                 Some((p, i))
             });
+            let slot = match same {
+                Some((p, i)) if same_sockets(&p.config.listeners[i], l) => p.listeners[i].slot,
+                _ => {
+                    next_slot += 1;
+                    next_slot - 1
+                }
+            };
             let before = same.and_then(|(p, i)| {
                 Some((
                     p.listeners[i].tls.as_ref()?,
@@ -83,6 +124,7 @@ impl Runtime {
                 None => None,
             };
             listeners.push(ListenerRuntime {
+                slot,
                 router: Router::build(
                     &l.routes,
                     &upstreams,
@@ -92,6 +134,10 @@ impl Runtime {
                 tls,
             });
         }
+        let mut by_slot = vec![NONE; next_slot].into_boxed_slice();
+        for (i, l) in listeners.iter().enumerate() {
+            by_slot[l.slot] = u32::try_from(i).expect("fewer than 2^32 listeners");
+        }
         let http2 = http2_builder(&config);
         let answers = previous.map_or_else(
             || Arc::new(RequestStats::new(config.workers)),
@@ -100,6 +146,7 @@ impl Runtime {
         Ok(Runtime {
             config,
             listeners,
+            by_slot,
             upstreams,
             http2,
             answers,

@@ -196,9 +196,9 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
     let listeners: Vec<Value> = config
         .listeners
         .iter()
-        .zip(&cx.listeners)
         .zip(&rt.listeners)
-        .map(|((l, info), running)| {
+        .map(|(l, running)| {
+            let (bind, open) = cx.listener(running.slot).unwrap_or((l.bind, 0));
             let routes: Vec<Value> = l
                 .routes
                 .iter()
@@ -218,9 +218,9 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
                 .collect();
             json!({
                 "name": l.name,
-                "bind": info.addr,
+                "bind": bind,
                 "tls": l.tls.is_some(),
-                "connections_open": info.open(),
+                "connections_open": open,
                 "max_connections": l.max_connections,
                 "routes": routes,
             })
@@ -264,6 +264,8 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
     overrides.sort_by_key(|o| (o["upstream"].to_string(), o["server"].to_string()));
     let answered = rt.answers.totals();
     json!({
+        // Which process answers: after a binary upgrade, the new one.
+        "pid": std::process::id(),
         "listeners": listeners,
         "upstreams": upstreams,
         "fulcrum_answered": { "requests": answered.requests(), "errors": answered.errors() },
@@ -587,6 +589,7 @@ pub fn config(c: &Config) -> Value {
             "token_file": a.token_file,
             "changes_allowed": a.token.is_some(),
         })),
+        "control": c.control.as_ref().map(|control| json!({ "socket": control.socket })),
         "ha": c.ha.as_ref().map(|h| json!({
             "node": h.node,
             "priority": h.priority,
@@ -604,6 +607,37 @@ pub fn config(c: &Config) -> Value {
             "reach_upstreams": h.reach_upstreams,
         })),
     })
+}
+
+/// `POST /api/reload`: the config file read again and applied by the run loop, as SIGHUP
+/// and `fulcrum reload` have it done; 400 with every error when the file is not good.
+pub async fn reload(cx: &Context) -> Reply {
+    const STOPPING: &str = "Fulcrum is shutting down: the config was not reloaded";
+    let Some(requests) = cx.control.get() else {
+        return Reply::error(
+            StatusCode::CONFLICT,
+            "this Fulcrum was not started with a config file (the demo): there is nothing to reload",
+        );
+    };
+    let (reply_to, reply) = tokio::sync::oneshot::channel();
+    if requests
+        .send((crate::control::Request::Reload, reply_to))
+        .await
+        .is_err()
+    {
+        return Reply::error(StatusCode::SERVICE_UNAVAILABLE, STOPPING);
+    }
+    match reply.await {
+        Ok(reply) if reply.ok => Reply::json(
+            StatusCode::OK,
+            &json!({ "reloaded": true, "message": reply.message }),
+        ),
+        Ok(reply) => Reply::json(
+            StatusCode::BAD_REQUEST,
+            &json!({ "reloaded": false, "error": reply.message }),
+        ),
+        Err(_) => Reply::error(StatusCode::SERVICE_UNAVAILABLE, STOPPING),
+    }
 }
 
 /// An upstream's `health_check`; the keys of an HTTP check only on one.

@@ -55,6 +55,8 @@ struct Scrape {
 #[derive(Debug)]
 struct ListenerScrape {
     name: String,
+    /// Where its requests are counted in `RequestTotals::by_listener`.
+    slot: usize,
     connections_open: usize,
 }
 
@@ -96,10 +98,11 @@ impl Scrape {
             .config
             .listeners
             .iter()
-            .zip(&cx.listeners)
-            .map(|(l, info)| ListenerScrape {
+            .zip(&rt.listeners)
+            .map(|(l, running)| ListenerScrape {
                 name: l.name.clone(),
-                connections_open: info.open(),
+                slot: running.slot,
+                connections_open: cx.listener(running.slot).map_or(0, |(_, open)| open),
             })
             .collect();
         let routes = rt
@@ -174,7 +177,10 @@ impl Scrape {
                 .map(move |s| (u.name.as_str(), s.address.as_str(), &s.requests))
         });
         for (upstream, server, totals) in std::iter::once(("", "", &self.answered)).chain(served) {
-            for (listener, classes) in self.listeners.iter().zip(&totals.by_listener) {
+            for listener in &self.listeners {
+                let Some(classes) = totals.by_listener.get(listener.slot) else {
+                    continue;
+                };
                 for (class, &count) in CLASSES.iter().zip(classes) {
                     if count == 0 {
                         continue;

@@ -1,7 +1,8 @@
 //! The admin listener: a small HTTP/1.1 server (hyper) on its own address, apart from the
 //! proxy's listeners, that shows the running state as JSON (`/api/status`, `/api/config`),
 //! serves Prometheus metrics (`/metrics`), and lets an operator drain, disable, enable or
-//! reweigh a server until the next reload, with a bearer token.
+//! reweigh a server until the next reload, or reload the config file (`/api/reload`), with a
+//! bearer token.
 //!
 //! It runs once per process on the caller's runtime, never on a worker: nothing it does
 //! touches the request path beyond reading the counters the workers keep.
@@ -13,7 +14,7 @@ mod metrics;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -46,14 +47,21 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// What the admin API reads beyond the runtime snapshot: the listeners' connection counts.
 pub struct Context {
     pub shared: Arc<Shared>,
-    /// Per listener, in config order: its bound address, and the semaphore whose permits
-    /// its open connections hold, with the number it started with.
-    pub listeners: Vec<ListenerInfo>,
+    /// The running listeners, kept up to date by the server as reloads change them.
+    pub listeners: ListenerTable,
     /// This node of the active/standby group, with `[ha]`.
     pub ha: Option<crate::ha::HaHandle>,
     recent: Mutex<RecentWindow>,
+    /// Where `POST /api/reload` goes: the run loop, which handles every reload. Set once
+    /// the run loop exists; unset in the demo, which has no file to reload.
+    control: Arc<OnceLock<crate::control::Requests>>,
 }
 
+/// Per listener slot (`crate::runtime::ListenerRuntime::slot`): its bound address, and the
+/// semaphore whose permits its open connections hold, with the number it has now.
+pub type ListenerTable = Arc<Mutex<std::collections::HashMap<usize, ListenerInfo>>>;
+
+#[derive(Clone)]
 pub struct ListenerInfo {
     pub addr: SocketAddr,
     pub connections: Arc<Semaphore>,
@@ -74,12 +82,24 @@ impl ListenerInfo {
 }
 
 impl Context {
-    pub fn new(shared: Arc<Shared>, listeners: Vec<ListenerInfo>) -> Self {
+    /// The listener in `slot`: where it is bound and its connections open now (`None`:
+    /// a reload is adding or removing it at this moment).
+    pub fn listener(&self, slot: usize) -> Option<(SocketAddr, usize)> {
+        let table = lock(&self.listeners);
+        table.get(&slot).map(|info| (info.addr, info.open()))
+    }
+
+    pub fn new(
+        shared: Arc<Shared>,
+        listeners: ListenerTable,
+        control: Arc<OnceLock<crate::control::Requests>>,
+    ) -> Self {
         Context {
             shared,
             listeners,
             ha: None,
             recent: Mutex::new(RecentWindow::default()),
+            control,
         }
     }
 }
@@ -230,6 +250,15 @@ async fn route(cx: &Context, req: Request<Incoming>) -> Reply {
         }
         ["api", "config"] => {
             read_only(|cx| Reply::json(StatusCode::OK, &api::config(&cx.shared.load().config)))
+        }
+        ["api", "reload"] => {
+            if method != Method::POST {
+                return method_not_allowed("POST");
+            }
+            if let Err(refused) = authorize(cx, &req) {
+                return refused;
+            }
+            api::reload(cx).await
         }
         ["api", "ha", "switchover"] => {
             if method != Method::POST {

@@ -28,6 +28,7 @@ pub struct File {
     #[serde(default)]
     pub dns: Dns,
     pub admin: Option<Spanned<Admin>>,
+    pub control: Option<Spanned<Control>>,
     pub ha: Option<Spanned<Ha>>,
 }
 
@@ -207,6 +208,12 @@ pub struct Dns {
 pub struct Admin {
     pub bind: Spanned<String>,
     pub token_file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Control {
+    pub socket: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

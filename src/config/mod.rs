@@ -2,6 +2,7 @@
 //! (validated). Errors carry the file, line and column of what is wrong.
 
 mod admin;
+pub mod control;
 mod dns;
 mod error;
 pub mod file;
@@ -39,7 +40,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::plain(&name, format!("cannot read config file: {e}")))?;
-    parse(&name, &text)
+    let mut config = parse(&name, &text)?;
+    if config.control.is_none() {
+        config.control = Some(ControlConfig {
+            socket: control::default_socket(path),
+        });
+    }
+    Ok(config)
 }
 
 /// Validates config `text`; `name` is what errors call the file.
@@ -300,6 +307,7 @@ impl Checker {
 
         let dns = self.dns(&file.dns);
         let admin = file.admin.map(|admin| self.admin(admin, &binds));
+        let control = file.control.and_then(|control| self.control(control));
         let ha = file.ha.and_then(|ha| self.ha(ha, &upstreams));
 
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
@@ -314,6 +322,7 @@ impl Checker {
             access_log,
             dns,
             admin: admin.flatten(),
+            control,
             ha,
             warnings: Vec::new(),
         }

@@ -21,6 +21,10 @@ pub struct Config {
     pub dns: DnsConfig,
     /// The admin listener (JSON API and metrics), if there is one.
     pub admin: Option<AdminConfig>,
+    /// The control socket `fulcrum reload` and `fulcrum upgrade` talk to: from `[control]`,
+    /// or derived from the file's path by [`load`](crate::config::load); none for a config
+    /// that is not from a file (the demo).
+    pub control: Option<ControlConfig>,
     /// This node's place in an active/standby group sharing virtual addresses, if any.
     pub ha: Option<HaConfig>,
     /// Things that work but deserve a look (a certificate about to expire), each located
@@ -448,6 +452,12 @@ pub struct AdminConfig {
     /// What state-changing calls must present as `Authorization: Bearer`; `None`: such
     /// calls are refused.
     pub token: Option<AdminToken>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// Absolute.
+    pub socket: PathBuf,
 }
 
 /// The admin API's bearer token. Its `Debug` hides it.

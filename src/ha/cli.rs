@@ -1,5 +1,6 @@
-//! `fulcrum ha status` and `fulcrum ha switchover`: ask a running Fulcrum's admin listener
-//! for this node's place in its group, or to hand the active role to a peer.
+//! `fulcrum ha status` (this node's place in its group, from its admin listener) and the
+//! arguments of `fulcrum ha switchover` (which goes through the control socket, as
+//! `fulcrum reload` does).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,22 +29,17 @@ pub enum HaCommand {
         #[arg(long, value_name = "ADDRESS")]
         admin: Option<SocketAddr>,
     },
-    /// Hand the active role to the best peer (run on the active node): returns once the
-    /// peer holds it. Uses the token in the config's [admin] token_file.
+    /// Hand the active role to the best peer (run on the active node, through the control
+    /// socket of the Fulcrum started with this config): returns once the peer holds it.
     Switchover {
         #[arg(short, long, default_value = "fulcrum.toml")]
         config: PathBuf,
-        #[arg(long, value_name = "ADDRESS")]
-        admin: Option<SocketAddr>,
     },
 }
 
-pub async fn run(command: HaCommand) -> ExitCode {
-    let outcome = match command {
-        HaCommand::Status { config, admin } => status(&config, admin).await,
-        HaCommand::Switchover { config, admin } => switchover(&config, admin).await,
-    };
-    match outcome {
+/// Prints this node's role, its peers and its last change.
+pub async fn status(config: &Path, admin: Option<SocketAddr>) -> ExitCode {
+    match describe_status(config, admin).await {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -55,7 +51,7 @@ pub async fn run(command: HaCommand) -> ExitCode {
     }
 }
 
-async fn status(config: &Path, admin: Option<SocketAddr>) -> Result<String, String> {
+async fn describe_status(config: &Path, admin: Option<SocketAddr>) -> Result<String, String> {
     let addr = admin.map_or_else(|| admin_addr_from_config(config), Ok)?;
     let status = request(addr, http::Method::GET, "/api/status", None).await?;
     if status["ha"].is_null() {
@@ -64,43 +60,6 @@ async fn status(config: &Path, admin: Option<SocketAddr>) -> Result<String, Stri
         ));
     }
     Ok(describe(&status["ha"]))
-}
-
-async fn switchover(config: &Path, admin: Option<SocketAddr>) -> Result<String, String> {
-    let addr = admin.map_or_else(|| admin_addr_from_config(config), Ok)?;
-    let token = token_from_config(config)?;
-    let answer = request(addr, http::Method::POST, "/api/ha/switchover", Some(&token)).await?;
-    Ok(format!(
-        "switched over: {} is active\n{}",
-        answer["switched_over_to"].as_str().unwrap_or("?"),
-        describe(&answer["ha"])
-    ))
-}
-
-/// The admin token in the file `[admin] token_file` of the config at `path` names
-/// (relative to the config's directory).
-fn token_from_config(path: &Path) -> Result<String, String> {
-    #[derive(serde::Deserialize)]
-    struct AdminOnly {
-        admin: Option<TokenFile>,
-    }
-    #[derive(serde::Deserialize)]
-    struct TokenFile {
-        token_file: Option<String>,
-    }
-    let shown = path.display();
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{shown} cannot be read: {e}"))?;
-    let config: AdminOnly =
-        toml::from_str(&text).map_err(|e| format!("{shown} is not valid TOML: {e}"))?;
-    let Some(file) = config.admin.and_then(|a| a.token_file) else {
-        return Err(format!(
-            "{shown}: a switchover needs the admin token: set token_file in [admin]"
-        ));
-    };
-    let file = path.parent().unwrap_or(Path::new("")).join(file);
-    let token = std::fs::read_to_string(&file)
-        .map_err(|e| format!("token_file `{}` cannot be read: {e}", file.display()))?;
-    Ok(token.trim().to_string())
 }
 
 /// The node's role, its peers, and its last change, in a few lines.

@@ -37,7 +37,11 @@ pub async fn serve_connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let runtime = shared.load();
-    let tls = runtime.listeners[listener]
+    // Accepted just as a reload removed the listener: it is closing.
+    let Some(index) = runtime.listener_index(listener) else {
+        return;
+    };
+    let tls = runtime.listeners[index]
         .tls
         .as_ref()
         .map(|tls| tls.config.clone());

@@ -34,7 +34,7 @@ pub struct AccessRecord<'rt> {
     pub server: Option<&'rt Server>,
     /// The counts of the route that took the request; `None`: refused before routing.
     pub route: Option<&'rt ClassCounts>,
-    /// The index of the listener the request came in on.
+    /// The slot of the listener the request came in on.
     listener: usize,
     rt: &'rt Runtime,
 }
@@ -85,7 +85,7 @@ impl Drop for AccessRecord<'_> {
         let elapsed = self.started.elapsed();
         let status = self.final_status();
         let stats = self.server.map_or(&*self.rt.answers, |s| &s.stats);
-        stats.record(self.rt.listeners.len(), self.listener, status, elapsed);
+        stats.record(self.listener, status, elapsed);
         if let Some(route) = self.route {
             route.record(status);
         }

@@ -55,7 +55,7 @@ use crate::upstream::{Admitted, Affinity, ConnectError, Observed, RawConn, Upstr
 #[derive(Debug)]
 pub struct ClientConn {
     pub peer: SocketAddr,
-    /// Index of the listener in the runtime's listener list.
+    /// The listener's slot (`crate::runtime::ListenerRuntime::slot`).
     pub listener: usize,
     /// The client's address as `X-Forwarded-For` and `Forwarded` write it, made once per
     /// connection rather than per request.
@@ -133,7 +133,16 @@ where
     let unread = framing.has_body();
 
     // 1. Validate and route (or send the client to HTTPS).
-    if let Some(port) = rt.config.listeners[client.listener].redirect_to_https {
+    let Some(listener) = rt.listener_index(client.listener) else {
+        // The listener was removed by a reload as this request began: its connections are
+        // told to close, and this one does so after its answer (`unread`: close).
+        let gone = Failure {
+            retry_after: true,
+            ..Failure::new(StatusCode::SERVICE_UNAVAILABLE, "this listener is closing")
+        };
+        return answer::write(writer, gone, is_head, true, &mut log).await;
+    };
+    if let Some(port) = rt.config.listeners[listener].redirect_to_https {
         return answer::redirect_to_https(
             writer,
             &req,
@@ -145,7 +154,7 @@ where
         )
         .await;
     }
-    let routed = match route(&req, client.listener, &client.client_names, rt) {
+    let routed = match route(&req, listener, &client.client_names, rt) {
         Ok(routed) => routed,
         Err(reject) => {
             // A request the checks refuse may be framed in a way another parser reads
@@ -283,7 +292,7 @@ where
             _ => &server.host_header,
         };
         upstream_out.clear();
-        let listener_tls = rt.config.listeners[client.listener].tls.as_ref();
+        let listener_tls = rt.config.listeners[listener].tls.as_ref();
         rewrite::write_request(
             upstream_out,
             &parts,

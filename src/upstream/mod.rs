@@ -11,7 +11,7 @@ mod pool;
 mod resilience;
 mod state;
 pub mod stats;
-mod sticky;
+pub(crate) mod sticky;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -41,10 +41,10 @@ pub struct RequestStats {
 #[derive(Debug, Default)]
 #[repr(align(64))]
 struct Shard {
-    /// Per listener, per class. Sized on the worker's first request, when the number of
-    /// listeners is known; it stays fixed for the process (a reload that changes the
-    /// listeners is refused).
-    by_listener: OnceLock<Box<[[AtomicU64; CLASSES.len()]]>>,
+    /// Per listener slot (`crate::runtime::ListenerRuntime::slot`), per class, in chunks
+    /// of growing size made on a slot's first request: slots are never reused, and a
+    /// reload may add listeners, so the table grows without a lock on the request path.
+    by_listener: [OnceLock<Box<[ListenerCounts]>>; SLOT_CHUNKS],
     /// Not cumulative: each request counts in its one bucket.
     latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_us: AtomicU64,
@@ -52,10 +52,25 @@ struct Shard {
     failed_tries: AtomicU64,
 }
 
+/// One listener's requests by status class.
+type ListenerCounts = [AtomicU64; CLASSES.len()];
+
+/// Chunk `k` of a shard's per-listener table holds `FIRST_CHUNK << k` slots: 12 chunks
+/// cover 16,380 listener slots, far more than a process adds in its life; the requests
+/// of slots beyond are not counted by listener (they still count in the latency).
+const SLOT_CHUNKS: usize = 12;
+const FIRST_CHUNK: usize = 4;
+
+/// The chunk holding `slot`, and its place there.
+fn chunk_of(slot: usize) -> (usize, usize) {
+    let k = (slot / FIRST_CHUNK + 1).ilog2() as usize;
+    (k, slot - FIRST_CHUNK * ((1 << k) - 1))
+}
+
 /// `RequestStats` added up over the workers.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestTotals {
-    /// Per listener, per class (in the order of [`CLASSES`]).
+    /// Per listener slot, per class (in the order of [`CLASSES`]).
     pub by_listener: Vec<[u64; CLASSES.len()]>,
     /// Requests per bucket of [`LATENCY_BUCKETS`] (each in the first whose bound it is
     /// within), then those slower than the last bound.
@@ -92,24 +107,19 @@ impl RequestStats {
         }
     }
 
-    /// Counts one request on listener `listener` (of `listeners`) that ended with `status`
+    /// Counts one request on the listener in slot `listener` that ended with `status`
     /// (`None`: without one) after `elapsed`.
-    pub fn record(
-        &self,
-        listeners: usize,
-        listener: usize,
-        status: Option<u16>,
-        elapsed: Duration,
-    ) {
+    pub fn record(&self, listener: usize, status: Option<u16>, elapsed: Duration) {
         let shard = &self.shards[worker().min(self.shards.len() - 1)];
         let class = class_index(status);
-        let counts = shard.by_listener.get_or_init(|| {
-            (0..listeners)
-                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
-                .collect()
-        });
-        if let Some(counts) = counts.get(listener) {
-            bump(&counts[class]);
+        let (k, at) = chunk_of(listener);
+        if let Some(chunk) = shard.by_listener.get(k) {
+            let counts = chunk.get_or_init(|| {
+                (0..FIRST_CHUNK << k)
+                    .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+                    .collect()
+            });
+            bump(&counts[at][class]);
         }
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         let bucket = BUCKET_MICROS
@@ -133,11 +143,15 @@ impl RequestStats {
         };
         let mut sum_us = 0u64;
         for shard in &self.shards {
-            if let Some(counts) = shard.by_listener.get() {
-                if totals.by_listener.len() < counts.len() {
-                    totals.by_listener.resize(counts.len(), [0; CLASSES.len()]);
+            for (k, chunk) in shard.by_listener.iter().enumerate() {
+                let Some(counts) = chunk.get() else { continue };
+                let first = FIRST_CHUNK * ((1 << k) - 1);
+                if totals.by_listener.len() < first + counts.len() {
+                    totals
+                        .by_listener
+                        .resize(first + counts.len(), [0; CLASSES.len()]);
                 }
-                for (total, counts) in totals.by_listener.iter_mut().zip(counts) {
+                for (total, counts) in totals.by_listener[first..].iter_mut().zip(counts) {
                     for (t, c) in total.iter_mut().zip(counts) {
                         *t += c.load(Ordering::Relaxed);
                     }
@@ -275,14 +289,14 @@ mod tests {
     #[test]
     fn requests_count_by_listener_class_and_latency_bucket() {
         let stats = RequestStats::new(2);
-        stats.record(2, 0, Some(200), Duration::from_micros(800));
-        stats.record(2, 0, Some(204), Duration::from_millis(3));
-        stats.record(2, 1, Some(502), Duration::from_secs(30));
-        stats.record(2, 1, None, Duration::from_millis(3));
+        stats.record(0, Some(200), Duration::from_micros(800));
+        stats.record(0, Some(204), Duration::from_millis(3));
+        stats.record(1, Some(502), Duration::from_secs(30));
+        stats.record(1, None, Duration::from_millis(3));
         let totals = stats.totals();
         assert_eq!(
-            totals.by_listener,
-            vec![[0, 2, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]]
+            totals.by_listener[..2],
+            [[0, 2, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]]
         );
         assert_eq!(totals.requests(), 4);
         assert_eq!(totals.errors(), 1);
@@ -297,16 +311,45 @@ mod tests {
     }
 
     #[test]
-    fn a_listener_beyond_the_known_ones_is_not_counted_rather_than_panicking() {
+    fn a_slot_beyond_the_table_is_not_counted_rather_than_panicking() {
         let stats = RequestStats::new(1);
-        stats.record(1, 3, Some(200), Duration::ZERO);
+        stats.record(usize::MAX / 2, Some(200), Duration::ZERO);
         assert_eq!(stats.totals().requests(), 0);
+    }
+
+    #[test]
+    fn every_slot_has_its_own_place_in_the_chunks() {
+        let mut seen = std::collections::HashSet::new();
+        for slot in 0..FIRST_CHUNK * ((1 << SLOT_CHUNKS) - 1) {
+            let (k, at) = chunk_of(slot);
+            assert!(k < SLOT_CHUNKS && at < FIRST_CHUNK << k, "{slot}: {k} {at}");
+            assert!(seen.insert((k, at)));
+        }
+        assert_eq!(
+            chunk_of(FIRST_CHUNK * ((1 << SLOT_CHUNKS) - 1)).0,
+            SLOT_CHUNKS
+        );
+    }
+
+    #[test]
+    fn slots_added_later_count_apart_from_the_first_ones() {
+        let stats = RequestStats::new(1);
+        for slot in [0, 3, 4, 11, 12, 700] {
+            stats.record(slot, Some(200), Duration::ZERO);
+            stats.record(slot, Some(500), Duration::ZERO);
+        }
+        let totals = stats.totals();
+        assert_eq!(totals.requests(), 12);
+        for slot in [0, 3, 4, 11, 12, 700] {
+            assert_eq!(totals.by_listener[slot], [0, 1, 0, 0, 1, 0], "slot {slot}");
+        }
+        assert_eq!(totals.by_listener[5], [0; CLASSES.len()]);
     }
 
     #[test]
     fn failed_tries_add_to_the_tries_but_not_the_requests() {
         let stats = RequestStats::new(2);
-        stats.record(1, 0, Some(200), Duration::ZERO);
+        stats.record(0, Some(200), Duration::ZERO);
         stats.failed_try();
         stats.failed_try();
         let totals = stats.totals();
@@ -327,7 +370,7 @@ mod tests {
                 std::thread::spawn(move || {
                     crate::server::set_worker_for_tests(w);
                     for _ in 0..1000 {
-                        stats.record(1, 0, Some(200), Duration::from_millis(1));
+                        stats.record(0, Some(200), Duration::from_millis(1));
                         classes.record(Some(200));
                         counts.opened();
                         counts.reused();

@@ -75,15 +75,25 @@ fn key_from(secret: &StickySecret) -> [u8; 16] {
         .as_bytes()
 }
 
-/// A key drawn from the operating system's random source the first time it is needed, and
-/// kept for the life of the process, so that pinned clients stay pinned through a reload.
-fn process_key() -> [u8; 16] {
-    static KEY: OnceLock<[u8; 16]> = OnceLock::new();
-    *KEY.get_or_init(|| {
+/// The key tokens are made with when no secret is configured.
+static PROCESS_KEY: OnceLock<[u8; 16]> = OnceLock::new();
+
+/// A key drawn from the operating system's random source the first time it is needed (or
+/// handed over by the process this one took over from), and kept for the life of the
+/// process, so that pinned clients stay pinned through a reload and a binary upgrade.
+pub(crate) fn process_key() -> [u8; 16] {
+    *PROCESS_KEY.get_or_init(|| {
         let mut key = [0; 16];
         getrandom::fill(&mut key).expect("the operating system gives random bytes");
         key
     })
+}
+
+/// Makes `key`, handed over by the process this one took over from, the process key, so
+/// that its cookies stay valid. Returns false if a key was already in use (drawn before the
+/// handover was read), which then stays.
+pub(crate) fn adopt_process_key(key: [u8; 16]) -> bool {
+    PROCESS_KEY.set(key).is_ok()
 }
 
 /// A server's token: SipHash-2-4, a keyed pseudorandom function, over the upstream's name

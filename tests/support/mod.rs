@@ -315,6 +315,9 @@ impl Process {
             .args(["run", "-c"])
             .arg(&path)
             .env("RUST_LOG", "info")
+            // Its control socket beside its config, not in /run/fulcrum, where one killed
+            // test after another would leave theirs.
+            .env("FULCRUM_RUN_DIR", &dir.0)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         configure(&mut command);

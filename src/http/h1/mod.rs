@@ -116,7 +116,8 @@ pub async fn serve(
                     http::Version::HTTP_11,
                     false,
                     timeouts,
-                    rt.config.listeners[client.conn.listener].hsts.as_ref(),
+                    rt.listener_config(client.conn.listener)
+                        .and_then(|l| l.hsts.as_ref()),
                 );
                 Box::pin(proxy::refuse(&mut writer, e.status(), e.reason())).await;
                 Box::pin(client.close_lingering()).await;
@@ -140,8 +141,10 @@ pub async fn serve(
             version,
             keep_alive,
             timeouts,
-            rt.config.listeners[client.conn.listener].hsts.as_ref(),
-        );
+            rt.listener_config(client.conn.listener)
+                .and_then(|l| l.hsts.as_ref()),
+        )
+        .closing_on(&shutdown);
         let incoming = Incoming { head: req, framing };
         // Boxed: a request's phases hold several KiB of state while they run, which a
         // connection waiting for its next request should not carry.

@@ -82,9 +82,22 @@ pub struct H1Writer<'a> {
     /// The body goes out chunked: the upstream did not say how long it is.
     chunked: bool,
     hsts: Option<&'a HeaderValue>,
+    /// The connection's stop (shutdown, or its listener removed by a reload): once given,
+    /// the response says `connection: close` even if the request began before it.
+    stop: Option<&'a tokio::sync::watch::Receiver<bool>>,
 }
 
 impl<'a> H1Writer<'a> {
+    /// Closes the connection after this response if `stop` is given by the time it goes.
+    pub fn closing_on(mut self, stop: &'a tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    fn keep_alive(&self) -> bool {
+        self.keep_alive && !self.stop.is_some_and(|stop| *stop.borrow())
+    }
+
     pub fn new(
         stream: &'a Stream,
         out: &'a mut Vec<u8>,
@@ -102,6 +115,7 @@ impl<'a> H1Writer<'a> {
             idle: timeouts.client_idle,
             chunked: false,
             hsts,
+            stop: None,
         }
     }
 
@@ -121,7 +135,7 @@ impl ResponseWriter for H1Writer<'_> {
         self.chunked = unknown_length && self.version == Version::HTTP_11;
         // An HTTP/1.0 client learns where a body of unknown length ends only by the close.
         let close_delimited = unknown_length && !self.chunked;
-        let keep_alive = !switched && !close_delimited && self.keep_alive && head.request_done;
+        let keep_alive = !switched && !close_delimited && head.request_done && self.keep_alive();
         if unknown_length || switched {
             // Streamed pieces must not wait for the client's ACK of the previous one.
             let _ = self.stream.set_nodelay(true);
@@ -155,7 +169,7 @@ impl ResponseWriter for H1Writer<'_> {
     }
 
     async fn answer(&mut self, answer: &OwnAnswer<'_>) -> bool {
-        let keep_alive = self.keep_alive && !answer.unread;
+        let keep_alive = !answer.unread && self.keep_alive();
         self.out.clear();
         let _ = write!(
             self.out,

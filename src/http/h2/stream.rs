@@ -59,7 +59,9 @@ pub async fn serve(
         send: None,
         ended: false,
         idle,
-        hsts: rt.config.listeners[client.listener].hsts.clone(),
+        hsts: rt
+            .listener_config(client.listener)
+            .and_then(|l| l.hsts.clone()),
     };
     let mut upstream_out = Vec::with_capacity(UPSTREAM_OUT);
     let incoming = Incoming { head, framing };
