@@ -255,6 +255,9 @@ async fn run(config: Config, path: Option<&Path>) -> ExitCode {
         }
     };
     let inherited_control = inherited.as_mut().and_then(|i| i.take_control());
+    // Until this process serves, the socket file is the old process's: a failed start must
+    // leave it in place.
+    let control_inherited = inherited_control.is_some();
     // Before the listeners: a second process with this file would otherwise bind them
     // beside the first one (SO_REUSEPORT) and take a share of its connections.
     let (mut control, reloads, mut requests) = match start_control(&config, path, inherited_control)
@@ -270,7 +273,10 @@ async fn run(config: Config, path: Option<&Path>) -> ExitCode {
         Ok(server) => server,
         Err(e) => {
             tracing::error!("{e}");
-            if let Some(control) = control {
+            if let Some(mut control) = control {
+                if control_inherited {
+                    control.handed_over();
+                }
                 control.stop().await;
             }
             return ExitCode::FAILURE;
@@ -357,9 +363,16 @@ fn start_control(
     let (Some(path), Some(control)) = (path, &config.control) else {
         return Ok(None);
     };
+    // The old process's socket, unless the file now names another path: then a fresh one
+    // there, so that commands given the file find this process.
+    let at_configured_path = |listener: &std::os::unix::net::UnixListener| {
+        listener
+            .local_addr()
+            .is_ok_and(|addr| addr.as_pathname() == Some(control.socket.as_path()))
+    };
     let listener = match inherited {
-        Some(listener) => listener,
-        None => fulcrum::control::bind(&control.socket)?,
+        Some(listener) if at_configured_path(&listener) => listener,
+        _ => fulcrum::control::bind(&control.socket)?,
     };
     let status = fulcrum::control::Status {
         pid: std::process::id(),

@@ -521,3 +521,31 @@ async fn fulcrum_upgrade_replaces_the_process_and_its_control_socket_answers_fro
     let _newer = Successor(newer);
     assert_eq!(answers(&process, 2).await, only("b", 2));
 }
+
+#[tokio::test]
+async fn an_upgrade_that_fails_after_the_handover_leaves_the_old_process_its_control_socket() {
+    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
+    let process = Process::start(&two_upstreams("one", ""), &[&a, &b]);
+    let dir = run_dir(&process);
+    // The new process takes the sockets, then cannot bind a listener on a port in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let good = std::fs::read_to_string(&process.config).unwrap();
+    std::fs::write(
+        &process.config,
+        format!(
+            "{good}\n[listeners.more]\nbind = \"{}\"\n[[listeners.more.routes]]\nupstream = \"two\"\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = fulcrum(&["upgrade"], &process.config, &dir).await;
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.all().contains("not upgraded"), "{}", out.all());
+    assert_eq!(answers(&process, 2).await, only("a", 2));
+
+    // The old process still answers on its control socket.
+    std::fs::write(&process.config, &good).unwrap();
+    assert_eq!(sockets_in(&dir).len(), 1, "{dir:?}");
+    let out = fulcrum(&["reload"], &process.config, &dir).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+}

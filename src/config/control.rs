@@ -71,11 +71,13 @@ pub fn socket_of(path: &Path) -> Result<PathBuf, ConfigError> {
 }
 
 /// The control socket of a config file without `[control] socket`: in the run directory
-/// ([`run_dir`]), named after the file and a hash of its canonical path.
+/// ([`run_dir`]), named after the file and a hash of its absolute path (symlinks kept).
 pub fn default_socket(config_path: &Path) -> PathBuf {
-    let canonical = std::fs::canonicalize(config_path).unwrap_or_else(|_| absolute(config_path));
+    // Absolute but with symlinks kept: a deploy that swaps a link (a Kubernetes ConfigMap
+    // mount, a `current` release link) changes where the file resolves to, not its name.
+    let path = absolute(config_path);
     let run_dir = run_dir(|name| std::env::var_os(name), effective_uid());
-    run_dir.join(socket_name(&canonical))
+    run_dir.join(socket_name(&path))
 }
 
 /// Where default control sockets live: `$FULCRUM_RUN_DIR` if set, else `/run/fulcrum` for
@@ -95,9 +97,9 @@ pub fn run_dir(env: impl Fn(&str) -> Option<OsString>, uid: u32) -> PathBuf {
 }
 
 /// `STEM-HASH.sock`: the file's stem (shortened) for a reader, and 16 hex digits of a hash
-/// of the whole canonical path so that two files of one name do not share a socket.
-pub fn socket_name(canonical: &Path) -> String {
-    let stem = canonical
+/// of the whole absolute path so that two files of one name do not share a socket.
+pub fn socket_name(path: &Path) -> String {
+    let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy())
         .unwrap_or_default();
@@ -110,7 +112,7 @@ pub fn socket_name(canonical: &Path) -> String {
     }
     format!(
         "{short}-{:016x}.sock",
-        fnv1a(canonical.as_os_str().as_encoded_bytes())
+        fnv1a(path.as_os_str().as_encoded_bytes())
     )
 }
 

@@ -63,11 +63,14 @@ pub(super) fn open(
     };
     let sockets = match handed {
         Some(mut sockets) if !sockets.is_empty() => {
-            // The old process may have run fewer workers: every worker gets a socket of
-            // its own, bound beside the handed ones.
-            let addr = sockets[0].local_addr()?;
-            while sockets.len() < workers {
-                sockets.push(bind(addr, defer).map_err(named)?);
+            // The old process may have run fewer workers: the extra workers accept from
+            // copies of the handed sockets. A socket bound beside them would get its share
+            // of new connections at once, before this process is ready, and reset them all
+            // if it then failed to start.
+            let handed_count = sockets.len();
+            for i in 0..workers.saturating_sub(handed_count) {
+                let copy = sockets[i % handed_count].try_clone()?;
+                sockets.push(copy);
             }
             for socket in &sockets {
                 socket.set_nonblocking(true)?;
