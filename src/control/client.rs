@@ -39,6 +39,20 @@ pub async fn ask(socket: &Path, request: &Request, within: Duration) -> Result<R
         }
         Err(e) => return Err(failed("cannot connect", &e)),
     };
+    // Only a process of this user (or root) is told what to do and believed: a socket
+    // another user put in the path's place is not a Fulcrum of ours.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match stream.peer_cred() {
+        Ok(peer) if peer.uid() == me || peer.uid() == 0 => {}
+        Ok(peer) => {
+            return Err(failed(
+                "refused",
+                &format_args!("it is served by another user's process (uid {})", peer.uid()),
+            ));
+        }
+        Err(e) => return Err(failed("cannot tell who serves it", &e)),
+    }
     let exchange = async {
         stream.write_all(&protocol::encode(request)).await?;
         let mut line = Vec::new();

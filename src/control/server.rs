@@ -51,12 +51,23 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
                 .map_err(|e| cannot(&e))?;
         }
         // In a directory anyone may write to, anyone could put a socket of their own in
-        // this one's place for commands to talk to (/tmp's sticky bit prevents that).
-        let mode = std::fs::metadata(dir).map_err(|e| cannot(&e))?.mode();
+        // this one's place for commands to talk to (/tmp's sticky bit prevents that); the
+        // same goes for a directory another user made (say /tmp/fulcrum-UID, made first by
+        // someone else) and may write to.
+        let meta = std::fs::metadata(dir).map_err(|e| cannot(&e))?;
+        let mode = meta.mode();
         if mode & 0o002 != 0 && mode & 0o1000 == 0 {
             return Err(cannot(&format_args!(
                 "its directory {} may be written by any user",
                 dir.display()
+            )));
+        }
+        let me = effective_uid();
+        if meta.uid() != me && meta.uid() != 0 && mode & 0o1000 == 0 {
+            return Err(cannot(&format_args!(
+                "its directory {} belongs to another user (uid {})",
+                dir.display(),
+                meta.uid()
             )));
         }
     }
@@ -72,6 +83,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
         .and_then(|()| listener.set_nonblocking(true))
         .map_err(|e| cannot(&e))?;
     Ok(listener)
+}
+
+/// This process's effective user id.
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Removes the socket file at `path` if nothing answers on it; refuses if a process does,
