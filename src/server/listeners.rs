@@ -447,7 +447,12 @@ const DROP_SYN: [socket2::SockFilter; 4] = {
             TCP_FLAGS_OFFSET,
         ),
         // SYN set: on to the next instruction, else skip it.
-        SockFilter::new((libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16, 0, 1, SYN),
+        SockFilter::new(
+            (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16,
+            0,
+            1,
+            SYN,
+        ),
         SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, 0),
         SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, u32::MAX),
     ]
@@ -616,7 +621,11 @@ mod tests {
         let _clients: Vec<TcpStream> = (0..3).map(|_| connect(addr).unwrap()).collect();
         let deadline = std::time::Instant::now() + WAIT;
         while accept_queue(&socket) < 3 {
-            assert!(std::time::Instant::now() < deadline, "{}", accept_queue(&socket));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}",
+                accept_queue(&socket)
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         let _accepted = accept_one(&socket);

@@ -457,8 +457,7 @@ impl Quiesce {
     pub async fn drained(&self, within: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + DRAIN_POLL))
-                .await;
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + DRAIN_POLL)).await;
             let open = self.open_connections();
             if open == 0 || tokio::time::Instant::now() >= deadline {
                 return open;
