@@ -252,7 +252,7 @@ impl Node {
     }
 }
 
-/// A server at `addr` that answers every request `slow` after a second, and tells
+/// A server at `addr` that answers every request `slow` after two seconds, and tells
 /// `arrived` of each request as it comes.
 async fn slow_server(addr: SocketAddr) -> Arc<tokio::sync::Notify> {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -272,7 +272,7 @@ async fn slow_server(addr: SocketAddr) -> Arc<tokio::sync::Notify> {
                     while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
                         head.drain(..end + 4);
                         notify.notify_one();
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        tokio::time::sleep(Duration::from_secs(2)).await;
                         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow";
                         if stream.write_all(answer).await.is_err() {
                             return;
@@ -379,7 +379,7 @@ async fn a_planned_switchover_moves_the_role_and_a_stopping_node_hands_it_back_a
     let (code, body) = lb2.switchover(Some(TOKEN)).await;
     assert_eq!(code, 409, "a backup has nothing to hand over: {body:#}");
 
-    // A request in flight on lb1 when the switchover is asked, answered a second later.
+    // A request in flight on lb1 when the switchover is asked, answered two seconds later.
     let arrived = slow_server(specs[0].server).await;
     let mut in_flight = tokio::net::TcpStream::connect(lb1.process.addr)
         .await
@@ -412,6 +412,11 @@ async fn a_planned_switchover_moves_the_role_and_a_stopping_node_hands_it_back_a
     }
     assert_eq!(lb2.role().await, "backup");
     assert!(addresses.on_lo(0));
+    // The process answers other requests meanwhile.
+    let out = lb1.fulcrum(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let status = lb1.status().await;
+    assert_eq!(status["draining"], true, "reload answered after the drain");
     // The request in flight is answered, its connection closing after it.
     let answer = read_until_close(&mut in_flight, SLACK).await;
     let answered = Instant::now();
