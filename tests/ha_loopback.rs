@@ -714,3 +714,54 @@ async fn an_in_process_server_refuses_an_ha_reload_and_hands_over_on_shutdown() 
     assert!(ha.status().left);
     assert_eq!(ha.status().last_change.unwrap().reason, "shutdown");
 }
+
+#[tokio::test]
+async fn a_switchover_no_peer_takes_leaves_the_node_active_and_its_listeners_taking_connections() {
+    let addresses = Addresses::new(9);
+    let secrets = Secrets::new();
+    let spec = NodeSpec::new("lb1", 200, true, addresses.of(0));
+    let config = fulcrum::config::parse("ha.toml", &config(&spec, &secrets)).unwrap();
+    let server = fulcrum::server::Server::start(config).await.unwrap();
+    let ha = server.ha().expect("a node with [ha]");
+    let listener = server.local_addrs()[0];
+
+    // The peer (this test) says it is a live, eligible backup, and never takes the role.
+    let peer = tokio::net::UdpSocket::bind(spec.peers[0]).await.unwrap();
+    let node = spec.bind;
+    let heartbeats = tokio::spawn(async move {
+        let key = fulcrum::ha::heartbeat::key(KEY.as_bytes());
+        for sequence in 1.. {
+            let heartbeat = fulcrum::ha::heartbeat::Heartbeat {
+                group: 7,
+                node: "lb2".into(),
+                priority: 100,
+                role: fulcrum::ha::heartbeat::WireRole::Backup,
+                eligible: true,
+                sequence,
+            };
+            let _ = peer.send_to(&heartbeat.encode(&key), node).await;
+            tokio::time::sleep(Duration::from_millis(INTERVAL_MS)).await;
+        }
+    });
+    let deadline = Instant::now() + dead_time() + SLACK;
+    while ha.status().role != "active" || !ha.status().peers[0].alive {
+        assert!(Instant::now() < deadline, "{:?}", ha.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let why = ha.switchover().await.expect_err("nobody took the role");
+    assert!(why.contains("no peer took the role"), "{why}");
+    let status = ha.status();
+    assert_eq!(status.role, "active", "{status:?}");
+    assert!(!status.draining && !status.yielding, "{status:?}");
+    assert!(addresses.on_lo(0));
+    // Paused for the switchover, its listener takes connections again.
+    let connect = tokio::net::TcpStream::connect(listener);
+    tokio::time::timeout(Duration::from_millis(500), connect)
+        .await
+        .expect("the listener stayed paused")
+        .unwrap();
+
+    heartbeats.abort();
+    assert!(server.shutdown(Duration::from_secs(1)).await);
+}
