@@ -137,3 +137,31 @@ async fn a_drain_gives_up_at_its_deadline_with_the_connections_still_open() {
     send(&mut busy, "/").await;
     assert!(response(&mut busy).await.starts_with("HTTP/1.1 200"));
 }
+
+#[tokio::test]
+async fn a_paused_server_answers_the_http2_streams_in_flight_and_closes_the_connection() {
+    let backend = backend().await;
+    let proxy = Proxy::simple(&[&backend], "").await;
+    let quiesce = proxy.server.quiesce();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    let slow = tokio::spawn(client.get(proxy.url("/slow")).send());
+    let deadline = Instant::now() + WAIT;
+    while backend.seen.count() < 1 {
+        assert!(Instant::now() < deadline, "the slow request never came");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(quiesce.open_connections(), 1);
+    quiesce.pause();
+    // GOAWAY: the stream in flight is answered, then the connection closes.
+    let response = slow.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.text().await.unwrap(), "done");
+    assert_eq!(quiesce.drained(WAIT).await, 0);
+    quiesce.resume();
+}
