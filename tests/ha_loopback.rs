@@ -428,6 +428,10 @@ async fn a_planned_switchover_moves_the_role_and_a_stopping_node_hands_it_back_a
         answered < returned,
         "the switchover returned before the request in flight finished"
     );
+    eprintln!(
+        "switchover: answered {:?} after the last connection closed",
+        returned - answered
+    );
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
