@@ -165,3 +165,36 @@ async fn a_paused_server_answers_the_http2_streams_in_flight_and_closes_the_conn
     assert_eq!(quiesce.drained(WAIT).await, 0);
     quiesce.resume();
 }
+
+#[tokio::test]
+async fn a_connection_accepted_just_before_the_pause_is_served_when_its_request_follows() {
+    let backend = backend().await;
+    // Without defer_accept the kernel hands a connection over before its first bytes.
+    let config = simple_config(1, "").replace(
+        "bind = \"127.0.0.1:0\"\n",
+        "bind = \"127.0.0.1:0\"\ndefer_accept = false\n",
+    );
+    let proxy = Proxy::start(&config, &[&backend]).await;
+    let quiesce = proxy.server.quiesce();
+    // Accepted (its handshake done, its task started), its request not yet sent: as when
+    // the pause falls between a client's connect and its first bytes.
+    let mut fresh = TcpStream::connect(proxy.addr).await.unwrap();
+    // And one that never sends anything.
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while quiesce.open_connections() < 2 {
+        assert!(Instant::now() < deadline, "never accepted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    quiesce.pause();
+    let paused = Instant::now();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&mut fresh, "/").await;
+    let answer = read_until_close(&mut fresh, WAIT).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    // The silent one goes after a grace (a second), not after `client_header` (30 s).
+    assert_eq!(read_until_close(&mut silent, WAIT).await, "");
+    assert_eq!(quiesce.drained(WAIT).await, 0);
+    assert!(paused.elapsed() < Duration::from_secs(3), "{:?}", paused.elapsed());
+}
