@@ -196,5 +196,9 @@ async fn a_connection_accepted_just_before_the_pause_is_served_when_its_request_
     // The silent one goes after a grace (a second), not after `client_header` (30 s).
     assert_eq!(read_until_close(&mut silent, WAIT).await, "");
     assert_eq!(quiesce.drained(WAIT).await, 0);
-    assert!(paused.elapsed() < Duration::from_secs(3), "{:?}", paused.elapsed());
+    assert!(
+        paused.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        paused.elapsed()
+    );
 }

@@ -527,7 +527,14 @@ mod tests {
     const WAIT: Duration = Duration::from_secs(5);
 
     fn listening(defer_accept: Option<Duration>) -> (std::net::TcpListener, SocketAddr) {
-        let socket = bind("127.0.0.1:0".parse().unwrap(), defer_accept).unwrap();
+        listening_on("127.0.0.1:0", defer_accept)
+    }
+
+    fn listening_on(
+        addr: &str,
+        defer_accept: Option<Duration>,
+    ) -> (std::net::TcpListener, SocketAddr) {
+        let socket = bind(addr.parse().unwrap(), defer_accept).unwrap();
         let addr = socket.local_addr().unwrap();
         (socket, addr)
     }
@@ -593,6 +600,23 @@ mod tests {
         echo_once(&mut after, &mut accepted_after, b"after");
         // Resuming twice is fine.
         take_new_connections(&socket).unwrap();
+    }
+
+    #[test]
+    fn over_ipv6_too_a_paused_socket_drops_new_connections_and_lets_handshakes_complete() {
+        let (socket, addr) = listening_on("[::1]:0", Some(Duration::from_secs(5)));
+        let mut under_way = connect(addr).unwrap();
+        drop_new_connections(&socket).unwrap();
+        let error = connect(addr).expect_err("a paused socket took a new connection");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
+        under_way.write_all(b"request").unwrap();
+        let mut accepted = accept_one(&socket);
+        let mut buf = [0u8; 7];
+        accepted.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"request");
+        echo_once(&mut under_way, &mut accepted, b"served");
+        take_new_connections(&socket).unwrap();
+        connect(addr).expect("a resumed socket takes connections");
     }
 
     #[test]
