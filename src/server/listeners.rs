@@ -322,6 +322,7 @@ pub(super) struct Draining {
 }
 
 impl Draining {
+    /// Its connections still open (its accept loops, stopped, hold no permit).
     pub fn open_connections(&self) -> usize {
         (self.permits as usize).saturating_sub(self.connections.available_permits())
     }
@@ -461,13 +462,13 @@ const DROP_SYN: [socket2::SockFilter; 4] = {
 /// Has the kernel drop new connections' SYNs for `socket` (the socket, not this copy of
 /// its descriptor), until [`take_new_connections`].
 #[cfg(target_os = "linux")]
-pub(super) fn drop_new_connections(socket: &std::net::TcpListener) -> io::Result<()> {
+fn drop_new_connections(socket: &std::net::TcpListener) -> io::Result<()> {
     socket2::SockRef::from(socket).attach_filter(&DROP_SYN)
 }
 
 /// Takes the filter of [`drop_new_connections`] off `socket` (none there is fine).
 #[cfg(target_os = "linux")]
-pub(super) fn take_new_connections(socket: &std::net::TcpListener) -> io::Result<()> {
+fn take_new_connections(socket: &std::net::TcpListener) -> io::Result<()> {
     match socket2::SockRef::from(socket).detach_filter() {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         result => result,
@@ -477,7 +478,7 @@ pub(super) fn take_new_connections(socket: &std::net::TcpListener) -> io::Result
 /// How many connections the kernel has accepted for `socket` that no `accept` took yet
 /// (0 if it cannot tell).
 #[cfg(target_os = "linux")]
-pub(super) fn accept_queue(socket: &std::net::TcpListener) -> usize {
+fn accept_queue(socket: &std::net::TcpListener) -> usize {
     use std::os::fd::AsRawFd;
     // SAFETY: a plain C struct, for which zero bytes are a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -501,7 +502,7 @@ pub(super) fn accept_queue(socket: &std::net::TcpListener) -> usize {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(super) fn drop_new_connections(_socket: &std::net::TcpListener) -> io::Result<()> {
+fn drop_new_connections(_socket: &std::net::TcpListener) -> io::Result<()> {
     Err(io::Error::new(
         io::ErrorKind::Unsupported,
         "socket filters need Linux",
@@ -509,12 +510,12 @@ pub(super) fn drop_new_connections(_socket: &std::net::TcpListener) -> io::Resul
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(super) fn take_new_connections(_socket: &std::net::TcpListener) -> io::Result<()> {
+fn take_new_connections(_socket: &std::net::TcpListener) -> io::Result<()> {
     Ok(())
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(super) fn accept_queue(_socket: &std::net::TcpListener) -> usize {
+fn accept_queue(_socket: &std::net::TcpListener) -> usize {
     0
 }
 
