@@ -20,7 +20,8 @@ pub struct Listener {
     /// holding all permits means every connection is gone.
     pub connections: Arc<Semaphore>,
     /// Asks its connections to finish what is in flight and close. Each connection holds a
-    /// receiver of its own, so the receivers count the open connections.
+    /// receiver of its own until it closes or becomes a tunnel (a WebSocket, which no such
+    /// request ends), so the receivers count the connections a drain waits for.
     pub finish: Arc<watch::Sender<bool>>,
 }
 

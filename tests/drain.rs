@@ -202,3 +202,42 @@ async fn a_connection_accepted_just_before_the_pause_is_served_when_its_request_
         paused.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_drain_does_not_wait_for_a_websocket_which_goes_on() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let ws = support::websocket_echo().await;
+    let config = format!(
+        "[listeners.web]\nbind = \"127.0.0.1:0\"\n[[listeners.web.routes]]\nupstream = \"ws\"\n\
+         [upstreams.ws]\nservers = [{{ address = \"{ws}\" }}]\n"
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    let quiesce = proxy.server.quiesce();
+    let (mut socket, response) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", proxy.addr))
+            .await
+            .unwrap();
+    assert_eq!(response.status(), 101);
+    let mut echo = async |text: &str| {
+        socket.send(Message::text(text.to_string())).await.unwrap();
+        let back = tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("no echo")
+            .expect("the WebSocket ended")
+            .expect("the WebSocket failed");
+        assert_eq!(back.into_text().unwrap().as_str(), text);
+    };
+    echo("before").await;
+
+    quiesce.pause();
+    let started = Instant::now();
+    assert_eq!(quiesce.drained(WAIT).await, 0);
+    assert!(
+        started.elapsed() < SLOW,
+        "the drain waited for the WebSocket"
+    );
+    echo("during the pause").await;
+    quiesce.resume();
+    echo("after").await;
+}

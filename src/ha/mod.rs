@@ -54,7 +54,9 @@ const SEND_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// leave the peer waiting a dead time.
 const FAREWELLS: usize = 3;
 /// The longest a switchover waits for connections to finish (`shutdown_grace` if shorter):
-/// those still open then (WebSockets, long downloads) break when the address moves.
+/// those still open then (long downloads, say) break when the address moves. It is not
+/// waited for WebSockets (they break at once), and new clients wait for it: their SYNs are
+/// retried after 1, 3, 7 and 15 s.
 const MAX_DRAIN: Duration = Duration::from_secs(10);
 
 /// The running HA node: its state for the admin API, and the calls that change it.

@@ -213,7 +213,7 @@ pub(super) struct Running {
     /// Stops its accept loops.
     stop: watch::Sender<bool>,
     /// Asks its connections to finish and close: on its removal and shutdown, with `stop`;
-    /// during a switchover's pause, alone. Every connection holds a receiver.
+    /// during a switchover's pause, alone. Every connection but a tunnel holds a receiver.
     finish: Arc<watch::Sender<bool>>,
 }
 
@@ -307,8 +307,8 @@ impl Running {
         self.finish.send_replace(false);
     }
 
-    /// Its open connections, and those in the kernel's accept queue that a loop has yet
-    /// to take.
+    /// Its open connections (tunnels aside: a WebSocket runs until either side ends it),
+    /// and those in the kernel's accept queue that a loop has yet to take.
     pub fn open_connections(&self) -> usize {
         let queued: usize = self.sockets.iter().map(accept_queue).sum();
         self.finish.receiver_count() + queued

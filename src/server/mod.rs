@@ -446,7 +446,8 @@ impl Quiesce {
     }
 
     /// Connections still open on every listener, with those the kernel accepted that no
-    /// accept loop took yet.
+    /// accept loop took yet. Tunnels (WebSockets) are not counted: asking them to finish
+    /// does not end them, and a drain waiting for them would keep new clients out.
     pub fn open_connections(&self) -> usize {
         lock(&self.listeners).open_connections()
     }
