@@ -19,36 +19,38 @@ pub struct Listener {
     /// One permit per open connection; a connection task holds its permit until it ends, so
     /// holding all permits means every connection is gone.
     pub connections: Arc<Semaphore>,
+    /// Asks its connections to finish what is in flight and close. Each connection holds a
+    /// receiver of its own until it closes or becomes a tunnel (a WebSocket, which no such
+    /// request ends), so the receivers count the connections a drain waits for.
+    pub finish: Arc<watch::Sender<bool>>,
 }
 
-/// Accepts until `shutdown` (the server's, or the listener's own when a reload removes it)
-/// is signalled, then drops the socket so no more clients connect.
-pub async fn accept_loop(
-    listener: Listener,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// Accepts until `stop` (shutdown, or a reload removing the listener) is signalled, then
+/// drops the socket so no more clients connect. Asking the connections to finish is the
+/// listener's `finish`, apart, so that a planned HA switchover can drain them while the
+/// loop still takes what is in the accept queue.
+pub async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
             biased;
             permit = listener.connections.clone().acquire_owned() => permit.expect("the connection semaphore is never closed"),
-            _ = stopping(&mut shutdown) => return,
+            _ = stopping(&mut stop) => return,
         };
         let accepted = tokio::select! {
             biased;
             accepted = listener.socket.accept() => accepted,
-            _ = stopping(&mut shutdown) => return,
+            _ = stopping(&mut stop) => return,
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                let (shared, shutdown) = (shared.clone(), shutdown.clone());
+                let (shared, finish) = (shared.clone(), listener.finish.subscribe());
                 let slot = listener.slot;
                 // Boxed: a connection's future is several KiB, which tokio would otherwise copy
                 // a few times on the way into its task (measured: ~6k instructions each).
                 tokio::spawn(Box::pin(async move {
-                    serve_connection(stream, peer, slot, shared, shutdown).await;
+                    serve_connection(stream, peer, slot, shared, finish).await;
                     drop(permit);
                 }));
             }

@@ -299,6 +299,15 @@ async fn run(config: Config, path: Option<&Path>) -> ExitCode {
                     let _ = reload(&server, path, "SIGHUP");
                 }
                 Some((request, reply_to)) = next_request(&mut requests) => {
+                    // A switchover drains connections for up to seconds first: meanwhile
+                    // this loop answers signals and other requests.
+                    if request == fulcrum::control::Request::HaSwitchover {
+                        let switchover = ha_switchover(&server);
+                        tokio::spawn(async move {
+                            let _ = reply_to.send(switchover.await.into());
+                        });
+                        continue;
+                    }
                     let (reply, stop) =
                         handle_request(request, &server, path, control.as_mut(), grace).await;
                     let _ = reply_to.send(reply);
@@ -457,14 +466,17 @@ async fn handle_request(
     }
 }
 
-/// Hands the active role of a high-availability pair to a peer; returns once it holds it.
-async fn ha_switchover(server: &Server) -> Result<String, String> {
-    let Some(ha) = server.ha() else {
-        return Err("high availability is not configured ([ha] section)".to_string());
-    };
-    ha.switchover()
-        .await
-        .map(|peer| format!("switched over: {peer} is active"))
+/// Hands the active role of a high-availability pair to a peer; resolves once it holds it.
+fn ha_switchover(server: &Server) -> impl Future<Output = Result<String, String>> + use<> {
+    let ha = server.ha();
+    async move {
+        let Some(ha) = ha else {
+            return Err("high availability is not configured ([ha] section)".to_string());
+        };
+        ha.switchover()
+            .await
+            .map(|peer| format!("switched over: {peer} is active"))
+    }
 }
 
 /// Reads the config file at `path` again and applies it if it is good: `Ok("reloaded")`,

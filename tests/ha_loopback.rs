@@ -6,10 +6,12 @@
 mod support;
 
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Process, TempDir, unused_addr};
+use support::{Process, TempDir, read_until_close, unused_addr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const INTERVAL_MS: u64 = 100;
 const DEAD_AFTER: u32 = 3;
@@ -222,13 +224,17 @@ impl Node {
     /// Runs `fulcrum ARGS -c CONFIG` against this node, as an operator on it would: its
     /// control socket is found from the config (in the directory `Process` gives it).
     fn fulcrum(&self, args: &[&str]) -> std::process::Output {
-        support::binary()
+        self.fulcrum_command(args).output().unwrap()
+    }
+
+    fn fulcrum_command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = support::binary();
+        command
             .args(args)
             .arg("-c")
             .arg(&self.process.config)
-            .env("FULCRUM_RUN_DIR", self.process.config.parent().unwrap())
-            .output()
-            .unwrap()
+            .env("FULCRUM_RUN_DIR", self.process.config.parent().unwrap());
+        command
     }
 
     async fn switchover(&self, token: Option<&str>) -> (u16, Value) {
@@ -244,6 +250,39 @@ impl Node {
             serde_json::from_str(&response.text().await.unwrap()).unwrap(),
         )
     }
+}
+
+/// A server at `addr` that answers every request `slow` after two seconds, and tells
+/// `arrived` of each request as it comes.
+async fn slow_server(addr: SocketAddr) -> Arc<tokio::sync::Notify> {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let notify = arrived.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let notify = notify.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head.drain(..end + 4);
+                        notify.notify_one();
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    arrived
 }
 
 /// Two nodes: "lb1" (priority 200) and "lb2" (priority 100), lb1 started first and active.
@@ -333,15 +372,66 @@ async fn without_preemption_the_returning_better_node_stays_backup() {
 
 #[tokio::test]
 async fn a_planned_switchover_moves_the_role_and_a_stopping_node_hands_it_back_at_once() {
-    let (addresses, _secrets, _specs, lb1, lb2) = pair(3, true).await;
+    let (addresses, _secrets, specs, lb1, lb2) = pair(3, true).await;
 
     let (code, body) = lb1.switchover(None).await;
     assert_eq!(code, 401, "{body:#}");
     let (code, body) = lb2.switchover(Some(TOKEN)).await;
     assert_eq!(code, 409, "a backup has nothing to hand over: {body:#}");
 
+    // A request in flight on lb1 when the switchover is asked, answered two seconds later.
+    let arrived = slow_server(specs[0].server).await;
+    let mut in_flight = tokio::net::TcpStream::connect(lb1.process.addr)
+        .await
+        .unwrap();
+    in_flight
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: ha.test\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(SLACK, arrived.notified())
+        .await
+        .expect("the request did not reach the server");
+
     // As an operator would: `fulcrum ha switchover`, through the control socket.
-    let out = lb1.fulcrum(&["ha", "switchover"]);
+    let mut operator = lb1.fulcrum_command(&["ha", "switchover"]);
+    let switchover = tokio::task::spawn_blocking(move || {
+        let out = operator.output().unwrap();
+        (out, Instant::now())
+    });
+    // lb1 drains first, active and saying so: lb2 does not take over meanwhile.
+    let deadline = Instant::now() + SLACK;
+    loop {
+        let status = lb1.status().await;
+        if status["draining"] == true {
+            assert_eq!(status["role"], "active", "{status:#}");
+            assert_eq!(status["yielding"], false, "{status:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "lb1 never drained: {status:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lb2.role().await, "backup");
+    assert!(addresses.on_lo(0));
+    // The process answers other requests meanwhile.
+    let out = lb1.fulcrum(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let status = lb1.status().await;
+    assert_eq!(status["draining"], true, "reload answered after the drain");
+    // The request in flight is answered, its connection closing after it.
+    let answer = read_until_close(&mut in_flight, SLACK).await;
+    let answered = Instant::now();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    assert!(answer.ends_with("slow"), "{answer}");
+    let (out, returned) = switchover.await.unwrap();
+    assert!(
+        answered < returned,
+        "the switchover returned before the request in flight finished"
+    );
+    eprintln!(
+        "switchover: answered {:?} after the last connection closed",
+        returned - answered
+    );
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -359,6 +449,14 @@ async fn a_planned_switchover_moves_the_role_and_a_stopping_node_hands_it_back_a
     );
     assert!(!addresses.on_lo(0));
     assert!(addresses.on_lo(1));
+    let status = lb1.status().await;
+    assert_eq!(status["draining"], false, "{status:#}");
+    // Its address gone, lb1 takes new connections again (on its own addresses).
+    let connect = tokio::net::TcpStream::connect(lb1.process.addr);
+    tokio::time::timeout(Duration::from_millis(500), connect)
+        .await
+        .expect("lb1's listener stayed paused")
+        .unwrap();
 
     // lb1 ranks higher and preempts, but it handed the role over: it leaves it there.
     tokio::time::sleep(dead_time() * 5).await;
@@ -619,4 +717,55 @@ async fn an_in_process_server_refuses_an_ha_reload_and_hands_over_on_shutdown() 
     assert!(yielded, "no yielding heartbeat");
     assert!(ha.status().left);
     assert_eq!(ha.status().last_change.unwrap().reason, "shutdown");
+}
+
+#[tokio::test]
+async fn a_switchover_no_peer_takes_leaves_the_node_active_and_its_listeners_taking_connections() {
+    let addresses = Addresses::new(9);
+    let secrets = Secrets::new();
+    let spec = NodeSpec::new("lb1", 200, true, addresses.of(0));
+    let config = fulcrum::config::parse("ha.toml", &config(&spec, &secrets)).unwrap();
+    let server = fulcrum::server::Server::start(config).await.unwrap();
+    let ha = server.ha().expect("a node with [ha]");
+    let listener = server.local_addrs()[0];
+
+    // The peer (this test) says it is a live, eligible backup, and never takes the role.
+    let peer = tokio::net::UdpSocket::bind(spec.peers[0]).await.unwrap();
+    let node = spec.bind;
+    let heartbeats = tokio::spawn(async move {
+        let key = fulcrum::ha::heartbeat::key(KEY.as_bytes());
+        for sequence in 1.. {
+            let heartbeat = fulcrum::ha::heartbeat::Heartbeat {
+                group: 7,
+                node: "lb2".into(),
+                priority: 100,
+                role: fulcrum::ha::heartbeat::WireRole::Backup,
+                eligible: true,
+                sequence,
+            };
+            let _ = peer.send_to(&heartbeat.encode(&key), node).await;
+            tokio::time::sleep(Duration::from_millis(INTERVAL_MS)).await;
+        }
+    });
+    let deadline = Instant::now() + dead_time() + SLACK;
+    while ha.status().role != "active" || !ha.status().peers[0].alive {
+        assert!(Instant::now() < deadline, "{:?}", ha.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let why = ha.switchover().await.expect_err("nobody took the role");
+    assert!(why.contains("no peer took the role"), "{why}");
+    let status = ha.status();
+    assert_eq!(status.role, "active", "{status:?}");
+    assert!(!status.draining && !status.yielding, "{status:?}");
+    assert!(addresses.on_lo(0));
+    // Paused for the switchover, its listener takes connections again.
+    let connect = tokio::net::TcpStream::connect(listener);
+    tokio::time::timeout(Duration::from_millis(500), connect)
+        .await
+        .expect("the listener stayed paused")
+        .unwrap();
+
+    heartbeats.abort();
+    assert!(server.shutdown(Duration::from_secs(1)).await);
 }

@@ -76,6 +76,8 @@ fn describe(ha: &Value) -> String {
         text(&ha["role"]),
         if ha["yielding"] == true {
             ", yielding"
+        } else if ha["draining"] == true {
+            ", draining its connections before it yields"
         } else {
             ""
         },

@@ -231,6 +231,15 @@ impl Election {
     /// Starts a planned hand-over: heartbeats say "yielding" until a peer is heard active
     /// (see [`Election::take_switchover_outcome`]).
     pub fn start_switchover(&mut self, now: Instant) -> Result<(), String> {
+        self.can_switchover(now)?;
+        self.yielding_since = Some(now);
+        self.switchover_outcome = None;
+        Ok(())
+    }
+
+    /// Whether a switchover could start now: this node is active and a peer alive and
+    /// eligible could take the role (or why not).
+    pub fn can_switchover(&self, now: Instant) -> Result<(), String> {
         if self.role != Role::Active {
             return Err(format!("{} is not active", self.settings.node));
         }
@@ -242,8 +251,6 @@ impl Election {
         if takers == 0 {
             return Err("no peer is alive and eligible to take the role".into());
         }
-        self.yielding_since = Some(now);
-        self.switchover_outcome = None;
         Ok(())
     }
 

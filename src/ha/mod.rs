@@ -11,6 +11,12 @@
 //! The runner here ties them together on the process's main runtime: one task sends
 //! heartbeats every interval and at once on a change of role, receives the peers', and
 //! claims or releases the addresses as the election decides.
+//!
+//! A planned switchover loses no connection: the active node first pauses its listeners
+//! (new clients' SYNs are dropped, so they send them again about a second later, to the
+//! node holding the address by then), lets its open connections finish, and only then
+//! yields; it resumes its listeners once the address is off it (or if no peer took the
+//! role). Heartbeats say "active" throughout the drain, so the peer does not take over.
 
 pub mod address;
 pub mod cli;
@@ -19,8 +25,10 @@ pub mod heartbeat;
 pub mod reach;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,6 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::HaConfig;
 use crate::runtime::Shared;
+use crate::server::Quiesce;
 use address::VirtualAddresses;
 use election::{Election, Peer, Reason, Role, Settings, Transition};
 use heartbeat::{Heartbeat, Inbox, Rejected, WireRole};
@@ -44,6 +53,11 @@ const SEND_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// "Yielding" heartbeats a leaving node sends, back to back, so one lost datagram does not
 /// leave the peer waiting a dead time.
 const FAREWELLS: usize = 3;
+/// The longest a switchover waits for connections to finish (`shutdown_grace` if shorter):
+/// those still open then (long downloads, say) break when the address moves. It is not
+/// waited for WebSockets (they break at once), and new clients wait for it: their SYNs are
+/// retried after 1, 3, 7 and 15 s.
+const MAX_DRAIN: Duration = Duration::from_secs(10);
 
 /// The running HA node: its state for the admin API, and the calls that change it.
 #[derive(Clone)]
@@ -73,6 +87,8 @@ struct View {
     virtual_addresses: Vec<String>,
     role: Role,
     wire_role: WireRole,
+    /// Waiting for connections to finish before yielding (a switchover's first part).
+    draining: bool,
     eligible: bool,
     /// Per configured peer address, what was last heard from it.
     peers: Vec<(SocketAddr, Option<Peer>)>,
@@ -93,6 +109,9 @@ pub struct HaStatus {
     pub role: &'static str,
     /// Active and handing the role over (a switchover in progress).
     pub yielding: bool,
+    /// Active, taking no new connections and waiting for the open ones to finish before
+    /// it yields (the first part of a switchover).
+    pub draining: bool,
     /// Whether this node passes its reach checks.
     pub eligible: bool,
     pub priority: u8,
@@ -200,6 +219,7 @@ impl HaHandle {
             node: view.node.clone(),
             role: view.role.name(),
             yielding: view.wire_role == WireRole::Yielding,
+            draining: view.draining,
             eligible: view.eligible,
             priority: view.priority,
             group: view.group,
@@ -234,11 +254,12 @@ impl HaHandle {
 }
 
 /// Binds the heartbeat socket (a taken address stops the start) and starts the runner on
-/// the current runtime.
+/// the current runtime. `quiesce` pauses the server's listeners for a switchover.
 pub fn start(
     config: &HaConfig,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
+    quiesce: Quiesce,
 ) -> io::Result<HaHandle> {
     let socket = bind(config.bind).map_err(|e| {
         io::Error::new(
@@ -261,6 +282,7 @@ pub fn start(
                 .collect(),
             role: Role::Backup,
             wire_role: WireRole::Backup,
+            draining: false,
             eligible: false,
             peers: config.peers.iter().map(|&a| (a, None)).collect(),
             last_change: None,
@@ -293,6 +315,8 @@ pub fn start(
         inner: inner.clone(),
         last_send_warning: None,
         unapplied: None,
+        quiesce,
+        paused: false,
     };
     tokio::spawn(runner.run(received, shared, shutdown));
     Ok(HaHandle { inner })
@@ -331,7 +355,15 @@ struct Runner {
     last_send_warning: Option<Instant>,
     /// The role whose addresses could not be put on (or taken off) yet, to try again.
     unapplied: Option<Role>,
+    /// The server's listeners, paused for a switchover.
+    quiesce: Quiesce,
+    /// Whether the listeners are paused: from a switchover's start until the address is
+    /// off this node or the switchover failed, and never after the runner ends.
+    paused: bool,
 }
+
+/// A switchover's drain: resolves with the connections still open at its end.
+type Drain = Pin<Box<dyn Future<Output = usize> + Send>>;
 
 impl Runner {
     async fn run(
@@ -354,6 +386,7 @@ impl Runner {
         // Until its first round, a node that already holds the addresses trusts the
         // process it replaces; any other starts ineligible, to claim nothing unchecked.
         let (verdict, mut eligibility) = watch::channel(held || !checks);
+        let snapshots = shared.clone();
         tokio::spawn(reach::run(
             self.config.clone(),
             shared,
@@ -379,6 +412,7 @@ impl Runner {
         let mut tick = tokio::time::interval(self.config.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut waiting: Vec<oneshot::Sender<Result<String, String>>> = Vec::new();
+        let mut drain: Option<Drain> = None;
         let mut watching = true;
         let mut buf = [0u8; MAX_DATAGRAM];
         loop {
@@ -392,14 +426,24 @@ impl Runner {
                 }
                 command = commands.recv() => match command {
                     Some(Command::Switchover(reply)) => {
-                        match election.start_switchover(Instant::now()) {
-                            Ok(()) => {
-                                tracing::info!("HA: switchover asked: yielding the role");
-                                waiting.push(reply);
-                                send_now = true;
-                            }
-                            Err(e) => {
-                                let _ = reply.send(Err(e));
+                        if drain.is_some() || election.wire_role() == WireRole::Yielding {
+                            // Answered with the switchover under way.
+                            waiting.push(reply);
+                        } else {
+                            match election.can_switchover(Instant::now()) {
+                                Ok(()) => {
+                                    let timeouts = &snapshots.load().config.timeouts;
+                                    let within = timeouts.shutdown_grace.min(MAX_DRAIN);
+                                    tracing::info!(
+                                        ?within,
+                                        "HA: switchover asked: taking no new connections and letting the open ones finish before yielding the role"
+                                    );
+                                    drain = Some(self.pause(within));
+                                    waiting.push(reply);
+                                }
+                                Err(e) => {
+                                    let _ = reply.send(Err(e));
+                                }
                             }
                         }
                         None
@@ -411,6 +455,26 @@ impl Runner {
                     }
                     None => break,
                 },
+                open = drained(&mut drain) => {
+                    drain = None;
+                    if open == 0 {
+                        tracing::info!("HA: connections finished: yielding the role");
+                    } else {
+                        tracing::warn!(
+                            open,
+                            "HA: drain time over with connections open, which break when the address moves: yielding the role"
+                        );
+                    }
+                    match election.start_switchover(Instant::now()) {
+                        Ok(()) => send_now = true,
+                        Err(e) => {
+                            for reply in waiting.drain(..) {
+                                let _ = reply.send(Err(e.clone()));
+                            }
+                        }
+                    }
+                    None
+                }
                 _ = tick.tick() => {
                     if let Some(role) = self.unapplied {
                         self.set_addresses(role, &addresses).await;
@@ -446,6 +510,14 @@ impl Runner {
                 },
             };
             if let Some(t) = step {
+                if drain.is_some() && t.to == Role::Backup {
+                    // Lost reach, or a better peer took the role: there is none to hand over.
+                    drain = None;
+                    let why = format!("the role went during the drain: {}", t.detail);
+                    for reply in waiting.drain(..) {
+                        let _ = reply.send(Err(why.clone()));
+                    }
+                }
                 // `apply` heartbeats at once itself.
                 self.apply(t, &addresses, &election).await;
             } else if send_now {
@@ -462,8 +534,14 @@ impl Runner {
                     let _ = reply.send(outcome.clone());
                 }
             }
+            // The address is off this node now (its release is part of the change to
+            // backup), or no peer took the role.
+            if drain.is_none() && election.wire_role() != WireRole::Yielding {
+                self.resume();
+            }
             self.publish(&election);
         }
+        self.resume();
         for reply in waiting.drain(..) {
             let _ = reply.send(Err("this node left the group".into()));
         }
@@ -584,6 +662,8 @@ impl Runner {
             tracing::info!(
                 "HA: leaving the group, the virtual addresses left for the process that takes over"
             );
+            // The process that takes over accepts on the same sockets.
+            self.resume();
             return;
         }
         if election.role() == Role::Active {
@@ -602,7 +682,27 @@ impl Runner {
             );
             self.record(t, election);
         }
+        // After the release: until then a SYN for the address goes unanswered, and the
+        // client sends it again to the node taking over.
+        self.resume();
         tracing::info!("HA: left the group");
+    }
+
+    /// Pauses the server's listeners for a switchover, and returns the wait for their
+    /// connections to finish, up to `within`.
+    fn pause(&mut self, within: Duration) -> Drain {
+        self.quiesce.pause();
+        self.paused = true;
+        let quiesce = self.quiesce.clone();
+        Box::pin(async move { quiesce.drained(within).await })
+    }
+
+    /// Undoes [`Runner::pause`], if paused.
+    fn resume(&mut self) {
+        if std::mem::take(&mut self.paused) {
+            self.quiesce.resume();
+            tracing::info!("HA: the listeners take new connections again");
+        }
     }
 
     /// One heartbeat to every peer.
@@ -638,6 +738,7 @@ impl Runner {
     fn publish_into(&self, view: &mut View, election: &Election) {
         view.role = election.role();
         view.wire_role = election.wire_role();
+        view.draining = self.paused && view.wire_role == WireRole::Active;
         view.eligible = election.eligible();
         for (addr, slot) in view.peers.iter_mut() {
             if let Some(peer) = election.peers().iter().find(|p| p.addr == *addr) {
@@ -650,6 +751,14 @@ impl Runner {
             .iter()
             .map(|(&r, &count)| (r, count))
             .collect();
+    }
+}
+
+/// The end of the drain under way (never without one): the connections still open then.
+async fn drained(drain: &mut Option<Drain>) -> usize {
+    match drain {
+        Some(drain) => drain.await,
+        None => std::future::pending().await,
     }
 }
 

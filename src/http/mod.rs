@@ -25,6 +25,10 @@ use crate::transport::Stream;
 
 /// What every HTTP/2 connection starts with (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// How long a new connection asked to finish before its first request (its TLS handshake
+/// or first bytes still on the way) may go on: a client that connected just before a
+/// shutdown or a switchover's pause has its request served; a silent one goes.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves requests on `tcp` until the client leaves, a timeout ends it, or shutdown is
 /// signalled, in which case requests in flight finish first. On a TLS listener the
@@ -53,12 +57,7 @@ pub async fn serve_connection(
         None => (Stream::Plain(tcp), None),
         Some(tls) => {
             let handshake = accept_tls(tcp, tls, &mut conn, handshake_limit);
-            let accepted = tokio::select! {
-                biased;
-                accepted = handshake => accepted,
-                _ = stopping(&mut shutdown) => None,
-            };
-            match accepted {
+            match within_grace(handshake, &mut shutdown).await {
                 Some(accepted) => accepted,
                 None => return,
             }
@@ -67,7 +66,7 @@ pub async fn serve_connection(
     let mut buf = BytesMut::new();
     let protocol = match protocol {
         Some(protocol) => protocol,
-        None => match sniff(&stream, &mut buf, header_limit, &mut shutdown).await {
+        None => match within_grace(sniff(&stream, &mut buf, header_limit), &mut shutdown).await {
             Some(protocol) => protocol,
             None => return,
         },
@@ -114,26 +113,35 @@ async fn accept_tls(
     Some((Stream::from(session), protocol))
 }
 
+/// `first_step` of a new connection, given at most [`FIRST_REQUEST_GRACE`] more once
+/// `shutdown` asks the connection to finish.
+async fn within_grace<T>(
+    first_step: impl Future<Output = Option<T>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<T> {
+    tokio::pin!(first_step);
+    tokio::select! {
+        biased;
+        done = &mut first_step => return done,
+        _ = stopping(shutdown) => {}
+    }
+    tokio::time::timeout(FIRST_REQUEST_GRACE, first_step)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// Tells HTTP/2 with prior knowledge from HTTP/1.1 by the first bytes, read into `buf`
 /// within `limit`. `None` if the client sends nothing, or leaves, in time.
-async fn sniff(
-    stream: &Stream,
-    buf: &mut BytesMut,
-    limit: Duration,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Option<Protocol> {
+async fn sniff(stream: &Stream, buf: &mut BytesMut, limit: Duration) -> Option<Protocol> {
     // One deadline for the first bytes, however they trickle in.
     let deadline = Instant::now() + limit;
     // Read until the bytes either stop matching the HTTP/2 preface or match all of it.
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        tokio::select! {
-            biased;
-            read = read_some(stream, buf, left) => match read {
-                Ok(n) if n > 0 => {}
-                _ => return None,
-            },
-            _ = stopping(shutdown) => return None,
+        match read_some(stream, buf, left).await {
+            Ok(n) if n > 0 => {}
+            _ => return None,
         }
         let seen = buf.len().min(H2_PREFACE.len());
         if buf[..seen] != H2_PREFACE[..seen] {

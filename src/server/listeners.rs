@@ -1,6 +1,8 @@
 //! The listeners a server runs: each listener's sockets (one per worker, `SO_REUSEPORT`),
 //! its accept loops on every worker, its connection limit and its own stop, so that a
-//! reload can add, remove or change one listener without touching the others.
+//! reload can add, remove or change one listener without touching the others; and the
+//! pause of a planned HA switchover, which takes no new connections without refusing any
+//! while the open ones finish.
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,9 +22,37 @@ use crate::runtime::Shared;
 pub(super) struct ListenerSet {
     pub running: Vec<Running>,
     pub draining: Vec<Draining>,
+    /// Set from [`ListenerSet::pause`] to [`ListenerSet::resume`], so that a listener a
+    /// reload starts in between is paused too.
+    pub paused: bool,
 }
 
 impl ListenerSet {
+    /// Takes no new connection on any listener, without refusing one, and asks the open
+    /// connections to finish and close (see [`Running::pause`]).
+    pub fn pause(&mut self) {
+        self.paused = true;
+        for running in &self.running {
+            running.pause();
+        }
+    }
+
+    /// Undoes [`ListenerSet::pause`]: new connections are taken and kept alive again.
+    pub fn resume(&mut self) {
+        self.paused = false;
+        for running in &self.running {
+            running.resume();
+        }
+    }
+
+    /// Connections open (or accepted by the kernel and not yet by a loop) on every
+    /// listener, running or removed.
+    pub fn open_connections(&self) -> usize {
+        let running: usize = self.running.iter().map(Running::open_connections).sum();
+        let draining: usize = self.draining.iter().map(Draining::open_connections).sum();
+        running + draining
+    }
+
     /// Takes out the running listeners whose slot is not in `slots`.
     pub fn retire_all_but(&mut self, slots: &[usize]) -> Vec<Running> {
         let (kept, removed) = std::mem::take(&mut self.running)
@@ -76,6 +106,9 @@ pub(super) fn open(
                 socket.set_nonblocking(true)?;
                 // The new config's, whatever the old process had.
                 set_defer_accept(&socket2::SockRef::from(socket), defer)?;
+                // Handed over in the middle of a switchover's pause: this process takes
+                // connections, whatever the old one is doing.
+                take_new_connections(socket)?;
             }
             sockets
         }
@@ -104,6 +137,7 @@ impl Opened {
         let permits = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
         let connections = Arc::new(Semaphore::new(permits as usize));
         let (stop, _) = watch::channel(false);
+        let finish = Arc::new(watch::channel(false).0);
         let addr = self
             .sockets
             .first()
@@ -118,8 +152,12 @@ impl Opened {
                     tracing::warn!(listener = %self.name, error = %e, "cannot keep a copy of a socket for a handover")
                 }
             }
-            let (shared, stop, connections) =
-                (shared.clone(), stop.subscribe(), connections.clone());
+            let (shared, stop, connections, finish) = (
+                shared.clone(),
+                stop.subscribe(),
+                connections.clone(),
+                finish.clone(),
+            );
             let mut ready = ready.clone();
             let slot = self.slot;
             workers[i % workers.len()].spawn(async move {
@@ -138,6 +176,7 @@ impl Opened {
                         socket,
                         slot,
                         connections,
+                        finish,
                     },
                     shared,
                     stop,
@@ -155,6 +194,7 @@ impl Opened {
             connections,
             permits,
             stop,
+            finish,
         }
     }
 }
@@ -173,8 +213,11 @@ pub(super) struct Running {
     /// The permits `connections` has in all: `max_connections`.
     permits: u32,
     accept_loops: usize,
-    /// Stops its accept loops and asks its connections to finish and close.
+    /// Stops its accept loops.
     stop: watch::Sender<bool>,
+    /// Asks its connections to finish and close: on its removal and shutdown, with `stop`;
+    /// during a switchover's pause, alone. Every connection but a tunnel holds a receiver.
+    finish: Arc<watch::Sender<bool>>,
 }
 
 impl Running {
@@ -235,10 +278,43 @@ impl Running {
     /// tells its connections to finish and close.
     pub fn close(self) -> Draining {
         let _ = self.stop.send(true);
+        // Stored even with no connection open to receive it.
+        self.finish.send_replace(true);
         Draining {
             connections: self.connections,
             permits: self.permits,
         }
+    }
+
+    /// Takes no new connection, without refusing one: the kernel drops every SYN for its
+    /// sockets, so a connecting client sends it again about a second later (by when a
+    /// switchover has moved the address), while handshakes under way complete and the
+    /// accept loops go on taking what the kernel accepted. Open connections are asked to
+    /// finish what is in flight and close, as on shutdown.
+    pub fn pause(&self) {
+        for socket in &self.sockets {
+            if let Err(e) = drop_new_connections(socket) {
+                tracing::warn!(listener = %self.name, error = %e, "cannot pause a socket: it takes new connections on");
+            }
+        }
+        self.finish.send_replace(true);
+    }
+
+    /// Undoes [`Running::pause`].
+    pub fn resume(&self) {
+        for socket in &self.sockets {
+            if let Err(e) = take_new_connections(socket) {
+                tracing::error!(listener = %self.name, error = %e, "cannot resume a paused socket: it drops new connections");
+            }
+        }
+        self.finish.send_replace(false);
+    }
+
+    /// Its open connections (tunnels aside: a WebSocket runs until either side ends it),
+    /// and those in the kernel's accept queue that a loop has yet to take.
+    pub fn open_connections(&self) -> usize {
+        let queued: usize = self.sockets.iter().map(accept_queue).sum();
+        self.finish.receiver_count() + queued
     }
 }
 
@@ -249,6 +325,11 @@ pub(super) struct Draining {
 }
 
 impl Draining {
+    /// Its connections still open (its accept loops, stopped, hold no permit).
+    pub fn open_connections(&self) -> usize {
+        (self.permits as usize).saturating_sub(self.connections.available_permits())
+    }
+
     pub fn is_done(&self) -> bool {
         self.connections.available_permits() >= self.permits as usize
     }
@@ -351,4 +432,231 @@ fn set_defer_accept(socket: &socket2::Socket, wait: Option<Duration>) -> io::Res
 #[cfg(not(target_os = "linux"))]
 fn set_defer_accept(_socket: &socket2::Socket, _wait: Option<Duration>) -> io::Result<()> {
     Ok(())
+}
+
+/// A classic BPF program for a listening TCP socket, which sees each packet from its TCP
+/// header on: a SYN is dropped, anything else (the last ACK of a handshake under way) goes
+/// through. Dropped, not refused: the client sends its SYN again, a refused one would fail.
+#[cfg(target_os = "linux")]
+const DROP_SYN: [socket2::SockFilter; 4] = {
+    use socket2::SockFilter;
+    const TCP_FLAGS_OFFSET: u32 = 13;
+    const SYN: u32 = 0x02;
+    [
+        // A = the flags byte.
+        SockFilter::new(
+            (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16,
+            0,
+            0,
+            TCP_FLAGS_OFFSET,
+        ),
+        // SYN set: on to the next instruction, else skip it.
+        SockFilter::new(
+            (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16,
+            0,
+            1,
+            SYN,
+        ),
+        SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, 0),
+        SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, u32::MAX),
+    ]
+};
+
+/// Has the kernel drop new connections' SYNs for `socket` (the socket, not this copy of
+/// its descriptor), until [`take_new_connections`].
+#[cfg(target_os = "linux")]
+fn drop_new_connections(socket: &std::net::TcpListener) -> io::Result<()> {
+    socket2::SockRef::from(socket).attach_filter(&DROP_SYN)
+}
+
+/// Takes the filter of [`drop_new_connections`] off `socket` (none there is fine).
+#[cfg(target_os = "linux")]
+fn take_new_connections(socket: &std::net::TcpListener) -> io::Result<()> {
+    match socket2::SockRef::from(socket).detach_filter() {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        result => result,
+    }
+}
+
+/// How many connections the kernel has accepted for `socket` that no `accept` took yet
+/// (0 if it cannot tell).
+#[cfg(target_os = "linux")]
+fn accept_queue(socket: &std::net::TcpListener) -> usize {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain C struct, for which zero bytes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket descriptor, and a buffer of `len` bytes the call may fill.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // For a listening socket, Linux reports its accept queue's length as `tcpi_unacked`.
+    if rc == 0 {
+        info.tcpi_unacked as usize
+    } else {
+        0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn drop_new_connections(_socket: &std::net::TcpListener) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "socket filters need Linux",
+    ))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn take_new_connections(_socket: &std::net::TcpListener) -> io::Result<()> {
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn accept_queue(_socket: &std::net::TcpListener) -> usize {
+    0
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn listening(defer_accept: Option<Duration>) -> (std::net::TcpListener, SocketAddr) {
+        listening_on("127.0.0.1:0", defer_accept)
+    }
+
+    fn listening_on(
+        addr: &str,
+        defer_accept: Option<Duration>,
+    ) -> (std::net::TcpListener, SocketAddr) {
+        let socket = bind(addr.parse().unwrap(), defer_accept).unwrap();
+        let addr = socket.local_addr().unwrap();
+        (socket, addr)
+    }
+
+    /// Accepts one connection within `WAIT`, however the socket is set.
+    fn accept_one(socket: &std::net::TcpListener) -> std::net::TcpStream {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            match socket.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false).unwrap();
+                    stream.set_read_timeout(Some(WAIT)).unwrap();
+                    return stream;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(std::time::Instant::now() < deadline, "nothing to accept");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    }
+
+    fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(300))?;
+        stream.set_read_timeout(Some(WAIT))?;
+        Ok(stream)
+    }
+
+    fn echo_once(client: &mut TcpStream, server: &mut TcpStream, text: &[u8]) {
+        client.write_all(text).unwrap();
+        let mut buf = vec![0u8; text.len()];
+        server.read_exact(&mut buf).unwrap();
+        server.write_all(&buf).unwrap();
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, text);
+    }
+
+    #[test]
+    fn a_paused_socket_neither_accepts_nor_refuses_a_new_connection_and_serves_the_old_ones() {
+        let (socket, addr) = listening(None);
+        let mut before = connect(addr).unwrap();
+        let mut accepted_before = accept_one(&socket);
+        let mut queued = connect(addr).unwrap();
+
+        drop_new_connections(&socket).unwrap();
+        let started = std::time::Instant::now();
+        let error = connect(addr).expect_err("a paused socket took a new connection");
+        assert_eq!(
+            error.kind(),
+            io::ErrorKind::TimedOut,
+            "dropped, not refused: {error}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        // Accepted before the pause, and accepted from the queue during it: both served.
+        echo_once(&mut before, &mut accepted_before, b"before");
+        let mut accepted_queued = accept_one(&socket);
+        echo_once(&mut queued, &mut accepted_queued, b"queued");
+
+        take_new_connections(&socket).unwrap();
+        let mut after = connect(addr).expect("a resumed socket takes connections");
+        let mut accepted_after = accept_one(&socket);
+        echo_once(&mut after, &mut accepted_after, b"after");
+        // Resuming twice is fine.
+        take_new_connections(&socket).unwrap();
+    }
+
+    #[test]
+    fn over_ipv6_too_a_paused_socket_drops_new_connections_and_lets_handshakes_complete() {
+        let (socket, addr) = listening_on("[::1]:0", Some(Duration::from_secs(5)));
+        let mut under_way = connect(addr).unwrap();
+        drop_new_connections(&socket).unwrap();
+        let error = connect(addr).expect_err("a paused socket took a new connection");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
+        under_way.write_all(b"request").unwrap();
+        let mut accepted = accept_one(&socket);
+        let mut buf = [0u8; 7];
+        accepted.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"request");
+        echo_once(&mut under_way, &mut accepted, b"served");
+        take_new_connections(&socket).unwrap();
+        connect(addr).expect("a resumed socket takes connections");
+    }
+
+    #[test]
+    fn a_handshake_under_way_at_the_pause_completes() {
+        // With TCP_DEFER_ACCEPT the kernel keeps a connection half-open until its first
+        // bytes arrive: the pause falls between the client's SYN and its last ACK.
+        let (socket, addr) = listening(Some(Duration::from_secs(5)));
+        let mut client = connect(addr).unwrap();
+        assert_eq!(accept_queue(&socket), 0, "not accepted before its bytes");
+        drop_new_connections(&socket).unwrap();
+        client.write_all(b"request").unwrap();
+        let mut server = accept_one(&socket);
+        let mut buf = [0u8; 7];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"request");
+        server.write_all(b"answer").unwrap();
+        let mut buf = [0u8; 6];
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"answer");
+    }
+
+    #[test]
+    fn the_accept_queue_counts_connections_no_loop_took_yet() {
+        let (socket, addr) = listening(None);
+        assert_eq!(accept_queue(&socket), 0);
+        let _clients: Vec<TcpStream> = (0..3).map(|_| connect(addr).unwrap()).collect();
+        let deadline = std::time::Instant::now() + WAIT;
+        while accept_queue(&socket) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}",
+                accept_queue(&socket)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _accepted = accept_one(&socket);
+        assert_eq!(accept_queue(&socket), 2);
+    }
 }

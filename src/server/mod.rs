@@ -30,8 +30,8 @@ pub struct Server {
     /// a loop on each.
     workers: Vec<Handle>,
     /// The listeners running, and those removed by a reload whose connections are still
-    /// finishing.
-    listeners: Mutex<ListenerSet>,
+    /// finishing. Shared with the HA node, which pauses them for a switchover.
+    listeners: Arc<Mutex<ListenerSet>>,
     /// Stops what runs once per process (health checks, resolver, admin listener) and the
     /// workers' sweeps; each listener has a stop of its own.
     shutdown: watch::Sender<bool>,
@@ -154,6 +154,9 @@ impl Server {
     ) {
         for listener in opened {
             let running = listener.start(&self.workers, &self.shared, ready.clone());
+            if set.paused {
+                running.pause();
+            }
             lock(&self.admin_listeners).insert(running.slot, running.info());
             set.running.push(running);
         }
@@ -173,6 +176,7 @@ impl Server {
                 ha,
                 self.shared.clone(),
                 self.shutdown.subscribe(),
+                self.quiesce(),
             )?);
         }
         if let Some(socket) = admin {
@@ -235,7 +239,7 @@ impl Server {
             Server {
                 shared,
                 workers,
-                listeners: Mutex::new(ListenerSet::default()),
+                listeners: Arc::default(),
                 shutdown,
                 admin: admin_copy,
                 admin_addr,
@@ -344,6 +348,13 @@ impl Server {
         let _ = self.control.set(requests);
     }
 
+    /// The pause of a planned HA switchover over these listeners (see [`Quiesce`]).
+    pub fn quiesce(&self) -> Quiesce {
+        Quiesce {
+            listeners: self.listeners.clone(),
+        }
+    }
+
     /// This node of the active/standby group, with `[ha]`.
     pub fn ha(&self) -> Option<crate::ha::HaHandle> {
         self.ha.clone()
@@ -411,6 +422,53 @@ impl Server {
             }
         };
         tokio::time::timeout(grace, drained).await.is_ok()
+    }
+}
+
+/// What an HA node needs of the server for a planned switchover: to take no new
+/// connections without refusing any, while the open ones finish, and to undo that.
+#[derive(Clone)]
+pub struct Quiesce {
+    listeners: Arc<Mutex<ListenerSet>>,
+}
+
+/// How often [`Quiesce::drained`] counts the open connections.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+impl Quiesce {
+    /// Every listener (and any a reload starts until [`Quiesce::resume`]) stops taking new
+    /// connections: the kernel drops their SYNs, so clients send them again about a second
+    /// later rather than being refused. Open connections are asked to finish and close as
+    /// on shutdown: idle ones now, busy HTTP/1 ones after their response (`Connection:
+    /// close`), HTTP/2 with GOAWAY.
+    pub fn pause(&self) {
+        lock(&self.listeners).pause();
+    }
+
+    /// Connections still open on every listener, with those the kernel accepted that no
+    /// accept loop took yet. Tunnels (WebSockets) are not counted: asking them to finish
+    /// does not end them, and a drain waiting for them would keep new clients out.
+    pub fn open_connections(&self) -> usize {
+        lock(&self.listeners).open_connections()
+    }
+
+    /// Resolves once no connection is open (looked at first after a moment, so that
+    /// handshakes under way at the pause are counted), or when `within` has passed, with
+    /// the connections still open then.
+    pub async fn drained(&self, within: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + DRAIN_POLL)).await;
+            let open = self.open_connections();
+            if open == 0 || tokio::time::Instant::now() >= deadline {
+                return open;
+            }
+        }
+    }
+
+    /// Undoes [`Quiesce::pause`]: new connections are taken and kept alive again.
+    pub fn resume(&self) {
+        lock(&self.listeners).resume();
     }
 }
 

@@ -161,7 +161,12 @@ pub async fn serve(
         match finished {
             Finished::KeepAlive if !*shutdown.borrow() => {}
             // Rare paths, boxed for the same reason as the phases.
-            Finished::Tunnel(conn) => return Box::pin(client.tunnel(conn, timeouts)).await,
+            Finished::Tunnel(conn) => {
+                // No request to finish is left: a drain stops counting it (its receivers
+                // are the listener's count of connections to wait for).
+                drop(shutdown);
+                return Box::pin(client.tunnel(conn, timeouts)).await;
+            }
             _ => {
                 if body_unread || !client.rbuf.is_empty() {
                     Box::pin(client.close_lingering()).await;
