@@ -414,3 +414,63 @@ async fn an_upgrade_to_more_workers_serves_every_request() {
         );
     }
 }
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body from `stream` (within 10 s):
+/// its head, lowercased, or None if the connection closed first.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return Some(head);
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_a_kept_alive_connection_as_the_upgrade_begins_is_answered() {
+    use tokio::io::AsyncWriteExt;
+    let (a, b, dl) = (
+        Backend::named("a").await,
+        Backend::named("b").await,
+        slow_download().await,
+    );
+    let ws_addr = support::websocket_echo().await;
+    let (listen, admin) = (support::unused_addr(), support::unused_addr());
+    let mut process = Process::start(&config(listen, admin, ws_addr), &[&a, &b, &dl]);
+    process.log_from("admin listener").await;
+    let request = format!("GET / HTTP/1.1\r\nhost: {listen}\r\n\r\n");
+    let mut idle = tokio::net::TcpStream::connect(listen).await.unwrap();
+    idle.write_all(request.as_bytes()).await.unwrap();
+    let head = read_response(&mut idle).await.expect("no first response");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+
+    // The old process has been asked to finish just now; this client cannot know, and
+    // sends its next request on the connection it was told stays open.
+    process.signal("USR2");
+    let new = upgraded_to(&process).await;
+    let _started = Started(new);
+    idle.write_all(request.as_bytes()).await.unwrap();
+    let head = read_response(&mut idle)
+        .await
+        .expect("the old process closed a kept-alive connection with a request on its way");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(process.wait(Duration::from_secs(20)), 0);
+}
