@@ -111,9 +111,11 @@ fn steady_load(url: String, reuse: bool, stop: Arc<AtomicBool>) -> Load {
         while start.elapsed() < Duration::from_secs(40) && !stop.load(Ordering::Relaxed) {
             sent += 1;
             let outcome = match client.get(&url).send().await {
-                Ok(resp) if resp.status() == 200 => {
-                    resp.bytes().await.map(drop).map_err(|e| format!("body: {e:?}"))
-                }
+                Ok(resp) if resp.status() == 200 => resp
+                    .bytes()
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("body: {e:?}")),
                 Ok(resp) => Err(format!("status {}", resp.status())),
                 Err(e) => Err(format!("error {e:?}")),
             };
@@ -121,10 +123,7 @@ fn steady_load(url: String, reuse: bool, stop: Arc<AtomicBool>) -> Load {
                 Ok(()) => {
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => failed.push(format!(
-                    "at {:?} (reuse {reuse}): {e}",
-                    start.elapsed()
-                )),
+                Err(e) => failed.push(format!("at {:?} (reuse {reuse}): {e}", start.elapsed())),
             }
         }
         (sent, failed)
@@ -390,9 +389,10 @@ async fn an_upgrade_to_more_workers_serves_every_request() {
         load.answers_more(20).await;
     }
 
-    let filled = std::fs::read_to_string(&process.config)
-        .unwrap()
-        .replacen("workers = 1", "workers = 2", 1);
+    let filled =
+        std::fs::read_to_string(&process.config)
+            .unwrap()
+            .replacen("workers = 1", "workers = 2", 1);
     std::fs::write(&process.config, filled).unwrap();
     process.signal("USR2");
     let new = upgraded_to(&process).await;
@@ -473,4 +473,30 @@ async fn a_request_on_a_kept_alive_connection_as_the_upgrade_begins_is_answered(
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
     assert_eq!(process.wait(Duration::from_secs(20)), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigusr2_sent_as_the_process_starts_upgrades_it() {
+    let (a, b, dl) = (
+        Backend::named("a").await,
+        Backend::named("b").await,
+        slow_download().await,
+    );
+    let ws_addr = support::websocket_echo().await;
+    let (listen, admin) = (support::unused_addr(), support::unused_addr());
+    // Returns as soon as the first listener is bound: the admin listener and the workers
+    // are yet to start.
+    let mut process = Process::start(&config(listen, admin, ws_addr), &[&a, &b, &dl]);
+    // SAFETY: a plain kill(2) of our child, at once (no `kill` command to start first).
+    let sent = unsafe { libc::kill(process.child.id() as libc::pid_t, libc::SIGUSR2) };
+    assert_eq!(sent, 0);
+    let new = upgraded_to(&process).await;
+    let _started = Started(new);
+    assert_eq!(process.wait(Duration::from_secs(20)), 0);
+    let answer = support::client()
+        .get(format!("http://{listen}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
 }
