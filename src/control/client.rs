@@ -48,10 +48,7 @@ pub async fn ask(socket: &Path, request: &Request, within: Duration) -> Result<R
         Ok(peer) => {
             return Err(failed(
                 "refused",
-                &format_args!(
-                    "it is served by another user's process (uid {})",
-                    peer.uid()
-                ),
+                &format_args!("it is served by another user's process (uid {})", peer.uid()),
             ));
         }
         Err(e) => return Err(failed("cannot tell who serves it", &e)),
