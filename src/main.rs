@@ -238,6 +238,14 @@ async fn status(config: &std::path::Path, admin: Option<SocketAddr>) -> ExitCode
 /// replaces in a binary upgrade (see `fulcrum::upgrade`); SIGUSR2 starts such an upgrade
 /// with the binary this process was started from.
 async fn run(config: Config, path: Option<&Path>) -> ExitCode {
+    // First of all: a signal's default action ends the process, so one sent while it
+    // starts (as soon as its listeners accept, or a deploy script's early SIGUSR2 or
+    // SIGHUP) would kill it. Caught from here on, it waits until the loop below runs.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
+    let mut int = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
+    let mut hup = signal(SignalKind::hangup()).expect("cannot listen for SIGHUP");
+    let mut usr2 = signal(SignalKind::user_defined2()).expect("cannot listen for SIGUSR2");
     // Held to the end, so that queued access log lines are written out on exit.
     let _log = fulcrum::logging::init(&config.access_log);
     for warning in &config.warnings {
@@ -286,11 +294,6 @@ async fn run(config: Config, path: Option<&Path>) -> ExitCode {
         server.send_reloads_to(reloads);
     }
     let stop_reason = {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
-        let mut int = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
-        let mut hup = signal(SignalKind::hangup()).expect("cannot listen for SIGHUP");
-        let mut usr2 = signal(SignalKind::user_defined2()).expect("cannot listen for SIGUSR2");
         loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",

@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -70,44 +70,80 @@ impl Drop for Started {
     }
 }
 
-/// Requests to `url` until `stop` (at most 4,000), on kept-alive connections if `reuse`,
-/// else each on a connection of its own: how many ran and the ones that failed.
-fn steady_load(
-    url: String,
-    reuse: bool,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
-    tokio::spawn(async move {
-        let mut builder = reqwest::Client::builder().no_proxy();
+/// What a load loop saw: requests sent, the failures (each with when it happened, counted
+/// from the loop's start), and the requests answered in full so far.
+struct Load {
+    answered: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Load {
+    /// Waits (up to 15 s) until `more` requests beyond those answered so far are answered:
+    /// the loop still runs, and whoever serves now answers it.
+    async fn answers_more(&self, more: usize) {
+        let target = self.answered.load(Ordering::Relaxed) + more;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.answered.load(Ordering::Relaxed) < target {
+            assert!(
+                Instant::now() < deadline && !self.task.is_finished(),
+                "the load loop stopped being answered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Requests to `url` until `stop` (for at most 40 s), on kept-alive connections if
+/// `reuse`, else each on a connection of its own.
+fn steady_load(url: String, reuse: bool, stop: Arc<AtomicBool>) -> Load {
+    let answered = Arc::new(AtomicUsize::new(0));
+    let counter = answered.clone();
+    let task = tokio::spawn(async move {
+        let mut builder = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10));
         if !reuse {
             builder = builder.pool_max_idle_per_host(0);
         }
         let client = builder.build().unwrap();
         let (mut sent, mut failed) = (0, Vec::new());
-        while sent < 4_000 && !stop.load(Ordering::Relaxed) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(40) && !stop.load(Ordering::Relaxed) {
             sent += 1;
-            match client.get(&url).send().await {
-                Ok(resp) if resp.status() == 200 => {
-                    if let Err(e) = resp.bytes().await {
-                        failed.push(format!("body: {e:?}"));
-                    }
+            let outcome = match client.get(&url).send().await {
+                Ok(resp) if resp.status() == 200 => resp
+                    .bytes()
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("body: {e:?}")),
+                Ok(resp) => Err(format!("status {}", resp.status())),
+                Err(e) => Err(format!("error {e:?}")),
+            };
+            match outcome {
+                Ok(()) => {
+                    counter.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(resp) => failed.push(format!("status {}", resp.status())),
-                Err(e) => failed.push(format!("error {e:?}")),
+                Err(e) => failed.push(format!("at {:?} (reuse {reuse}): {e}", start.elapsed())),
             }
         }
         (sent, failed)
-    })
+    });
+    Load { answered, task }
 }
 
-/// The `s=TOKEN` values a client without a cookie is given over `n` requests.
-async fn tokens(url: &str, n: usize) -> HashSet<String> {
+/// The `s=TOKEN` values a client without a cookie is given, requesting until it has seen
+/// `wanted` different ones (at most 200 requests: other clients' requests share the
+/// balancer's turns, so a few in a row may go to the same server).
+async fn tokens(url: &str, wanted: usize) -> HashSet<String> {
     let client = support::client();
     let mut seen = HashSet::new();
-    for _ in 0..n {
+    for _ in 0..200 {
         let resp = client.get(url).send().await.unwrap();
         let cookie = resp.headers()["set-cookie"].to_str().unwrap();
         seen.insert(cookie.split(';').next().unwrap().to_string());
+        if seen.len() >= wanted {
+            break;
+        }
     }
     seen
 }
@@ -177,7 +213,7 @@ async fn sigusr2_hands_over_to_a_new_process_without_a_failed_request() {
     assert_eq!(admin_pid(admin).await, Some(u64::from(old)));
 
     // Sticky tokens before: one per server; a client pinned to one of them.
-    let issued = tokens(&url, 6).await;
+    let issued = tokens(&url, 2).await;
     assert_eq!(issued.len(), 2, "{issued:?}");
     let pinned = issued.iter().next().unwrap().clone();
     let server = answers_with(&url, &pinned, 3).await;
@@ -204,13 +240,7 @@ async fn sigusr2_hands_over_to_a_new_process_without_a_failed_request() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     process.signal("USR2");
-    let line = process.log_from("upgraded: process ").await;
-    let new: u32 = line
-        .split("upgraded: process ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line}"));
+    let new = upgraded_to(&process).await;
     let _started = Started(new);
     assert_ne!(new, old);
 
@@ -243,7 +273,7 @@ async fn sigusr2_hands_over_to_a_new_process_without_a_failed_request() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(answers_with(&url, &pinned, 5).await, server);
-    assert_eq!(tokens(&url, 6).await, issued);
+    assert_eq!(tokens(&url, 2).await, issued);
 
     // Its last connection closed, the old process exits.
     ws.close(None).await.unwrap();
@@ -252,11 +282,13 @@ async fn sigusr2_hands_over_to_a_new_process_without_a_failed_request() {
     let log = process.stderr.lock().unwrap().clone();
     assert!(log.contains("all connections closed; exiting"), "{log}");
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The old process is gone: what the loops get answered now, the new one answers.
+    for load in &loads {
+        load.answers_more(50).await;
+    }
     stop.store(true, Ordering::Relaxed);
     for load in loads {
-        let (sent, failed) = load.await.unwrap();
-        assert!(sent > 20, "only {sent} requests ran");
+        let (sent, failed) = load.task.await.unwrap();
         assert!(
             failed.is_empty(),
             "{} of {sent} failed: {failed:?}",
@@ -290,13 +322,181 @@ async fn an_upgrade_whose_new_process_cannot_start_leaves_the_old_one_serving() 
     assert!(whole.contains("fulcrum.toml:2:"), "{whole}");
 
     assert_eq!(admin_pid(admin).await, Some(u64::from(process.child.id())));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    load.answers_more(50).await;
     stop.store(true, Ordering::Relaxed);
-    let (sent, failed) = load.await.unwrap();
-    assert!(sent > 20, "only {sent} requests ran");
+    let (sent, failed) = load.task.await.unwrap();
     assert!(
         failed.is_empty(),
         "{} of {sent} failed: {failed:?}",
         failed.len()
     );
+}
+
+/// Waits (up to 10 s) until process `pid` runs `count` worker threads (a thread names
+/// itself once it runs, a moment after the process has logged that it listens).
+async fn expect_worker_threads(pid: u32, count: usize) {
+    let workers = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            // Thread names are cut to 15 bytes: "fulcrum-worker-".
+            .filter(|name| name.starts_with("fulcrum-worker-"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while workers() != count {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} runs {} worker threads, not {count}",
+            workers()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The pid in the old process's "upgraded: process PID serves" line.
+async fn upgraded_to(process: &Process) -> u32 {
+    let line = process.log_from("upgraded: process ").await;
+    line.split("upgraded: process ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_to_more_workers_serves_every_request() {
+    let (a, b, dl) = (
+        Backend::named("a").await,
+        Backend::named("b").await,
+        slow_download().await,
+    );
+    let ws_addr = support::websocket_echo().await;
+    let (listen, admin) = (support::unused_addr(), support::unused_addr());
+    let two_workers = config(listen, admin, ws_addr);
+    let one_worker = two_workers.replacen("workers = 2", "workers = 1", 1);
+    let mut process = Process::start(&one_worker, &[&a, &b, &dl]);
+    process.log_from("admin listener").await;
+    let old = process.child.id();
+    expect_worker_threads(old, 1).await;
+    let url = format!("http://{listen}/");
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = [
+        steady_load(url.clone(), true, stop.clone()),
+        steady_load(url.clone(), false, stop.clone()),
+    ];
+    for load in &loads {
+        load.answers_more(20).await;
+    }
+
+    let filled =
+        std::fs::read_to_string(&process.config)
+            .unwrap()
+            .replacen("workers = 1", "workers = 2", 1);
+    std::fs::write(&process.config, filled).unwrap();
+    process.signal("USR2");
+    let new = upgraded_to(&process).await;
+    let _started = Started(new);
+    expect_worker_threads(new, 2).await;
+    assert_eq!(process.wait(Duration::from_secs(20)), 0);
+
+    // Only the new process is left: its two workers answer what follows.
+    for load in &loads {
+        load.answers_more(100).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for load in loads {
+        let (sent, failed) = load.task.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} of {sent} failed: {failed:?}",
+            failed.len()
+        );
+    }
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body from `stream` (within 10 s):
+/// its head, lowercased, or None if the connection closed first.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return Some(head);
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_a_kept_alive_connection_as_the_upgrade_begins_is_answered() {
+    use tokio::io::AsyncWriteExt;
+    let (a, b, dl) = (
+        Backend::named("a").await,
+        Backend::named("b").await,
+        slow_download().await,
+    );
+    let ws_addr = support::websocket_echo().await;
+    let (listen, admin) = (support::unused_addr(), support::unused_addr());
+    let mut process = Process::start(&config(listen, admin, ws_addr), &[&a, &b, &dl]);
+    process.log_from("admin listener").await;
+    let request = format!("GET / HTTP/1.1\r\nhost: {listen}\r\n\r\n");
+    let mut idle = tokio::net::TcpStream::connect(listen).await.unwrap();
+    idle.write_all(request.as_bytes()).await.unwrap();
+    let head = read_response(&mut idle).await.expect("no first response");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+
+    // The old process has been asked to finish just now; this client cannot know, and
+    // sends its next request on the connection it was told stays open.
+    process.signal("USR2");
+    let new = upgraded_to(&process).await;
+    let _started = Started(new);
+    idle.write_all(request.as_bytes()).await.unwrap();
+    let head = read_response(&mut idle)
+        .await
+        .expect("the old process closed a kept-alive connection with a request on its way");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(process.wait(Duration::from_secs(20)), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigusr2_sent_as_the_process_starts_upgrades_it() {
+    let (a, b, dl) = (
+        Backend::named("a").await,
+        Backend::named("b").await,
+        slow_download().await,
+    );
+    let ws_addr = support::websocket_echo().await;
+    let (listen, admin) = (support::unused_addr(), support::unused_addr());
+    // Returns as soon as the first listener is bound: the admin listener and the workers
+    // are yet to start.
+    let mut process = Process::start(&config(listen, admin, ws_addr), &[&a, &b, &dl]);
+    // SAFETY: a plain kill(2) of our child, at once (no `kill` command to start first).
+    let sent = unsafe { libc::kill(process.child.id() as libc::pid_t, libc::SIGUSR2) };
+    assert_eq!(sent, 0);
+    let new = upgraded_to(&process).await;
+    let _started = Started(new);
+    assert_eq!(process.wait(Duration::from_secs(20)), 0);
+    let answer = support::client()
+        .get(format!("http://{listen}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
 }

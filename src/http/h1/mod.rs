@@ -75,7 +75,13 @@ pub async fn serve(
             // A new connection has `client_header` to start its request; a kept-alive one
             // may idle for `client_idle`.
             let timeouts = &arc_swap::cache::Access::load(&mut runtime).config.timeouts;
-            let wait = if first {
+            let finishing = *shutdown.borrow();
+            let wait = if finishing {
+                // Asked to finish while idle: a request already on its way (its client
+                // cannot know yet) is still read and answered, with `Connection: close`.
+                // Closing at once would fail it, and a client may not send it twice.
+                super::FIRST_REQUEST_GRACE
+            } else if first {
                 timeouts.client_header
             } else {
                 timeouts.client_idle
@@ -85,18 +91,25 @@ pub async fn serve(
             let linger = wait.min(BUFFER_LINGER);
             let read = tokio::select! {
                 biased;
-                read = read_some(&client.stream, &mut client.rbuf, linger) => read,
-                _ = stopping(&mut shutdown) => return,
+                read = read_some(&client.stream, &mut client.rbuf, linger) => Some(read),
+                _ = stopping(&mut shutdown), if !finishing => None,
             };
             match read {
-                Ok(n) if n > 0 => {}
+                Some(Ok(n)) if n > 0 => {}
+                // Asked to finish: wait again, for the next request's last moment.
+                None => continue,
                 // Nothing yet, and the read found the socket empty: wait on, bufferless.
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && wait > linger => {
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut && wait > linger => {
                     client.release_buffers();
-                    tokio::select! {
+                    let ready = tokio::select! {
                         biased;
-                        ready = wait_readable(&client.stream, wait - linger) => if ready.is_err() { return },
-                        _ = stopping(&mut shutdown) => return,
+                        ready = wait_readable(&client.stream, wait - linger) => Some(ready),
+                        _ = stopping(&mut shutdown), if !finishing => None,
+                    };
+                    match ready {
+                        Some(Ok(())) => {}
+                        Some(Err(_)) => return,
+                        None => continue,
                     }
                 }
                 _ => return,
@@ -159,7 +172,9 @@ pub async fn serve(
         .await;
         let body_unread = framing.has_body() && !body.is_done();
         match finished {
-            Finished::KeepAlive if !*shutdown.borrow() => {}
+            // Asked to finish after the response said the connection stays open: the client
+            // may send its next request at once, which the wait above still takes.
+            Finished::KeepAlive => {}
             // Rare paths, boxed for the same reason as the phases.
             Finished::Tunnel(conn) => {
                 // No request to finish is left: a drain stops counting it (its receivers
