@@ -309,12 +309,11 @@ async fn pair(test: u8, preempt: bool) -> (Addresses, Secrets, [NodeSpec; 2], No
     (addresses, secrets, specs, lb1, lb2)
 }
 
-/// Kills lb1 (SIGKILL: nothing released, nothing said), as a host dies; its address goes
-/// with it. lb2 must take over within the dead time.
+/// Kills lb1 (SIGKILL: nothing released, nothing said), as a process crashes; its address
+/// stays on the interface. lb2 must take over within the dead time.
 async fn kill_lb1(addresses: &Addresses, lb1: Node, lb2: &Node) {
     drop(lb1.process);
     let killed = Instant::now();
-    addresses.remove(0);
     let (status, _) = lb2.wait_for("active", dead_time() + SLACK).await;
     let took = killed.elapsed();
     eprintln!(
@@ -323,6 +322,7 @@ async fn kill_lb1(addresses: &Addresses, lb1: Node, lb2: &Node) {
     );
     assert_eq!(status["last_change"]["reason"], "peer_dead", "{status:#}");
     assert!(addresses.on_lo(1));
+    assert!(addresses.on_lo(0), "the killed process took its address off");
 }
 
 #[tokio::test]
@@ -361,11 +361,17 @@ async fn without_preemption_the_returning_better_node_stays_backup() {
     let (addresses, secrets, specs, lb1, lb2) = pair(2, false).await;
     kill_lb1(&addresses, lb1, &lb2).await;
 
+    // Restarted, lb1 finds the address its killed process left, takes it off and listens
+    // first: it must not take the role back as if the address were handed to it.
     let lb1 = Node::start(&specs[0], &secrets).await;
+    lb1.process.log_from("left by a previous run").await;
     let status = lb1.settled_hearing("lb2").await;
     assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["transitions"], 0, "{status:#}");
     assert_eq!(status["peers"][0]["role"], "active", "{status:#}");
-    assert_eq!(lb2.role().await, "active");
+    let status = lb2.status().await;
+    assert_eq!(status["role"], "active", "{status:#}");
+    assert_eq!(status["transitions"], 1, "lb2 stepped down meanwhile: {status:#}");
     assert!(!addresses.on_lo(0));
     assert!(addresses.on_lo(1));
 }
@@ -570,22 +576,77 @@ async fn a_heartbeat_without_the_key_is_ignored_and_counted() {
 }
 
 #[tokio::test]
-async fn a_node_finding_its_address_on_the_interface_starts_active_at_once() {
+async fn a_node_finding_an_address_left_by_a_previous_run_takes_it_off_and_listens_first() {
     let addresses = Addresses::new(5);
     let secrets = Secrets::new();
     addresses.add(0);
     let spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
     let lb1 = Node::start(&spec, &secrets).await;
-    let (status, _) = lb1.wait_for("active", SLACK).await;
+    lb1.process.log_from("left by a previous run").await;
+    let (status, _) = lb1.wait_for("active", dead_time() + SLACK).await;
     assert_eq!(status["last_change"]["reason"], "startup", "{status:#}");
+    let detail = status["last_change"]["detail"].as_str().unwrap();
+    assert!(detail.contains("no active peer heard"), "{status:#}");
+    // Claimed after listening (which starts after the release), not found.
+    let log = lb1.process.log_from("left by a previous run").await;
+    let listened = log.find("left by a previous run").unwrap();
     assert!(
-        status["last_change"]["detail"]
-            .as_str()
-            .unwrap()
-            .contains("already on the interface"),
-        "{status:#}"
+        log[listened..].contains("HA: role changed"),
+        "the role changed before the stray address was seen: {log}"
     );
     assert!(addresses.on_lo(0));
+}
+
+#[tokio::test]
+async fn a_binary_upgrade_of_the_active_node_keeps_the_role_and_the_address() {
+    let addresses = Addresses::new(10);
+    let secrets = Secrets::new();
+    // The peer is this test's socket, which says nothing: the node is alone.
+    let spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    let lb1 = Node::start(&spec, &secrets).await;
+    lb1.wait_for("active", dead_time() + SLACK).await;
+    let peer = UdpSocket::bind(spec.peers[0]).unwrap();
+
+    lb1.process.signal("USR2");
+    let line = lb1.process.log_from("upgraded: process ").await;
+    let new: u32 = line
+        .split("upgraded: process ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"));
+    let _new = KillOnDrop(new);
+    // The new process's log goes to the same stderr.
+    let log = lb1.process.log_from("already on the interface").await;
+    assert!(!log.contains("left by a previous run"), "{log}");
+    assert!(addresses.on_lo(0));
+    // It heartbeats as active from the start: no heartbeat after the upgrade says backup.
+    peer.set_read_timeout(Some(SLACK)).unwrap();
+    let key = fulcrum::ha::heartbeat::key(KEY.as_bytes());
+    let mut buf = [0u8; 512];
+    let until = Instant::now() + dead_time() * 2;
+    while Instant::now() < until {
+        let (len, _) = peer.recv_from(&mut buf).unwrap();
+        let heartbeat = fulcrum::ha::heartbeat::Heartbeat::decode(&buf[..len], &key).unwrap();
+        assert_eq!(
+            heartbeat.role,
+            fulcrum::ha::heartbeat::WireRole::Active,
+            "{heartbeat:?}"
+        );
+    }
+    assert!(addresses.on_lo(0));
+}
+
+/// Kills the process an upgrade started, which is no child of the test.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: a plain kill(2) of a process id.
+        unsafe {
+            libc::kill(self.0 as libc::pid_t, libc::SIGKILL);
+        }
+    }
 }
 
 /// A TCP port whose answers the test turns on and off: while off, the accept queue (of
