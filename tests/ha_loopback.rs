@@ -155,7 +155,15 @@ struct Node {
 
 impl Node {
     async fn start(spec: &NodeSpec, secrets: &Secrets) -> Node {
-        let process = Process::start(&config(spec, secrets), &[]);
+        Node::start_with(spec, secrets, |_| {}).await
+    }
+
+    async fn start_with(
+        spec: &NodeSpec,
+        secrets: &Secrets,
+        configure: impl FnOnce(&mut std::process::Command),
+    ) -> Node {
+        let process = Process::start_with(&config(spec, secrets), &[], configure);
         let line = process.log_from("admin listener").await;
         let admin = line
             .lines()
@@ -364,7 +372,6 @@ async fn without_preemption_the_returning_better_node_stays_backup() {
     // Restarted, lb1 finds the address its killed process left, takes it off and listens
     // first: it must not take the role back as if the address were handed to it.
     let lb1 = Node::start(&specs[0], &secrets).await;
-    lb1.process.log_from("left by a previous run").await;
     let status = lb1.settled_hearing("lb2").await;
     assert_eq!(status["role"], "backup", "{status:#}");
     assert_eq!(status["transitions"], 0, "{status:#}");
@@ -374,6 +381,7 @@ async fn without_preemption_the_returning_better_node_stays_backup() {
     assert_eq!(status["transitions"], 1, "lb2 stepped down meanwhile: {status:#}");
     assert!(!addresses.on_lo(0));
     assert!(addresses.on_lo(1));
+    lb1.process.log_from("left by a previous run").await;
 }
 
 #[tokio::test]
@@ -636,6 +644,85 @@ async fn a_binary_upgrade_of_the_active_node_keeps_the_role_and_the_address() {
     }
     assert!(addresses.on_lo(0));
 }
+
+#[tokio::test]
+async fn a_node_that_cannot_put_its_address_on_says_so_and_never_claims_the_role() {
+    let addresses = Addresses::new(11);
+    let secrets = Secrets::new();
+    let spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    let peer = UdpSocket::bind(spec.peers[0]).unwrap();
+    let lb1 = Node::start_with(&spec, &secrets, |command| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl(2) only, between fork and exec. Out of the bounding set, the
+        // capability is not regained by exec as root.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_ADMIN, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    })
+    .await;
+    let start = Instant::now();
+    let status = loop {
+        let status = lb1.status().await;
+        let error = status["error"].as_str().unwrap_or_default().to_string();
+        if error.contains("cannot put the virtual addresses on") {
+            break status;
+        }
+        assert!(start.elapsed() < dead_time() + SLACK, "{status:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let error = status["error"].as_str().unwrap();
+    assert!(error.contains("needs CAP_NET_ADMIN"), "{status:#}");
+    assert_eq!(status["eligible"], false, "{status:#}");
+    // What it says to the peer from then on, through a few claims tried again: a backup
+    // that may not hold the role.
+    peer.set_read_timeout(Some(SLACK)).unwrap();
+    let key = fulcrum::ha::heartbeat::key(KEY.as_bytes());
+    let mut buf = [0u8; 512];
+    while peer.set_nonblocking(true).is_ok() && peer.recv_from(&mut buf).is_ok() {}
+    peer.set_nonblocking(false).unwrap();
+    let until = Instant::now() + Duration::from_millis(2500);
+    let mut heard = 0;
+    while Instant::now() < until {
+        let (len, _) = peer.recv_from(&mut buf).unwrap();
+        let heartbeat = fulcrum::ha::heartbeat::Heartbeat::decode(&buf[..len], &key).unwrap();
+        assert_eq!(
+            heartbeat.role,
+            fulcrum::ha::heartbeat::WireRole::Backup,
+            "{heartbeat:?}"
+        );
+        heard += 1;
+        // Between a retry's start and its failure the node says nothing.
+        assert!(!heartbeat.eligible, "{heartbeat:?}");
+    }
+    assert!(heard > 10, "{heard} heartbeats");
+    let status = lb1.status().await;
+    assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["eligible"], false, "{status:#}");
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot put the virtual addresses on `lo`"),
+        "{status:#}"
+    );
+    let log = lb1
+        .process
+        .log_from("may not hold the role until a claim works")
+        .await;
+    assert_eq!(
+        log.matches("may not hold the role until a claim works").count(),
+        1,
+        "a lasting failure is logged once: {log}"
+    );
+    assert!(!addresses.on_lo(0));
+}
+
+const CAP_NET_ADMIN: libc::c_ulong = 12;
 
 /// Kills the process an upgrade started, which is no child of the test.
 struct KillOnDrop(u32);

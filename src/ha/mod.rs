@@ -340,6 +340,7 @@ pub fn start(
                     inner: view,
                     last_send_warning: None,
                     unreleased: false,
+                    last_release_error: None,
                     claim_failed_at: None,
                     upgraded,
                     quiesce,
@@ -375,6 +376,8 @@ struct Runner {
     last_send_warning: Option<Instant>,
     /// The addresses could not be taken off yet: tried again at every tick.
     unreleased: bool,
+    /// Why, as last logged (a failure that goes on is logged once).
+    last_release_error: Option<String>,
     /// When a claim last failed, until it is tried again.
     claim_failed_at: Option<Instant>,
     /// Started by a binary upgrade: addresses found on the interface are handed over.
@@ -740,6 +743,7 @@ impl Runner {
         match result {
             Ok(()) => {
                 self.unreleased = false;
+                self.last_release_error = None;
                 // A failed claim's error stays shown until a claim works.
                 if self.claim_failed_at.is_none() && !view.error_is_for_good {
                     view.error = None;
@@ -750,10 +754,14 @@ impl Runner {
                     "cannot take the virtual addresses off `{}`: {e}",
                     self.config.interface
                 );
-                if view.error.as_ref() != Some(&error) {
+                if self.last_release_error.as_ref() != Some(&error) {
                     tracing::error!("HA: {error}; trying again");
                 }
-                view.error = Some(error);
+                // A failed claim's error (which this often follows) says more.
+                if self.claim_failed_at.is_none() && !view.error_is_for_good {
+                    view.error = Some(error.clone());
+                }
+                self.last_release_error = Some(error);
                 self.unreleased = true;
             }
         }
