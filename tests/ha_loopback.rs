@@ -722,6 +722,51 @@ async fn a_node_that_cannot_put_its_address_on_says_so_and_never_claims_the_role
     assert!(!addresses.on_lo(0));
 }
 
+#[tokio::test]
+async fn heartbeats_go_on_while_the_main_runtime_is_stalled() {
+    let addresses = Addresses::new(12);
+    let secrets = Secrets::new();
+    let spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    let peer = UdpSocket::bind(spec.peers[0]).unwrap();
+    let config = fulcrum::config::parse("ha.toml", &config(&spec, &secrets)).unwrap();
+    let server = fulcrum::server::Server::start(config).await.unwrap();
+    let ha = server.ha().expect("a node with [ha]");
+    let deadline = Instant::now() + dead_time() + SLACK;
+    while ha.status().role != "active" {
+        assert!(Instant::now() < deadline, "{:?}", ha.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let heard = std::thread::spawn(move || {
+        peer.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut buf = [0u8; 512];
+        // From the start of listening to its end, the times between heartbeats.
+        let mut arrivals = vec![Instant::now()];
+        let until = arrivals[0] + Duration::from_millis(2500);
+        while Instant::now() < until {
+            if peer.recv_from(&mut buf).is_ok() {
+                arrivals.push(Instant::now());
+            }
+        }
+        arrivals.push(until);
+        arrivals
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The runtime the server started on stalls, as in a slow synchronous reload.
+    std::thread::sleep(Duration::from_millis(1500));
+    let arrivals = heard.join().unwrap();
+    let longest = arrivals
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .max()
+        .unwrap();
+    assert!(
+        longest < Duration::from_millis(INTERVAL_MS) * 6,
+        "heartbeats stopped for {longest:?} while the main runtime stalled"
+    );
+    assert_eq!(ha.status().role, "active");
+    assert!(server.shutdown(Duration::from_secs(1)).await);
+}
+
 const CAP_NET_ADMIN: libc::c_ulong = 12;
 
 /// Kills the process an upgrade started, which is no child of the test.
