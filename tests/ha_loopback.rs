@@ -767,6 +767,45 @@ async fn heartbeats_go_on_while_the_main_runtime_is_stalled() {
     assert!(server.shutdown(Duration::from_secs(1)).await);
 }
 
+#[tokio::test]
+async fn a_peer_sending_under_this_nodes_name_makes_it_give_the_role_up_for_good() {
+    let addresses = Addresses::new(13);
+    let secrets = Secrets::new();
+    let twin = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    spec.peers = vec![twin.local_addr().unwrap()];
+    let lb1 = Node::start(&spec, &secrets).await;
+    lb1.wait_for("active", dead_time() + SLACK).await;
+
+    // A second node configured as "lb1" too, lesser and a backup: nothing the election
+    // would act on, but the two cannot tell each other's heartbeats from their own.
+    let key = fulcrum::ha::heartbeat::key(KEY.as_bytes());
+    let twin_heartbeat = fulcrum::ha::heartbeat::Heartbeat {
+        group: 7,
+        node: "lb1".into(),
+        priority: 1,
+        role: fulcrum::ha::heartbeat::WireRole::Backup,
+        eligible: true,
+        sequence: 1,
+    };
+    twin.send_to(&twin_heartbeat.encode(&key), spec.bind).unwrap();
+    let (status, _) = lb1.wait_for("backup", SLACK).await;
+    assert_eq!(
+        status["last_change"]["reason"], "name_conflict",
+        "{status:#}"
+    );
+    assert_eq!(status["eligible"], false, "{status:#}");
+    let error = status["error"].as_str().unwrap();
+    assert!(error.contains("this node's own name"), "{status:#}");
+    assert!(!addresses.on_lo(0));
+    // For good: alone, it claims nothing again.
+    tokio::time::sleep(dead_time() * 5).await;
+    let status = lb1.status().await;
+    assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["error"].as_str().unwrap(), error, "{status:#}");
+    assert!(!addresses.on_lo(0));
+}
+
 const CAP_NET_ADMIN: libc::c_ulong = 12;
 
 /// Kills the process an upgrade started, which is no child of the test.
