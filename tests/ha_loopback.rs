@@ -330,7 +330,10 @@ async fn kill_lb1(addresses: &Addresses, lb1: Node, lb2: &Node) {
     );
     assert_eq!(status["last_change"]["reason"], "peer_dead", "{status:#}");
     assert!(addresses.on_lo(1));
-    assert!(addresses.on_lo(0), "the killed process took its address off");
+    assert!(
+        addresses.on_lo(0),
+        "the killed process took its address off"
+    );
 }
 
 #[tokio::test]
@@ -378,7 +381,10 @@ async fn without_preemption_the_returning_better_node_stays_backup() {
     assert_eq!(status["peers"][0]["role"], "active", "{status:#}");
     let status = lb2.status().await;
     assert_eq!(status["role"], "active", "{status:#}");
-    assert_eq!(status["transitions"], 1, "lb2 stepped down meanwhile: {status:#}");
+    assert_eq!(
+        status["transitions"], 1,
+        "lb2 stepped down meanwhile: {status:#}"
+    );
     assert!(!addresses.on_lo(0));
     assert!(addresses.on_lo(1));
     lb1.process.log_from("left by a previous run").await;
@@ -715,7 +721,8 @@ async fn a_node_that_cannot_put_its_address_on_says_so_and_never_claims_the_role
         .log_from("may not hold the role until a claim works")
         .await;
     assert_eq!(
-        log.matches("may not hold the role until a claim works").count(),
+        log.matches("may not hold the role until a claim works")
+            .count(),
         1,
         "a lasting failure is logged once: {log}"
     );
@@ -737,7 +744,8 @@ async fn heartbeats_go_on_while_the_main_runtime_is_stalled() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let heard = std::thread::spawn(move || {
-        peer.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        peer.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let mut buf = [0u8; 512];
         // From the start of listening to its end, the times between heartbeats.
         let mut arrivals = vec![Instant::now()];
@@ -788,7 +796,8 @@ async fn a_peer_sending_under_this_nodes_name_makes_it_give_the_role_up_for_good
         eligible: true,
         sequence: 1,
     };
-    twin.send_to(&twin_heartbeat.encode(&key), spec.bind).unwrap();
+    twin.send_to(&twin_heartbeat.encode(&key), spec.bind)
+        .unwrap();
     let (status, _) = lb1.wait_for("backup", SLACK).await;
     assert_eq!(
         status["last_change"]["reason"], "name_conflict",

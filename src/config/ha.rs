@@ -540,7 +540,11 @@ virtual_addresses = ["192.0.2.100/24", "2001:db8::100/64"]
         let (text, position) = with(&[("key_file", "\"example.key\"")]);
         let config = parse(&dir.name, &text).unwrap();
         assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
-        assert!(config.warnings[0].contains(&position), "{:?}", config.warnings);
+        assert!(
+            config.warnings[0].contains(&position),
+            "{:?}",
+            config.warnings
+        );
         assert!(
             config.warnings[0].contains("holds the example key shipped with Fulcrum"),
             "{:?}",

@@ -714,7 +714,9 @@ mod tests {
     #[test]
     fn a_peer_under_this_nodes_name_bars_it_for_good() {
         let (mut n, _) = node("lb1", 200, true, true);
-        let t = n.election.name_conflict("lb1 heard from 127.0.0.2:7946".into());
+        let t = n
+            .election
+            .name_conflict("lb1 heard from 127.0.0.2:7946".into());
         assert_eq!(reason(t), Some((Role::Backup, Reason::NameConflict)));
         assert_eq!(n.election.retry_claim(n.now), None);
         assert_eq!(n.election.set_eligible(true, n.now), None);

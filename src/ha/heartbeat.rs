@@ -437,7 +437,9 @@ mod tests {
         // ...and heard again once it sends later than the second process did.
         let later = running.next(started + hour + 61_000_000);
         assert_eq!(
-            inbox.accept(peer, &numbered(later), now).map(|h| h.sequence),
+            inbox
+                .accept(peer, &numbered(later), now)
+                .map(|h| h.sequence),
             Ok(later)
         );
         // Within one microsecond, the numbers still grow.

@@ -770,9 +770,7 @@ impl Runner {
     /// Before a claim is tried again: the interface looked up afresh by name, in case it
     /// was removed and made again (a new index). Keeps the old one if that fails.
     async fn reopen(&mut self, addresses: &mut VirtualAddresses) {
-        match VirtualAddresses::open(&self.config.interface, &self.config.virtual_addresses)
-            .await
-        {
+        match VirtualAddresses::open(&self.config.interface, &self.config.virtual_addresses).await {
             Ok(opened) => *addresses = opened,
             Err(e) => {
                 tracing::debug!(error = %e, "HA: cannot open the interface again");
