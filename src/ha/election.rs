@@ -3,8 +3,8 @@
 //!
 //! Rules: the best eligible node (highest priority, then the name that sorts first) among
 //! those alive should be active. A node starts as backup and listens for a dead time before
-//! claiming, unless the virtual addresses are already on its interface (a binary upgrade on
-//! the active node), when it starts active at once. Without preemption an active peer keeps
+//! claiming, unless it takes over from the process a binary upgrade replaced on the active
+//! node (the addresses on its interface, handed over), when it starts active at once. Without preemption an active peer keeps
 //! the role even against a better node; two active nodes that hear each other resolve at
 //! once, the lesser stepping down; an active node that fails its reach checks steps down,
 //! as does one that cannot put the addresses on (until a claim is tried again) or hears
@@ -138,8 +138,8 @@ pub struct Election {
 }
 
 impl Election {
-    /// A node starting now; `held`: the virtual addresses are already on the interface.
-    /// Returns the transition to active when it starts active.
+    /// A node starting now; `held`: the virtual addresses are on the interface, handed over
+    /// by the process a binary upgrade replaced. Returns the transition to active when it starts active.
     pub fn new(
         settings: Settings,
         eligible: bool,

@@ -59,7 +59,7 @@ pub struct Heartbeat {
     pub role: WireRole,
     /// Whether the sender passes its reach checks (may hold the role).
     pub eligible: bool,
-    /// Greater in every heartbeat a node sends, across restarts too.
+    /// Greater in every heartbeat a node sends, across restarts too: see [`Sequence`].
     pub sequence: u64,
 }
 
@@ -76,7 +76,8 @@ pub enum Rejected {
     UnknownPeer,
     /// A sequence number no greater than one already seen from that node.
     Replayed,
-    /// Claims to come from this very node.
+    /// Claims to come from this very node (from a configured peer: two nodes named alike,
+    /// which the runner treats as fatal).
     OwnName,
 }
 

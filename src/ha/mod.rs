@@ -130,7 +130,9 @@ pub struct HaStatus {
     /// Datagrams dropped, by reason: `malformed`, `unauthenticated`, `other_group`,
     /// `unknown_peer`, `replayed`, `own_name`.
     pub heartbeats_dropped: BTreeMap<&'static str, u64>,
-    /// Why the addresses could not be changed, while that lasts.
+    /// Why the addresses could not be changed, while that lasts (a failed claim's until a
+    /// claim works: the node is not eligible meanwhile); or, for good, that a peer uses this
+    /// node's name.
     pub error: Option<String>,
     /// The node left the group (shutting down or handed to an upgraded process).
     pub left: bool,
