@@ -188,7 +188,8 @@ impl HaHandle {
     /// Leaves the group: stops heartbeats and, with `release`, hands the role over (a last
     /// "yielding" heartbeat, so the peer takes over at once) and takes the addresses off.
     /// Without `release` (a binary upgrade), the addresses stay for the new process, which
-    /// finds them and, started by the upgrade, starts active. Returns once done; later calls return at once.
+    /// finds them and, started by the upgrade, starts active. Returns once done; later
+    /// calls return at once.
     pub async fn leave(&self, release: bool) {
         let (done, finished) = oneshot::channel();
         if self
