@@ -155,7 +155,15 @@ struct Node {
 
 impl Node {
     async fn start(spec: &NodeSpec, secrets: &Secrets) -> Node {
-        let process = Process::start(&config(spec, secrets), &[]);
+        Node::start_with(spec, secrets, |_| {}).await
+    }
+
+    async fn start_with(
+        spec: &NodeSpec,
+        secrets: &Secrets,
+        configure: impl FnOnce(&mut std::process::Command),
+    ) -> Node {
+        let process = Process::start_with(&config(spec, secrets), &[], configure);
         let line = process.log_from("admin listener").await;
         let admin = line
             .lines()
@@ -309,12 +317,11 @@ async fn pair(test: u8, preempt: bool) -> (Addresses, Secrets, [NodeSpec; 2], No
     (addresses, secrets, specs, lb1, lb2)
 }
 
-/// Kills lb1 (SIGKILL: nothing released, nothing said), as a host dies; its address goes
-/// with it. lb2 must take over within the dead time.
+/// Kills lb1 (SIGKILL: nothing released, nothing said), as a process crashes; its address
+/// stays on the interface. lb2 must take over within the dead time.
 async fn kill_lb1(addresses: &Addresses, lb1: Node, lb2: &Node) {
     drop(lb1.process);
     let killed = Instant::now();
-    addresses.remove(0);
     let (status, _) = lb2.wait_for("active", dead_time() + SLACK).await;
     let took = killed.elapsed();
     eprintln!(
@@ -323,6 +330,10 @@ async fn kill_lb1(addresses: &Addresses, lb1: Node, lb2: &Node) {
     );
     assert_eq!(status["last_change"]["reason"], "peer_dead", "{status:#}");
     assert!(addresses.on_lo(1));
+    assert!(
+        addresses.on_lo(0),
+        "the killed process took its address off"
+    );
 }
 
 #[tokio::test]
@@ -361,13 +372,22 @@ async fn without_preemption_the_returning_better_node_stays_backup() {
     let (addresses, secrets, specs, lb1, lb2) = pair(2, false).await;
     kill_lb1(&addresses, lb1, &lb2).await;
 
+    // Restarted, lb1 finds the address its killed process left, takes it off and listens
+    // first: it must not take the role back as if the address were handed to it.
     let lb1 = Node::start(&specs[0], &secrets).await;
     let status = lb1.settled_hearing("lb2").await;
     assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["transitions"], 0, "{status:#}");
     assert_eq!(status["peers"][0]["role"], "active", "{status:#}");
-    assert_eq!(lb2.role().await, "active");
+    let status = lb2.status().await;
+    assert_eq!(status["role"], "active", "{status:#}");
+    assert_eq!(
+        status["transitions"], 1,
+        "lb2 stepped down meanwhile: {status:#}"
+    );
     assert!(!addresses.on_lo(0));
     assert!(addresses.on_lo(1));
+    lb1.process.log_from("left by a previous run").await;
 }
 
 #[tokio::test]
@@ -570,22 +590,243 @@ async fn a_heartbeat_without_the_key_is_ignored_and_counted() {
 }
 
 #[tokio::test]
-async fn a_node_finding_its_address_on_the_interface_starts_active_at_once() {
+async fn a_node_finding_an_address_left_by_a_previous_run_takes_it_off_and_listens_first() {
     let addresses = Addresses::new(5);
     let secrets = Secrets::new();
     addresses.add(0);
     let spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
     let lb1 = Node::start(&spec, &secrets).await;
-    let (status, _) = lb1.wait_for("active", SLACK).await;
+    lb1.process.log_from("left by a previous run").await;
+    let (status, _) = lb1.wait_for("active", dead_time() + SLACK).await;
     assert_eq!(status["last_change"]["reason"], "startup", "{status:#}");
+    let detail = status["last_change"]["detail"].as_str().unwrap();
+    assert!(detail.contains("no active peer heard"), "{status:#}");
+    // Claimed after listening (which starts after the release), not found.
+    let log = lb1.process.log_from("left by a previous run").await;
+    let listened = log.find("left by a previous run").unwrap();
     assert!(
-        status["last_change"]["detail"]
-            .as_str()
-            .unwrap()
-            .contains("already on the interface"),
-        "{status:#}"
+        log[listened..].contains("HA: role changed"),
+        "the role changed before the stray address was seen: {log}"
     );
     assert!(addresses.on_lo(0));
+}
+
+#[tokio::test]
+async fn a_binary_upgrade_of_the_active_node_keeps_the_role_and_the_address() {
+    let addresses = Addresses::new(10);
+    let secrets = Secrets::new();
+    // The peer is this test's socket, which says nothing: the node is alone.
+    let spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    let lb1 = Node::start(&spec, &secrets).await;
+    lb1.wait_for("active", dead_time() + SLACK).await;
+    let peer = UdpSocket::bind(spec.peers[0]).unwrap();
+
+    lb1.process.signal("USR2");
+    let line = lb1.process.log_from("upgraded: process ").await;
+    let new: u32 = line
+        .split("upgraded: process ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"));
+    let _new = KillOnDrop(new);
+    // The new process's log goes to the same stderr.
+    let log = lb1.process.log_from("already on the interface").await;
+    assert!(!log.contains("left by a previous run"), "{log}");
+    assert!(addresses.on_lo(0));
+    // It heartbeats as active from the start: no heartbeat after the upgrade says backup.
+    peer.set_read_timeout(Some(SLACK)).unwrap();
+    let key = fulcrum::ha::heartbeat::key(KEY.as_bytes());
+    let mut buf = [0u8; 512];
+    let until = Instant::now() + dead_time() * 2;
+    while Instant::now() < until {
+        let (len, _) = peer.recv_from(&mut buf).unwrap();
+        let heartbeat = fulcrum::ha::heartbeat::Heartbeat::decode(&buf[..len], &key).unwrap();
+        assert_eq!(
+            heartbeat.role,
+            fulcrum::ha::heartbeat::WireRole::Active,
+            "{heartbeat:?}"
+        );
+    }
+    assert!(addresses.on_lo(0));
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_put_its_address_on_says_so_and_never_claims_the_role() {
+    let addresses = Addresses::new(11);
+    let secrets = Secrets::new();
+    let spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    let peer = UdpSocket::bind(spec.peers[0]).unwrap();
+    let lb1 = Node::start_with(&spec, &secrets, |command| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl(2) only, between fork and exec. Out of the bounding set, the
+        // capability is not regained by exec as root.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_ADMIN, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    })
+    .await;
+    let start = Instant::now();
+    let status = loop {
+        let status = lb1.status().await;
+        let error = status["error"].as_str().unwrap_or_default().to_string();
+        if error.contains("cannot put the virtual addresses on") {
+            break status;
+        }
+        assert!(start.elapsed() < dead_time() + SLACK, "{status:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let error = status["error"].as_str().unwrap();
+    assert!(error.contains("needs CAP_NET_ADMIN"), "{status:#}");
+    assert_eq!(status["eligible"], false, "{status:#}");
+    // What it says to the peer from then on, through a few claims tried again: a backup
+    // that may not hold the role.
+    peer.set_read_timeout(Some(SLACK)).unwrap();
+    let key = fulcrum::ha::heartbeat::key(KEY.as_bytes());
+    let mut buf = [0u8; 512];
+    while peer.set_nonblocking(true).is_ok() && peer.recv_from(&mut buf).is_ok() {}
+    peer.set_nonblocking(false).unwrap();
+    let until = Instant::now() + Duration::from_millis(2500);
+    let mut heard = 0;
+    while Instant::now() < until {
+        let (len, _) = peer.recv_from(&mut buf).unwrap();
+        let heartbeat = fulcrum::ha::heartbeat::Heartbeat::decode(&buf[..len], &key).unwrap();
+        assert_eq!(
+            heartbeat.role,
+            fulcrum::ha::heartbeat::WireRole::Backup,
+            "{heartbeat:?}"
+        );
+        heard += 1;
+        // Between a retry's start and its failure the node says nothing.
+        assert!(!heartbeat.eligible, "{heartbeat:?}");
+    }
+    assert!(heard > 10, "{heard} heartbeats");
+    let status = lb1.status().await;
+    assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["eligible"], false, "{status:#}");
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot put the virtual addresses on `lo`"),
+        "{status:#}"
+    );
+    let log = lb1
+        .process
+        .log_from("may not hold the role until a claim works")
+        .await;
+    assert_eq!(
+        log.matches("may not hold the role until a claim works")
+            .count(),
+        1,
+        "a lasting failure is logged once: {log}"
+    );
+    assert!(!addresses.on_lo(0));
+}
+
+#[tokio::test]
+async fn heartbeats_go_on_while_the_main_runtime_is_stalled() {
+    let addresses = Addresses::new(12);
+    let secrets = Secrets::new();
+    let spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    let peer = UdpSocket::bind(spec.peers[0]).unwrap();
+    let config = fulcrum::config::parse("ha.toml", &config(&spec, &secrets)).unwrap();
+    let server = fulcrum::server::Server::start(config).await.unwrap();
+    let ha = server.ha().expect("a node with [ha]");
+    let deadline = Instant::now() + dead_time() + SLACK;
+    while ha.status().role != "active" {
+        assert!(Instant::now() < deadline, "{:?}", ha.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let heard = std::thread::spawn(move || {
+        peer.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        // From the start of listening to its end, the times between heartbeats.
+        let mut arrivals = vec![Instant::now()];
+        let until = arrivals[0] + Duration::from_millis(2500);
+        while Instant::now() < until {
+            if peer.recv_from(&mut buf).is_ok() {
+                arrivals.push(Instant::now());
+            }
+        }
+        arrivals.push(until);
+        arrivals
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The runtime the server started on stalls, as in a slow synchronous reload.
+    std::thread::sleep(Duration::from_millis(1500));
+    let arrivals = heard.join().unwrap();
+    let longest = arrivals
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .max()
+        .unwrap();
+    assert!(
+        longest < Duration::from_millis(INTERVAL_MS) * 6,
+        "heartbeats stopped for {longest:?} while the main runtime stalled"
+    );
+    assert_eq!(ha.status().role, "active");
+    assert!(server.shutdown(Duration::from_secs(1)).await);
+}
+
+#[tokio::test]
+async fn a_peer_sending_under_this_nodes_name_makes_it_give_the_role_up_for_good() {
+    let addresses = Addresses::new(13);
+    let secrets = Secrets::new();
+    let twin = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut spec = NodeSpec::new("lb1", 100, true, addresses.of(0));
+    spec.peers = vec![twin.local_addr().unwrap()];
+    let lb1 = Node::start(&spec, &secrets).await;
+    lb1.wait_for("active", dead_time() + SLACK).await;
+
+    // A second node configured as "lb1" too, lesser and a backup: nothing the election
+    // would act on, but the two cannot tell each other's heartbeats from their own.
+    let key = fulcrum::ha::heartbeat::key(KEY.as_bytes());
+    let twin_heartbeat = fulcrum::ha::heartbeat::Heartbeat {
+        group: 7,
+        node: "lb1".into(),
+        priority: 1,
+        role: fulcrum::ha::heartbeat::WireRole::Backup,
+        eligible: true,
+        sequence: 1,
+    };
+    twin.send_to(&twin_heartbeat.encode(&key), spec.bind)
+        .unwrap();
+    let (status, _) = lb1.wait_for("backup", SLACK).await;
+    assert_eq!(
+        status["last_change"]["reason"], "name_conflict",
+        "{status:#}"
+    );
+    assert_eq!(status["eligible"], false, "{status:#}");
+    let error = status["error"].as_str().unwrap();
+    assert!(error.contains("this node's own name"), "{status:#}");
+    assert!(!addresses.on_lo(0));
+    // For good: alone, it claims nothing again.
+    tokio::time::sleep(dead_time() * 5).await;
+    let status = lb1.status().await;
+    assert_eq!(status["role"], "backup", "{status:#}");
+    assert_eq!(status["error"].as_str().unwrap(), error, "{status:#}");
+    assert!(!addresses.on_lo(0));
+}
+
+const CAP_NET_ADMIN: libc::c_ulong = 12;
+
+/// Kills the process an upgrade started, which is no child of the test.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: a plain kill(2) of a process id.
+        unsafe {
+            libc::kill(self.0 as libc::pid_t, libc::SIGKILL);
+        }
+    }
 }
 
 /// A TCP port whose answers the test turns on and off: while off, the accept queue (of

@@ -15,6 +15,8 @@ use crate::config::model::{HaConfig, HaKey, UpstreamConfig, VirtualAddress};
 const MAX_NODE_BYTES: usize = 64;
 /// Linux's limit on an interface name (`IFNAMSIZ` less the terminating zero).
 const MAX_INTERFACE_BYTES: usize = 15;
+/// The key shipped in `examples/`, which anyone can read.
+const EXAMPLE_KEY: &[u8] = include_bytes!("../../examples/ha.key");
 
 impl Checker {
     pub(super) fn ha(
@@ -31,7 +33,7 @@ impl Checker {
         let peers = self.ha_peers(&ha.peers, bind);
         let key = self.ha_key(&ha.key_file);
         let interface = self.ha_interface(&ha.interface);
-        let virtual_addresses = self.virtual_addresses(&ha.virtual_addresses);
+        let virtual_addresses = self.virtual_addresses(&ha.virtual_addresses, bind);
         let heartbeat_interval = self.duration(
             ha.heartbeat_interval.as_ref(),
             "heartbeat_interval",
@@ -172,6 +174,12 @@ impl Checker {
             }
         };
         let key = bytes.trim_ascii();
+        if key == EXAMPLE_KEY.trim_ascii() {
+            self.warn(
+                key_file.span(),
+                format!("key_file `{}` holds the example key shipped with Fulcrum, which anyone can read and forge heartbeats with: make the group's own with `openssl rand -hex 32 > ha.key` and copy it to every node", path.display()),
+            );
+        }
         let found = HaKey::new(key);
         if found.is_none() {
             self.error(key_file.span(), format!("key_file `{}` holds {} bytes: a heartbeat key needs at least {}, such as the output of `openssl rand -hex 32` (the same file on every node)", path.display(), key.len(), HaKey::MIN_BYTES));
@@ -204,9 +212,12 @@ impl Checker {
         problem.is_none().then(|| name.clone())
     }
 
+    /// The addresses, none of them `bind`'s: the node takes virtual addresses off when it
+    /// is backup, which would take its own address (and its heartbeats) with them.
     fn virtual_addresses(
         &mut self,
         addresses: &Spanned<Vec<Spanned<String>>>,
+        bind: Option<SocketAddr>,
     ) -> Option<Vec<VirtualAddress>> {
         if addresses.get_ref().is_empty() {
             self.error(addresses.span(), "virtual_addresses is empty: list the addresses clients reach the group at, like \"192.0.2.100/24\"");
@@ -222,6 +233,12 @@ impl Checker {
                         self.error(
                             written.span(),
                             format!("virtual_addresses lists {} twice", address.ip),
+                        );
+                        ok = false;
+                    } else if bind.is_some_and(|b| b.ip() == address.ip) {
+                        self.error(
+                            written.span(),
+                            format!("virtual address {} is this node's heartbeat bind address: a backup takes the virtual addresses off its interface; give the group an address of its own", address.ip),
                         );
                         ok = false;
                     }
@@ -499,6 +516,40 @@ virtual_addresses = ["192.0.2.100/24", "2001:db8::100/64"]
         );
         let (e, _) = error(&dir, &[("reach", "[\"192.0.2.1:80\", \"192.0.2.1:80\"]")]);
         assert!(e.contains("reach lists 192.0.2.1:80 twice"), "{e}");
+    }
+
+    #[test]
+    fn a_virtual_address_may_not_be_the_bind_address() {
+        let dir = dir();
+        let (e, position) = error(&dir, &[("virtual_addresses", "[\"192.0.2.11/24\"]")]);
+        assert!(e.contains(&position), "not at {position}: {e}");
+        assert!(
+            e.contains("virtual address 192.0.2.11 is this node's heartbeat bind address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_example_key_is_warned_about() {
+        let dir = dir();
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/ha.key"),
+            dir.dir.path().join("example.key"),
+        )
+        .unwrap();
+        let (text, position) = with(&[("key_file", "\"example.key\"")]);
+        let config = parse(&dir.name, &text).unwrap();
+        assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+        assert!(
+            config.warnings[0].contains(&position),
+            "{:?}",
+            config.warnings
+        );
+        assert!(
+            config.warnings[0].contains("holds the example key shipped with Fulcrum"),
+            "{:?}",
+            config.warnings
+        );
     }
 
     #[test]

@@ -163,8 +163,18 @@ impl VirtualAddresses {
     /// Whether every address is on the interface now (a process started by a binary
     /// upgrade on the active node finds them there and starts active).
     pub async fn held(&self) -> io::Result<bool> {
+        Ok(self.present().await?.len() == self.addresses.len())
+    }
+
+    /// Those of the virtual addresses that are on the interface now.
+    pub async fn present(&self) -> io::Result<Vec<VirtualAddress>> {
         let present = self.on_interface().await?;
-        Ok(self.addresses.iter().all(|a| present.contains(a)))
+        Ok(self
+            .addresses
+            .iter()
+            .filter(|a| present.contains(a))
+            .cloned()
+            .collect())
     }
 
     /// Every address the interface has now, virtual or not.

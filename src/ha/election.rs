@@ -3,10 +3,12 @@
 //!
 //! Rules: the best eligible node (highest priority, then the name that sorts first) among
 //! those alive should be active. A node starts as backup and listens for a dead time before
-//! claiming, unless the virtual addresses are already on its interface (a binary upgrade on
-//! the active node), when it starts active at once. Without preemption an active peer keeps
+//! claiming, unless it takes over from the process a binary upgrade replaced on the active
+//! node (the addresses on its interface, handed over), when it starts active at once. Without preemption an active peer keeps
 //! the role even against a better node; two active nodes that hear each other resolve at
-//! once, the lesser stepping down; an active node that fails its reach checks steps down.
+//! once, the lesser stepping down; an active node that fails its reach checks steps down,
+//! as does one that cannot put the addresses on (until a claim is tried again) or hears
+//! another node under its own name (for good).
 //! A planned switchover announces "yielding" until a peer is heard active.
 
 use std::cmp::Reverse;
@@ -51,6 +53,10 @@ pub enum Reason {
     Switchover,
     /// This node is shutting down.
     Shutdown,
+    /// The addresses could not be put on (no privilege, the interface gone).
+    ClaimFailed,
+    /// A peer sends heartbeats under this node's name: two nodes are configured alike.
+    NameConflict,
 }
 
 impl Reason {
@@ -64,6 +70,8 @@ impl Reason {
             Reason::DualActive => "dual_active",
             Reason::Switchover => "switchover",
             Reason::Shutdown => "shutdown",
+            Reason::ClaimFailed => "claim_failed",
+            Reason::NameConflict => "name_conflict",
         }
     }
 }
@@ -102,7 +110,11 @@ pub struct Election {
     settings: Settings,
     role: Role,
     /// Whether this node passes its reach checks.
-    eligible: bool,
+    reach: bool,
+    /// Why the last claim failed, until it is tried again: no role meanwhile.
+    claim_error: Option<String>,
+    /// Set for good once a peer is heard under this node's name.
+    name_conflict: Option<String>,
     /// A backup claims nothing before this, to hear its peers first.
     listen_until: Instant,
     /// In the order first heard.
@@ -126,8 +138,8 @@ pub struct Election {
 }
 
 impl Election {
-    /// A node starting now; `held`: the virtual addresses are already on the interface.
-    /// Returns the transition to active when it starts active.
+    /// A node starting now; `held`: the virtual addresses are on the interface, handed over
+    /// by the process a binary upgrade replaced. Returns the transition to active when it starts active.
     pub fn new(
         settings: Settings,
         eligible: bool,
@@ -138,7 +150,9 @@ impl Election {
             listen_until: now + settings.dead_time,
             settings,
             role: Role::Backup,
-            eligible,
+            reach: eligible,
+            claim_error: None,
+            name_conflict: None,
             peers: Vec::new(),
             yielding_since: None,
             yielded: false,
@@ -161,8 +175,10 @@ impl Election {
         self.role
     }
 
+    /// Whether this node may hold the role: it passes its reach checks, its last claim did
+    /// not fail, and no other node uses its name.
     pub fn eligible(&self) -> bool {
-        self.eligible
+        self.reach && self.claim_error.is_none() && self.name_conflict.is_none()
     }
 
     pub fn peers(&self) -> &[Peer] {
@@ -219,8 +235,34 @@ impl Election {
 
     /// The reach checks' verdict changed (or not).
     pub fn set_eligible(&mut self, eligible: bool, now: Instant) -> Option<Transition> {
-        self.eligible = eligible;
+        self.reach = eligible;
         self.decide(now)
+    }
+
+    /// Putting the addresses on failed: this node may not hold the role (it steps down if
+    /// it does) until [`Election::retry_claim`].
+    pub fn claim_failed(&mut self, error: String) -> Option<Transition> {
+        self.claim_error = Some(error.clone());
+        self.bar(Reason::ClaimFailed, error)
+    }
+
+    /// Lets the node try claiming again (the election decides at once whether it does).
+    pub fn retry_claim(&mut self, now: Instant) -> Option<Transition> {
+        self.claim_error = None;
+        self.decide(now)
+    }
+
+    /// A peer was heard under this node's name: this node gives the role up for good.
+    pub fn name_conflict(&mut self, detail: String) -> Option<Transition> {
+        self.name_conflict = Some(detail.clone());
+        self.bar(Reason::NameConflict, detail)
+    }
+
+    fn bar(&mut self, reason: Reason, detail: String) -> Option<Transition> {
+        if self.yielding_since.take().is_some() {
+            self.switchover_outcome = Some(Err(detail.clone()));
+        }
+        (self.role == Role::Active).then(|| self.change(Role::Backup, reason, detail))
     }
 
     /// Time passed: peers may have died, the listening or a switchover may be over.
@@ -313,7 +355,7 @@ impl Election {
     }
 
     fn decide_active(&mut self, now: Instant) -> Option<Transition> {
-        if !self.eligible {
+        if !self.eligible() {
             if self.yielding_since.take().is_some() {
                 self.switchover_outcome = Some(Err("this node lost reach".into()));
             }
@@ -357,7 +399,7 @@ impl Election {
     }
 
     fn decide_backup(&mut self, now: Instant) -> Option<Transition> {
-        if !self.eligible || now < self.listen_until {
+        if !self.eligible() || now < self.listen_until {
             return None;
         }
         let me = self.rank();
@@ -649,6 +691,37 @@ mod tests {
             reason(n.election.set_eligible(true, n.now)),
             Some((Role::Active, Reason::Startup))
         );
+    }
+
+    #[test]
+    fn a_failed_claim_bars_the_node_until_tried_again() {
+        let (mut n, _) = node("lb1", 200, true, true);
+        let t = n.election.claim_failed("no CAP_NET_ADMIN".into()).unwrap();
+        assert_eq!((t.to, t.reason), (Role::Backup, Reason::ClaimFailed));
+        assert_eq!(t.detail, "no CAP_NET_ADMIN");
+        assert!(!n.election.eligible());
+        assert_eq!(n.pass(DEAD * 3), None, "no claim while barred");
+        assert_eq!(
+            reason(n.election.retry_claim(n.now)),
+            Some((Role::Active, Reason::Startup))
+        );
+        // A backup's failed claim changes no role, only its eligibility.
+        let (mut b, _) = node("lb2", 100, true, false);
+        assert_eq!(b.election.claim_failed("gone".into()), None);
+        assert!(!b.election.eligible());
+    }
+
+    #[test]
+    fn a_peer_under_this_nodes_name_bars_it_for_good() {
+        let (mut n, _) = node("lb1", 200, true, true);
+        let t = n
+            .election
+            .name_conflict("lb1 heard from 127.0.0.2:7946".into());
+        assert_eq!(reason(t), Some((Role::Backup, Reason::NameConflict)));
+        assert_eq!(n.election.retry_claim(n.now), None);
+        assert_eq!(n.election.set_eligible(true, n.now), None);
+        assert_eq!(n.pass(DEAD * 3), None);
+        assert!(!n.election.eligible());
     }
 
     #[test]

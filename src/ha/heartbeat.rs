@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_lc_rs::hmac;
 
@@ -59,7 +59,7 @@ pub struct Heartbeat {
     pub role: WireRole,
     /// Whether the sender passes its reach checks (may hold the role).
     pub eligible: bool,
-    /// Greater in every heartbeat a node sends, across restarts too.
+    /// Greater in every heartbeat a node sends, across restarts too: see [`Sequence`].
     pub sequence: u64,
 }
 
@@ -76,7 +76,8 @@ pub enum Rejected {
     UnknownPeer,
     /// A sequence number no greater than one already seen from that node.
     Replayed,
-    /// Claims to come from this very node.
+    /// Claims to come from this very node (from a configured peer: two nodes named alike,
+    /// which the runner treats as fatal).
     OwnName,
 }
 
@@ -100,6 +101,31 @@ impl Rejected {
             Rejected::OwnName => "own_name",
         }
     }
+}
+
+/// The sequence numbers one process sends: each the greater of one above the last and the
+/// wall clock in microseconds, so that they follow time. A peer drops any number not above
+/// the greatest it saw from a name; numbers that only counted up from the start would let
+/// a second process of the same node (an upgrade's child that failed, a clock stepped
+/// back) push that mark ahead of the running process for as long as it has been up.
+#[derive(Debug, Default)]
+pub struct Sequence {
+    last: u64,
+}
+
+impl Sequence {
+    /// The number for a heartbeat sent at `now_micros` (see [`wall_clock_micros`]).
+    pub fn next(&mut self, now_micros: u64) -> u64 {
+        self.last = self.last.saturating_add(1).max(now_micros);
+        self.last
+    }
+}
+
+/// Microseconds since the Unix epoch, by the wall clock.
+pub fn wall_clock_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
 }
 
 /// The group's key, ready to sign and verify with.
@@ -384,7 +410,65 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_process_started_earlier_is_heard_again_once_it_sends_later_in_time() {
+        let mut inbox = inbox();
+        let now = Instant::now();
+        let peer = PEER.parse().unwrap();
+        let started = 1_700_000_000_000_000;
+        let mut running = Sequence::default();
+        assert!(
+            inbox
+                .accept(peer, &numbered(running.next(started)), now)
+                .is_ok()
+        );
+        // A second process of the same node, an hour later, sends for a minute.
+        let mut second = Sequence::default();
+        let hour = 3_600_000_000;
+        for tick in 0..1200 {
+            let sequence = second.next(started + hour + tick * 50_000);
+            assert!(inbox.accept(peer, &numbered(sequence), now).is_ok());
+        }
+        // Rejected while the running process's numbers are behind the mark...
+        let behind = running.next(started + 100);
+        assert_eq!(
+            inbox.accept(peer, &numbered(behind), now),
+            Err(Rejected::Replayed)
+        );
+        // ...and heard again once it sends later than the second process did.
+        let later = running.next(started + hour + 61_000_000);
+        assert_eq!(
+            inbox
+                .accept(peer, &numbered(later), now)
+                .map(|h| h.sequence),
+            Ok(later)
+        );
+        // Within one microsecond, the numbers still grow.
+        assert_eq!(running.next(started), later + 1);
+    }
+
+    fn numbered(sequence: u64) -> Vec<u8> {
+        Heartbeat {
+            sequence,
+            ..sample()
+        }
+        .encode(&group_key())
+    }
+
     proptest! {
+        #[test]
+        fn sequences_grow_whatever_the_clock_does(
+            clock in proptest::collection::vec(any::<u64>(), 1..50),
+        ) {
+            let mut sequence = Sequence::default();
+            let mut last = 0;
+            for now in clock {
+                let next = sequence.next(now % (u64::MAX / 2));
+                prop_assert!(next > last && next >= now % (u64::MAX / 2));
+                last = next;
+            }
+        }
+
         #[test]
         fn any_bytes_decode_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = Heartbeat::decode(&bytes, &group_key());

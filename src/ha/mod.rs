@@ -8,9 +8,11 @@
 //! - [`address`]: the addresses on the interface (the OS side).
 //! - [`cli`]: `fulcrum ha status` and `fulcrum ha switchover`.
 //!
-//! The runner here ties them together on the process's main runtime: one task sends
-//! heartbeats every interval and at once on a change of role, receives the peers', and
-//! claims or releases the addresses as the election decides.
+//! The runner here ties them together on a thread of its own (its own runtime, so that
+//! a reload's config parsing or a busy admin API on the main runtime never delays a
+//! heartbeat into a takeover): one task sends heartbeats every interval and at once on a
+//! change of role, receives the peers', and claims or releases the addresses as the
+//! election decides.
 //!
 //! A planned switchover loses no connection: the active node first pauses its listeners
 //! (new clients' SYNs are dropped, so they send them again about a second later, to the
@@ -41,10 +43,10 @@ use crate::runtime::Shared;
 use crate::server::Quiesce;
 use address::VirtualAddresses;
 use election::{Election, Peer, Reason, Role, Settings, Transition};
-use heartbeat::{Heartbeat, Inbox, Rejected, WireRole};
+use heartbeat::{Heartbeat, Inbox, Rejected, Sequence, WireRole};
 
-/// How long to wait before trying again to open the interface. (Putting the addresses on
-/// or taking them off is tried again at every heartbeat tick: the role depends on it.)
+/// How long to wait before trying again to open the interface, or to claim after a claim
+/// failed. (Taking the addresses off is tried again at every heartbeat tick.)
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Heartbeats are a few dozen bytes; anything longer is not one.
 const MAX_DATAGRAM: usize = 512;
@@ -95,8 +97,11 @@ struct View {
     last_change: Option<(SystemTime, Instant, Transition)>,
     transitions: BTreeMap<(Role, Reason), u64>,
     dropped: BTreeMap<Rejected, u64>,
-    /// The latest failure to open the interface or change its addresses, until one works.
+    /// The latest failure to open the interface or change its addresses, until one works;
+    /// or a name conflict, for good.
     error: Option<String>,
+    /// `error` is a name conflict, which nothing clears.
+    error_is_for_good: bool,
     /// Whether the node has left the group (shutting down, or replaced by an upgrade).
     left: bool,
 }
@@ -125,7 +130,9 @@ pub struct HaStatus {
     /// Datagrams dropped, by reason: `malformed`, `unauthenticated`, `other_group`,
     /// `unknown_peer`, `replayed`, `own_name`.
     pub heartbeats_dropped: BTreeMap<&'static str, u64>,
-    /// Why the addresses could not be changed, while that lasts.
+    /// Why the addresses could not be changed, while that lasts (a failed claim's until a
+    /// claim works: the node is not eligible meanwhile); or, for good, that a peer uses this
+    /// node's name.
     pub error: Option<String>,
     /// The node left the group (shutting down or handed to an upgraded process).
     pub left: bool,
@@ -181,7 +188,8 @@ impl HaHandle {
     /// Leaves the group: stops heartbeats and, with `release`, hands the role over (a last
     /// "yielding" heartbeat, so the peer takes over at once) and takes the addresses off.
     /// Without `release` (a binary upgrade), the addresses stay for the new process, which
-    /// finds them and starts active. Returns once done; later calls return at once.
+    /// finds them and, started by the upgrade, starts active. Returns once done; later
+    /// calls return at once.
     pub async fn leave(&self, release: bool) {
         let (done, finished) = oneshot::channel();
         if self
@@ -253,13 +261,17 @@ impl HaHandle {
     }
 }
 
-/// Binds the heartbeat socket (a taken address stops the start) and starts the runner on
-/// the current runtime. `quiesce` pauses the server's listeners for a switchover.
+/// Binds the heartbeat socket (a taken address stops the start) and starts the runner on a
+/// thread of its own. `quiesce` pauses the server's listeners for a switchover. `upgraded`:
+/// this process was started by a binary upgrade, so virtual addresses found on the
+/// interface are the old process's, handed over with the role; on any other start they
+/// were left by a process that died, and are taken off before the node listens.
 pub fn start(
     config: &HaConfig,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
     quiesce: Quiesce,
+    upgraded: bool,
 ) -> io::Result<HaHandle> {
     let socket = bind(config.bind).map_err(|e| {
         io::Error::new(
@@ -289,6 +301,7 @@ pub fn start(
             transitions: BTreeMap::new(),
             dropped: BTreeMap::new(),
             error: None,
+            error_is_for_good: false,
             left: false,
         }),
     });
@@ -301,30 +314,50 @@ pub fn start(
         interface = %config.interface,
         "HA: joining the group"
     );
-    let runner = Runner {
-        config: config.clone(),
-        socket,
-        inbox: Inbox::new(
-            heartbeat::key(config.key.bytes()),
-            config.group,
-            &config.node,
-            &config.peers,
-        ),
-        key: heartbeat::key(config.key.bytes()),
-        sequence: wall_clock_micros(),
-        inner: inner.clone(),
-        last_send_warning: None,
-        unapplied: None,
-        quiesce,
-        paused: false,
-    };
-    tokio::spawn(runner.run(received, shared, shutdown));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let config = config.clone();
+    let view = inner.clone();
+    std::thread::Builder::new()
+        .name("fulcrum-ha".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let socket = match UdpSocket::from_std(socket) {
+                    Ok(socket) => socket,
+                    Err(e) => {
+                        tracing::error!(error = %e, "HA: cannot use the heartbeat socket; this node stays out of the group");
+                        let mut view = lock(&view.view);
+                        view.error = Some(format!("cannot use the heartbeat socket: {e}"));
+                        view.left = true;
+                        return;
+                    }
+                };
+                let key = heartbeat::key(config.key.bytes());
+                let runner = Runner {
+                    inbox: Inbox::new(key.clone(), config.group, &config.node, &config.peers),
+                    config,
+                    socket,
+                    key,
+                    sequence: Sequence::default(),
+                    inner: view,
+                    last_send_warning: None,
+                    unreleased: false,
+                    last_release_error: None,
+                    claim_failed_at: None,
+                    upgraded,
+                    quiesce,
+                    paused: false,
+                };
+                runner.run(received, shared, shutdown).await;
+            })
+        })?;
     Ok(HaHandle { inner })
 }
 
 /// A UDP socket on `addr` with `SO_REUSEPORT`, so that a process started by a binary
 /// upgrade can bind it while this one still holds it.
-fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
@@ -333,15 +366,7 @@ fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
-}
-
-/// Sequence numbers start here, so that a restarted node's are greater than any it sent
-/// before (one a heartbeat is far slower than one a microsecond).
-fn wall_clock_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(1, |d| d.as_micros() as u64)
+    Ok(socket.into())
 }
 
 struct Runner {
@@ -349,12 +374,17 @@ struct Runner {
     socket: UdpSocket,
     inbox: Inbox,
     key: aws_lc_rs::hmac::Key,
-    /// The last sequence number sent.
-    sequence: u64,
+    sequence: Sequence,
     inner: Arc<Inner>,
     last_send_warning: Option<Instant>,
-    /// The role whose addresses could not be put on (or taken off) yet, to try again.
-    unapplied: Option<Role>,
+    /// The addresses could not be taken off yet: tried again at every tick.
+    unreleased: bool,
+    /// Why, as last logged (a failure that goes on is logged once).
+    last_release_error: Option<String>,
+    /// When a claim last failed, until it is tried again.
+    claim_failed_at: Option<Instant>,
+    /// Started by a binary upgrade: addresses found on the interface are handed over.
+    upgraded: bool,
     /// The server's listeners, paused for a switchover.
     quiesce: Quiesce,
     /// Whether the listeners are paused: from a switchover's start until the address is
@@ -372,16 +402,27 @@ impl Runner {
         shared: Arc<Shared>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let Some(addresses) = self.open(&mut commands, &mut shutdown).await else {
+        let Some(mut addresses) = self.open(&mut commands, &mut shutdown).await else {
             return;
         };
-        let held = match addresses.held().await {
-            Ok(held) => held,
+        let present = match addresses.present().await {
+            Ok(present) => present,
             Err(e) => {
                 tracing::warn!(error = %e, "HA: cannot tell whether the virtual addresses are here; starting as backup");
-                false
+                Vec::new()
             }
         };
+        let all_present = present.len() == self.config.virtual_addresses.len();
+        // Only the process an upgrade started takes the role over with the addresses: on
+        // any other start a process that held them died (or was killed), and whether this
+        // node should hold the role is for the election to say, after listening.
+        let held = all_present && self.upgraded;
+        if !held && !present.is_empty() {
+            tracing::warn!(
+                addresses = ?present.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "HA: virtual addresses left by a previous run are on the interface: taking them off and listening for the peers first"
+            );
+        }
         let checks = !self.config.reach.is_empty() || self.config.reach_upstreams;
         // Until its first round, a node that already holds the addresses trusts the
         // process it replaces; any other starts ineligible, to claim nothing unchecked.
@@ -401,13 +442,13 @@ impl Runner {
         };
         let (mut election, started) =
             Election::new(settings, *eligibility.borrow(), held, Instant::now());
-        match started {
-            Some(t) => self.apply(t, &addresses, &election).await,
-            None => self.publish(&election),
-        }
         if !held {
             // What an earlier process that was killed left behind is not ours to hold.
-            self.set_addresses(Role::Backup, &addresses).await;
+            self.release(&addresses).await;
+        }
+        match started {
+            Some(t) => self.apply(t, &addresses, &mut election).await,
+            None => self.publish(&election),
         }
         let mut tick = tokio::time::interval(self.config.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -476,11 +517,21 @@ impl Runner {
                     None
                 }
                 _ = tick.tick() => {
-                    if let Some(role) = self.unapplied {
-                        self.set_addresses(role, &addresses).await;
+                    if self.unreleased && election.role() == Role::Backup {
+                        self.release(&addresses).await;
                     }
                     send_now = true;
-                    election.tick(Instant::now())
+                    let now = Instant::now();
+                    let retry = self
+                        .claim_failed_at
+                        .is_some_and(|at| now.duration_since(at) >= RETRY_EVERY);
+                    if retry {
+                        self.claim_failed_at = None;
+                        self.reopen(&mut addresses).await;
+                        election.retry_claim(now)
+                    } else {
+                        election.tick(now)
+                    }
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     election.tick(Instant::now())
@@ -490,6 +541,7 @@ impl Runner {
                         let now = Instant::now();
                         match self.inbox.accept(from, &buf[..len], now) {
                             Ok(hb) => election.heard(from, &hb, now),
+                            Err(Rejected::OwnName) => self.name_conflict(from, &mut election),
                             Err(_) => None,
                         }
                     }
@@ -519,7 +571,7 @@ impl Runner {
                     }
                 }
                 // `apply` heartbeats at once itself.
-                self.apply(t, &addresses, &election).await;
+                self.apply(t, &addresses, &mut election).await;
             } else if send_now {
                 self.send(election.wire_role(), election.eligible()).await;
             }
@@ -527,7 +579,16 @@ impl Runner {
                 tracing::info!(
                     "HA: an active peer stepped down: announcing the virtual addresses again"
                 );
-                self.set_addresses(Role::Active, &addresses).await;
+                if let Some(t) = self.claim(&addresses, &mut election).await {
+                    if drain.is_some() {
+                        drain = None;
+                        let why = format!("the role went during the drain: {}", t.detail);
+                        for reply in waiting.drain(..) {
+                            let _ = reply.send(Err(why.clone()));
+                        }
+                    }
+                    self.apply(t, &addresses, &mut election).await;
+                }
             }
             if let Some(outcome) = election.take_switchover_outcome() {
                 for reply in waiting.drain(..) {
@@ -602,13 +663,33 @@ impl Runner {
     }
 
     /// Acts on a change of role: the addresses first (a new active node claims before
-    /// anything else), then a heartbeat at once, then the log line and the record.
-    async fn apply(&mut self, t: Transition, addresses: &VirtualAddresses, election: &Election) {
-        self.set_addresses(t.to, addresses).await;
+    /// anything else), then a heartbeat at once, then the log line and the record. A node
+    /// that cannot claim stays backup, says it is not eligible, and tries again later.
+    async fn apply(
+        &mut self,
+        t: Transition,
+        addresses: &VirtualAddresses,
+        election: &mut Election,
+    ) {
+        if t.to == Role::Active && self.claim(addresses, election).await.is_some() {
+            // Never announced: the peers heard this node as a backup throughout. What the
+            // claim put on before it failed comes off.
+            self.release(addresses).await;
+            self.send(election.wire_role(), election.eligible()).await;
+            self.publish(election);
+            return;
+        }
+        if t.to == Role::Backup {
+            self.release(addresses).await;
+        }
         self.send(election.wire_role(), election.eligible()).await;
         let (from, to, reason) = (t.from.name(), t.to.name(), t.reason.name());
         match t.reason {
-            Reason::PeerDead | Reason::LostReach | Reason::DualActive => {
+            Reason::PeerDead
+            | Reason::LostReach
+            | Reason::DualActive
+            | Reason::ClaimFailed
+            | Reason::NameConflict => {
                 tracing::warn!(from, to, reason, detail = %t.detail, "HA: role changed")
             }
             _ => tracing::info!(from, to, reason, detail = %t.detail, "HA: role changed"),
@@ -624,32 +705,99 @@ impl Runner {
         self.publish_into(&mut view, election);
     }
 
-    /// Puts the addresses on (active) or takes them off (backup); on failure, remembers
-    /// to try again at the next tick.
-    async fn set_addresses(&mut self, role: Role, addresses: &VirtualAddresses) {
-        let result = match role {
-            Role::Active => addresses.claim().await,
-            Role::Backup => addresses.release().await,
-        };
+    /// Puts the addresses on (and announces them). On failure the node may not hold the
+    /// role until the claim is tried again ([`RETRY_EVERY`] later): returns the step down
+    /// if it was active.
+    async fn claim(
+        &mut self,
+        addresses: &VirtualAddresses,
+        election: &mut Election,
+    ) -> Option<Transition> {
+        let result = addresses.claim().await;
         let mut view = lock(&self.inner.view);
         match result {
             Ok(()) => {
-                self.unapplied = None;
-                view.error = None;
+                if !view.error_is_for_good {
+                    view.error = None;
+                }
+                None
             }
             Err(e) => {
-                let what = match role {
-                    Role::Active => "put the virtual addresses on",
-                    Role::Backup => "take the virtual addresses off",
-                };
-                let error = format!("cannot {what} `{}`: {e}", self.config.interface);
+                let error = format!(
+                    "cannot put the virtual addresses on `{}`: {e}",
+                    self.config.interface
+                );
                 if view.error.as_ref() != Some(&error) {
-                    tracing::error!("HA: {error}; trying again");
+                    tracing::error!(
+                        "HA: {error}; this node may not hold the role until a claim works (tried again every {RETRY_EVERY:?})"
+                    );
                 }
-                view.error = Some(error);
-                self.unapplied = Some(role);
+                view.error = Some(error.clone());
+                self.claim_failed_at = Some(Instant::now());
+                election.claim_failed(error)
             }
         }
+    }
+
+    /// Takes the addresses off; on failure, tries again at the next tick.
+    async fn release(&mut self, addresses: &VirtualAddresses) {
+        let result = addresses.release().await;
+        let mut view = lock(&self.inner.view);
+        match result {
+            Ok(()) => {
+                self.unreleased = false;
+                self.last_release_error = None;
+                // A failed claim's error stays shown until a claim works.
+                if self.claim_failed_at.is_none() && !view.error_is_for_good {
+                    view.error = None;
+                }
+            }
+            Err(e) => {
+                let error = format!(
+                    "cannot take the virtual addresses off `{}`: {e}",
+                    self.config.interface
+                );
+                if self.last_release_error.as_ref() != Some(&error) {
+                    tracing::error!("HA: {error}; trying again");
+                }
+                // A failed claim's error (which this often follows) says more.
+                if self.claim_failed_at.is_none() && !view.error_is_for_good {
+                    view.error = Some(error.clone());
+                }
+                self.last_release_error = Some(error);
+                self.unreleased = true;
+            }
+        }
+    }
+
+    /// Before a claim is tried again: the interface looked up afresh by name, in case it
+    /// was removed and made again (a new index). Keeps the old one if that fails.
+    async fn reopen(&mut self, addresses: &mut VirtualAddresses) {
+        match VirtualAddresses::open(&self.config.interface, &self.config.virtual_addresses).await {
+            Ok(opened) => *addresses = opened,
+            Err(e) => {
+                tracing::debug!(error = %e, "HA: cannot open the interface again");
+            }
+        }
+    }
+
+    /// A heartbeat under this node's own name came from a configured peer's address: two
+    /// nodes are configured alike, and neither can tell the other's heartbeats from its
+    /// own. This node gives up the role for good; an operator must rename one.
+    fn name_conflict(&mut self, from: SocketAddr, election: &mut Election) -> Option<Transition> {
+        let mut view = lock(&self.inner.view);
+        if view.error_is_for_good {
+            return None;
+        }
+        let error = format!(
+            "peer {from} sends heartbeats as `{}`, this node's own name: give each node a name of its own; this node holds no role until restarted",
+            self.config.node
+        );
+        tracing::error!("HA: {error}");
+        view.error = Some(error.clone());
+        view.error_is_for_good = true;
+        drop(view);
+        election.name_conflict(error)
     }
 
     async fn leave(
@@ -672,7 +820,7 @@ impl Runner {
             }
         }
         if let Some(t) = election.leave() {
-            self.set_addresses(Role::Backup, addresses).await;
+            self.release(addresses).await;
             tracing::info!(
                 from = t.from.name(),
                 to = t.to.name(),
@@ -707,14 +855,13 @@ impl Runner {
 
     /// One heartbeat to every peer.
     async fn send(&mut self, role: WireRole, eligible: bool) {
-        self.sequence += 1;
         let bytes = Heartbeat {
             group: self.config.group,
             node: self.config.node.clone(),
             priority: self.config.priority,
             role,
             eligible,
-            sequence: self.sequence,
+            sequence: self.sequence.next(heartbeat::wall_clock_micros()),
         }
         .encode(&self.key);
         for &peer in &self.config.peers {

@@ -11,10 +11,16 @@ use tokio::sync::watch;
 use crate::config::HaConfig;
 use crate::runtime::Shared;
 
-/// The checks' cadence and patience for a heartbeat interval.
+/// The least a probe waits for an answer: a target a few hops away answers in tens of
+/// milliseconds, and a busy one later.
+const MIN_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// The checks' cadence and patience for a heartbeat interval. A round takes one timeout at
+/// most and the next starts after it ends (missed ticks are skipped), so rounds never
+/// overlap even where the timeout is longer than the cadence.
 pub fn timing(interval: Duration) -> (Duration, Duration) {
     let every = interval.max(Duration::from_millis(100));
-    let timeout = (interval * 2).max(Duration::from_millis(50));
+    let timeout = (interval * 2).max(MIN_TIMEOUT);
     (every, timeout)
 }
 
@@ -166,7 +172,11 @@ mod tests {
     fn timing_has_floors() {
         assert_eq!(
             timing(Duration::from_millis(10)),
-            (Duration::from_millis(100), Duration::from_millis(50))
+            (Duration::from_millis(100), Duration::from_millis(250))
+        );
+        assert_eq!(
+            timing(Duration::from_millis(50)),
+            (Duration::from_millis(100), Duration::from_millis(250))
         );
         assert_eq!(
             timing(Duration::from_millis(200)),

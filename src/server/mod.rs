@@ -55,7 +55,7 @@ impl Server {
     pub async fn start(config: Config) -> io::Result<Server> {
         let within = config.timeouts.upstream_connect;
         let (mut server, opened, admin) = Server::bind_all(config, vec![Handle::current()], None)?;
-        let first_answers = server.start_process_tasks(admin)?;
+        let first_answers = server.start_process_tasks(admin, false)?;
         first_answers.wait(within).await;
         tokio::spawn(sweep_idle_connections(
             server.shared.clone(),
@@ -114,7 +114,7 @@ impl Server {
                     runtime.block_on(std::future::pending::<()>());
                 })?;
         }
-        let first_answers = server.start_process_tasks(admin)?;
+        let first_answers = server.start_process_tasks(admin, inherited.is_some())?;
         for handle in &server.workers {
             handle.spawn(sweep_idle_connections(
                 server.shared.clone(),
@@ -166,10 +166,13 @@ impl Server {
     /// with every worker through the runtime it swaps in: the admin listener (on `admin`,
     /// bound by `bind_all`), the certificate watcher, the health checks, the resolver of
     /// servers given by name and, with `[ha]`, the node of the active/standby group.
-    /// Returns what tells when the resolver's first answers are in.
+    /// Returns what tells when the resolver's first answers are in. `upgraded`: this
+    /// process was started by a binary upgrade (the HA node takes the role over with the
+    /// addresses it finds).
     fn start_process_tasks(
         &mut self,
         admin: Option<std::net::TcpListener>,
+        upgraded: bool,
     ) -> io::Result<crate::discovery::dns::FirstAnswers> {
         if let Some(ha) = &self.shared.load().config.ha {
             self.ha = Some(crate::ha::start(
@@ -177,6 +180,7 @@ impl Server {
                 self.shared.clone(),
                 self.shutdown.subscribe(),
                 self.quiesce(),
+                upgraded,
             )?);
         }
         if let Some(socket) = admin {
