@@ -516,18 +516,12 @@ fn reload(server: &Server, path: Option<&Path>, trigger: &str) -> Result<String,
 
 /// `fulcrum reload -c FILE`.
 async fn reload_command(config: &Path) -> ExitCode {
-    use fulcrum::control::Request;
-    match ask_running(config, &Request::Reload, Duration::from_secs(30)).await {
-        Ok(reply) if reply.ok => {
-            println!("{}: {}", config.display(), reply.message);
-            ExitCode::SUCCESS
-        }
-        Ok(reply) => {
-            eprintln!("{}: {}", config.display(), reply.message);
-            ExitCode::FAILURE
-        }
-        Err(code) => code,
-    }
+    tell_running(
+        config,
+        &fulcrum::control::Request::Reload,
+        Duration::from_secs(30),
+    )
+    .await
 }
 
 /// `fulcrum upgrade -c FILE`: checked here first, so that a bad file is reported without
@@ -569,8 +563,18 @@ async fn upgrade_command(config: &Path) -> ExitCode {
 
 /// `fulcrum ha switchover -c FILE`.
 async fn switchover_command(config: &Path) -> ExitCode {
-    use fulcrum::control::Request;
-    match ask_running(config, &Request::HaSwitchover, Duration::from_secs(60)).await {
+    let request = fulcrum::control::Request::HaSwitchover;
+    tell_running(config, &request, Duration::from_secs(60)).await
+}
+
+/// Sends `request` to the Fulcrum running with `config` and prints its answer after the
+/// file's name: on stdout and exit 0 if it did it, on stderr and exit 1 if not.
+async fn tell_running(
+    config: &Path,
+    request: &fulcrum::control::Request,
+    within: Duration,
+) -> ExitCode {
+    match ask_running(config, request, within).await {
         Ok(reply) if reply.ok => {
             println!("{}: {}", config.display(), reply.message);
             ExitCode::SUCCESS

@@ -197,16 +197,44 @@ async fn echo(
     assert_eq!(back.into_text().unwrap().as_str(), text);
 }
 
+/// What every test here runs Fulcrum in front of: servers `a` and `b`, a slow download,
+/// a WebSocket echo server, and the addresses of its listener and admin listener.
+struct Setup {
+    backends: [Backend; 3],
+    listen: SocketAddr,
+    admin: SocketAddr,
+    /// The config for them (two workers).
+    config: String,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        let backends = [
+            Backend::named("a").await,
+            Backend::named("b").await,
+            slow_download().await,
+        ];
+        let ws_addr = support::websocket_echo().await;
+        let (listen, admin) = (support::unused_addr(), support::unused_addr());
+        Setup {
+            backends,
+            listen,
+            admin,
+            config: config(listen, admin, ws_addr),
+        }
+    }
+
+    fn start(&self, config: &str) -> Process {
+        let [a, b, dl] = &self.backends;
+        Process::start(config, &[a, b, dl])
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr2_hands_over_to_a_new_process_without_a_failed_request() {
-    let (a, b, dl) = (
-        Backend::named("a").await,
-        Backend::named("b").await,
-        slow_download().await,
-    );
-    let ws_addr = support::websocket_echo().await;
-    let (listen, admin) = (support::unused_addr(), support::unused_addr());
-    let mut process = Process::start(&config(listen, admin, ws_addr), &[&a, &b, &dl]);
+    let setup = Setup::new().await;
+    let (listen, admin) = (setup.listen, setup.admin);
+    let mut process = setup.start(&setup.config);
     process.log_from("admin listener").await;
     let old = process.child.id();
     let url = format!("http://{listen}/");
@@ -299,14 +327,9 @@ async fn sigusr2_hands_over_to_a_new_process_without_a_failed_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_whose_new_process_cannot_start_leaves_the_old_one_serving() {
-    let (a, b, dl) = (
-        Backend::named("a").await,
-        Backend::named("b").await,
-        slow_download().await,
-    );
-    let ws_addr = support::websocket_echo().await;
-    let (listen, admin) = (support::unused_addr(), support::unused_addr());
-    let process = Process::start(&config(listen, admin, ws_addr), &[&a, &b, &dl]);
+    let setup = Setup::new().await;
+    let (listen, admin) = (setup.listen, setup.admin);
+    let process = setup.start(&setup.config);
     process.log_from("admin listener").await;
     let url = format!("http://{listen}/");
     let stop = Arc::new(AtomicBool::new(false));
@@ -366,16 +389,10 @@ async fn upgraded_to(process: &Process) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_to_more_workers_serves_every_request() {
-    let (a, b, dl) = (
-        Backend::named("a").await,
-        Backend::named("b").await,
-        slow_download().await,
-    );
-    let ws_addr = support::websocket_echo().await;
-    let (listen, admin) = (support::unused_addr(), support::unused_addr());
-    let two_workers = config(listen, admin, ws_addr);
-    let one_worker = two_workers.replacen("workers = 2", "workers = 1", 1);
-    let mut process = Process::start(&one_worker, &[&a, &b, &dl]);
+    let setup = Setup::new().await;
+    let listen = setup.listen;
+    let one_worker = setup.config.replacen("workers = 2", "workers = 1", 1);
+    let mut process = setup.start(&one_worker);
     process.log_from("admin listener").await;
     let old = process.child.id();
     expect_worker_threads(old, 1).await;
@@ -445,14 +462,9 @@ async fn read_response(stream: &mut tokio::net::TcpStream) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_on_a_kept_alive_connection_as_the_upgrade_begins_is_answered() {
     use tokio::io::AsyncWriteExt;
-    let (a, b, dl) = (
-        Backend::named("a").await,
-        Backend::named("b").await,
-        slow_download().await,
-    );
-    let ws_addr = support::websocket_echo().await;
-    let (listen, admin) = (support::unused_addr(), support::unused_addr());
-    let mut process = Process::start(&config(listen, admin, ws_addr), &[&a, &b, &dl]);
+    let setup = Setup::new().await;
+    let listen = setup.listen;
+    let mut process = setup.start(&setup.config);
     process.log_from("admin listener").await;
     let request = format!("GET / HTTP/1.1\r\nhost: {listen}\r\n\r\n");
     let mut idle = tokio::net::TcpStream::connect(listen).await.unwrap();
@@ -477,16 +489,11 @@ async fn a_request_on_a_kept_alive_connection_as_the_upgrade_begins_is_answered(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigusr2_sent_as_the_process_starts_upgrades_it() {
-    let (a, b, dl) = (
-        Backend::named("a").await,
-        Backend::named("b").await,
-        slow_download().await,
-    );
-    let ws_addr = support::websocket_echo().await;
-    let (listen, admin) = (support::unused_addr(), support::unused_addr());
+    let setup = Setup::new().await;
+    let listen = setup.listen;
     // Returns as soon as the first listener is bound: the admin listener and the workers
     // are yet to start.
-    let mut process = Process::start(&config(listen, admin, ws_addr), &[&a, &b, &dl]);
+    let mut process = setup.start(&setup.config);
     // SAFETY: a plain kill(2) of our child, at once (no `kill` command to start first).
     let sent = unsafe { libc::kill(process.child.id() as libc::pid_t, libc::SIGUSR2) };
     assert_eq!(sent, 0);
