@@ -5,18 +5,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 use crate::admin::cli::admin_addr_from_config;
-
-/// A switchover waits for a peer to take the role: a dead time, a few seconds at most.
-const TIMEOUT: Duration = Duration::from_secs(30);
-const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 #[derive(clap::Subcommand)]
 pub enum HaCommand {
@@ -53,7 +45,7 @@ pub async fn status(config: &Path, admin: Option<SocketAddr>) -> ExitCode {
 
 async fn describe_status(config: &Path, admin: Option<SocketAddr>) -> Result<String, String> {
     let addr = admin.map_or_else(|| admin_addr_from_config(config), Ok)?;
-    let status = request(addr, http::Method::GET, "/api/status", None).await?;
+    let status = crate::admin::cli::fetch_status(addr).await?;
     if status["ha"].is_null() {
         return Err(format!(
             "the Fulcrum at {addr} is not in an HA group (its config has no [ha])"
@@ -122,56 +114,4 @@ fn describe(ha: &Value) -> String {
         ));
     }
     out
-}
-
-/// One request to the admin listener at `addr`, with the bearer `token` if given; the JSON
-/// answer of a success, or the error the listener gave.
-async fn request(
-    addr: SocketAddr,
-    method: http::Method,
-    path: &str,
-    token: Option<&str>,
-) -> Result<Value, String> {
-    let exchange = async {
-        let unreachable = |e: &dyn std::fmt::Display| {
-            format!("cannot reach the admin listener at {addr}: {e} (is Fulcrum running?)")
-        };
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(&e))?;
-        tokio::spawn(conn);
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(http::header::HOST, addr.to_string());
-        if let Some(token) = token {
-            req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer from {addr} failed: {e}"))?
-            .to_bytes();
-        let value: Value = serde_json::from_slice(&body)
-            .map_err(|e| format!("{addr}{path} did not answer with JSON: {e}"))?;
-        if !status.is_success() {
-            return Err(format!(
-                "{addr}{path} answered {status}: {}",
-                value["error"].as_str().unwrap_or("(no reason given)")
-            ));
-        }
-        Ok(value)
-    };
-    tokio::time::timeout(TIMEOUT, exchange)
-        .await
-        .map_err(|_| format!("the admin listener at {addr} did not answer within {TIMEOUT:?}"))?
 }
