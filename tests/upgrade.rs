@@ -78,6 +78,16 @@ struct Load {
 }
 
 impl Load {
+    /// Waits for the loop to end (once told to stop) and asserts none of its requests failed.
+    async fn ends_without_a_failure(self) {
+        let (sent, failed) = self.task.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} of {sent} failed: {failed:?}",
+            failed.len()
+        );
+    }
+
     /// Waits (up to 15 s) until `more` requests beyond those answered so far are answered:
     /// the loop still runs, and whoever serves now answers it.
     async fn answers_more(&self, more: usize) {
@@ -316,12 +326,7 @@ async fn sigusr2_hands_over_to_a_new_process_without_a_failed_request() {
     }
     stop.store(true, Ordering::Relaxed);
     for load in loads {
-        let (sent, failed) = load.task.await.unwrap();
-        assert!(
-            failed.is_empty(),
-            "{} of {sent} failed: {failed:?}",
-            failed.len()
-        );
+        load.ends_without_a_failure().await;
     }
 }
 
@@ -347,12 +352,7 @@ async fn an_upgrade_whose_new_process_cannot_start_leaves_the_old_one_serving() 
     assert_eq!(admin_pid(admin).await, Some(u64::from(process.child.id())));
     load.answers_more(50).await;
     stop.store(true, Ordering::Relaxed);
-    let (sent, failed) = load.task.await.unwrap();
-    assert!(
-        failed.is_empty(),
-        "{} of {sent} failed: {failed:?}",
-        failed.len()
-    );
+    load.ends_without_a_failure().await;
 }
 
 /// Waits (up to 10 s) until process `pid` runs `count` worker threads (a thread names
@@ -423,12 +423,7 @@ async fn an_upgrade_to_more_workers_serves_every_request() {
     }
     stop.store(true, Ordering::Relaxed);
     for load in loads {
-        let (sent, failed) = load.task.await.unwrap();
-        assert!(
-            failed.is_empty(),
-            "{} of {sent} failed: {failed:?}",
-            failed.len()
-        );
+        load.ends_without_a_failure().await;
     }
 }
 
