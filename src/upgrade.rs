@@ -48,8 +48,8 @@ struct Manifest {
     admin: Option<SocketAddr>,
     /// The control socket follows last.
     control: bool,
-    /// The sticky-session key, in hex.
-    sticky_key: String,
+    /// The sticky-session key.
+    sticky_key: [u8; 16],
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -97,7 +97,7 @@ pub async fn hand_over(
             .collect(),
         admin: handover.admin.as_ref().map(|(bind, _)| *bind),
         control: control.is_some(),
-        sticky_key: hex(&handover.sticky_key),
+        sticky_key: handover.sticky_key,
     };
     let mut fds: Vec<RawFd> = handover
         .listeners
@@ -231,7 +231,7 @@ pub struct Inherited {
     admin: Option<(SocketAddr, std::net::TcpListener)>,
     control: Option<UnixListener>,
     /// The old process's sticky-session key (without a configured secret).
-    pub(crate) sticky_key: Option<[u8; 16]>,
+    pub(crate) sticky_key: [u8; 16],
     /// Where `ready` is written.
     channel: OwnedFd,
 }
@@ -331,7 +331,7 @@ pub fn inherited() -> io::Result<Option<Inherited>> {
         listeners,
         admin,
         control,
-        sticky_key: unhex(&manifest.sticky_key),
+        sticky_key: manifest.sticky_key,
         channel,
     }))
 }
@@ -373,32 +373,9 @@ fn receive(channel: &OwnedFd) -> io::Result<(Manifest, Vec<OwnedFd>)> {
     Ok((manifest, fds))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<[u8; 16]> {
-    let mut key = [0u8; 16];
-    if text.len() != 32 {
-        return None;
-    }
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(key)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_key_survives_hex() {
-        let key: [u8; 16] = std::array::from_fn(|i| (i * 17) as u8);
-        assert_eq!(unhex(&hex(&key)), Some(key));
-        assert_eq!(unhex("00"), None);
-        assert_eq!(unhex(&"zz".repeat(16)), None);
-    }
 
     #[test]
     fn the_manifest_counts_every_descriptor_that_follows() {
@@ -417,7 +394,7 @@ mod tests {
             ],
             admin: Some("127.0.0.1:9901".parse().unwrap()),
             control: true,
-            sticky_key: hex(&[7; 16]),
+            sticky_key: [7; 16],
         };
         assert_eq!(manifest.descriptors(), 8);
         let text = serde_json::to_vec(&manifest).unwrap();
@@ -443,7 +420,7 @@ mod tests {
             }],
             admin: None,
             control: false,
-            sticky_key: hex(&[1; 16]),
+            sticky_key: [1; 16],
         };
         send(&ours, &manifest, &[listener.as_raw_fd()]).unwrap();
         drop(listener);

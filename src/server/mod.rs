@@ -80,7 +80,7 @@ impl Server {
     ) -> io::Result<Server> {
         let workers = config.workers.max(1);
         let within = config.timeouts.upstream_connect;
-        if let Some(key) = inherited.as_ref().and_then(|i| i.sticky_key)
+        if let Some(key) = inherited.as_ref().map(|i| i.sticky_key)
             && !crate::upstream::sticky::adopt_process_key(key)
         {
             tracing::warn!(
