@@ -196,6 +196,7 @@ mod tests {
             health_check: None,
             outlier_detection: Default::default(),
             panic_threshold: 0,
+            proxy_protocol: None,
             resilience: Default::default(),
         };
         Arc::new(Upstream::build(&config, 1, Duration::from_secs(1), None))

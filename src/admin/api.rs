@@ -643,7 +643,7 @@ pub async fn reload(cx: &Context) -> Reply {
 /// An upstream's `health_check`; the keys of an HTTP check only on one.
 fn health_check(h: &HealthCheck) -> Value {
     let mut view = json!({
-        "type": match h.kind { CheckKind::Http => "http", CheckKind::Tcp => "tcp" },
+        "type": match h.kind { CheckKind::Http => "http", CheckKind::Tcp => "tcp", CheckKind::Dns => "dns" },
         "interval": duration(h.interval),
         "timeout": duration(h.timeout),
         "jitter": duration(h.jitter),

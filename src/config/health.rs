@@ -187,6 +187,7 @@ impl Checker {
             host,
             expect_status,
             expect_body,
+            query: String::new(),
         })
     }
 

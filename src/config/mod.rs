@@ -185,6 +185,8 @@ impl Checker {
                     tls,
                     redirect_to_https,
                     hsts,
+                    mode: ListenerMode::Http,
+                    proxy_protocol_from: Vec::new(),
                 });
             }
         }
@@ -454,6 +456,7 @@ impl Checker {
             health_check,
             outlier_detection,
             panic_threshold,
+            proxy_protocol: None,
             hash_key,
             sticky_cookie,
             sticky_secret: None,

@@ -45,6 +45,96 @@ pub struct ListenerConfig {
     pub redirect_to_https: Option<u16>,
     /// The `Strict-Transport-Security` value added to responses (TLS listeners only).
     pub hsts: Option<http::HeaderValue>,
+    /// What the listener speaks: HTTP (`routes`, `tls` and the rest above), or TCP or UDP
+    /// relayed whole.
+    pub mode: ListenerMode,
+    /// Clients (by source address) whose connections must open with a PROXY protocol
+    /// header (v1 or v2), whose source address then stands for the client's; a header from
+    /// anyone else is refused. Empty: no header is read. TCP and HTTP listeners only.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone)]
+pub enum ListenerMode {
+    /// HTTP/1.1 and HTTP/2 (over TLS when `tls` is set), routed by `routes`.
+    Http,
+    /// Each TCP connection relayed to a server, byte for byte.
+    Tcp(TcpMode),
+    /// Each client's datagrams relayed to a server, and its replies back.
+    Udp(UdpMode),
+}
+
+impl ListenerMode {
+    /// As the config names it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ListenerMode::Http => "http",
+            ListenerMode::Tcp(_) => "tcp",
+            ListenerMode::Udp(_) => "udp",
+        }
+    }
+}
+
+/// A TCP listener's routes and limits.
+#[derive(Debug, Clone)]
+pub struct TcpMode {
+    /// In config order; the first that matches a connection takes it. A listener's
+    /// `upstream` is a last route that matches everything.
+    pub routes: Vec<L4Route>,
+    /// Connections must open with a TLS ClientHello, which is read (never answered) to
+    /// route by and then passed on untouched: some route names `sni` or `alpn`.
+    pub tls_passthrough: bool,
+    /// A connection on which nothing moves either way for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// Where a TCP connection goes, by what its TLS ClientHello asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L4Route {
+    /// Lower-case server names, exact or `*.example.com` (any name ending in
+    /// `.example.com`); empty: any name, or none.
+    pub sni: Vec<String>,
+    /// Protocols of which the client must offer one; empty: whatever it offers.
+    pub alpn: Vec<Vec<u8>>,
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+}
+
+impl L4Route {
+    /// Whether a ClientHello naming `server_name` and offering `alpn` takes this route.
+    pub fn matches(&self, server_name: Option<&str>, alpn: &[Vec<u8>]) -> bool {
+        let name_fits = self.sni.is_empty()
+            || server_name.is_some_and(|name| {
+                self.sni.iter().any(|pattern| match pattern.strip_prefix('*') {
+                    Some(suffix) => name.len() > suffix.len() && name.ends_with(suffix),
+                    None => pattern == name,
+                })
+            });
+        let alpn_fits = self.alpn.is_empty() || alpn.iter().any(|p| self.alpn.contains(p));
+        name_fits && alpn_fits
+    }
+}
+
+/// A UDP listener's upstream and flows.
+#[derive(Debug, Clone)]
+pub struct UdpMode {
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+    /// A flow (one client address and port) with no datagram either way for this long is
+    /// forgotten.
+    pub idle_timeout: Duration,
+    /// Flows at once on the listener; a datagram that would start one more is dropped.
+    pub max_flows: usize,
+}
+
+/// The PROXY protocol header Fulcrum sends servers that want it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocolVersion {
+    /// Text.
+    V1,
+    /// Binary.
+    V2,
 }
 
 /// The header a verified client certificate is described in, unless a TLS listener names
@@ -227,6 +317,10 @@ pub struct UpstreamConfig {
     /// Percent of the primary servers that must be healthy; below it, requests are balanced
     /// over all of them as if all were (0: never).
     pub panic_threshold: u32,
+    /// A PROXY protocol header sent at the start of every connection to a server, carrying
+    /// the client's address (TCP listeners only: an HTTP listener's pooled connections
+    /// carry many clients).
+    pub proxy_protocol: Option<ProxyProtocolVersion>,
 }
 
 /// How the servers of an upstream are checked, apart from real traffic.
@@ -251,6 +345,9 @@ pub struct HealthCheck {
     pub expect_status: Vec<(u16, u16)>,
     /// Text the start of the response body must contain.
     pub expect_body: Option<String>,
+    /// The name a `dns` check asks for (type A); any answer to it passes, whatever its
+    /// response code.
+    pub query: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,6 +356,8 @@ pub enum CheckKind {
     Http,
     /// A TCP connection that opens.
     Tcp,
+    /// A DNS query over UDP that is answered.
+    Dns,
 }
 
 /// When real traffic ejects a server, and for how long.

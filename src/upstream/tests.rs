@@ -40,6 +40,7 @@ pub(super) fn config(balance: BalanceKind, servers: &[(u16, bool)]) -> UpstreamC
         health_check: None,
         outlier_detection: Default::default(),
         panic_threshold: 0,
+        proxy_protocol: None,
         resilience: Default::default(),
     }
 }
