@@ -37,13 +37,18 @@ pub struct File {
 pub struct Listener {
     pub bind: Spanned<String>,
     pub max_connections: Option<Spanned<i64>>,
-    pub defer_accept: Option<bool>,
+    pub defer_accept: Option<Spanned<bool>>,
     pub tls: Option<Spanned<ListenerTls>>,
     pub redirect_to_https: Option<Spanned<bool>>,
     pub https_port: Option<Spanned<i64>>,
     pub hsts: Option<Spanned<String>>,
     #[serde(default)]
     pub routes: Vec<Spanned<Route>>,
+    pub mode: Option<Spanned<String>>,
+    pub upstream: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub max_flows: Option<Spanned<i64>>,
+    pub proxy_protocol_from: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +88,8 @@ pub struct Route {
     pub host: Option<Spanned<String>>,
     pub path_prefix: Option<Spanned<String>>,
     pub client_names: Option<Spanned<Vec<String>>>,
+    pub sni: Option<Spanned<Vec<Spanned<String>>>>,
+    pub alpn: Option<Spanned<Vec<Spanned<String>>>>,
     pub upstream: Spanned<String>,
 }
 
@@ -110,6 +117,7 @@ pub struct Upstream {
     pub health_check: Option<Spanned<HealthCheck>>,
     pub outlier_detection: Option<Spanned<OutlierDetection>>,
     pub panic_threshold: Option<Spanned<i64>>,
+    pub proxy_protocol: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +135,7 @@ pub struct HealthCheck {
     pub host: Option<Spanned<String>>,
     pub expect_status: Option<Spanned<Vec<Spanned<StatusItem>>>>,
     pub expect_body: Option<Spanned<String>>,
+    pub query: Option<Spanned<String>>,
 }
 
 /// One entry of `expect_status`: a code (`200`) or a range of codes as text (`"200-399"`).

@@ -30,10 +30,13 @@ impl Checker {
         {
             None | Some(("http", _)) => CheckKind::Http,
             Some(("tcp", _)) => CheckKind::Tcp,
+            Some(("dns", _)) => CheckKind::Dns,
             Some((other, span)) => {
                 self.error(
                     span,
-                    format!("unknown health check type `{other}`: expected \"http\" or \"tcp\""),
+                    format!(
+                        "unknown health check type `{other}`: expected \"http\", \"tcp\" or \"dns\""
+                    ),
                 );
                 CheckKind::Http
             }
@@ -87,7 +90,7 @@ impl Checker {
             ),
             ("expect_body", check.expect_body.as_ref().map(Spanned::span)),
         ];
-        if kind == CheckKind::Tcp {
+        if kind != CheckKind::Http {
             for (key, at) in http_only {
                 if let Some(at) = at {
                     self.error(at, format!("{key} applies only to type = \"http\" checks"));
@@ -175,6 +178,29 @@ impl Checker {
             }
             Some(b.get_ref().clone())
         });
+        let query = match (&check.query, kind) {
+            (Some(q), CheckKind::Dns) => {
+                let text = q.get_ref();
+                let bare = text.strip_suffix('.').unwrap_or(text);
+                let valid = text == "."
+                    || (!bare.is_empty()
+                        && bare.len() <= 253
+                        && bare.split('.').all(|l| !l.is_empty() && l.len() <= 63)
+                        && bare
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'));
+                if !valid {
+                    self.error(q.span(), format!("query `{text}` is not a DNS name: write it like \"health.example.com\" or \".\""));
+                }
+                text.clone()
+            }
+            (Some(q), _) => {
+                self.error(q.span(), "query applies only to type = \"dns\" checks");
+                String::new()
+            }
+            (None, CheckKind::Dns) => ".".to_string(),
+            (None, _) => String::new(),
+        };
         Some(HealthCheck {
             kind,
             interval,
@@ -187,7 +213,7 @@ impl Checker {
             host,
             expect_status,
             expect_body,
-            query: String::new(),
+            query,
         })
     }
 

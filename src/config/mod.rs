@@ -8,6 +8,7 @@ mod error;
 pub mod file;
 mod ha;
 mod health;
+mod l4;
 pub mod model;
 mod resilience;
 mod tls;
@@ -112,23 +113,37 @@ impl Checker {
         );
         let mut upstream_index = HashMap::new();
         let mut upstreams = Vec::new();
+        let mut upstream_spans = Vec::new();
         for (name, upstream) in file.upstreams {
             self.name(&name, "upstream");
-            let mut up = self.upstream(name.get_ref(), upstream.into_inner());
+            let upstream = upstream.into_inner();
+            upstream_spans.push(l4::UpstreamSpans::of(&upstream));
+            let mut up = self.upstream(name.get_ref(), upstream);
             up.sticky_secret = sticky_secret.clone();
             upstream_index.insert(name.into_inner(), upstreams.len());
             upstreams.push(up);
         }
 
         let mut listeners = Vec::new();
+        // TCP (http and tcp listeners) and UDP ports are apart: DNS takes port 53 in both.
         let mut binds: HashMap<SocketAddr, String> = HashMap::new();
+        let mut udp_binds: HashMap<SocketAddr, String> = HashMap::new();
+        let mut users: Vec<l4::Users> = upstreams.iter().map(|_| l4::Users::default()).collect();
         for (name, listener) in file.listeners {
             self.name(&name, "listener");
             let span = listener.span();
             let mut listener = listener.into_inner();
+            let Some(mode_name) = self.mode_name(listener.mode.as_ref()) else {
+                continue;
+            };
             let bind = self.socket_addr(&listener.bind, "bind");
+            let taken = if mode_name == "udp" {
+                &mut udp_binds
+            } else {
+                &mut binds
+            };
             if let Some(bind) = bind
-                && let Some(other) = binds.insert(bind, name.get_ref().clone())
+                && let Some(other) = taken.insert(bind, name.get_ref().clone())
             {
                 self.error(
                     listener.bind.span(),
@@ -145,6 +160,50 @@ impl Checker {
                 10_000_000,
                 100_000,
             );
+            let proxy_protocol_from = if mode_name == "udp" {
+                Vec::new()
+            } else {
+                self.proxy_protocol_from(listener.proxy_protocol_from.as_ref())
+            };
+            let defer_accept = listener.defer_accept.as_ref().map(|d| *d.get_ref());
+            if mode_name != "http" {
+                let Some(mode) =
+                    self.l4_mode(name.get_ref(), mode_name, &mut listener, span, &upstream_index)
+                else {
+                    continue;
+                };
+                let used = match &mode {
+                    ListenerMode::Tcp(tcp) => tcp.routes.iter().map(|r| r.upstream).collect(),
+                    ListenerMode::Udp(udp) => vec![udp.upstream],
+                    ListenerMode::Http => Vec::new(),
+                };
+                for upstream in used {
+                    let users = &mut users[upstream];
+                    let slot = match mode {
+                        ListenerMode::Udp(_) => &mut users.udp,
+                        _ => &mut users.tcp,
+                    };
+                    slot.get_or_insert_with(|| name.get_ref().clone());
+                }
+                if let Some(bind) = bind {
+                    listeners.push(ListenerConfig {
+                        name: name.into_inner(),
+                        bind,
+                        max_connections: max_connections as usize,
+                        // Off by default: many protocols (SMTP, MySQL, SSH) have the server
+                        // speak first, and their clients send nothing until it has.
+                        defer_accept: defer_accept.unwrap_or(false),
+                        routes: Vec::new(),
+                        tls: None,
+                        redirect_to_https: None,
+                        hsts: None,
+                        mode,
+                        proxy_protocol_from,
+                    });
+                }
+                continue;
+            }
+            self.no_l4_keys(&listener);
             let tls = listener
                 .tls
                 .take()
@@ -172,6 +231,11 @@ impl Checker {
                     verifies_clients,
                 )
             };
+            for route in &routes {
+                users[route.upstream]
+                    .http
+                    .get_or_insert_with(|| name.get_ref().clone());
+            }
             if let Some(tls) = &tls {
                 self.hosts_covered(name.get_ref(), tls, &routes, &host_spans);
             }
@@ -180,15 +244,18 @@ impl Checker {
                     name: name.into_inner(),
                     bind,
                     max_connections: max_connections as usize,
-                    defer_accept: listener.defer_accept.unwrap_or(true),
+                    defer_accept: defer_accept.unwrap_or(true),
                     routes,
                     tls,
                     redirect_to_https,
                     hsts,
                     mode: ListenerMode::Http,
-                    proxy_protocol_from: Vec::new(),
+                    proxy_protocol_from,
                 });
             }
+        }
+        for ((up, spans), users) in upstreams.iter().zip(&upstream_spans).zip(&users) {
+            self.l4_upstream(up, spans, users);
         }
 
         let t = &file.timeouts;
@@ -456,7 +523,7 @@ impl Checker {
             health_check,
             outlier_detection,
             panic_threshold,
-            proxy_protocol: None,
+            proxy_protocol: self.proxy_protocol(up.proxy_protocol.as_ref()),
             hash_key,
             sticky_cookie,
             sticky_secret: None,

@@ -373,7 +373,7 @@ fn health_errors_are_located() {
         "test.toml:15:23: error: expect_status entry \"399-200\" is not a status code or range",
         "test.toml:15:34: error: expect_status entry \"2xx\" is not a status code or range",
         "test.toml:15:41: error: expect_status entry 99 is not a status code or range",
-        "test.toml:16:8: error: unknown health check type `udp`: expected \"http\" or \"tcp\"",
+        "test.toml:16:8: error: unknown health check type `udp`: expected \"http\", \"tcp\" or \"dns\"",
     ] {
         assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
     }
@@ -706,4 +706,198 @@ fn the_admin_section_binds_and_reads_its_token_from_the_config_files_directory()
         unknown.contains(":13:1: error: unknown field `token`"),
         "{unknown}"
     );
+}
+
+const L4: &str = r#"
+[listeners.db]
+bind = "127.0.0.1:7000"
+mode = "tcp"
+upstream = "db"
+proxy_protocol_from = ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"]
+
+[listeners.tls]
+bind = "127.0.0.1:7443"
+mode = "tcp"
+idle_timeout = "1h"
+
+[[listeners.tls.routes]]
+sni = ["a.example.com", "*.B.example.com"]
+upstream = "a"
+
+[[listeners.tls.routes]]
+alpn = ["h2"]
+upstream = "db"
+
+[[listeners.tls.routes]]
+upstream = "db"
+
+[listeners.dns]
+bind = "127.0.0.1:7000"
+mode = "udp"
+upstream = "dns"
+max_flows = 50
+
+[upstreams.db]
+balance = "least_connections"
+proxy_protocol = "v2"
+servers = [{ address = "127.0.0.1:9001" }]
+
+[upstreams.a]
+servers = [{ address = "127.0.0.1:9002" }]
+
+[upstreams.dns]
+servers = [{ address = "127.0.0.1:9053" }]
+[upstreams.dns.health_check]
+type = "dns"
+query = "health.example.com"
+interval = "1s"
+"#;
+
+#[test]
+fn l4_listeners_take_their_mode_routes_and_defaults() {
+    let c = parse("test.toml", L4).unwrap();
+    let by_name = |name: &str| c.listeners.iter().find(|l| l.name == name).unwrap();
+    let db = by_name("db");
+    let ListenerMode::Tcp(tcp) = &db.mode else {
+        panic!("{:?}", db.mode)
+    };
+    assert!(!tcp.tls_passthrough);
+    assert_eq!(tcp.idle_timeout, Duration::from_secs(600));
+    assert_eq!(tcp.routes.len(), 1);
+    assert!(tcp.routes[0].matches(None, &[]));
+    assert!(!db.defer_accept, "server-speaks-first protocols need it off");
+    assert_eq!(db.proxy_protocol_from.len(), 3);
+    assert_eq!(db.proxy_protocol_from[1].to_string(), "192.0.2.7/32");
+
+    let ListenerMode::Tcp(tls) = &by_name("tls").mode else {
+        panic!()
+    };
+    assert!(tls.tls_passthrough);
+    assert_eq!(tls.idle_timeout, Duration::from_secs(3600));
+    assert_eq!(tls.routes[0].sni, ["a.example.com", "*.b.example.com"]);
+    assert!(tls.routes[0].matches(Some("a.example.com"), &[]));
+    assert!(tls.routes[0].matches(Some("x.y.b.example.com"), &[]));
+    assert!(!tls.routes[0].matches(Some("b.example.com"), &[]));
+    assert!(!tls.routes[0].matches(None, &[]));
+    assert!(tls.routes[1].matches(Some("other"), &[b"http/1.1".to_vec(), b"h2".to_vec()]));
+    assert!(!tls.routes[1].matches(Some("other"), &[b"http/1.1".to_vec()]));
+
+    // The same address as the tcp listener `db`: UDP ports are apart.
+    let ListenerMode::Udp(udp) = &by_name("dns").mode else {
+        panic!()
+    };
+    assert_eq!(udp.max_flows, 50);
+    assert_eq!(udp.idle_timeout, Duration::from_secs(30));
+    let dns = &c.upstreams[udp.upstream];
+    assert_eq!(dns.name, "dns");
+    let check = dns.health_check.as_ref().unwrap();
+    assert_eq!(check.kind, CheckKind::Dns);
+    assert_eq!(check.query, "health.example.com");
+    let db_up = c.upstreams.iter().find(|u| u.name == "db").unwrap();
+    assert_eq!(db_up.proxy_protocol, Some(ProxyProtocolVersion::V2));
+}
+
+#[test]
+fn l4_mistakes_are_located_and_explained() {
+    let e = error_text(
+        r#"
+[listeners.a]
+bind = "127.0.0.1:7000"
+mode = "tcpp"
+upstream = "db"
+
+[listeners.b]
+bind = "127.0.0.1:7001"
+mode = "tcp"
+hsts = "max-age=1"
+proxy_protocol_from = ["10.0.0.1/8", "nonsense"]
+[[listeners.b.routes]]
+host = "x.example.com"
+upstream = "db"
+[[listeners.b.routes]]
+sni = ["bad name"]
+upstream = "db"
+
+[listeners.c]
+bind = "127.0.0.1:7002"
+mode = "udp"
+max_connections = 5
+[[listeners.c.routes]]
+upstream = "db"
+
+[listeners.d]
+bind = "127.0.0.1:7003"
+upstream = "db"
+[[listeners.d.routes]]
+sni = ["a.example.com"]
+upstream = "web"
+
+[upstreams.db]
+proxy_protocol = "v3"
+sticky_cookie = "s"
+servers = [{ address = "127.0.0.1:9001" }]
+
+[upstreams.web]
+proxy_protocol = "v1"
+servers = [{ address = "127.0.0.1:9002" }]
+[upstreams.web.health_check]
+type = "tcp"
+query = "x"
+"#,
+    );
+    for expected in [
+        "test.toml:4:8: error: unknown listener mode `tcpp`: expected \"http\", \"tcp\" or \"udp\"",
+        "test.toml:10:8: error: hsts applies to http listeners, not to mode = \"tcp\"",
+        "test.toml:11:24: error: proxy_protocol_from `10.0.0.1/8` has host bits set: did you mean \"10.0.0.0/8\"?",
+        "test.toml:11:38: error: proxy_protocol_from `nonsense` is not an address or network",
+        "test.toml:13:8: error: host routes HTTP requests: a mode = \"tcp\" listener routes by sni and alpn",
+        "test.toml:16:8: error: sni `bad name` is not a server name",
+        "test.toml:22:19: error: max_connections does not apply to mode = \"udp\" listeners: a udp listener's limit is max_flows",
+        "error: routes does not apply to mode = \"udp\" listeners",
+        "error: listener `c` (mode = \"udp\") has no upstream",
+        "test.toml:28:12: error: upstream applies to mode = \"tcp\" and \"udp\" listeners",
+        "test.toml:30:7: error: sni routes a TLS connection passed through untouched",
+        "test.toml:34:18: error: proxy_protocol `v3` is not a version: use \"v1\" or \"v2\"",
+        "error: sticky_cookie needs HTTP: upstream `db` is used by tcp listener `b`",
+        "error: proxy_protocol is sent on connections from tcp listeners only: upstream `web` is used by http listener `d`",
+        "error: query applies only to type = \"dns\" checks",
+    ] {
+        assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
+    }
+}
+
+#[test]
+fn a_tcp_listener_needs_an_upstream_and_a_catch_all_goes_last() {
+    let e = error_text(
+        r#"
+[listeners.a]
+bind = "127.0.0.1:7000"
+mode = "tcp"
+
+[listeners.b]
+bind = "127.0.0.1:7001"
+mode = "tcp"
+upstream = "db"
+[[listeners.b.routes]]
+upstream = "db"
+[[listeners.b.routes]]
+sni = ["x.example.com"]
+upstream = "db"
+
+[upstreams.db]
+hash_key = "path"
+balance = "consistent_hash"
+tls = { insecure_skip_verify = true }
+servers = [{ address = "127.0.0.1:9001" }]
+"#,
+    );
+    for expected in [
+        "error: listener `a` (mode = \"tcp\") has no upstream",
+        "test.toml:12:1: error: listener `b` has a route after one with neither sni nor alpn",
+        "test.toml:9:12: error: listener `b` has a route that takes every connection already",
+        "error: upstream `db` is used by tcp listener `b`, which has no paths, headers or cookies",
+        "error: upstream `db` is used by tcp listener `b`, which relays bytes as they are",
+    ] {
+        assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
+    }
 }
