@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use crate::config::Config;
+use crate::config::{Config, ListenerMode};
+use crate::l4::log::TcpStats;
 use crate::router::Router;
 use crate::tls::client::Connector;
 use crate::tls::server::TlsListener;
@@ -40,6 +41,8 @@ pub struct ListenerRuntime {
     pub router: Router,
     /// The TLS settings new connections are accepted with, on a TLS listener.
     pub tls: Option<TlsListener>,
+    /// A `mode = "tcp"` listener's counts, kept through reloads that keep its slot.
+    pub tcp: Option<Arc<TcpStats>>,
 }
 
 /// `Runtime::by_slot` for a slot whose listener is gone.
@@ -123,8 +126,20 @@ impl Runtime {
                 ),
                 None => None,
             };
+            let tcp = match &l.mode {
+                ListenerMode::Tcp(_) => Some(
+                    previous
+                        .and_then(|p| {
+                            let i = p.listener_index(slot)?;
+                            p.listeners[i].tcp.clone()
+                        })
+                        .unwrap_or_else(|| Arc::new(TcpStats::new(&l.name, config.workers))),
+                ),
+                _ => None,
+            };
             listeners.push(ListenerRuntime {
                 slot,
+                tcp,
                 router: Router::build(
                     &l.routes,
                     &upstreams,
