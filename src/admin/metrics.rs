@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 use http::StatusCode;
 
 use super::{Context, Reply};
+use crate::l4::log::{Outcome, TcpTotals};
 use crate::upstream::ResilienceStats;
 use crate::upstream::stats::{CLASSES, LATENCY_BUCKETS, RequestTotals};
 
@@ -50,6 +51,8 @@ struct Scrape {
     dropped_log_lines: Option<u64>,
     /// This node of the active/standby group, with `[ha]`.
     ha: Option<crate::ha::HaStatus>,
+    /// `mode = "tcp"` listeners' connections and bytes, by listener name.
+    tcp: Vec<(String, TcpTotals)>,
 }
 
 #[derive(Debug)]
@@ -152,7 +155,14 @@ impl Scrape {
                     .collect(),
             })
             .collect();
+        let tcp = rt
+            .listeners
+            .iter()
+            .filter_map(|l| l.tcp.as_ref())
+            .map(|stats| (stats.listener.to_string(), stats.totals()))
+            .collect();
         Scrape {
+            tcp,
             listeners,
             routes,
             upstreams,
@@ -480,6 +490,48 @@ impl Scrape {
     }
 }
 
+impl Scrape {
+    /// `mode = "tcp"` listeners: connections by how they ended, and bytes each way. Their
+    /// servers' open tunnels are in `fulcrum_server_in_flight`.
+    fn tcp(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.tcp.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_tcp_connections",
+            "Connections of tcp listeners that ended, by listener and how: closed, client_reset, server_reset, idle_timeout, failed, refused_proxy_header, bad_proxy_header, not_tls, no_route, connect_failed",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, totals) in &self.tcp {
+            for (outcome, &count) in Outcome::ALL.iter().zip(&totals.outcomes) {
+                let labels = [("listener", listener.as_str()), ("outcome", outcome.name())];
+                counter(&mut family, &labels, count)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_tcp_bytes",
+            "Bytes relayed by tcp listeners, by listener and direction (from_client: to the servers), counted as each connection ends",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, totals) in &self.tcp {
+            let listener = ("listener", listener.as_str());
+            counter(
+                &mut family,
+                &[listener, ("direction", "from_client")],
+                totals.from_client,
+            )?;
+            counter(
+                &mut family,
+                &[listener, ("direction", "from_server")],
+                totals.from_server,
+            )?;
+        }
+        Ok(())
+    }
+}
+
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         self.requests(&mut encoder)?;
@@ -499,6 +551,7 @@ impl Collector for Scrape {
             )?;
         }
         self.servers(&mut encoder)?;
+        self.tcp(&mut encoder)?;
         self.resilience(&mut encoder)?;
         self.ha(&mut encoder)?;
         // Only where the access log is written through `logging::init` (not in-process
