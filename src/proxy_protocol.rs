@@ -4,8 +4,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use ppp::PartialResult;
 pub use crate::config::ProxyProtocolVersion;
+use ppp::PartialResult;
 
 /// The addresses a header carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,9 +40,7 @@ pub async fn read_header(
         .unwrap_or(Err(HeaderError::TimedOut))
 }
 
-async fn read_header_now(
-    stream: &tokio::net::TcpStream,
-) -> Result<Option<Addresses>, HeaderError> {
+async fn read_header_now(stream: &tokio::net::TcpStream) -> Result<Option<Addresses>, HeaderError> {
     let mut buf = vec![0u8; MAX_PEEK];
     let mut seen = 0;
     loop {
@@ -129,9 +127,9 @@ pub fn encode(
         _ => (to_v6(source), to_v6(destination)),
     };
     match version {
-        ProxyProtocolVersion::V1 => {
-            ppp::v1::Addresses::from((source, destination)).to_string().into_bytes()
-        }
+        ProxyProtocolVersion::V1 => ppp::v1::Addresses::from((source, destination))
+            .to_string()
+            .into_bytes(),
         ProxyProtocolVersion::V2 => ppp::v2::Builder::with_addresses(
             ppp::v2::Version::Two | ppp::v2::Command::Proxy,
             ppp::v2::Protocol::Stream,

@@ -630,3 +630,57 @@ async fn wait_until(mut condition: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn the_admin_api_shows_tcp_listeners_and_their_counts() {
+    let a = TcpServer::named("a").await;
+    let config = format!(
+        "[listeners.t]\nbind = \"127.0.0.1:0\"\nmode = \"tcp\"\nupstream = \"app\"\n\
+         idle_timeout = \"90s\"\nproxy_protocol_from = [\"10.0.0.0/8\"]\n\
+         [[listeners.t.routes]]\nsni = [\"*.a.test\"]\nalpn = [\"h2\"]\nupstream = \"app\"\n\
+         [upstreams.app]\n{}\nproxy_protocol = \"v1\"\n[admin]\nbind = \"127.0.0.1:0\"\n",
+        servers(&[a.addr])
+    );
+    let proxy = start(&config).await;
+    let admin = proxy.server.admin_addr().unwrap();
+    let get = |path: &'static str| async move {
+        let text = reqwest::get(format!("http://{admin}{path}"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    };
+    let config = get("/api/config").await;
+    let listener = &config["listeners"][0];
+    assert_eq!(listener["mode"], "tcp");
+    assert_eq!(listener["idle_timeout"], "1m 30s");
+    assert_eq!(listener["tls_passthrough"], true);
+    assert_eq!(
+        listener["proxy_protocol_from"],
+        serde_json::json!(["10.0.0.0/8"])
+    );
+    assert_eq!(
+        listener["routes"],
+        serde_json::json!([
+            { "sni": ["*.a.test"], "alpn": ["h2"], "upstream": "app" },
+            { "sni": [], "alpn": [], "upstream": "app" },
+        ])
+    );
+    assert_eq!(config["upstreams"][0]["proxy_protocol"], "v1");
+    // Not TLS, on a passthrough listener: counted as such.
+    assert_eq!(support::raw(proxy.addr, b"hello\r\n").await, "");
+    let deadline = Instant::now() + LONG;
+    loop {
+        let status = get("/api/status").await;
+        let listener = &status["listeners"][0];
+        assert_eq!(listener["mode"], "tcp");
+        if listener["connections"]["by_end"]["not_tls"] == 1 {
+            assert_eq!(listener["connections"]["total"], 1);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{listener}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -53,7 +53,9 @@ pub fn parse(bytes: &[u8]) -> Result<Option<ClientHello>, HelloError> {
         at += 5 + len;
         if handshake.len() >= 4 {
             if handshake[0] != 1 {
-                return Err(HelloError::Malformed("first handshake message is not a ClientHello"));
+                return Err(HelloError::Malformed(
+                    "first handshake message is not a ClientHello",
+                ));
             }
             let body_len = (usize::from(handshake[1]) << 16)
                 | (usize::from(handshake[2]) << 8)

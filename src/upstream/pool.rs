@@ -56,7 +56,9 @@ pub struct RawConn {
 
 /// A tunnel's place under its server's `max_connections`, given back when dropped.
 #[derive(Debug)]
-pub struct TunnelSlot(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct TunnelSlot {
+    _permit: OwnedSemaphorePermit,
+}
 
 #[derive(Debug)]
 struct RawIdle {
@@ -240,7 +242,7 @@ impl Pool {
             .map_err(|e| ConnectError::from_io(self.address, e))?;
         let _ = stream.set_nodelay(true);
         self.handed_out.opened();
-        Ok((stream, TunnelSlot(slot)))
+        Ok((stream, TunnelSlot { _permit: slot }))
     }
 
     /// Waits until `deadline` for a slot to open a connection in, or for a connection that
