@@ -15,7 +15,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::l4::{Read, TcpServer, connect_from, read_line, read_within, servers};
+use support::l4::{Read, SeenHeader, TcpServer, connect_from, read_line, read_within, servers};
 use support::tls::{Key, Pki, client_config};
 use support::{Backend, Process, Proxy, simple_config, statuses};
 
@@ -52,7 +52,7 @@ fn tcp_config(server: SocketAddr, listener: &str, upstream: &str) -> String {
     )
 }
 
-async fn wait_for_header(server: &TcpServer) -> Result<Option<(SocketAddr, SocketAddr)>, String> {
+async fn wait_for_header(server: &TcpServer) -> SeenHeader {
     let deadline = std::time::Instant::now() + LONG;
     loop {
         if let Some(header) = server.counts.headers.lock().unwrap().first() {

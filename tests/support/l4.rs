@@ -12,6 +12,10 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::tls::Issued;
 
+/// A PROXY header as a server read it: source and destination (`None` for a LOCAL or
+/// UNKNOWN header), or what was wrong with it.
+pub type SeenHeader = Result<Option<(SocketAddr, SocketAddr)>, String>;
+
 /// What a test server saw.
 #[derive(Default)]
 pub struct Counts {
@@ -23,7 +27,7 @@ pub struct Counts {
     pub received: AtomicUsize,
     /// Each connection's PROXY header, if the server reads one: its source and destination
     /// (`None` for a LOCAL/UNKNOWN header), or what was wrong with it.
-    pub headers: Mutex<Vec<Result<Option<(SocketAddr, SocketAddr)>, String>>>,
+    pub headers: Mutex<Vec<SeenHeader>>,
 }
 
 /// Counts a connection open until dropped.
@@ -133,10 +137,7 @@ async fn echo(
 
 /// Reads a PROXY protocol header with the `ppp` crate, byte by byte as it comes, for at
 /// most 10 s; bytes read past it go to `rest`.
-async fn read_proxy_header(
-    stream: &mut TcpStream,
-    rest: &mut Vec<u8>,
-) -> Result<Option<(SocketAddr, SocketAddr)>, String> {
+async fn read_proxy_header(stream: &mut TcpStream, rest: &mut Vec<u8>) -> SeenHeader {
     use ppp::PartialResult;
     let mut buf = Vec::new();
     let read = async {
