@@ -233,6 +233,17 @@ async fn https_listener_reads_the_header_before_the_handshake() {
     let seen = backend.seen.last();
     assert_eq!(seen.headers["x-forwarded-for"], "127.66.0.7");
     assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    // From an address not in proxy_protocol_from the header is taken for TLS, which fails.
+    let mut tcp = connect_from("127.0.0.2", proxy.addr).await;
+    tcp.write_all(&v2_header()).await.unwrap();
+    let handshake = tokio::time::timeout(
+        LONG,
+        connector.connect(ServerName::try_from("web.test").unwrap(), tcp),
+    )
+    .await
+    .unwrap();
+    assert!(handshake.is_err());
+    assert_eq!(backend.seen.count(), 1);
 }
 
 #[tokio::test]
