@@ -88,17 +88,16 @@ async fn read_until_whole(
     stream: &TcpStream,
     buf: &mut Vec<u8>,
 ) -> Result<ClientHello, HelloError> {
-    // Kept across reads so that each read costs only the records it completes, not a walk
-    // from the start (a client sending a byte at a time would otherwise cost quadratic time).
+    // Kept across reads so that each read costs only the records it completes and a look at
+    // the one begun, not a walk from the start (a client sending a byte at a time would
+    // otherwise cost quadratic time); looking at every read is what refuses a client that
+    // sent one wrong byte without waiting for more.
     let mut reassembly = Reassembly::default();
-    let mut needs_up_to = 0;
     loop {
-        if buf.len() >= needs_up_to {
-            match reassembly.advance(buf)? {
-                Progress::Whole => return reassembly.hello(buf),
-                Progress::NeedsUpTo(end) => needs_up_to = end,
-            }
-        }
+        let needs_up_to = match reassembly.advance(buf)? {
+            Progress::Whole => return reassembly.hello(buf),
+            Progress::NeedsUpTo(end) => end,
+        };
         buf.reserve(needs_up_to.saturating_sub(buf.len()).max(MIN_READ));
         stream.readable().await?;
         match stream.try_read_buf(buf) {
@@ -942,15 +941,26 @@ c02bc02f009ec024c028006bc023c0270067c00ac0140039c009c0130033009d009c003d003c0035
 
     #[tokio::test]
     async fn what_is_not_tls_is_refused_without_waiting_for_more() {
-        let (mut client, server) = connected_pair().await;
-        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        let started = Instant::now();
-        let mut buf = Vec::new();
-        let result = read(&server, &mut buf, GENEROUS).await;
-        assert!(matches!(result, Err(HelloError::NotTls)), "{result:?}");
-        assert!(started.elapsed() < Duration::from_secs(5));
-        assert!(b"GET / HTTP/1.1\r\n".starts_with(&buf) && !buf.is_empty());
-        drop(client);
+        let mut too_long = vec![22, 3, 1, 0x40, 0, HANDSHAKE_CLIENT_HELLO];
+        too_long.extend_from_slice(&(MAX_HELLO_LEN as u32 + 1).to_be_bytes()[1..]);
+        let firsts: [(&[u8], &str); 4] = [
+            (b"G", "Err(NotTls)"),
+            (b"GET / HTTP/1.1\r\n", "Err(NotTls)"),
+            (&[22, 3, 0], "Err(Malformed("),
+            (&too_long, "Err(TooLong)"),
+        ];
+        for (first, expected) in firsts {
+            // The client sends only these bytes and waits.
+            let (mut client, server) = connected_pair().await;
+            client.write_all(first).await.unwrap();
+            let started = Instant::now();
+            let mut buf = Vec::new();
+            let result = format!("{:?}", read(&server, &mut buf, GENEROUS).await);
+            assert!(result.starts_with(expected), "{result} after {first:?}");
+            assert!(started.elapsed() < Duration::from_secs(5));
+            assert!(first.starts_with(&buf) && !buf.is_empty());
+            drop(client);
+        }
     }
 
     #[tokio::test]
