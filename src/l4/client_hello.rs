@@ -73,7 +73,8 @@ pub fn parse(bytes: &[u8]) -> Result<Option<ClientHello>, HelloError> {
 
 /// Reads from `stream` (appending to `buf`) until a whole ClientHello is there, for at most
 /// `within`. Every byte read stays in `buf`, to be sent to the server untouched; bytes after
-/// the ClientHello that arrived in the same read stay in `buf` too.
+/// the ClientHello that arrived in the same read stay in `buf` too. `buf` is empty at first,
+/// or holds the connection's first bytes already read; its capacity is reused.
 pub async fn read(
     stream: &TcpStream,
     buf: &mut Vec<u8>,
