@@ -81,9 +81,10 @@ async fn least_connections_counts_open_tunnels() {
         &addrs,
         "",
         "balance = \"least_connections\"",
-        "",
+        "[admin]\nbind = \"127.0.0.1:0\"\n",
     ))
     .await;
+    let admin = proxy.server.admin_addr().unwrap();
     // Six tunnels held open: two on each server.
     let mut held = Vec::new();
     for _ in 0..6 {
@@ -101,10 +102,14 @@ async fn least_connections_counts_open_tunnels() {
         );
     }
     // Both of b's close: the next two go to b, the one with the fewest.
+    assert_eq!(server_field(admin, s[1].addr, "in_flight").await, 2);
     held.retain(|(name, _)| name != "b");
-    wait_until(|| s[1].open() == 0).await;
-    // Fulcrum counts a tunnel as ended once both sides closed; give it the moment.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Fulcrum counts a tunnel as ended once both sides have closed.
+    let deadline = Instant::now() + LONG;
+    while server_field(admin, s[1].addr, "in_flight").await != 0 {
+        assert!(Instant::now() < deadline, "b's tunnels still counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for _ in 0..2 {
         let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
         assert_eq!(read_line(&mut stream).await.unwrap(), "b");
@@ -137,6 +142,14 @@ async fn ip_hash_keeps_each_client_on_one_server() {
 
 /// The health state `/api/status` gives server `addr`.
 async fn state_of(admin: SocketAddr, addr: SocketAddr) -> String {
+    server_field(admin, addr, "health").await["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// What `/api/status` says of server `addr` under `field`.
+async fn server_field(admin: SocketAddr, addr: SocketAddr, field: &str) -> serde_json::Value {
     let text = reqwest::get(format!("http://{admin}/api/status"))
         .await
         .unwrap()
@@ -150,7 +163,7 @@ async fn state_of(admin: SocketAddr, addr: SocketAddr) -> String {
         .iter()
         .flat_map(|u| u["servers"].as_array().unwrap().iter())
         .find(|s| s["address"] == addr.to_string())
-        .map(|s| s["health"]["state"].as_str().unwrap().to_string())
+        .map(|s| s[field].clone())
         .unwrap()
 }
 
