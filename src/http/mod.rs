@@ -31,8 +31,10 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves requests on `tcp` until the client leaves, a timeout ends it, or shutdown is
-/// signalled, in which case requests in flight finish first. On a TLS listener the
-/// handshake comes first, and ALPN, when the client offers it, names the protocol.
+/// signalled, in which case requests in flight finish first. From a proxy listed in the
+/// listener's `proxy_protocol_from`, a PROXY header comes first and names the client. On a
+/// TLS listener the handshake comes next, and ALPN, when the client offers it, names the
+/// protocol.
 pub async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
