@@ -38,13 +38,15 @@ const REQUEST: usize = 64;
 enum Copier {
     Buffered,
     Splice,
+    Adaptive,
     TokioCopyBidirectional,
 }
 
 impl Copier {
-    const ALL: [Copier; 3] = [
+    const ALL: [Copier; 4] = [
         Copier::Buffered,
         Copier::Splice,
+        Copier::Adaptive,
         Copier::TokioCopyBidirectional,
     ];
 
@@ -52,6 +54,7 @@ impl Copier {
         match self {
             Copier::Buffered => "buffered",
             Copier::Splice => "splice",
+            Copier::Adaptive => "adaptive",
             Copier::TokioCopyBidirectional => "tokio copy_bidirectional",
         }
     }
@@ -61,6 +64,9 @@ impl Copier {
         match self {
             Copier::Buffered => drop(relay_with(Strategy::Buffered, client, server, idle, None).await),
             Copier::Splice => drop(relay_with(Strategy::Splice, client, server, idle, None).await),
+            Copier::Adaptive => {
+                drop(relay_with(Strategy::Adaptive, client, server, idle, None).await)
+            }
             Copier::TokioCopyBidirectional => {
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
             }
@@ -370,6 +376,7 @@ fn future_size(copier: Copier) -> Option<usize> {
     let strategy = match copier {
         Copier::Buffered => Strategy::Buffered,
         Copier::Splice => Strategy::Splice,
+        Copier::Adaptive => Strategy::Adaptive,
         Copier::TokioCopyBidirectional => return None,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -60,6 +60,9 @@ pub enum Strategy {
     /// `splice(2)` from the socket into a pipe and from the pipe into the other socket: the
     /// bytes never reach user space.
     Splice,
+    /// Buffered until a read fills a whole chunk, then splice until a read moves less than
+    /// `SPLICE_AT_LEAST`: small messages take the fewest syscalls, bulk is not copied.
+    Adaptive,
 }
 
 /// The strategy [`relay`] uses: the buffered copy cost less CPU per byte than splice in every
@@ -68,6 +71,9 @@ const CHOSEN: Strategy = Strategy::Buffered;
 
 /// The most one read takes in; also the most a direction holds while its reader is slow.
 const CHUNK: usize = 64 * 1024;
+
+/// Below this a splice read costs more than a buffered one (see `Strategy::Adaptive`).
+const SPLICE_AT_LEAST: usize = 16 * 1024;
 
 /// Spare buffers (and spare pipes) a worker thread keeps for the next read; beyond that a
 /// freed one is given back to the allocator (or closed).
@@ -241,6 +247,8 @@ struct Direction {
     source: Side,
     refuse_first: Option<fn(&[u8]) -> bool>,
     held: Held,
+    /// With `Strategy::Adaptive`: whether the next read splices.
+    splicing: bool,
     /// The source sent FIN (a read returned 0).
     source_done: bool,
     /// The FIN was passed on: nothing more to do this way.
@@ -257,6 +265,7 @@ impl Direction {
             source,
             refuse_first,
             held: Held::Nothing,
+            splicing: strategy == Strategy::Splice,
             source_done: false,
             done: false,
             moved_any: false,
@@ -321,14 +330,19 @@ impl Direction {
     fn read(&mut self, source: &TcpStream) -> io::Result<usize> {
         // The first read with a check to make is buffered whatever the strategy: the check
         // must see the bytes.
-        if self.strategy == Strategy::Splice && self.refuse_first.is_none() {
+        if self.splicing && self.refuse_first.is_none() {
             // Without a pipe (out of descriptors) this read falls back to a buffer.
             if let Ok(pipe) = take_pipe() {
                 let read = source.try_io(Interest::READABLE, || {
                     splice(source.as_fd(), pipe.write.as_fd(), CHUNK)
                 });
                 match read {
-                    Ok(len) if len > 0 => self.held = Held::Pipe { pipe, len },
+                    Ok(len) if len > 0 => {
+                        self.held = Held::Pipe { pipe, len };
+                        if self.strategy == Strategy::Adaptive && len < SPLICE_AT_LEAST {
+                            self.splicing = false;
+                        }
+                    }
                     _ => give_pipe(pipe),
                 }
                 return read;
@@ -342,6 +356,9 @@ impl Direction {
                     buffer,
                     start: 0,
                     end: len,
+                };
+                if self.strategy == Strategy::Adaptive && len == CHUNK {
+                    self.splicing = true;
                 }
             }
             _ => give_buffer(buffer),
@@ -512,7 +529,7 @@ mod tests {
     use tokio::task::JoinHandle;
     use tokio::time::timeout;
 
-    const BOTH: [Strategy; 2] = [Strategy::Buffered, Strategy::Splice];
+    const ALL: [Strategy; 3] = [Strategy::Buffered, Strategy::Splice, Strategy::Adaptive];
     /// Generous: two noisy cores.
     const WAIT: Duration = Duration::from_secs(20);
 
@@ -583,7 +600,7 @@ mod tests {
 
     #[tokio::test]
     async fn client_half_close_lets_the_server_answer() {
-        for strategy in BOTH {
+        for strategy in ALL {
             let Tunnel {
                 mut client,
                 mut server,
@@ -607,7 +624,7 @@ mod tests {
 
     #[tokio::test]
     async fn server_half_close_lets_the_client_go_on() {
-        for strategy in BOTH {
+        for strategy in ALL {
             let Tunnel {
                 mut client,
                 mut server,
@@ -658,7 +675,7 @@ mod tests {
 
     #[tokio::test]
     async fn client_reset_resets_the_server() {
-        for strategy in BOTH {
+        for strategy in ALL {
             let relayed = reset_passes_on(strategy, true).await;
             assert!(matches!(relayed.end, End::ClientReset), "{:?}", relayed.end);
             assert_eq!(relayed.from_client, 1);
@@ -667,7 +684,7 @@ mod tests {
 
     #[tokio::test]
     async fn server_reset_resets_the_client() {
-        for strategy in BOTH {
+        for strategy in ALL {
             let relayed = reset_passes_on(strategy, false).await;
             assert!(matches!(relayed.end, End::ServerReset), "{:?}", relayed.end);
             assert_eq!(relayed.from_server, 1);
@@ -678,7 +695,7 @@ mod tests {
     async fn write_to_a_reset_peer_resets_the_other() {
         // The client closes for good (FIN) while the server still talks: the client's kernel
         // answers the next bytes with RST, which the relay passes on to the server.
-        for strategy in BOTH {
+        for strategy in ALL {
             let Tunnel {
                 client,
                 mut server,
@@ -703,7 +720,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_tunnel_is_closed_after_the_timeout_from_its_last_byte() {
-        for strategy in BOTH {
+        for strategy in ALL {
             let idle = Duration::from_millis(300);
             let Tunnel {
                 mut client,
@@ -713,12 +730,12 @@ mod tests {
             // Activity for twice the timeout keeps it open.
             let mut byte = [0; 1];
             for _ in 0..4 {
+                tokio::time::sleep(idle / 2).await;
                 client.write_all(b"k").await.unwrap();
                 timeout(WAIT, server.read_exact(&mut byte))
                     .await
                     .unwrap()
                     .unwrap();
-                tokio::time::sleep(idle / 2).await;
             }
             let last = std::time::Instant::now();
             let relayed = finished(relay).await;
@@ -735,7 +752,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn large_transfers_both_ways_at_once_arrive_intact() {
         const SIZE: usize = 4 << 20;
-        for strategy in BOTH {
+        for strategy in ALL {
             let Tunnel {
                 client,
                 server,
@@ -771,7 +788,7 @@ mod tests {
     async fn a_reader_that_stops_stops_the_writer() {
         const BUFFER: u32 = 64 * 1024;
         const CAP: usize = 64 << 20;
-        for strategy in BOTH {
+        for strategy in ALL {
             let Tunnel {
                 mut client,
                 mut server,
@@ -814,7 +831,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_first_bytes_reset_both_and_reach_no_one() {
-        for strategy in BOTH {
+        for strategy in ALL {
             let Tunnel {
                 mut client,
                 mut server,
@@ -836,7 +853,7 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_first_bytes_pass_and_the_server_may_speak_first() {
-        for strategy in BOTH {
+        for strategy in ALL {
             let Tunnel {
                 mut client,
                 mut server,
@@ -886,9 +903,9 @@ mod tests {
             up_pieces in proptest::collection::vec(1usize..100_000, 1..8),
             down_pieces in proptest::collection::vec(1usize..100_000, 1..8),
             seed in any::<u64>(),
-            splice in any::<bool>(),
+            strategy in 0..ALL.len(),
         ) {
-            let strategy = if splice { Strategy::Splice } else { Strategy::Buffered };
+            let strategy = ALL[strategy];
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async {
                 let Tunnel { mut client, mut server, relay } =
