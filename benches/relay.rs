@@ -62,7 +62,9 @@ impl Copier {
     async fn relay(self, mut client: TcpStream, mut server: TcpStream) {
         let idle = Duration::from_secs(3600);
         match self {
-            Copier::Buffered => drop(relay_with(Strategy::Buffered, client, server, idle, None).await),
+            Copier::Buffered => {
+                drop(relay_with(Strategy::Buffered, client, server, idle, None).await)
+            }
             Copier::Splice => drop(relay_with(Strategy::Splice, client, server, idle, None).await),
             Copier::Adaptive => {
                 drop(relay_with(Strategy::Adaptive, client, server, idle, None).await)
@@ -272,7 +274,11 @@ fn throughput() {
         for round in 0..rounds {
             for i in 0..Copier::ALL.len() {
                 // Alternate the order so that drift in the machine's load favours no one.
-                let i = if round % 2 == 0 { i } else { Copier::ALL.len() - 1 - i };
+                let i = if round % 2 == 0 {
+                    i
+                } else {
+                    Copier::ALL.len() - 1 - i
+                };
                 let measured = measure(Copier::ALL[i], scenario, seconds);
                 if best[i]
                     .as_ref()
@@ -385,7 +391,9 @@ fn future_size(copier: Copier) -> Option<usize> {
         .unwrap();
     runtime.block_on(async {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let relaying = relay_with(strategy, client, server, Duration::from_secs(1), None);
         Some(std::mem::size_of_val(&relaying))
