@@ -396,6 +396,14 @@ impl Direction {
                 let n = sink.try_io(Interest::WRITABLE, || {
                     splice(pipe.read.as_fd(), sink.as_fd(), *len)
                 })?;
+                if n == 0 {
+                    // The pipe is empty though it should hold `len` bytes: stop rather than
+                    // spin on a write that can never progress.
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "relay pipe lost its bytes",
+                    ));
+                }
                 *len -= n;
                 if *len == 0
                     && let Held::Pipe { pipe, .. } =
