@@ -11,7 +11,8 @@
 //! `cargo bench --bench relay` (both parts), `-- throughput` or `-- memory` for one. Each
 //! throughput scenario runs `RELAY_BENCH_SECONDS` (default 3) per strategy, `RELAY_BENCH_ROUNDS`
 //! (default 2) rounds in alternating order; the memory part holds `RELAY_BENCH_TUNNELS`
-//! (default 5,000) idle tunnels.
+//! (default 5,000) idle tunnels, each after `RELAY_BENCH_EXCHANGE` bytes (default 100) each
+//! way.
 
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::SocketAddr;
@@ -322,7 +323,8 @@ fn open_fds() -> usize {
 /// allocator would otherwise blur the figures.
 fn memory() {
     let tunnels: usize = env_or("RELAY_BENCH_TUNNELS", 5000);
-    println!("memory: {tunnels} idle tunnels, each after one 100-byte exchange each way");
+    let exchange: usize = env_or("RELAY_BENCH_EXCHANGE", 100);
+    println!("memory: {tunnels} idle tunnels, each after {exchange} bytes each way");
     for (i, _) in Copier::ALL.iter().enumerate() {
         let status = Command::new(std::env::current_exe().unwrap())
             .env(MEMORY_ENV, i.to_string())
@@ -404,6 +406,7 @@ fn future_size(copier: Copier) -> Option<usize> {
 /// tunnels, exchanges once on each and closes them; on "hold <relay>" opens `tunnels` and
 /// keeps them; answers "done" to each. Ends when its stdin closes.
 fn peer(tunnels: usize) {
+    let exchange: usize = env_or("RELAY_BENCH_EXCHANGE", 100);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -414,13 +417,20 @@ fn peer(tunnels: usize) {
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = backend.accept().await {
                 tokio::spawn(async move {
-                    let mut bytes = [0u8; 100];
-                    // Echo once, then hold the connection open until the client closes it.
-                    if stream.read_exact(&mut bytes).await.is_ok()
-                        && stream.write_all(&bytes).await.is_ok()
-                    {
-                        let _ = stream.read(&mut bytes).await;
+                    // Echo `exchange` bytes, then hold the connection open until the client
+                    // closes it.
+                    let mut bytes = vec![0u8; 16 * 1024];
+                    let mut left = exchange;
+                    while left > 0 {
+                        let want = left.min(bytes.len());
+                        match stream.read(&mut bytes[..want]).await {
+                            Ok(n) if n > 0 && stream.write_all(&bytes[..n]).await.is_ok() => {
+                                left -= n
+                            }
+                            _ => return,
+                        }
                     }
+                    let _ = stream.read(&mut bytes).await;
                 });
             }
         });
@@ -440,11 +450,15 @@ fn peer(tunnels: usize) {
             let relay: SocketAddr = relay.parse().unwrap();
             let count = if what == "warm" { 64 } else { tunnels };
             let mut opened = Vec::with_capacity(count);
+            let sent = vec![7u8; exchange];
+            let mut received = vec![0u8; exchange];
             for _ in 0..count {
                 let mut stream = TcpStream::connect(relay).await.unwrap();
-                let mut bytes = [7u8; 100];
-                stream.write_all(&bytes).await.unwrap();
-                stream.read_exact(&mut bytes).await.unwrap();
+                let (mut reader, mut writer) = stream.split();
+                let (wrote, read) =
+                    tokio::join!(writer.write_all(&sent), reader.read_exact(&mut received));
+                wrote.unwrap();
+                read.unwrap();
                 opened.push(stream);
             }
             if what == "hold" {
