@@ -10,7 +10,8 @@
 //!
 //! `cargo bench --bench relay` (both parts), `-- throughput` or `-- memory` for one. Each
 //! throughput scenario runs `RELAY_BENCH_SECONDS` (default 3) per strategy, `RELAY_BENCH_ROUNDS`
-//! (default 2) rounds in alternating order; the memory part holds `RELAY_BENCH_TUNNELS`
+//! (default 2) rounds in alternating order (`RELAY_BENCH_SCENARIO`: only those whose name
+//! contains it); the memory part holds `RELAY_BENCH_TUNNELS`
 //! (default 5,000) idle tunnels, each after `RELAY_BENCH_EXCHANGE` bytes (default 100) each
 //! way.
 
@@ -269,7 +270,8 @@ fn throughput() {
     let seconds: f64 = env_or("RELAY_BENCH_SECONDS", 3.0);
     let rounds: usize = env_or("RELAY_BENCH_ROUNDS", 2);
     println!("\nthroughput: relay thread CPU; {rounds} rounds of {seconds} s; best round shown");
-    for scenario in &SCENARIOS {
+    let only: String = env_or("RELAY_BENCH_SCENARIO", String::new());
+    for scenario in SCENARIOS.iter().filter(|s| s.name.contains(only.as_str())) {
         println!("\n{} ({} tunnels)", scenario.name, scenario.tunnels);
         let mut best: Vec<Option<Measured>> = Copier::ALL.iter().map(|_| None).collect();
         for round in 0..rounds {

@@ -124,6 +124,10 @@ pub async fn relay_with(
     idle_timeout: Duration,
     refuse_first: Option<fn(&[u8]) -> bool>,
 ) -> Relayed {
+    // Each write carries what one read brought; with Nagle on, a small one could wait behind
+    // an unacknowledged one (40 ms, against a delayed ACK) where the sender meant none.
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
     let mut from_client = Direction::new(strategy, Side::Client, refuse_first);
     let mut from_server = Direction::new(strategy, Side::Server, None);
     let idle_timeout = idle_timeout.min(NEVER);
