@@ -261,7 +261,8 @@ struct Direction {
     source: Side,
     refuse_first: Option<fn(&[u8]) -> bool>,
     held: Held,
-    /// With `Strategy::Adaptive`: whether the next read splices.
+    /// Whether the next read splices: always with `Splice`, never with `Buffered`, as the
+    /// last read's size says with `Adaptive`.
     splicing: bool,
     /// The source sent FIN (a read returned 0).
     source_done: bool,
@@ -326,9 +327,7 @@ impl Direction {
                     Err(e) => return Poll::Ready(Err(Stop::Io(self.source, e))),
                 }
                 if let Some(refuse) = self.refuse_first
-                    && let Held::Buffer {
-                        buffer, start, end, ..
-                    } = &self.held
+                    && let Held::Buffer { buffer, start, end } = &self.held
                 {
                     self.refuse_first = None;
                     if refuse(&buffer[*start..*end]) {
