@@ -195,7 +195,10 @@ impl Drop for Flow {
     fn drop(&mut self) {
         // The task holds the other reference to the socket: the socket closes with it.
         self.replies.abort();
-        self.stats.shard().flows_open.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .shard()
+            .flows_open
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -608,7 +611,10 @@ mod tests {
             sweep_period(Duration::from_millis(10)),
             Duration::from_millis(5)
         );
-        assert_eq!(sweep_period(Duration::from_secs(30)), Duration::from_secs(1));
+        assert_eq!(
+            sweep_period(Duration::from_secs(30)),
+            Duration::from_secs(1)
+        );
     }
 
     proptest! {
