@@ -340,7 +340,7 @@ impl Relay {
         BUFFER.with_borrow_mut(|buf| {
             for taken in 0..BATCH {
                 match self.socket.try_recv_from(buf) {
-                    Ok((n, client)) => self.from_client(&buf[..n], client),
+                    Ok((n, client)) => self.relay_from_client(&buf[..n], client),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return taken,
                     // An error queued on the socket (an ICMP error for an earlier reply, on
                     // some systems): it concerns no datagram waiting.
@@ -354,12 +354,13 @@ impl Relay {
         })
     }
 
-    /// Sends a client's datagram on its flow, starting the flow if it has none.
-    fn from_client(&mut self, datagram: &[u8], client: SocketAddr) {
+    /// Sends a client's datagram on its flow, starting the flow if it has none (or if its
+    /// flow ended, or its server is out of rotation while another is in).
+    fn relay_from_client(&mut self, datagram: &[u8], client: SocketAddr) {
         let shard = self.stats.shard();
         if let Some(flow) = self.table.flows.get(&client) {
             let flow = &flow.shared;
-            if !flow.ended.load(Ordering::Relaxed) {
+            if !flow.ended.load(Ordering::Relaxed) && !should_move(flow, client) {
                 match flow.socket.try_send(datagram) {
                     Ok(_) => {
                         flow.active.store(true, Ordering::Relaxed);
@@ -464,10 +465,24 @@ impl Relay {
     }
 }
 
-/// A socket connected to the server `upstream` picks for `client`, trying others if one
-/// cannot be given a socket; with the server's index.
-fn connect(upstream: &Upstream, client: SocketAddr) -> Option<(usize, UdpSocket)> {
-    let affinity = Affinity {
+/// Whether a flow should move to another server: its server is out of rotation (down for
+/// its health checks, ejected, unreachable) and the upstream has another in. A flow keeps
+/// its server while every other is out too. Costs one load per datagram while its server is
+/// in.
+fn should_move(flow: &FlowSocket, client: SocketAddr) -> bool {
+    let upstream = &flow.upstream;
+    if upstream.servers[flow.server].share() != 0 {
+        return false;
+    }
+    let affinity = affinity(upstream, client);
+    upstream
+        .pick(0, &affinity, &[flow.server])
+        .is_some_and(|(index, server)| index != flow.server && server.share() != 0)
+}
+
+/// What ties a client to a server for `upstream`'s balancer: its address alone.
+fn affinity(upstream: &Upstream, client: SocketAddr) -> Affinity {
+    Affinity {
         client_ip: client.ip(),
         key: match upstream.hash_key {
             Some(HashKey::ClientIp) => Some(crate::balance::hash(&client.ip())),
@@ -475,7 +490,13 @@ fn connect(upstream: &Upstream, client: SocketAddr) -> Option<(usize, UdpSocket)
             _ => None,
         },
         pinned: None,
-    };
+    }
+}
+
+/// A socket connected to the server `upstream` picks for `client`, trying others if one
+/// cannot be given a socket; with the server's index.
+fn connect(upstream: &Upstream, client: SocketAddr) -> Option<(usize, UdpSocket)> {
+    let affinity = affinity(upstream, client);
     // Allocates only once a server has failed.
     let mut failed = Vec::new();
     for attempt in 0..upstream.tries(&affinity).max(1) {
