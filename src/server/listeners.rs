@@ -152,11 +152,19 @@ pub(super) fn open(
     let (sockets, limit) = match &l.mode {
         ListenerMode::Udp(mode) => {
             let sockets = match handed {
-                Some(handed) => copies_for(handed, workers)?
-                    .into_iter()
-                    .map(std::net::UdpSocket::from)
-                    .map(|s| s.set_nonblocking(true).map(|()| s))
-                    .collect::<io::Result<_>>()?,
+                // As they are, with no copies for extra workers: two loops reading one
+                // socket would each start a flow for the same client. (A socket bound
+                // beside them would move clients to other sockets, and so other flows.)
+                Some(handed) => {
+                    if handed.len() < workers {
+                        tracing::info!(listener = %l.name, sockets = handed.len(), workers, "udp listener handed over with fewer sockets than workers: it receives on that many until a restart");
+                    }
+                    handed
+                        .into_iter()
+                        .map(std::net::UdpSocket::from)
+                        .map(|s| s.set_nonblocking(true).map(|()| s))
+                        .collect::<io::Result<_>>()?
+                }
                 None => bind_each_udp(l.bind, workers).map_err(named)?,
             };
             (Sockets::Udp(sockets), mode.max_flows)
@@ -198,9 +206,9 @@ pub(super) fn open(
     })
 }
 
-/// The handed sockets, with copies for workers beyond those of the old process: a socket
-/// bound beside them would get its share of new connections (or datagrams) at once, before
-/// this process is ready, and lose them all if it then failed to start.
+/// The handed TCP sockets, with copies for workers beyond those of the old process: a
+/// socket bound beside them would get its share of new connections at once, before this
+/// process is ready, and reset them all if it then failed to start.
 fn copies_for(mut sockets: Vec<OwnedFd>, workers: usize) -> io::Result<Vec<OwnedFd>> {
     let handed_count = sockets.len();
     for i in 0..workers.saturating_sub(handed_count) {
