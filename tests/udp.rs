@@ -358,7 +358,8 @@ async fn a_flow_quiet_for_its_idle_timeout_is_forgotten_and_the_next_datagram_st
         ),
         &[],
     );
-    let mut client = DnsClient::new(process.addr, Duration::from_secs(5), 3);
+    // No retries: a flow's first datagram must get through (loopback loses none).
+    let mut client = DnsClient::new(process.addr, Duration::from_secs(5), 1);
     let (first, second, third) = (
         name("first.example.test."),
         name("second.example.test."),
@@ -407,7 +408,7 @@ async fn past_max_flows_a_new_client_is_not_answered_until_a_flow_expires() {
     clients[0].ask(&name("again.example.test.")).await.unwrap();
     // Once the three have been quiet for 2 s, their flows are gone and it is answered.
     tokio::time::sleep(Duration::from_millis(2800)).await;
-    let mut fourth = DnsClient::new(process.addr, Duration::from_secs(5), 3);
+    let mut fourth = DnsClient::new(process.addr, Duration::from_secs(5), 1);
     fourth.ask(&name("later.example.test.")).await.unwrap();
 }
 
@@ -658,4 +659,94 @@ async fn an_upgrade_keeps_a_udp_listener_answering_every_query() {
     // Still answering, from the new process alone.
     let mut client = DnsClient::new(bind, Duration::from_secs(5), 3);
     client.ask(&name("after.example.test.")).await.unwrap();
+}
+
+/// Counts the allocations each thread makes, for the test below.
+struct CountingAllocator;
+
+thread_local! {
+    static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn count_allocation() {
+    let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+}
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(|n| n.get())
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged.
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count_allocation();
+        // SAFETY: the caller's promises about `layout` hold for System too.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` came from System with this layout.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        count_allocation();
+        // SAFETY: `ptr` came from System with this layout.
+        unsafe { std::alloc::System.realloc(ptr, layout, size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// In-process, on this one thread (the current-thread runtime runs Fulcrum, the client
+/// and the server): once a flow is open, relaying datagrams both ways allocates nothing.
+#[tokio::test]
+async fn relaying_a_flow_s_datagrams_allocates_nothing() {
+    const ROUND_TRIPS: u64 = 2000;
+    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    let echoing = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let text = format!(
+        "[access_log]\nenabled = false\n\
+         [listeners.echo]\nbind = \"127.0.0.1:0\"\nmode = \"udp\"\nupstream = \"echo\"\n\
+         [upstreams.echo]\nservers = [{{ address = \"{echo_addr}\" }}]\n"
+    );
+    let config = fulcrum::config::parse("test.toml", &text).unwrap();
+    let server = fulcrum::server::Server::start(config).await.unwrap();
+    let fulcrum = server.local_addrs()[0];
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(fulcrum).await.unwrap();
+    let mut buf = [0u8; 2048];
+    let round_trip = async |i: u64, buf: &mut [u8]| {
+        let datagram = [(i % 251) as u8; 1200];
+        client.send(&datagram).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), client.recv(buf))
+            .await
+            .expect("no echo through fulcrum")
+            .unwrap();
+        assert_eq!(&buf[..n], &datagram[..]);
+    };
+    // The flow starts (its socket, task and table entry) and warms up.
+    for i in 0..100 {
+        round_trip(i, &mut buf).await;
+    }
+    let before = allocations();
+    for i in 0..ROUND_TRIPS {
+        round_trip(i, &mut buf).await;
+    }
+    let made = allocations() - before;
+    eprintln!("{made} allocations for {ROUND_TRIPS} round trips through the relay");
+    // Timers and the runtime may allocate now and then; the relay must not per datagram.
+    assert!(
+        made < ROUND_TRIPS / 20,
+        "{made} allocations for {ROUND_TRIPS} round trips"
+    );
+    echoing.abort();
+    drop(server);
 }

@@ -361,7 +361,7 @@ impl Relay {
         if let Some(flow) = self.table.flows.get(&client) {
             let flow = &flow.shared;
             if !flow.ended.load(Ordering::Relaxed) && !should_move(flow, client) {
-                match flow.socket.try_send(datagram) {
+                match send(&flow.socket, datagram) {
                     Ok(_) => {
                         flow.active.store(true, Ordering::Relaxed);
                         add(&shard.datagrams_from_clients, 1);
@@ -411,7 +411,7 @@ impl Relay {
             add(&shard.dropped, 1);
             return;
         };
-        let sent = socket.try_send(datagram);
+        let sent = send(&socket, datagram);
         let flow = Arc::new(FlowSocket {
             socket,
             server: index,
@@ -517,6 +517,19 @@ fn connect(upstream: &Upstream, client: SocketAddr) -> Option<(usize, UdpSocket)
     None
 }
 
+/// Sends `datagram` on a connected socket now, or fails with `WouldBlock` if its buffer is
+/// full. Straight to the kernel rather than through tokio's readiness: a socket tokio has
+/// just registered counts as not writable until its first event arrives, which would drop
+/// every flow's first datagram, and a datagram send is never awaited here anyway.
+fn send(socket: &UdpSocket, datagram: &[u8]) -> io::Result<usize> {
+    socket2::SockRef::from(socket).send(datagram)
+}
+
+/// As [`send`], to `to` from an unconnected socket.
+fn send_to(socket: &UdpSocket, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
+    socket2::SockRef::from(socket).send_to(datagram, &to.into())
+}
+
 /// Out of descriptors, memory or ports: no fault of the server's.
 fn is_local_shortage(e: &io::Error) -> bool {
     matches!(
@@ -561,7 +574,7 @@ async fn relay_replies(
                 match flow.socket.try_recv(buf) {
                     Ok(n) => {
                         flow.active.store(true, Ordering::Relaxed);
-                        match listener.try_send_to(&buf[..n], client) {
+                        match send_to(&listener, &buf[..n], client) {
                             Ok(_) => {
                                 add(&shard.datagrams_from_servers, 1);
                                 add(&shard.bytes_from_servers, n as u64);
