@@ -575,6 +575,38 @@ async fn a_reload_adds_and_removes_udp_listeners() {
     }
 }
 
+#[tokio::test]
+async fn a_reload_that_removes_a_server_moves_its_flows_and_leaves_the_others() {
+    let (one, two) = (DnsServer::start(1).await, DnsServer::start(2).await);
+    let bind = unused_udp_addr().to_string();
+    let both = config("", &bind, &[&one, &two], "", "balance = \"round_robin\"");
+    let process = Process::start(&both, &[]);
+    let mut on: HashMap<u8, (DnsClient, Name)> = HashMap::new();
+    for i in 0..20 {
+        let mut client = DnsClient::new(process.addr, Duration::from_secs(5), 1);
+        let asked = name(&format!("warm{i}.example.test."));
+        let answer = client.ask(&asked).await.unwrap();
+        on.entry(answer.server).or_insert((client, asked));
+        if on.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(on.len(), 2);
+    let only_one = config("", &bind, &[&one], "", "balance = \"round_robin\"");
+    std::fs::write(&process.config, only_one).unwrap();
+    process.signal("HUP");
+    logged(&process, "config reloaded", 1).await;
+    // The flow on the removed server moves to the one left, with its next datagram.
+    let (client, _) = on.get_mut(&two.number).unwrap();
+    let answer = client.ask(&name("moved.example.test.")).await.unwrap();
+    assert_eq!(answer.server, one.number);
+    // The flow on the server that stays keeps its socket there.
+    let (client, first) = on.get_mut(&one.number).unwrap();
+    let stayed = name("stayed.example.test.");
+    client.ask(&stayed).await.unwrap();
+    assert_eq!(one.source_of(first), one.source_of(&stayed));
+}
+
 /// Kills the process an upgrade started, which is no child of the test.
 struct Started(u32);
 

@@ -185,6 +185,9 @@ struct Flow {
     replies: AbortHandle,
     /// How long the flow has been seen quiet by sweeps.
     quiet: Duration,
+    /// The runtime snapshot in which its server was last found serving the listener (a
+    /// weak reference keeps its address from being reused by a later one).
+    checked: std::sync::Weak<crate::runtime::Runtime>,
     stats: Arc<UdpStats>,
     /// Counts the flow as in flight to its server, for load-aware balancers.
     _track: InFlight,
@@ -358,9 +361,16 @@ impl Relay {
     /// flow ended, or its server is out of rotation while another is in).
     fn relay_from_client(&mut self, datagram: &[u8], client: SocketAddr) {
         let shard = self.stats.shard();
-        if let Some(flow) = self.table.flows.get(&client) {
+        if let Some(flow) = self.table.flows.get_mut(&client) {
+            let snapshot = self.cache.load();
+            let mut kept = true;
+            // Once per flow and snapshot: a reload (or an admin change) swapped one in.
+            if !std::ptr::eq(flow.checked.as_ptr(), Arc::as_ptr(snapshot)) {
+                kept = still_serves(flow, snapshot, self.slot);
+                flow.checked = Arc::downgrade(snapshot);
+            }
             let flow = &flow.shared;
-            if !flow.ended.load(Ordering::Relaxed) && !should_move(flow, client) {
+            if kept && !flow.ended.load(Ordering::Relaxed) && !should_move(flow, client) {
                 match send(&flow.socket, datagram) {
                     Ok(_) => {
                         flow.active.store(true, Ordering::Relaxed);
@@ -443,6 +453,7 @@ impl Relay {
                 shared: flow,
                 replies: replies.abort_handle(),
                 quiet: Duration::ZERO,
+                checked: Arc::downgrade(&runtime),
                 stats: self.stats.clone(),
                 _track: upstream.track(index),
                 _permit: permit,
@@ -463,6 +474,24 @@ impl Relay {
             swept = now;
         }
     }
+}
+
+/// Whether a flow's server still serves its listener in `runtime`: the listener's upstream
+/// is the flow's, and lists the server, not disabled. A reload that removes the server (or
+/// gives the listener another upstream) moves the flow with its next datagram; one that
+/// drains the server does not: like a connection, the flow finishes there. A listener that
+/// is gone is draining: its flows stay.
+fn still_serves(flow: &Flow, runtime: &crate::runtime::Runtime, slot: usize) -> bool {
+    let Some(ListenerMode::Udp(udp)) = runtime.listener_config(slot).map(|l| &l.mode) else {
+        return true;
+    };
+    let upstream = &runtime.config.upstreams[udp.upstream];
+    let address = flow.shared.upstream.servers[flow.shared.server].address;
+    upstream.name == flow.shared.upstream.name
+        && upstream
+            .servers
+            .iter()
+            .any(|s| s.address == address && !s.disabled)
 }
 
 /// Whether a flow should move to another server: its server is out of rotation (down for
