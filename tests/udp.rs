@@ -693,6 +693,59 @@ async fn an_upgrade_keeps_a_udp_listener_answering_every_query() {
     client.ask(&name("after.example.test.")).await.unwrap();
 }
 
+/// An echo server on 127.0.0.1 and an in-process Fulcrum with a UDP listener over it.
+async fn echo_behind_fulcrum(extra: &str) -> (fulcrum::server::Server, SocketAddr) {
+    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let text = format!(
+        "[access_log]\nenabled = false\n\
+         [listeners.echo]\nbind = \"127.0.0.1:0\"\nmode = \"udp\"\nupstream = \"echo\"\n{extra}\n\
+         [upstreams.echo]\nservers = [{{ address = \"{echo_addr}\" }}]\n"
+    );
+    let config = fulcrum::config::parse("test.toml", &text).unwrap();
+    let server = fulcrum::server::Server::start(config).await.unwrap();
+    let addr = server.local_addrs()[0];
+    (server, addr)
+}
+
+/// Sends `datagram` from `client` and waits up to `wait` for it to come back.
+async fn echoed(client: &UdpSocket, datagram: &[u8], wait: Duration) -> bool {
+    client.send(datagram).await.unwrap();
+    let mut buf = [0u8; 2048];
+    matches!(
+        tokio::time::timeout(wait, client.recv(&mut buf)).await,
+        Ok(Ok(n)) if &buf[..n] == datagram
+    )
+}
+
+#[tokio::test]
+async fn an_ha_switchover_pause_holds_off_new_flows_and_relays_the_open_ones() {
+    let (server, fulcrum) = echo_behind_fulcrum("").await;
+    let open = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    open.connect(fulcrum).await.unwrap();
+    assert!(echoed(&open, b"before", Duration::from_secs(5)).await);
+
+    let quiesce = server.quiesce();
+    quiesce.pause();
+    // Flows are not connections a switchover's drain waits for.
+    assert_eq!(quiesce.open_connections(), 0);
+    let new = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    new.connect(fulcrum).await.unwrap();
+    assert!(!echoed(&new, b"new", Duration::from_millis(500)).await);
+    // The open flow goes on, whatever its bytes (a TCP SYN filter on a UDP socket would
+    // read a payload byte as TCP flags, and drop this one).
+    assert!(echoed(&open, &[0xff; 64], Duration::from_secs(5)).await);
+
+    quiesce.resume();
+    assert!(echoed(&new, b"after", Duration::from_secs(5)).await);
+}
+
 /// Counts the allocations each thread makes, for the test below.
 struct CountingAllocator;
 
@@ -736,22 +789,7 @@ static ALLOCATOR: CountingAllocator = CountingAllocator;
 #[tokio::test]
 async fn relaying_a_flow_s_datagrams_allocates_nothing() {
     const ROUND_TRIPS: u64 = 2000;
-    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    let echoing = tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
-            let _ = echo.send_to(&buf[..n], from).await;
-        }
-    });
-    let text = format!(
-        "[access_log]\nenabled = false\n\
-         [listeners.echo]\nbind = \"127.0.0.1:0\"\nmode = \"udp\"\nupstream = \"echo\"\n\
-         [upstreams.echo]\nservers = [{{ address = \"{echo_addr}\" }}]\n"
-    );
-    let config = fulcrum::config::parse("test.toml", &text).unwrap();
-    let server = fulcrum::server::Server::start(config).await.unwrap();
-    let fulcrum = server.local_addrs()[0];
+    let (server, fulcrum) = echo_behind_fulcrum("").await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(fulcrum).await.unwrap();
     let mut buf = [0u8; 2048];
@@ -779,6 +817,5 @@ async fn relaying_a_flow_s_datagrams_allocates_nothing() {
         made < ROUND_TRIPS / 20,
         "{made} allocations for {ROUND_TRIPS} round trips"
     );
-    echoing.abort();
     drop(server);
 }
