@@ -694,7 +694,7 @@ async fn an_upgrade_keeps_a_udp_listener_answering_every_query() {
 }
 
 /// An echo server on 127.0.0.1 and an in-process Fulcrum with a UDP listener over it.
-async fn echo_behind_fulcrum(extra: &str) -> (fulcrum::server::Server, SocketAddr) {
+async fn echo_behind_fulcrum(bind: &str) -> (fulcrum::server::Server, SocketAddr) {
     let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let echo_addr = echo.local_addr().unwrap();
     tokio::spawn(async move {
@@ -705,7 +705,7 @@ async fn echo_behind_fulcrum(extra: &str) -> (fulcrum::server::Server, SocketAdd
     });
     let text = format!(
         "[access_log]\nenabled = false\n\
-         [listeners.echo]\nbind = \"127.0.0.1:0\"\nmode = \"udp\"\nupstream = \"echo\"\n{extra}\n\
+         [listeners.echo]\nbind = \"{bind}\"\nmode = \"udp\"\nupstream = \"echo\"\n\
          [upstreams.echo]\nservers = [{{ address = \"{echo_addr}\" }}]\n"
     );
     let config = fulcrum::config::parse("test.toml", &text).unwrap();
@@ -725,8 +725,19 @@ async fn echoed(client: &UdpSocket, datagram: &[u8], wait: Duration) -> bool {
 }
 
 #[tokio::test]
+async fn an_ipv6_listener_relays_to_an_ipv4_server() {
+    let (_server, fulcrum) = echo_behind_fulcrum("[::1]:0").await;
+    assert!(fulcrum.is_ipv6());
+    let client = UdpSocket::bind("[::1]:0").await.unwrap();
+    client.connect(fulcrum).await.unwrap();
+    for i in 0..5u8 {
+        assert!(echoed(&client, &[i; 100], Duration::from_secs(5)).await);
+    }
+}
+
+#[tokio::test]
 async fn an_ha_switchover_pause_holds_off_new_flows_and_relays_the_open_ones() {
-    let (server, fulcrum) = echo_behind_fulcrum("").await;
+    let (server, fulcrum) = echo_behind_fulcrum("127.0.0.1:0").await;
     let open = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     open.connect(fulcrum).await.unwrap();
     assert!(echoed(&open, b"before", Duration::from_secs(5)).await);
@@ -789,7 +800,7 @@ static ALLOCATOR: CountingAllocator = CountingAllocator;
 #[tokio::test]
 async fn relaying_a_flow_s_datagrams_allocates_nothing() {
     const ROUND_TRIPS: u64 = 2000;
-    let (server, fulcrum) = echo_behind_fulcrum("").await;
+    let (server, fulcrum) = echo_behind_fulcrum("127.0.0.1:0").await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(fulcrum).await.unwrap();
     let mut buf = [0u8; 2048];

@@ -217,6 +217,11 @@ impl FlowTable {
     /// previous one to a flow that saw no datagram in between) and flows that ended.
     fn sweep(&mut self, elapsed: Duration, idle: Duration) {
         self.flows.retain(|_, flow| sweep_one(flow, elapsed, idle));
+        // A burst of flows leaves the table large; what it held is given back once they
+        // are mostly gone.
+        if self.flows.capacity() > 1024 && self.flows.len() < self.flows.capacity() / 8 {
+            self.flows.shrink_to(self.flows.len() * 2);
+        }
     }
 
     fn len(&self) -> usize {
