@@ -300,22 +300,33 @@ async fn many_concurrent_dns_clients_each_get_answers_to_their_own_queries_from_
         &[],
     );
     let fulcrum = process.addr;
-    let clients = (0..CLIENTS).map(|c| {
-        tokio::spawn(async move {
-            let mut client = DnsClient::new(fulcrum, Duration::from_secs(10), 5);
-            let mut answers = Vec::new();
-            for q in 0..QUERIES {
-                let asked = name(&format!("q{q}.client{c}.example.test."));
-                let answer = client.ask(&asked).await.unwrap();
-                assert_eq!(answer.name, asked, "an answer for another name");
-                answers.push((asked, answer));
-            }
-            (client.port, answers)
+    // Every client's socket is bound before any asks, and kept until the end: a port
+    // given back early could go to another client, which would then share its flow.
+    let clients: Vec<DnsClient> = (0..CLIENTS)
+        .map(|_| DnsClient::new(fulcrum, Duration::from_secs(10), 5))
+        .collect();
+    let asking: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut client)| {
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for q in 0..QUERIES {
+                    let asked = name(&format!("q{q}.client{c}.example.test."));
+                    let answer = client.ask(&asked).await.unwrap();
+                    assert_eq!(answer.name, asked, "an answer for another name");
+                    answers.push((asked, answer));
+                }
+                (client, answers)
+            })
         })
-    });
+        .collect();
     let mut by_server: HashMap<u8, usize> = HashMap::new();
-    for client in clients {
-        let (port, answers) = client.await.unwrap();
+    let mut done = Vec::new();
+    for asked in asking {
+        let (client, answers) = asked.await.unwrap();
+        let port = client.port;
+        done.push(client);
         let servers: HashSet<u8> = answers.iter().map(|(_, a)| a.server).collect();
         assert_eq!(
             servers.len(),
@@ -335,6 +346,13 @@ async fn many_concurrent_dns_clients_each_get_answers_to_their_own_queries_from_
         for (asked, answer) in &answers {
             assert_eq!(seen.get(asked), Some(&answer.id), "{asked}");
         }
+        // One flow: every query reached the server from the same socket of Fulcrum's.
+        let sources: Vec<(Name, SocketAddr)> = answers
+            .iter()
+            .filter_map(|(asked, _)| Some((asked.clone(), answering.source_of(asked)?)))
+            .collect();
+        let distinct: HashSet<SocketAddr> = sources.iter().map(|(_, from)| *from).collect();
+        assert_eq!(distinct.len(), 1, "client on port {port}: {sources:?}");
     }
     assert_eq!(by_server.values().sum::<usize>(), CLIENTS);
     assert!(
