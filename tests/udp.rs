@@ -773,6 +773,81 @@ async fn an_ha_switchover_pause_holds_off_new_flows_and_relays_the_open_ones() {
 
     quiesce.resume();
     assert!(echoed(&new, b"after", Duration::from_secs(5)).await);
+
+    let stats = server.udp_stats();
+    let counts = stats.lock().unwrap().values().next().unwrap().counts();
+    assert_eq!(counts.flows_open, 2, "{counts:?}");
+    assert_eq!(counts.flows_started, 2, "{counts:?}");
+    // Paused: the new client's first datagram was dropped, and nothing else.
+    assert_eq!(counts.dropped, 1, "{counts:?}");
+    assert_eq!(counts.datagrams_from_clients, 3, "{counts:?}");
+    assert_eq!(counts.datagrams_from_servers, 3, "{counts:?}");
+    assert_eq!(counts.bytes_from_servers, 6 + 64 + 5, "{counts:?}");
+}
+
+#[tokio::test]
+async fn a_udp_listener_counts_its_flows_datagrams_and_what_the_cap_drops() {
+    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let text = format!(
+        "[access_log]\nenabled = false\n\
+         [listeners.echo]\nbind = \"127.0.0.1:0\"\nmode = \"udp\"\nupstream = \"echo\"\n\
+         max_flows = 2\nidle_timeout = \"1s\"\n\
+         [upstreams.echo]\nservers = [{{ address = \"{echo_addr}\" }}]\n"
+    );
+    let config = fulcrum::config::parse("test.toml", &text).unwrap();
+    let server = fulcrum::server::Server::start(config).await.unwrap();
+    let fulcrum = server.local_addrs()[0];
+    let counts = || {
+        let stats = server.udp_stats();
+        let table = stats.lock().unwrap();
+        let stats = table.values().next().unwrap();
+        assert_eq!(stats.name, "echo");
+        assert_eq!(stats.addr, fulcrum);
+        stats.counts()
+    };
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(fulcrum).await.unwrap();
+        clients.push(client);
+    }
+    for client in &clients[..2] {
+        for _ in 0..3 {
+            assert!(echoed(client, &[1; 10], Duration::from_secs(5)).await);
+        }
+    }
+    assert!(!echoed(&clients[2], &[2; 10], Duration::from_millis(100)).await);
+    let at_cap = counts();
+    assert_eq!(
+        at_cap,
+        fulcrum::l4::udp::UdpCounts {
+            flows_open: 2,
+            flows_started: 2,
+            datagrams_from_clients: 6,
+            bytes_from_clients: 60,
+            datagrams_from_servers: 6,
+            bytes_from_servers: 60,
+            dropped_at_cap: 1,
+            dropped: 0,
+            servers_unreachable: 0,
+        }
+    );
+    // Quiet past the idle timeout: both flows end, and the third client gets one.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counts().flows_open > 0 {
+        assert!(Instant::now() < deadline, "{:?}", counts());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(echoed(&clients[2], &[3; 10], Duration::from_secs(5)).await);
+    let after = counts();
+    assert_eq!((after.flows_open, after.flows_started), (1, 3), "{after:?}");
 }
 
 /// Counts the allocations each thread makes, for the test below.
