@@ -625,6 +625,53 @@ async fn a_reload_that_removes_a_server_moves_its_flows_and_leaves_the_others() 
     assert_eq!(one.source_of(first), one.source_of(&stayed));
 }
 
+#[tokio::test]
+async fn out_of_descriptors_new_flows_are_dropped_quietly_and_come_back_once_flows_expire() {
+    const FILES: u64 = 64;
+    let server = DnsServer::start(1).await;
+    let text = config(
+        "workers = 1",
+        "127.0.0.1:0",
+        &[&server],
+        "idle_timeout = \"500ms\"",
+        "",
+    );
+    let process = Process::start_with_open_files(&text, &[], FILES);
+    // More clients at once than descriptors: the flows past the limit get no socket.
+    let clients: Vec<DnsClient> = (0..2 * FILES)
+        .map(|_| DnsClient::new(process.addr, Duration::from_millis(1500), 1))
+        .collect();
+    let asking: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            tokio::spawn(async move {
+                let answered = client.ask(&name(&format!("c{i}.example.test."))).await;
+                (client, answered.is_ok())
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    let mut keep = Vec::new();
+    for asked in asking {
+        let (client, ok) = asked.await.unwrap();
+        answered += usize::from(ok);
+        keep.push(client);
+    }
+    assert!(answered > 0 && answered < keep.len(), "{answered} answered");
+    let log = logged(&process, "cannot open a udp socket", 1).await;
+    // Said once a second at most, not once per datagram.
+    assert!(
+        log.matches("cannot open a udp socket").count() <= 3,
+        "{log}"
+    );
+    // Once the flows have expired, their descriptors serve new ones.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut later = DnsClient::new(process.addr, Duration::from_secs(5), 1);
+    later.ask(&name("later.example.test.")).await.unwrap();
+    assert!(process.open_files_below(FILES) < FILES as usize);
+}
+
 /// Kills the process an upgrade started, which is no child of the test.
 struct Started(u32);
 

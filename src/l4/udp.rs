@@ -538,7 +538,10 @@ fn connect(upstream: &Upstream, client: SocketAddr) -> Option<(usize, UdpSocket)
         match connected_socket(server.address) {
             Ok(socket) => return Some((index, socket)),
             Err(e) if is_local_shortage(&e) => {
-                tracing::error!(upstream = %upstream.name, server = %server.address, error = %e, "cannot open a udp socket to a server");
+                // Once a second at most: every datagram of every new client meets it.
+                if first_this_second(&SHORTAGE_LOGGED) {
+                    tracing::error!(upstream = %upstream.name, server = %server.address, error = %e, "cannot open a udp socket to a server; new flows are dropped");
+                }
                 return None;
             }
             Err(e) => {
@@ -562,6 +565,19 @@ fn send(socket: &UdpSocket, datagram: &[u8]) -> io::Result<usize> {
 /// As [`send`], to `to` from an unconnected socket.
 fn send_to(socket: &UdpSocket, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
     socket2::SockRef::from(socket).send_to(datagram, &to.into())
+}
+
+/// When a shortage of sockets was last logged, in `now_ms` time.
+static SHORTAGE_LOGGED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether no call in the last second (by `last`, in `now_ms` time) returned true.
+fn first_this_second(last: &AtomicU64) -> bool {
+    let now = crate::upstream::now_ms().max(1);
+    let before = last.load(Ordering::Relaxed);
+    (before == 0 || now >= before + 1000)
+        && last
+            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// Out of descriptors, memory or ports: no fault of the server's.
