@@ -618,11 +618,13 @@ async fn relay_replies(
             flow.ended.store(true, Ordering::Relaxed);
             return;
         }
+        let mut relayed = 0;
         let outcome = BUFFER.with_borrow_mut(|buf| {
             let shard = stats.shard();
             for _ in 0..BATCH {
                 match flow.socket.try_recv(buf) {
                     Ok(n) => {
+                        relayed += 1;
                         flow.active.store(true, Ordering::Relaxed);
                         match send_to(&listener, &buf[..n], client) {
                             Ok(_) => {
@@ -639,6 +641,11 @@ async fn relay_replies(
             }
             Ok(())
         });
+        if !answered && relayed > 0 {
+            answered = true;
+            // A server marked unreachable that answers is reachable again.
+            flow.upstream.reached(flow.server);
+        }
         match outcome {
             Ok(()) => tokio::task::yield_now().await,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -651,11 +658,6 @@ async fn relay_replies(
                 flow.ended.store(true, Ordering::Relaxed);
                 return;
             }
-        }
-        if !answered && flow.active.load(Ordering::Relaxed) {
-            answered = true;
-            // A server marked unreachable that answers is reachable again.
-            flow.upstream.reached(flow.server);
         }
     }
 }
