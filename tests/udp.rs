@@ -652,6 +652,54 @@ async fn out_of_descriptors_new_flows_are_dropped_quietly_and_come_back_once_flo
     assert!(process.open_files_below(FILES) < FILES as usize);
 }
 
+#[tokio::test]
+async fn a_reload_switching_a_listener_between_udp_and_http_rebinds_it() {
+    let dns = DnsServer::start(1).await;
+    let web = support::Backend::named("web").await;
+    let bind = unused_udp_addr();
+    // The same name and address, as UDP and then as HTTP.
+    let as_mode = |udp: bool| {
+        let listener = if udp {
+            "mode = \"udp\"\nupstream = \"dns\"\n".to_string()
+        } else {
+            "[[listeners.svc.routes]]\nupstream = \"web\"\n".to_string()
+        };
+        format!(
+            "[access_log]\nenabled = false\n[listeners.svc]\nbind = \"{bind}\"\n{listener}\
+             [upstreams.dns]\nservers = [{{ address = \"{}\" }}]\n\
+             [upstreams.web]\nservers = [{{ address = \"{}\" }}]\n",
+            dns.addr, web.addr
+        )
+    };
+    let process = Process::start(&as_mode(true), &[]);
+    let mut client = DnsClient::new(bind, Duration::from_secs(5), 3);
+    client.ask(&name("udp.example.test.")).await.unwrap();
+
+    std::fs::write(&process.config, as_mode(false)).unwrap();
+    process.signal("HUP");
+    logged(&process, "config reloaded", 1).await;
+    let http = support::client();
+    assert_eq!(
+        support::get_text(&http, &format!("http://{bind}/")).await,
+        "web"
+    );
+    // Its UDP sockets are gone once their flow has drained.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut client = DnsClient::new(bind, Duration::from_millis(500), 1);
+        if client.ask(&name("gone.example.test.")).await.is_err() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still answered over UDP");
+    }
+
+    std::fs::write(&process.config, as_mode(true)).unwrap();
+    process.signal("HUP");
+    logged(&process, "config reloaded", 2).await;
+    let mut client = DnsClient::new(bind, Duration::from_secs(5), 3);
+    client.ask(&name("back.example.test.")).await.unwrap();
+}
+
 /// Kills the process an upgrade started, which is no child of the test.
 struct Started(u32);
 
