@@ -29,7 +29,7 @@ use crate::runtime::{RuntimeCache, Shared};
 use crate::server::stopping;
 use crate::upstream::{Affinity, InFlight, Upstream};
 
-/// Room for the largest UDP payload (65,507 bytes over IPv4).
+/// Room for the largest UDP payload (65,507 bytes over IPv4, 65,527 over IPv6).
 const DATAGRAM_MAX: usize = 64 * 1024;
 /// Datagrams taken from one socket per wakeup before other tasks on the worker get a turn.
 const BATCH: usize = 64;
