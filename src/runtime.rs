@@ -49,12 +49,14 @@ pub struct ListenerRuntime {
 const NONE: u32 = u32::MAX;
 
 /// Whether `new` keeps the sockets (and so the slot and the connections) of `old`: the
-/// same name and bind. Anything else about a listener changes in place.
+/// same name and bind, and UDP both or neither. Anything else about a listener changes in
+/// place.
 pub fn same_sockets(
     old: &crate::config::ListenerConfig,
     new: &crate::config::ListenerConfig,
 ) -> bool {
-    old.name == new.name && old.bind == new.bind
+    use crate::server::SocketKind;
+    old.name == new.name && old.bind == new.bind && SocketKind::of(old) == SocketKind::of(new)
 }
 
 impl Runtime {
