@@ -1,8 +1,8 @@
 //! `mode = "tcp"` listeners end to end, with real servers and clients on 127.0.0.1:
 //! balancing, connect failover, half-close, resets, the idle timeout, max_connections,
 //! TLS passthrough routed by SNI and ALPN (real rustls clients and servers, a ClientHello
-//! split into small segments, bytes that are not TLS), and several workers under load
-//! while a server dies.
+//! split into small segments, bytes that are not TLS), several workers under load while a
+//! server dies, and what the admin API shows of L4 listeners (udp ones included).
 
 mod support;
 
@@ -716,4 +716,57 @@ async fn the_admin_api_shows_tcp_listeners_and_their_counts() {
         assert!(Instant::now() < deadline, "{listener}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn udp_listeners_show_in_the_metrics_and_the_status() {
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let config = format!(
+        "[listeners.u]\nbind = \"127.0.0.1:0\"\nmode = \"udp\"\nupstream = \"app\"\n\
+         [upstreams.app]\n{}\n[admin]\nbind = \"127.0.0.1:0\"\n",
+        servers(&[echo_addr])
+    );
+    let proxy = start(&config).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.send_to(b"seven!!", proxy.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = tokio::time::timeout(LONG, client.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"seven!!");
+    let admin = proxy.server.admin_addr().unwrap();
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"fulcrum_udp_flows_open{listener="u"} 1"#,
+        r#"fulcrum_udp_flows_started_total{listener="u"} 1"#,
+        r#"fulcrum_udp_datagrams_total{listener="u",direction="from_clients"} 1"#,
+        r#"fulcrum_udp_bytes_total{listener="u",direction="from_servers"} 7"#,
+        r#"fulcrum_udp_dropped_total{listener="u",reason="max_flows"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
+    let text = reqwest::get(format!("http://{admin}/api/status"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let listener = &status["listeners"][0];
+    assert_eq!(listener["mode"], "udp");
+    assert_eq!(listener["flows"]["flows_started"], 1, "{listener}");
+    assert_eq!(listener["flows"]["bytes_from_clients"], 7, "{listener}");
 }

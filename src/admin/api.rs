@@ -249,6 +249,10 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
                     "bytes_from_servers": totals.from_server,
                 });
             }
+            if let Some(udp) = cx.udp(running.slot) {
+                // Since the listener was bound.
+                view["flows"] = json!(udp);
+            }
             view
         })
         .collect();

@@ -195,6 +195,7 @@ impl Server {
                 self.control.clone(),
             );
             cx.ha = self.ha.clone();
+            cx.udp = self.udp.clone();
             crate::admin::spawn(socket, Arc::new(cx), self.shutdown.subscribe())?;
         }
         tokio::spawn(crate::tls::watch::watch_certificates(
