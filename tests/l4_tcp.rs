@@ -770,3 +770,41 @@ async fn udp_listeners_show_in_the_metrics_and_the_status() {
     assert_eq!(listener["flows"]["flows_started"], 1, "{listener}");
     assert_eq!(listener["flows"]["bytes_from_clients"], 7, "{listener}");
 }
+
+/// Memory an idle tunnel costs Fulcrum: 2,000 tunnels held open through the real binary,
+/// its resident memory before and after.
+#[tokio::test]
+async fn idle_tunnels_cost_little_memory() {
+    const TUNNELS: usize = 2000;
+    let s = TcpServer::named("a").await;
+    let fulcrum = support::Process::start(&tcp_config(&[s.addr], "", "", ""), &[]);
+    // Warm up: the first connections size the allocator's pools.
+    for _ in 0..50 {
+        server_name(fulcrum.addr).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = fulcrum.memory_kib("VmRSS");
+    let mut held = Vec::with_capacity(TUNNELS);
+    for _ in 0..TUNNELS {
+        let mut stream = TcpStream::connect(fulcrum.addr).await.unwrap();
+        assert_eq!(read_line(&mut stream).await.unwrap(), "a");
+        stream.write_all(b"x").await.unwrap();
+        assert_eq!(
+            read_within(&mut stream, LONG).await,
+            Read::Bytes(b"x".to_vec())
+        );
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = fulcrum.memory_kib("VmRSS");
+    let per_tunnel = (after.saturating_sub(before)) as f64 * 1024.0 / TUNNELS as f64;
+    eprintln!(
+        "idle tunnel: {per_tunnel:.0} bytes of Fulcrum's RSS each ({before} KiB -> {after} KiB for {TUNNELS})"
+    );
+    // Two sockets and one task each; no 16 KiB buffers per direction.
+    assert!(
+        per_tunnel < 8.0 * 1024.0,
+        "{per_tunnel:.0} bytes per idle tunnel"
+    );
+    drop(held);
+}
