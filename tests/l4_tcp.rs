@@ -808,3 +808,22 @@ async fn idle_tunnels_cost_little_memory() {
     );
     drop(held);
 }
+
+#[tokio::test]
+async fn shutdown_waits_for_an_open_tunnel_within_the_grace() {
+    let s = TcpServer::named("a").await;
+    let proxy = start(&tcp_config(&[s.addr], "", "", "")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(read_line(&mut stream).await.unwrap(), "a");
+    let began = Instant::now();
+    let shutdown = tokio::spawn(proxy.server.shutdown(Duration::from_secs(8)));
+    // A tunnel has no request to finish: it is not cut, and goes on until it ends.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream.write_all(b"still here\n").await.unwrap();
+    assert_eq!(read_line(&mut stream).await.unwrap(), "still here");
+    assert!(!shutdown.is_finished());
+    drop(stream);
+    let drained = tokio::time::timeout(LONG, shutdown).await.unwrap().unwrap();
+    assert!(drained, "shutdown gave up on a tunnel that closed");
+    assert!(began.elapsed() < Duration::from_secs(8));
+}
