@@ -827,3 +827,22 @@ async fn shutdown_waits_for_an_open_tunnel_within_the_grace() {
     assert!(drained, "shutdown gave up on a tunnel that closed");
     assert!(began.elapsed() < Duration::from_secs(8));
 }
+
+#[tokio::test]
+async fn a_reload_sends_new_tunnels_elsewhere_and_leaves_open_ones_be() {
+    let (a, b) = (TcpServer::named("a").await, TcpServer::named("b").await);
+    let fulcrum = support::Process::start(&tcp_config(&[a.addr], "", "", ""), &[]);
+    let mut open = TcpStream::connect(fulcrum.addr).await.unwrap();
+    assert_eq!(read_line(&mut open).await.unwrap(), "a");
+    let config = std::fs::read_to_string(&fulcrum.config).unwrap();
+    std::fs::write(
+        &fulcrum.config,
+        config.replace(&a.addr.to_string(), &b.addr.to_string()),
+    )
+    .unwrap();
+    fulcrum.signal("HUP");
+    fulcrum.log_from("config reloaded").await;
+    assert_eq!(server_name(fulcrum.addr).await, "b");
+    open.write_all(b"still a\n").await.unwrap();
+    assert_eq!(read_line(&mut open).await.unwrap(), "still a");
+}
