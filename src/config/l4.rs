@@ -10,7 +10,8 @@ use toml::Spanned;
 
 use super::{Checker, DAY, file, quoted};
 use crate::config::model::{
-    HashKey, L4Route, ListenerMode, ProxyProtocolVersion, TcpMode, UdpMode, UpstreamConfig,
+    CheckKind, HashKey, L4Route, ListenerMode, ProxyProtocolVersion, TcpMode, UdpMode,
+    UpstreamConfig,
 };
 
 /// nginx's `proxy_timeout` for streams.
@@ -28,6 +29,9 @@ pub(super) struct UpstreamSpans {
     pub sticky_cookie: Option<Range<usize>>,
     pub hash_key: Option<Range<usize>>,
     pub circuit: Option<Range<usize>>,
+    /// The health check table, and its `type` if written.
+    pub health_check: Option<Range<usize>>,
+    pub check_type: Option<Range<usize>>,
 }
 
 impl UpstreamSpans {
@@ -38,6 +42,11 @@ impl UpstreamSpans {
             sticky_cookie: up.sticky_cookie.as_ref().map(Spanned::span),
             hash_key: up.hash_key.as_ref().map(Spanned::span),
             circuit: up.max_active_requests.as_ref().map(Spanned::span),
+            health_check: up.health_check.as_ref().map(Spanned::span),
+            check_type: up
+                .health_check
+                .as_ref()
+                .and_then(|c| c.get_ref().kind.as_ref().map(Spanned::span)),
         }
     }
 }
@@ -427,6 +436,17 @@ impl Checker {
             && *key != HashKey::ClientIp
         {
             self.error(at.clone(), format!("upstream `{name}` is used by {mode} listener `{l4}`, which has no paths, headers or cookies: use hash_key = \"client_ip\""));
+        }
+        if let (Some(listener), Some(check)) = (&users.udp, &up.health_check)
+            && check.kind == CheckKind::Http
+            && users.http.is_none()
+        {
+            let at = spans
+                .check_type
+                .clone()
+                .or(spans.health_check.clone())
+                .unwrap_or_default();
+            self.error(at, format!("upstream `{name}` serves udp listener `{listener}`: its servers answer datagrams, not HTTP (the default check type): set type = \"dns\" for DNS servers, or \"tcp\" if they also listen on TCP"));
         }
         if let Some(at) = &spans.circuit {
             self.warn(at.clone(), format!("max_active_requests limits HTTP requests: connections from {mode} listener `{l4}` to upstream `{name}` are not counted (limit them with the listener's max_connections or each server's)"));

@@ -904,3 +904,14 @@ servers = [{ address = "127.0.0.1:9001" }]
         assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
     }
 }
+
+#[test]
+fn a_udp_upstream_is_not_checked_over_http_by_default() {
+    let text = L4.replace("type = \"dns\"\n", "");
+    let e = error_text(&text);
+    assert!(e.contains("error: upstream `dns` serves udp listener `dns`: its servers answer datagrams, not HTTP (the default check type): set type = \"dns\""), "{e}");
+    let text = L4
+        .replace("type = \"dns\"\n", "type = \"tcp\"\n")
+        .replace("query = \"health.example.com\"\n", "");
+    parse("test.toml", &text).unwrap();
+}
