@@ -1,4 +1,4 @@
-//! Fulcrum: a high-availability HTTP load balancer and reverse proxy.
+//! Fulcrum: a high-availability HTTP, TCP and UDP load balancer and reverse proxy.
 //!
 //! # Layout
 //! A request travels through the modules in this order:
@@ -20,6 +20,12 @@
 //! - [`upstream`]: servers, their pools of kept-alive connections and their state (marked
 //!   down, ejected, ramping up), and the order in which a request tries them.
 //! - [`health`]: active health checks of the servers, once per process.
+//!
+//! A connection on a `mode = "tcp"` listener goes from [`listener`] to [`l4`] instead:
+//! [`proxy_protocol`] (a PROXY header from a trusted proxy in front, and the one sent to
+//! servers) → `l4::client_hello` (on a TLS passthrough listener, the SNI and ALPN to route
+//! by) → a route, [`balance`] and [`upstream`] as above → `l4::relay`, both ways. A
+//! `mode = "udp"` listener's datagrams go to `l4::udp`, one flow per client.
 //!
 //! Around them:
 //! - [`config`]: TOML file → validated config, with errors that name file, line and column.
