@@ -23,7 +23,7 @@ the HTTP scenarios) runs them too, as the reference the issue's goal is stated a
 Bulk scenarios also report MiB per CPU-second: what wrk read, over the proxy's CPU time.
 
 Usage: python3 bench/run.py [--rounds N] [--duration SECONDS] [--scenarios KEY,...]
-                            [--port-base PORT] [--out FILE]
+                            [--proxies fulcrum,nginx,haproxy] [--port-base PORT] [--out FILE]
 Installs nginx (and its stream module), haproxy, wrk and h2load (nghttp2-client) from
 Debian packages if missing.
 """
