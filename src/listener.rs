@@ -1,5 +1,6 @@
 //! Accepting connections: one loop per listener, bounded by its connection limit, backing
-//! off when `accept` fails (out of file descriptors, say) instead of spinning.
+//! off when `accept` fails (out of file descriptors, say) instead of spinning, and handing
+//! each connection to what the listener speaks: HTTP, or TCP relayed whole.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
+use crate::config::ListenerMode;
 use crate::http::serve_connection;
 use crate::runtime::Shared;
 use crate::server::stopping;
@@ -31,6 +33,8 @@ pub struct Listener {
 /// loop still takes what is in the accept queue.
 pub async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(5);
+    // Tells the listener's mode without touching a shared count unless a reload happened.
+    let mut runtime = shared.cache();
     loop {
         let permit = tokio::select! {
             biased;
@@ -47,12 +51,23 @@ pub async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watc
                 backoff = Duration::from_millis(5);
                 let (shared, finish) = (shared.clone(), listener.finish.subscribe());
                 let slot = listener.slot;
+                let tcp = matches!(
+                    runtime.load().listener_config(slot).map(|l| &l.mode),
+                    Some(ListenerMode::Tcp(_))
+                );
                 // Boxed: a connection's future is several KiB, which tokio would otherwise copy
                 // a few times on the way into its task (measured: ~6k instructions each).
-                tokio::spawn(Box::pin(async move {
-                    serve_connection(stream, peer, slot, shared, finish).await;
-                    drop(permit);
-                }));
+                if tcp {
+                    tokio::spawn(Box::pin(async move {
+                        crate::l4::tcp::serve(stream, peer, slot, shared, finish).await;
+                        drop(permit);
+                    }));
+                } else {
+                    tokio::spawn(Box::pin(async move {
+                        serve_connection(stream, peer, slot, shared, finish).await;
+                        drop(permit);
+                    }));
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, retry_in = ?backoff, "accept failed");

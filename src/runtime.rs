@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use crate::config::Config;
+use crate::config::{Config, ListenerMode};
+use crate::l4::log::TcpStats;
 use crate::router::Router;
 use crate::tls::client::Connector;
 use crate::tls::server::TlsListener;
@@ -40,18 +41,22 @@ pub struct ListenerRuntime {
     pub router: Router,
     /// The TLS settings new connections are accepted with, on a TLS listener.
     pub tls: Option<TlsListener>,
+    /// A `mode = "tcp"` listener's counts, kept through reloads that keep its slot.
+    pub tcp: Option<Arc<TcpStats>>,
 }
 
 /// `Runtime::by_slot` for a slot whose listener is gone.
 const NONE: u32 = u32::MAX;
 
 /// Whether `new` keeps the sockets (and so the slot and the connections) of `old`: the
-/// same name and bind. Anything else about a listener changes in place.
+/// same name and bind, and UDP both or neither. Anything else about a listener changes in
+/// place.
 pub fn same_sockets(
     old: &crate::config::ListenerConfig,
     new: &crate::config::ListenerConfig,
 ) -> bool {
-    old.name == new.name && old.bind == new.bind
+    use crate::server::SocketKind;
+    old.name == new.name && old.bind == new.bind && SocketKind::of(old) == SocketKind::of(new)
 }
 
 impl Runtime {
@@ -123,8 +128,20 @@ impl Runtime {
                 ),
                 None => None,
             };
+            let tcp = match &l.mode {
+                ListenerMode::Tcp(_) => Some(
+                    previous
+                        .and_then(|p| {
+                            let i = p.listener_index(slot)?;
+                            p.listeners[i].tcp.clone()
+                        })
+                        .unwrap_or_else(|| Arc::new(TcpStats::new(&l.name, config.workers))),
+                ),
+                _ => None,
+            };
             listeners.push(ListenerRuntime {
                 slot,
+                tcp,
                 router: Router::build(
                     &l.routes,
                     &upstreams,

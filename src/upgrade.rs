@@ -4,7 +4,8 @@
 //!
 //! The exchange, on a `SOCK_SEQPACKET` pair whose child end is the new process's fd 3
 //! (named by `FULCRUM_UPGRADE_FD`): the old process sends a JSON manifest, then the
-//! descriptors in batches in the manifest's order (each listener's sockets, the admin
+//! descriptors in batches in the manifest's order (each listener's sockets, TCP or UDP as
+//! the manifest says, the admin
 //! listener's, the control socket); the new process answers `ready` once its accept loops
 //! run. A new process that exits, closes its end or stays silent past the deadline has
 //! failed, and the old one serves on.
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 
 use crate::config::ListenerConfig;
-use crate::server::{HandedListener, Server};
+use crate::server::{HandedListener, Server, SocketKind};
 
 /// The environment variable naming the descriptor a new process reads its sockets from.
 pub const UPGRADE_FD: &str = "FULCRUM_UPGRADE_FD";
@@ -56,6 +57,9 @@ struct Manifest {
 struct ManifestListener {
     name: String,
     bind: SocketAddr,
+    /// Absent from the manifest of a process that predates UDP listeners: TCP.
+    #[serde(default)]
+    kind: SocketKind,
     sockets: usize,
 }
 
@@ -92,6 +96,7 @@ pub async fn hand_over(
             .map(|l| ManifestListener {
                 name: l.name.clone(),
                 bind: l.bind,
+                kind: l.kind,
                 sockets: l.sockets.len(),
             })
             .collect(),
@@ -244,7 +249,7 @@ impl std::fmt::Debug for Inherited {
                 &self
                     .listeners
                     .iter()
-                    .map(|l| (&l.name, l.bind, l.sockets.len()))
+                    .map(|l| (&l.name, l.bind, l.kind, l.sockets.len()))
                     .collect::<Vec<_>>(),
             )
             .field("admin", &self.admin.as_ref().map(|(bind, _)| bind))
@@ -259,16 +264,14 @@ impl Inherited {
         self.control.take()
     }
 
-    /// The sockets of the old process's listener of the same name and configured bind, if
-    /// it had one.
-    pub(crate) fn take_listener(
-        &mut self,
-        l: &ListenerConfig,
-    ) -> Option<Vec<std::net::TcpListener>> {
+    /// The sockets of the old process's listener of the same name, configured bind and
+    /// kind (TCP or UDP), if it had one.
+    pub(crate) fn take_listener(&mut self, l: &ListenerConfig) -> Option<Vec<OwnedFd>> {
+        let kind = SocketKind::of(l);
         let at = self
             .listeners
             .iter()
-            .position(|h| h.name == l.name && h.bind == l.bind)?;
+            .position(|h| h.name == l.name && h.bind == l.bind && h.kind == kind)?;
         Some(self.listeners.swap_remove(at).sockets)
     }
 
@@ -308,13 +311,11 @@ pub fn inherited() -> io::Result<Option<Inherited>> {
     let mut fds = fds.drain(..);
     let mut listeners = Vec::new();
     for l in manifest.listeners {
-        let sockets = (&mut fds)
-            .take(l.sockets)
-            .map(std::net::TcpListener::from)
-            .collect();
+        let sockets = (&mut fds).take(l.sockets).collect();
         listeners.push(HandedListener {
             name: l.name,
             bind: l.bind,
+            kind: l.kind,
             sockets,
         });
     }
@@ -384,11 +385,13 @@ mod tests {
                 ManifestListener {
                     name: "web".into(),
                     bind: "127.0.0.1:80".parse().unwrap(),
+                    kind: SocketKind::Tcp,
                     sockets: 4,
                 },
                 ManifestListener {
-                    name: "tls".into(),
-                    bind: "127.0.0.1:443".parse().unwrap(),
+                    name: "dns".into(),
+                    bind: "127.0.0.1:53".parse().unwrap(),
+                    kind: SocketKind::Udp,
                     sockets: 2,
                 },
             ],
@@ -416,6 +419,7 @@ mod tests {
             listeners: vec![ManifestListener {
                 name: "web".into(),
                 bind: addr,
+                kind: SocketKind::Tcp,
                 sockets: 1,
             }],
             admin: None,
@@ -431,5 +435,59 @@ mod tests {
         // Still listening, though the sender's copy is closed.
         let _client = std::net::TcpStream::connect(addr).unwrap();
         adopted.accept().unwrap();
+    }
+
+    #[test]
+    fn a_manifest_from_a_process_without_udp_listeners_hands_tcp_sockets() {
+        let text = r#"{"listeners":[{"name":"web","bind":"127.0.0.1:80","sockets":2}],
+            "admin":null,"control":false,"sticky_key":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]}"#;
+        let manifest: Manifest = serde_json::from_str(text).unwrap();
+        assert_eq!(manifest.listeners[0].kind, SocketKind::Tcp);
+        let text = serde_json::to_string(&ManifestListener {
+            name: "dns".into(),
+            bind: "127.0.0.1:53".parse().unwrap(),
+            kind: SocketKind::Udp,
+            sockets: 1,
+        })
+        .unwrap();
+        assert!(text.contains(r#""kind":"udp""#), "{text}");
+    }
+
+    #[test]
+    fn a_udp_socket_crosses_the_pair_and_still_receives() {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let manifest = Manifest {
+            listeners: vec![ManifestListener {
+                name: "dns".into(),
+                bind: addr,
+                kind: SocketKind::Udp,
+                sockets: 1,
+            }],
+            admin: None,
+            control: false,
+            sticky_key: [1; 16],
+        };
+        send(&ours, &manifest, &[socket.as_raw_fd()]).unwrap();
+        drop(socket);
+        let (received, fds) = receive(&theirs).unwrap();
+        assert_eq!(received, manifest);
+        let adopted = std::net::UdpSocket::from(fds.into_iter().next().unwrap());
+        adopted
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"query", addr).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = adopted.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"query");
+        assert_eq!(from, client.local_addr().unwrap());
     }
 }

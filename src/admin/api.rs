@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 
 use super::{Context, Reply};
 use crate::config::{
-    BalanceKind, CheckKind, ClientAuth, Config, HashKey, HealthCheck, OutlierDetection,
-    ResilienceConfig, ServerConfig, TlsVersion,
+    BalanceKind, CheckKind, ClientAuth, Config, HashKey, HealthCheck, ListenerMode,
+    OutlierDetection, ProxyProtocolVersion, ResilienceConfig, ServerConfig, TlsVersion,
 };
 use crate::runtime::{Inputs, Runtime, ServerOverride};
 use crate::upstream::stats::SERVER_ERROR;
@@ -216,14 +216,44 @@ pub fn status(cx: &Context, recent: &RecentWindow) -> Value {
                     })
                 })
                 .collect();
-            json!({
+            let mut view = json!({
                 "name": l.name,
+                "mode": l.mode.name(),
                 "bind": bind,
                 "tls": l.tls.is_some(),
                 "connections_open": open,
                 "max_connections": l.max_connections,
                 "routes": routes,
-            })
+            });
+            if let (ListenerMode::Tcp(tcp), Some(stats)) = (&l.mode, &running.tcp) {
+                let totals = stats.totals();
+                let outcomes: serde_json::Map<String, Value> = crate::l4::log::Outcome::ALL
+                    .iter()
+                    .zip(totals.outcomes)
+                    .map(|(outcome, count)| (outcome.name().to_string(), json!(count)))
+                    .collect();
+                view["routes"] = tcp
+                    .routes
+                    .iter()
+                    .map(|r| json!({
+                        "sni": r.sni,
+                        "alpn": r.alpn.iter().map(|p| String::from_utf8_lossy(p)).collect::<Vec<_>>(),
+                        "upstream": config.upstreams[r.upstream].name,
+                    }))
+                    .collect();
+                // Since the listener was bound; counted as each connection ends.
+                view["connections"] = json!({
+                    "total": totals.connections(),
+                    "by_end": outcomes,
+                    "bytes_from_clients": totals.from_client,
+                    "bytes_from_servers": totals.from_server,
+                });
+            }
+            if let Some(udp) = cx.udp(running.slot) {
+                // Since the listener was bound.
+                view["flows"] = json!(udp);
+            }
+            view
         })
         .collect();
     let upstreams: Vec<Value> = config
@@ -482,21 +512,51 @@ pub fn config(c: &Config) -> Value {
                     "client_cert_header": t.client_cert_header.as_str(),
                 })
             });
-            json!({
-                "name": l.name,
-                "bind": l.bind,
-                "max_connections": l.max_connections,
-                "defer_accept": l.defer_accept,
-                "redirect_to_https": l.redirect_to_https,
-                "hsts": l.hsts.as_ref().and_then(|h| h.to_str().ok()),
-                "tls": tls,
-                "routes": l.routes.iter().map(|r| json!({
-                    "host": r.host,
-                    "path_prefix": r.path_prefix,
-                    "client_names": r.client_names,
-                    "upstream": c.upstreams[r.upstream].name,
-                })).collect::<Vec<_>>(),
-            })
+            let proxy_protocol_from: Vec<String> =
+                l.proxy_protocol_from.iter().map(ToString::to_string).collect();
+            match &l.mode {
+                ListenerMode::Http => json!({
+                    "name": l.name,
+                    "mode": l.mode.name(),
+                    "bind": l.bind,
+                    "max_connections": l.max_connections,
+                    "defer_accept": l.defer_accept,
+                    "redirect_to_https": l.redirect_to_https,
+                    "hsts": l.hsts.as_ref().and_then(|h| h.to_str().ok()),
+                    "tls": tls,
+                    "proxy_protocol_from": proxy_protocol_from,
+                    "routes": l.routes.iter().map(|r| json!({
+                        "host": r.host,
+                        "path_prefix": r.path_prefix,
+                        "client_names": r.client_names,
+                        "upstream": c.upstreams[r.upstream].name,
+                    })).collect::<Vec<_>>(),
+                }),
+                ListenerMode::Tcp(tcp) => json!({
+                    "name": l.name,
+                    "mode": l.mode.name(),
+                    "bind": l.bind,
+                    "max_connections": l.max_connections,
+                    "defer_accept": l.defer_accept,
+                    "idle_timeout": duration(tcp.idle_timeout),
+                    "tls_passthrough": tcp.tls_passthrough,
+                    "proxy_protocol_from": proxy_protocol_from,
+                    // In order; the listener's `upstream` is the last, taking everything.
+                    "routes": tcp.routes.iter().map(|r| json!({
+                        "sni": r.sni,
+                        "alpn": r.alpn.iter().map(|p| String::from_utf8_lossy(p)).collect::<Vec<_>>(),
+                        "upstream": c.upstreams[r.upstream].name,
+                    })).collect::<Vec<_>>(),
+                }),
+                ListenerMode::Udp(udp) => json!({
+                    "name": l.name,
+                    "mode": l.mode.name(),
+                    "bind": l.bind,
+                    "upstream": c.upstreams[udp.upstream].name,
+                    "idle_timeout": duration(udp.idle_timeout),
+                    "max_flows": udp.max_flows,
+                }),
+            }
         })
         .collect();
     let upstreams: Vec<Value> = c
@@ -546,6 +606,10 @@ pub fn config(c: &Config) -> Value {
                 "outlier_detection": outlier_detection(&u.outlier_detection),
                 "panic_threshold": u.panic_threshold,
                 "resilience": resilience(&u.resilience),
+                "proxy_protocol": u.proxy_protocol.map(|v| match v {
+                    ProxyProtocolVersion::V1 => "v1",
+                    ProxyProtocolVersion::V2 => "v2",
+                }),
             })
         })
         .collect();

@@ -15,6 +15,8 @@ use prometheus_client::registry::Registry;
 use http::StatusCode;
 
 use super::{Context, Reply};
+use crate::l4::log::{Outcome, TcpTotals};
+use crate::l4::udp::UdpCounts;
 use crate::upstream::ResilienceStats;
 use crate::upstream::stats::{CLASSES, LATENCY_BUCKETS, RequestTotals};
 
@@ -50,6 +52,10 @@ struct Scrape {
     dropped_log_lines: Option<u64>,
     /// This node of the active/standby group, with `[ha]`.
     ha: Option<crate::ha::HaStatus>,
+    /// `mode = "tcp"` listeners' connections and bytes, by listener name.
+    tcp: Vec<(String, TcpTotals)>,
+    /// `mode = "udp"` listeners' flows and datagrams, by listener name.
+    udp: Vec<(String, UdpCounts)>,
 }
 
 #[derive(Debug)]
@@ -152,7 +158,22 @@ impl Scrape {
                     .collect(),
             })
             .collect();
+        let tcp = rt
+            .listeners
+            .iter()
+            .filter_map(|l| l.tcp.as_ref())
+            .map(|stats| (stats.listener.to_string(), stats.totals()))
+            .collect();
+        let udp = rt
+            .config
+            .listeners
+            .iter()
+            .zip(&rt.listeners)
+            .filter_map(|(l, running)| Some((l.name.clone(), cx.udp(running.slot)?)))
+            .collect();
         Scrape {
+            tcp,
+            udp,
             listeners,
             routes,
             upstreams,
@@ -480,6 +501,140 @@ impl Scrape {
     }
 }
 
+impl Scrape {
+    /// `mode = "tcp"` listeners: connections by how they ended, and bytes each way. Their
+    /// servers' open tunnels are in `fulcrum_server_in_flight`.
+    fn tcp(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.tcp.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_tcp_connections",
+            "Connections of tcp listeners that ended, by listener and how: closed, client_reset, server_reset, idle_timeout, failed, refused_proxy_header, bad_proxy_header, not_tls, no_route, connect_failed",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, totals) in &self.tcp {
+            for (outcome, &count) in Outcome::ALL.iter().zip(&totals.outcomes) {
+                let labels = [("listener", listener.as_str()), ("outcome", outcome.name())];
+                counter(&mut family, &labels, count)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_tcp_bytes",
+            "Bytes relayed by tcp listeners, by listener and direction (from_client: to the servers), counted as each connection ends",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, totals) in &self.tcp {
+            let listener = ("listener", listener.as_str());
+            counter(
+                &mut family,
+                &[listener, ("direction", "from_client")],
+                totals.from_client,
+            )?;
+            counter(
+                &mut family,
+                &[listener, ("direction", "from_server")],
+                totals.from_server,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Scrape {
+    /// `mode = "udp"` listeners: flows, datagrams and bytes each way, and what was dropped.
+    fn udp(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.udp.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_udp_flows_open",
+            "Flows (client address and port) open now, by udp listener",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (listener, c) in &self.udp {
+            let value = i64::try_from(c.flows_open).unwrap_or(i64::MAX);
+            gauge(&mut family, &[("listener", listener.as_str())], value)?;
+        }
+        type Read = fn(&UdpCounts) -> u64;
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_udp_flows_started",
+            "Flows started, by udp listener",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, c) in &self.udp {
+            counter(
+                &mut family,
+                &[("listener", listener.as_str())],
+                c.flows_started,
+            )?;
+        }
+        let by_direction: [(&str, &str, Read, Read); 2] = [
+            (
+                "fulcrum_udp_datagrams",
+                "Datagrams relayed, by udp listener and direction (from_clients: to the servers)",
+                |c| c.datagrams_from_clients,
+                |c| c.datagrams_from_servers,
+            ),
+            (
+                "fulcrum_udp_bytes",
+                "Payload bytes relayed, by udp listener and direction (from_clients: to the servers)",
+                |c| c.bytes_from_clients,
+                |c| c.bytes_from_servers,
+            ),
+        ];
+        for (name, help, from_clients, from_servers) in by_direction {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (listener, c) in &self.udp {
+                let listener = ("listener", listener.as_str());
+                counter(
+                    &mut family,
+                    &[listener, ("direction", "from_clients")],
+                    from_clients(c),
+                )?;
+                counter(
+                    &mut family,
+                    &[listener, ("direction", "from_servers")],
+                    from_servers(c),
+                )?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_udp_dropped",
+            "Datagrams dropped, by udp listener and reason: max_flows (it would have started a flow past the cap), other (no server, a full socket buffer, an HA switchover's pause, a failed send)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, c) in &self.udp {
+            let listener = ("listener", listener.as_str());
+            counter(
+                &mut family,
+                &[listener, ("reason", "max_flows")],
+                c.dropped_at_cap,
+            )?;
+            counter(&mut family, &[listener, ("reason", "other")], c.dropped)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "fulcrum_udp_servers_unreachable",
+            "Flows ended because their server answered with ICMP port unreachable, by udp listener",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, c) in &self.udp {
+            counter(
+                &mut family,
+                &[("listener", listener.as_str())],
+                c.servers_unreachable,
+            )?;
+        }
+        Ok(())
+    }
+}
+
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         self.requests(&mut encoder)?;
@@ -499,6 +654,8 @@ impl Collector for Scrape {
             )?;
         }
         self.servers(&mut encoder)?;
+        self.tcp(&mut encoder)?;
+        self.udp(&mut encoder)?;
         self.resilience(&mut encoder)?;
         self.ha(&mut encoder)?;
         // Only where the access log is written through `logging::init` (not in-process

@@ -51,6 +51,8 @@ pub struct Context {
     pub listeners: ListenerTable,
     /// This node of the active/standby group, with `[ha]`.
     pub ha: Option<crate::ha::HaHandle>,
+    /// What the UDP listeners count, by slot, kept up to date by the server.
+    pub udp: crate::l4::udp::UdpTable,
     recent: Mutex<RecentWindow>,
     /// Where `POST /api/reload` goes: the run loop, which handles every reload. Set once
     /// the run loop exists; unset in the demo, which has no file to reload.
@@ -89,6 +91,11 @@ impl Context {
         table.get(&slot).map(|info| (info.addr, info.open()))
     }
 
+    /// What the UDP listener in `slot` has counted, if it is one and is running.
+    pub fn udp(&self, slot: usize) -> Option<crate::l4::udp::UdpCounts> {
+        lock(&self.udp).get(&slot).map(|stats| stats.counts())
+    }
+
     pub fn new(
         shared: Arc<Shared>,
         listeners: ListenerTable,
@@ -98,6 +105,7 @@ impl Context {
             shared,
             listeners,
             ha: None,
+            udp: Default::default(),
             recent: Mutex::new(RecentWindow::default()),
             control,
         }

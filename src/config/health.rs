@@ -186,9 +186,9 @@ impl Checker {
                     || (!bare.is_empty()
                         && bare.len() <= 253
                         && bare.split('.').all(|l| !l.is_empty() && l.len() <= 63)
-                        && bare
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'));
+                        && bare.bytes().all(|b| {
+                            b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'
+                        }));
                 if !valid {
                     self.error(q.span(), format!("query `{text}` is not a DNS name: write it like \"health.example.com\" or \".\""));
                 }

@@ -74,7 +74,10 @@ impl Checker {
     pub(super) fn no_l4_keys(&mut self, listener: &file::Listener) {
         let keys = [
             ("upstream", listener.upstream.as_ref().map(Spanned::span)),
-            ("idle_timeout", listener.idle_timeout.as_ref().map(Spanned::span)),
+            (
+                "idle_timeout",
+                listener.idle_timeout.as_ref().map(Spanned::span),
+            ),
             ("max_flows", listener.max_flows.as_ref().map(Spanned::span)),
         ];
         for (key, span) in keys {
@@ -115,7 +118,10 @@ impl Checker {
                 "redirect_to_https",
                 listener.redirect_to_https.as_ref().map(Spanned::span),
             ),
-            ("https_port", listener.https_port.as_ref().map(Spanned::span)),
+            (
+                "https_port",
+                listener.https_port.as_ref().map(Spanned::span),
+            ),
             ("hsts", listener.hsts.as_ref().map(Spanned::span)),
         ];
         for (key, span) in http_keys {
@@ -173,8 +179,13 @@ impl Checker {
                 Duration::from_millis(10)..=DAY,
                 UDP_IDLE,
             );
-            let max_flows =
-                self.int(listener.max_flows.as_ref(), "max_flows", 1, 1_000_000, MAX_FLOWS) as usize;
+            let max_flows = self.int(
+                listener.max_flows.as_ref(),
+                "max_flows",
+                1,
+                1_000_000,
+                MAX_FLOWS,
+            ) as usize;
             return Some(ListenerMode::Udp(UdpMode {
                 upstream: upstream?,
                 idle_timeout,
@@ -202,7 +213,10 @@ impl Checker {
             let http_keys = [
                 ("host", route.host.as_ref().map(Spanned::span)),
                 ("path_prefix", route.path_prefix.as_ref().map(Spanned::span)),
-                ("client_names", route.client_names.as_ref().map(Spanned::span)),
+                (
+                    "client_names",
+                    route.client_names.as_ref().map(Spanned::span),
+                ),
             ];
             for (key, at) in http_keys {
                 if let Some(at) = at {
@@ -214,7 +228,10 @@ impl Checker {
             }
             let sni = route.sni.as_ref().map_or_else(Vec::new, |names| {
                 if names.get_ref().is_empty() {
-                    self.error(names.span(), "sni is empty: list the server names this route takes, or leave it out");
+                    self.error(
+                        names.span(),
+                        "sni is empty: list the server names this route takes, or leave it out",
+                    );
                 }
                 names
                     .get_ref()
@@ -224,7 +241,10 @@ impl Checker {
             });
             let alpn = route.alpn.as_ref().map_or_else(Vec::new, |protocols| {
                 if protocols.get_ref().is_empty() {
-                    self.error(protocols.span(), "alpn is empty: list the protocols this route takes, or leave it out");
+                    self.error(
+                        protocols.span(),
+                        "alpn is empty: list the protocols this route takes, or leave it out",
+                    );
                 }
                 protocols
                     .get_ref()
@@ -232,7 +252,10 @@ impl Checker {
                     .filter_map(|p| {
                         let text = p.get_ref();
                         if text.is_empty() || text.len() > 255 {
-                            self.error(p.span(), format!("alpn protocol `{text}` must hold 1 to 255 bytes"));
+                            self.error(
+                                p.span(),
+                                format!("alpn protocol `{text}` must hold 1 to 255 bytes"),
+                            );
                             None
                         } else {
                             Some(text.as_bytes().to_vec())
@@ -251,7 +274,9 @@ impl Checker {
                 });
             }
         }
-        let tls_passthrough = routes.iter().any(|r| !r.sni.is_empty() || !r.alpn.is_empty());
+        let tls_passthrough = routes
+            .iter()
+            .any(|r| !r.sni.is_empty() || !r.alpn.is_empty());
         match (upstream, &listener.upstream) {
             (Some(upstream), _) => {
                 if let (Some(_), Some(at)) = (&catch_all, &listener.upstream) {
@@ -375,7 +400,12 @@ impl Checker {
     }
 
     /// What an upstream sets that the listeners using it cannot do.
-    pub(super) fn l4_upstream(&mut self, up: &UpstreamConfig, spans: &UpstreamSpans, users: &Users) {
+    pub(super) fn l4_upstream(
+        &mut self,
+        up: &UpstreamConfig,
+        spans: &UpstreamSpans,
+        users: &Users,
+    ) {
         let name = &up.name;
         if let (Some(at), Some(listener)) = (&spans.proxy_protocol, &users.http) {
             self.error(at.clone(), format!("proxy_protocol is sent on connections from tcp listeners only: upstream `{name}` is used by http listener `{listener}`, whose pooled connections carry many clients"));

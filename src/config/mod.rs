@@ -167,9 +167,13 @@ impl Checker {
             };
             let defer_accept = listener.defer_accept.as_ref().map(|d| *d.get_ref());
             if mode_name != "http" {
-                let Some(mode) =
-                    self.l4_mode(name.get_ref(), mode_name, &mut listener, span, &upstream_index)
-                else {
+                let Some(mode) = self.l4_mode(
+                    name.get_ref(),
+                    mode_name,
+                    &mut listener,
+                    span,
+                    &upstream_index,
+                ) else {
                     continue;
                 };
                 let used = match &mode {

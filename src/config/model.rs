@@ -106,10 +106,12 @@ impl L4Route {
     pub fn matches(&self, server_name: Option<&str>, alpn: &[Vec<u8>]) -> bool {
         let name_fits = self.sni.is_empty()
             || server_name.is_some_and(|name| {
-                self.sni.iter().any(|pattern| match pattern.strip_prefix('*') {
-                    Some(suffix) => name.len() > suffix.len() && name.ends_with(suffix),
-                    None => pattern == name,
-                })
+                self.sni
+                    .iter()
+                    .any(|pattern| match pattern.strip_prefix('*') {
+                        Some(suffix) => name.len() > suffix.len() && name.ends_with(suffix),
+                        None => pattern == name,
+                    })
             });
         let alpn_fits = self.alpn.is_empty() || alpn.iter().any(|p| self.alpn.contains(p));
         name_fits && alpn_fits

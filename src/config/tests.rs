@@ -765,7 +765,10 @@ fn l4_listeners_take_their_mode_routes_and_defaults() {
     assert_eq!(tcp.idle_timeout, Duration::from_secs(600));
     assert_eq!(tcp.routes.len(), 1);
     assert!(tcp.routes[0].matches(None, &[]));
-    assert!(!db.defer_accept, "server-speaks-first protocols need it off");
+    assert!(
+        !db.defer_accept,
+        "server-speaks-first protocols need it off"
+    );
     assert_eq!(db.proxy_protocol_from.len(), 3);
     assert_eq!(db.proxy_protocol_from[1].to_string(), "192.0.2.7/32");
 

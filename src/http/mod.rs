@@ -31,8 +31,10 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves requests on `tcp` until the client leaves, a timeout ends it, or shutdown is
-/// signalled, in which case requests in flight finish first. On a TLS listener the
-/// handshake comes first, and ALPN, when the client offers it, names the protocol.
+/// signalled, in which case requests in flight finish first. From a proxy listed in the
+/// listener's `proxy_protocol_from`, a PROXY header comes first and names the client. On a
+/// TLS listener the handshake comes next, and ALPN, when the client offers it, names the
+/// protocol.
 pub async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -51,7 +53,18 @@ pub async fn serve_connection(
         .map(|tls| tls.config.clone());
     let timeouts = &runtime.config.timeouts;
     let (header_limit, handshake_limit) = (timeouts.client_header, timeouts.tls_handshake);
+    let trusted = &runtime.config.listeners[index].proxy_protocol_from;
+    // Only a proxy in front may say who the client is; from anyone else a header is not
+    // read, and fails as HTTP (400) or as TLS would.
+    let proxied = !trusted.is_empty() && crate::proxy_protocol::is_trusted(peer.ip(), trusted);
     drop(runtime);
+    let mut peer = peer;
+    if proxied {
+        match within_grace(proxy_header(&tcp, peer, header_limit), &mut shutdown).await {
+            Some(client) => peer = client,
+            None => return,
+        }
+    }
     let mut conn = ClientConn::new(peer, listener);
     let (stream, protocol) = match tls {
         None => (Stream::Plain(tcp), None),
@@ -82,6 +95,20 @@ pub async fn serve_connection(
 enum Protocol {
     Http1,
     H2,
+}
+
+/// The client a trusted proxy's PROXY header names, read within `limit` before anything
+/// else on the connection (TLS included); the proxy's own address for a header that names
+/// none (its health check). `None`: no valid header came, and the connection is closed.
+async fn proxy_header(tcp: &TcpStream, proxy: SocketAddr, limit: Duration) -> Option<SocketAddr> {
+    match crate::proxy_protocol::read_header(tcp, limit).await {
+        Ok(Some(addresses)) => Some(addresses.source),
+        Ok(None) => Some(proxy),
+        Err(e) => {
+            tracing::info!(peer = %proxy, error = %e, "connection closed: no valid PROXY protocol header from a proxy in proxy_protocol_from");
+            None
+        }
+    }
 }
 
 /// The TLS handshake of a new connection within `limit`: the session, the protocol ALPN

@@ -4,6 +4,7 @@
 //! a UDP listener keeps one flow per client address, each with its own socket to a server.
 
 pub mod client_hello;
+pub mod log;
 pub mod relay;
 pub mod tcp;
 pub mod udp;

@@ -1,11 +1,12 @@
 //! The listeners a server runs: each listener's sockets (one per worker, `SO_REUSEPORT`),
-//! its accept loops on every worker, its connection limit and its own stop, so that a
-//! reload can add, remove or change one listener without touching the others; and the
-//! pause of a planned HA switchover, which takes no new connections without refusing any
-//! while the open ones finish.
+//! its accept loops (or, for a UDP listener, receive loops) on every worker, its connection
+//! (or flow) limit and its own stop, so that a reload can add, remove or change one
+//! listener without touching the others; and the pause of a planned HA switchover, which
+//! takes no new connections without refusing any while the open ones finish.
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,9 +14,62 @@ use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, watch};
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, ListenerMode};
+use crate::l4::udp::{self, UdpStats};
 use crate::listener::{self, Listener};
 use crate::runtime::Shared;
+
+/// Which kind of socket a listener has, as a handover names it: a new process never takes
+/// a TCP socket for a UDP listener or the other way round.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketKind {
+    /// Listening TCP sockets (HTTP and `mode = "tcp"` listeners); what a process that
+    /// predates UDP listeners hands over.
+    #[default]
+    Tcp,
+    /// UDP sockets (`mode = "udp"` listeners).
+    Udp,
+}
+
+impl SocketKind {
+    pub fn of(l: &ListenerConfig) -> SocketKind {
+        match l.mode {
+            ListenerMode::Udp(_) => SocketKind::Udp,
+            _ => SocketKind::Tcp,
+        }
+    }
+}
+
+/// A listener's sockets, one (at least) per worker.
+pub(super) enum Sockets {
+    Tcp(Vec<std::net::TcpListener>),
+    Udp(Vec<std::net::UdpSocket>),
+}
+
+impl Sockets {
+    fn kind(&self) -> SocketKind {
+        match self {
+            Sockets::Tcp(_) => SocketKind::Tcp,
+            Sockets::Udp(_) => SocketKind::Udp,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Sockets::Tcp(s) => s[0].local_addr(),
+            Sockets::Udp(s) => s[0].local_addr(),
+        }
+    }
+
+    /// Duplicates of the descriptors, for a new process.
+    fn duplicates(&self) -> io::Result<Vec<OwnedFd>> {
+        match self {
+            Sockets::Tcp(s) => s.iter().map(|s| s.as_fd().try_clone_to_owned()).collect(),
+            Sockets::Udp(s) => s.iter().map(|s| s.as_fd().try_clone_to_owned()).collect(),
+        }
+    }
+}
 
 /// The listeners running, and those removed whose connections are still finishing.
 #[derive(Default)]
@@ -69,65 +123,123 @@ pub(super) struct Opened {
     /// As configured (port 0 stays 0), which a handover matches on.
     bind: SocketAddr,
     pub slot: usize,
+    /// `max_connections`, or a UDP listener's `max_flows`.
     max_connections: usize,
     /// At least one per worker.
-    sockets: Vec<std::net::TcpListener>,
+    sockets: Sockets,
 }
 
 /// Binds listener `l` with a socket for each of `workers`, taking `handed` sockets (from
-/// the process this one took over from) first. A listener that cannot be bound fails with
-/// its name, and the sockets bound for it so far are closed.
+/// the process this one took over from, of the listener's kind) first. A listener that
+/// cannot be bound fails with its name, and the sockets bound for it so far are closed.
 pub(super) fn open(
     l: &ListenerConfig,
     slot: usize,
     client_header: Duration,
     workers: usize,
-    handed: Option<Vec<std::net::TcpListener>>,
+    handed: Option<Vec<OwnedFd>>,
 ) -> io::Result<Opened> {
-    let defer = l.defer_accept.then_some(client_header);
     let named = |e: io::Error| {
         io::Error::new(
             e.kind(),
             format!("listener `{}` cannot bind {}: {e}", l.name, l.bind),
         )
     };
-    let sockets = match handed {
-        Some(mut sockets) if !sockets.is_empty() => {
-            // The old process may have run fewer workers: the extra workers accept from
-            // copies of the handed sockets. A socket bound beside them would get its share
-            // of new connections at once, before this process is ready, and reset them all
-            // if it then failed to start.
-            let handed_count = sockets.len();
-            for i in 0..workers.saturating_sub(handed_count) {
-                let copy = sockets[i % handed_count].try_clone()?;
-                sockets.push(copy);
-            }
-            for socket in &sockets {
-                socket.set_nonblocking(true)?;
-                // The new config's, whatever the old process had.
-                set_defer_accept(&socket2::SockRef::from(socket), defer)?;
-                // Handed over in the middle of a switchover's pause: this process takes
-                // connections, whatever the old one is doing.
-                take_new_connections(socket)?;
-            }
-            sockets
+    let handed = handed.filter(|h| !h.is_empty());
+    if let Some(handed) = &handed {
+        check_kind(handed, SocketKind::of(l)).map_err(named)?;
+    }
+    let (sockets, limit) = match &l.mode {
+        ListenerMode::Udp(mode) => {
+            let sockets = match handed {
+                // As they are, with no copies for extra workers: two loops reading one
+                // socket would each start a flow for the same client. (A socket bound
+                // beside them would move clients to other sockets, and so other flows.)
+                Some(handed) => {
+                    if handed.len() < workers {
+                        tracing::info!(listener = %l.name, sockets = handed.len(), workers, "udp listener handed over with fewer sockets than workers: it receives on that many until a restart");
+                    }
+                    handed
+                        .into_iter()
+                        .map(std::net::UdpSocket::from)
+                        .map(|s| s.set_nonblocking(true).map(|()| s))
+                        .collect::<io::Result<_>>()?
+                }
+                None => bind_each_udp(l.bind, workers).map_err(named)?,
+            };
+            (Sockets::Udp(sockets), mode.max_flows)
         }
-        _ => bind_each(l.bind, defer, workers).map_err(named)?,
+        _ => {
+            let defer = l.defer_accept.then_some(client_header);
+            let sockets = match handed {
+                Some(handed) => {
+                    let sockets: Vec<std::net::TcpListener> = copies_for(handed, workers)?
+                        .into_iter()
+                        .map(std::net::TcpListener::from)
+                        .collect();
+                    for socket in &sockets {
+                        socket.set_nonblocking(true)?;
+                        // The new config's, whatever the old process had.
+                        set_defer_accept(&socket2::SockRef::from(socket), defer)?;
+                        // Handed over in the middle of a switchover's pause: this process
+                        // takes connections, whatever the old one is doing.
+                        take_new_connections(socket)?;
+                    }
+                    sockets
+                }
+                None => bind_each(l.bind, defer, workers).map_err(named)?,
+            };
+            (Sockets::Tcp(sockets), l.max_connections)
+        }
     };
-    let addr = sockets[0].local_addr()?;
-    tracing::info!(listener = %l.name, %addr, "listening");
+    let addr = sockets.local_addr()?;
+    match sockets.kind() {
+        SocketKind::Tcp => tracing::info!(listener = %l.name, %addr, "listening"),
+        SocketKind::Udp => tracing::info!(listener = %l.name, %addr, "listening (udp)"),
+    }
     Ok(Opened {
         name: l.name.clone(),
         bind: l.bind,
         slot,
-        max_connections: l.max_connections,
+        max_connections: limit,
         sockets,
     })
 }
 
+/// The handed TCP sockets, with copies for workers beyond those of the old process: a
+/// socket bound beside them would get its share of new connections at once, before this
+/// process is ready, and reset them all if it then failed to start.
+fn copies_for(mut sockets: Vec<OwnedFd>, workers: usize) -> io::Result<Vec<OwnedFd>> {
+    let handed_count = sockets.len();
+    for i in 0..workers.saturating_sub(handed_count) {
+        let copy = sockets[i % handed_count].try_clone()?;
+        sockets.push(copy);
+    }
+    Ok(sockets)
+}
+
+/// Fails unless every handed socket is of the kind the listener needs, whatever the
+/// handover said.
+fn check_kind(sockets: &[OwnedFd], kind: SocketKind) -> io::Result<()> {
+    let wanted = match kind {
+        SocketKind::Tcp => socket2::Type::STREAM,
+        SocketKind::Udp => socket2::Type::DGRAM,
+    };
+    for socket in sockets {
+        if socket2::SockRef::from(socket).r#type()? != wanted {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a socket handed over for it is not a {kind:?} socket"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Opened {
-    /// Starts an accept loop for each socket, spread over `workers` (a worker takes
-    /// several when there are more sockets than workers), each once `ready` is true.
+    /// Starts an accept loop (a receive loop, for UDP) for each socket, spread over
+    /// `workers` (a worker takes several when there are more sockets than workers), each
+    /// once `ready` is true.
     pub fn start(
         self,
         workers: &[Handle],
@@ -138,50 +250,83 @@ impl Opened {
         let connections = Arc::new(Semaphore::new(permits as usize));
         let (stop, _) = watch::channel(false);
         let finish = Arc::new(watch::channel(false).0);
-        let addr = self
-            .sockets
-            .first()
-            .and_then(|s| s.local_addr().ok())
-            .unwrap_or(self.bind);
-        let accept_loops = self.sockets.len();
-        let mut copies = Vec::new();
-        for (i, socket) in self.sockets.into_iter().enumerate() {
-            match socket.try_clone() {
-                Ok(copy) => copies.push(copy),
-                Err(e) => {
-                    tracing::warn!(listener = %self.name, error = %e, "cannot keep a copy of a socket for a handover")
-                }
+        let addr = self.sockets.local_addr().unwrap_or(self.bind);
+        let copies = match self.sockets.duplicates() {
+            Ok(copies) => copies,
+            Err(e) => {
+                tracing::warn!(listener = %self.name, error = %e, "cannot keep copies of the sockets for a handover");
+                Vec::new()
             }
-            let (shared, stop, connections, finish) = (
-                shared.clone(),
-                stop.subscribe(),
-                connections.clone(),
-                finish.clone(),
-            );
+        };
+        let (sockets, udp_stats) = match self.sockets {
+            Sockets::Tcp(sockets) => {
+                let sockets = sockets.into_iter().map(|s| {
+                    let (stop, connections, finish) =
+                        (stop.subscribe(), connections.clone(), finish.clone());
+                    let slot = self.slot;
+                    Box::new(move |shared: Arc<Shared>| -> LoopFuture {
+                        Box::pin(async move {
+                            let socket = match TcpListener::from_std(s) {
+                                Ok(socket) => socket,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "a bound listener cannot register with its worker");
+                                    return;
+                                }
+                            };
+                            let listener = Listener {
+                                socket,
+                                slot,
+                                connections,
+                                finish,
+                            };
+                            listener::accept_loop(listener, shared, stop).await
+                        })
+                    }) as StartLoop
+                });
+                (sockets.collect::<Vec<_>>(), None)
+            }
+            Sockets::Udp(sockets) => {
+                let stats = Arc::new(UdpStats::new(self.name.clone(), addr, workers.len()));
+                let loops = sockets.into_iter().map(|s| {
+                    let (stop, flows, paused, stats) = (
+                        stop.subscribe(),
+                        connections.clone(),
+                        finish.subscribe(),
+                        stats.clone(),
+                    );
+                    let slot = self.slot;
+                    Box::new(move |shared: Arc<Shared>| -> LoopFuture {
+                        Box::pin(async move {
+                            let socket = match tokio::net::UdpSocket::from_std(s) {
+                                Ok(socket) => socket,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "a bound udp listener cannot register with its worker");
+                                    return;
+                                }
+                            };
+                            let listener = udp::UdpListener {
+                                socket,
+                                slot,
+                                flows,
+                                stats,
+                                paused,
+                            };
+                            udp::receive_loop(listener, shared, stop).await
+                        })
+                    }) as StartLoop
+                });
+                (loops.collect::<Vec<_>>(), Some(stats))
+            }
+        };
+        let loops = sockets.len();
+        for (i, start) in sockets.into_iter().enumerate() {
             let mut ready = ready.clone();
-            let slot = self.slot;
+            let shared = shared.clone();
             workers[i % workers.len()].spawn(async move {
                 if let Some(ready) = ready.as_mut() {
                     let _ = ready.wait_for(|&r| r).await;
                 }
-                let socket = match TcpListener::from_std(socket) {
-                    Ok(socket) => socket,
-                    Err(e) => {
-                        tracing::error!(error = %e, "a bound listener cannot register with its worker");
-                        return;
-                    }
-                };
-                listener::accept_loop(
-                    Listener {
-                        socket,
-                        slot,
-                        connections,
-                        finish,
-                    },
-                    shared,
-                    stop,
-                )
-                .await
+                start(shared).await
             });
         }
         Running {
@@ -189,8 +334,15 @@ impl Opened {
             bind: self.bind,
             slot: self.slot,
             addr,
-            accept_loops,
+            // A UDP listener's permits are held by flows alone.
+            accept_loops: if udp_stats.is_some() { 0 } else { loops },
+            kind: if udp_stats.is_some() {
+                SocketKind::Udp
+            } else {
+                SocketKind::Tcp
+            },
             sockets: copies,
+            udp: udp_stats,
             connections,
             permits,
             stop,
@@ -199,29 +351,38 @@ impl Opened {
     }
 }
 
-/// A listener accepting on every worker.
+/// A socket's loop, to start on its worker.
+type LoopFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+type StartLoop = Box<dyn FnOnce(Arc<Shared>) -> LoopFuture + Send>;
+
+/// A listener accepting (or receiving datagrams) on every worker.
 pub(super) struct Running {
     pub name: String,
     bind: SocketAddr,
     pub slot: usize,
     /// Where it is bound.
     pub addr: SocketAddr,
+    kind: SocketKind,
     /// Copies of the sockets its loops accept on, which a handover passes on.
-    sockets: Vec<std::net::TcpListener>,
-    /// One permit per open connection (and per accept loop waiting for one).
+    sockets: Vec<OwnedFd>,
+    /// What a UDP listener counts.
+    pub udp: Option<Arc<UdpStats>>,
+    /// One permit per open connection (and per accept loop waiting for one), or per UDP
+    /// flow.
     connections: Arc<Semaphore>,
-    /// The permits `connections` has in all: `max_connections`.
+    /// The permits `connections` has in all: `max_connections` (`max_flows`).
     permits: u32,
     accept_loops: usize,
     /// Stops its accept loops.
     stop: watch::Sender<bool>,
     /// Asks its connections to finish and close: on its removal and shutdown, with `stop`;
     /// during a switchover's pause, alone. Every connection but a tunnel holds a receiver.
+    /// On a UDP listener, it holds off new flows during the pause.
     finish: Arc<watch::Sender<bool>>,
 }
 
 impl Running {
-    /// What the admin API shows of it.
+    /// What the admin API shows of it (a UDP listener's connections are its flows).
     pub fn info(&self) -> crate::admin::ListenerInfo {
         crate::admin::ListenerInfo {
             addr: self.addr,
@@ -231,8 +392,8 @@ impl Running {
         }
     }
 
-    /// Applies a new `max_connections`: a raise at once; a cut takes back free permits now
-    /// and the rest as connections close, so no open connection is cut.
+    /// Applies a new `max_connections` (`max_flows`): a raise at once; a cut takes back
+    /// free permits now and the rest as connections close, so no open connection is cut.
     pub fn set_max_connections(&mut self, max: usize) {
         let new = u32::try_from(max).unwrap_or(u32::MAX);
         if new > self.permits {
@@ -255,8 +416,10 @@ impl Running {
 
     /// Applies a new `defer_accept` to its sockets, which accept on without a gap.
     pub fn set_defer_accept(&self, defer: Option<Duration>) -> io::Result<()> {
-        for socket in &self.sockets {
-            set_defer_accept(&socket2::SockRef::from(socket), defer)?;
+        if self.kind == SocketKind::Tcp {
+            for socket in &self.sockets {
+                set_defer_accept(&socket2::SockRef::from(socket), defer)?;
+            }
         }
         Ok(())
     }
@@ -266,6 +429,7 @@ impl Running {
         Ok(HandedListener {
             name: self.name.clone(),
             bind: self.bind,
+            kind: self.kind,
             sockets: self
                 .sockets
                 .iter()
@@ -275,7 +439,8 @@ impl Running {
     }
 
     /// Stops accepting (its sockets close once the accept loops have seen the stop) and
-    /// tells its connections to finish and close.
+    /// tells its connections to finish and close. A UDP listener's flows finish the
+    /// exchange under way, within a few seconds (see `crate::l4::udp`).
     pub fn close(self) -> Draining {
         let _ = self.stop.send(true);
         // Stored even with no connection open to receive it.
@@ -283,6 +448,7 @@ impl Running {
         Draining {
             connections: self.connections,
             permits: self.permits,
+            counted: self.kind == SocketKind::Tcp,
         }
     }
 
@@ -290,11 +456,15 @@ impl Running {
     /// sockets, so a connecting client sends it again about a second later (by when a
     /// switchover has moved the address), while handshakes under way complete and the
     /// accept loops go on taking what the kernel accepted. Open connections are asked to
-    /// finish what is in flight and close, as on shutdown.
+    /// finish what is in flight and close, as on shutdown. A UDP listener drops the
+    /// datagrams that would start a flow (the client's retry finds the new active node) and
+    /// relays those of its flows.
     pub fn pause(&self) {
-        for socket in &self.sockets {
-            if let Err(e) = drop_new_connections(socket) {
-                tracing::warn!(listener = %self.name, error = %e, "cannot pause a socket: it takes new connections on");
+        if self.kind == SocketKind::Tcp {
+            for socket in &self.sockets {
+                if let Err(e) = drop_new_connections(socket) {
+                    tracing::warn!(listener = %self.name, error = %e, "cannot pause a socket: it takes new connections on");
+                }
             }
         }
         self.finish.send_replace(true);
@@ -302,17 +472,24 @@ impl Running {
 
     /// Undoes [`Running::pause`].
     pub fn resume(&self) {
-        for socket in &self.sockets {
-            if let Err(e) = take_new_connections(socket) {
-                tracing::error!(listener = %self.name, error = %e, "cannot resume a paused socket: it drops new connections");
+        if self.kind == SocketKind::Tcp {
+            for socket in &self.sockets {
+                if let Err(e) = take_new_connections(socket) {
+                    tracing::error!(listener = %self.name, error = %e, "cannot resume a paused socket: it drops new connections");
+                }
             }
         }
         self.finish.send_replace(false);
     }
 
     /// Its open connections (tunnels aside: a WebSocket runs until either side ends it),
-    /// and those in the kernel's accept queue that a loop has yet to take.
+    /// and those in the kernel's accept queue that a loop has yet to take. UDP flows are
+    /// not counted: nothing asks them to end, and a switchover's drain waiting for them
+    /// would keep new clients out for their idle timeout.
     pub fn open_connections(&self) -> usize {
+        if self.kind == SocketKind::Udp {
+            return 0;
+        }
         let queued: usize = self.sockets.iter().map(accept_queue).sum();
         self.finish.receiver_count() + queued
     }
@@ -322,11 +499,16 @@ impl Running {
 pub(super) struct Draining {
     connections: Arc<Semaphore>,
     permits: u32,
+    /// Whether a switchover's drain waits for its connections (not for UDP flows).
+    counted: bool,
 }
 
 impl Draining {
     /// Its connections still open (its accept loops, stopped, hold no permit).
     pub fn open_connections(&self) -> usize {
+        if !self.counted {
+            return 0;
+        }
         (self.permits as usize).saturating_sub(self.connections.available_permits())
     }
 
@@ -349,11 +531,13 @@ pub struct Handover {
     pub sticky_key: [u8; 16],
 }
 
-/// A listener's sockets, with the name and configured bind the new process matches on.
+/// A listener's sockets, with the name, configured bind and kind the new process matches
+/// on.
 pub struct HandedListener {
     pub name: String,
     pub bind: SocketAddr,
-    pub sockets: Vec<std::net::TcpListener>,
+    pub kind: SocketKind,
+    pub sockets: Vec<OwnedFd>,
 }
 
 /// `count` listening sockets on `addr` (its port chosen once if it is 0), one per worker.
@@ -383,6 +567,41 @@ fn bind_each(
         .map(|_| bind(addr, defer_accept))
         .collect()
 }
+
+/// `count` UDP sockets on `addr` (its port chosen once if it is 0), one per worker, as
+/// [`bind_each`] binds TCP ones: a probe without `SO_REUSEPORT` first makes sure nothing
+/// else has the address. (A TCP listener on the same address and port is no obstacle.)
+fn bind_each_udp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    let probe = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        None,
+    )?;
+    probe.bind(&addr.into())?;
+    let addr = probe
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("a bound socket without an address"))?;
+    drop(probe);
+    (0..count.max(1))
+        .map(|_| {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::DGRAM,
+                None,
+            )?;
+            socket.set_reuse_port(true)?;
+            socket.set_nonblocking(true)?;
+            // Room for bursts of datagrams between two turns of the loop; the kernel caps
+            // it at net.core.rmem_max, and a smaller buffer still works.
+            let _ = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER);
+            socket.bind(&addr.into())?;
+            Ok(socket.into())
+        })
+        .collect()
+}
+
+const UDP_RECEIVE_BUFFER: usize = 1 << 20;
 
 /// A listening socket. With `defer_accept`, the kernel hands over a connection only once its
 /// first bytes have arrived (or `defer_accept` has passed): a connecting client that sends
@@ -465,13 +684,13 @@ const DROP_SYN: [socket2::SockFilter; 4] = {
 /// Has the kernel drop new connections' SYNs for `socket` (the socket, not this copy of
 /// its descriptor), until [`take_new_connections`].
 #[cfg(target_os = "linux")]
-fn drop_new_connections(socket: &std::net::TcpListener) -> io::Result<()> {
+fn drop_new_connections(socket: &impl AsFd) -> io::Result<()> {
     socket2::SockRef::from(socket).attach_filter(&DROP_SYN)
 }
 
 /// Takes the filter of [`drop_new_connections`] off `socket` (none there is fine).
 #[cfg(target_os = "linux")]
-fn take_new_connections(socket: &std::net::TcpListener) -> io::Result<()> {
+fn take_new_connections(socket: &impl AsFd) -> io::Result<()> {
     match socket2::SockRef::from(socket).detach_filter() {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         result => result,
@@ -481,7 +700,7 @@ fn take_new_connections(socket: &std::net::TcpListener) -> io::Result<()> {
 /// How many connections the kernel has accepted for `socket` that no `accept` took yet
 /// (0 if it cannot tell).
 #[cfg(target_os = "linux")]
-fn accept_queue(socket: &std::net::TcpListener) -> usize {
+fn accept_queue(socket: &impl AsFd) -> usize {
     use std::os::fd::AsRawFd;
     // SAFETY: a plain C struct, for which zero bytes are a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -489,7 +708,7 @@ fn accept_queue(socket: &std::net::TcpListener) -> usize {
     // SAFETY: a valid socket descriptor, and a buffer of `len` bytes the call may fill.
     let rc = unsafe {
         libc::getsockopt(
-            socket.as_raw_fd(),
+            socket.as_fd().as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
             (&mut info as *mut libc::tcp_info).cast(),
@@ -505,7 +724,7 @@ fn accept_queue(socket: &std::net::TcpListener) -> usize {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn drop_new_connections(_socket: &std::net::TcpListener) -> io::Result<()> {
+fn drop_new_connections(_socket: &impl AsFd) -> io::Result<()> {
     Err(io::Error::new(
         io::ErrorKind::Unsupported,
         "socket filters need Linux",
@@ -513,12 +732,12 @@ fn drop_new_connections(_socket: &std::net::TcpListener) -> io::Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn take_new_connections(_socket: &std::net::TcpListener) -> io::Result<()> {
+fn take_new_connections(_socket: &impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
 #[cfg(not(target_os = "linux"))]
-fn accept_queue(_socket: &std::net::TcpListener) -> usize {
+fn accept_queue(_socket: &impl AsFd) -> usize {
     0
 }
 

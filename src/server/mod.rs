@@ -22,7 +22,7 @@ use crate::runtime::{Runtime, Shared};
 use crate::upgrade::Inherited;
 use listeners::{ListenerSet, Opened};
 
-pub use listeners::{HandedListener, Handover};
+pub use listeners::{HandedListener, Handover, SocketKind};
 
 pub struct Server {
     shared: Arc<Shared>,
@@ -41,6 +41,8 @@ pub struct Server {
     admin_addr: Option<SocketAddr>,
     /// What the admin API shows of the listeners, updated as they change.
     admin_listeners: crate::admin::ListenerTable,
+    /// What the UDP listeners count, by slot, updated as they change.
+    udp: crate::l4::udp::UdpTable,
     /// Drawn (or handed over) at start, so that cookies stay valid through an upgrade.
     sticky_key: [u8; 16],
     /// Where the admin API sends reload requests: see [`Server::send_reloads_to`].
@@ -158,6 +160,9 @@ impl Server {
                 running.pause();
             }
             lock(&self.admin_listeners).insert(running.slot, running.info());
+            if let Some(stats) = &running.udp {
+                lock(&self.udp).insert(running.slot, stats.clone());
+            }
             set.running.push(running);
         }
     }
@@ -190,6 +195,7 @@ impl Server {
                 self.control.clone(),
             );
             cx.ha = self.ha.clone();
+            cx.udp = self.udp.clone();
             crate::admin::spawn(socket, Arc::new(cx), self.shutdown.subscribe())?;
         }
         tokio::spawn(crate::tls::watch::watch_certificates(
@@ -248,6 +254,7 @@ impl Server {
                 admin: admin_copy,
                 admin_addr,
                 admin_listeners: Default::default(),
+                udp: Default::default(),
                 sticky_key: crate::upstream::sticky::process_key(),
                 control: Arc::default(),
                 ha: None,
@@ -261,9 +268,11 @@ impl Server {
     /// timeouts and limits. Servers that stay keep their pooled connections and state;
     /// servers that join (added, or no longer drained) ramp up over `slow_start`.
     ///
-    /// Listeners added (or rebound: a new `bind`) are bound and get an accept loop on every
-    /// worker; removed ones stop accepting, and their connections finish what is in flight
-    /// and close; `max_connections` and `defer_accept` changes apply in place;
+    /// Listeners added (or rebound: a new `bind`, or a switch to or from `mode = "udp"`)
+    /// are bound and get an accept (or receive) loop on every worker; removed ones stop
+    /// accepting, and their connections finish what is in flight and close (UDP flows: the
+    /// exchange under way); `max_connections`, `max_flows` and `defer_accept` changes apply
+    /// in place;
     /// listeners left alone keep their sockets. If a listener cannot be bound, nothing
     /// changes and the error names it. Workers and logging are set up at start, so a config
     /// that changes them is refused, with what changed; the running config stays either way.
@@ -304,7 +313,11 @@ impl Server {
             .iter()
             .map(|l| {
                 let defer = l.defer_accept.then_some(config.timeouts.client_header);
-                (l.name.clone(), l.max_connections, defer)
+                let limit = match &l.mode {
+                    crate::config::ListenerMode::Udp(udp) => udp.max_flows,
+                    _ => l.max_connections,
+                };
+                (l.name.clone(), limit, defer)
             })
             .collect();
         // Changes made through the admin API last until the file is loaded again.
@@ -318,6 +331,7 @@ impl Server {
         let removed = set.retire_all_but(&slots);
         for running in &removed {
             lock(&self.admin_listeners).remove(&running.slot);
+            lock(&self.udp).remove(&running.slot);
             tracing::info!(listener = %running.name, addr = %running.addr, "listener removed: its connections finish and close");
         }
         set.draining.extend(removed.into_iter().map(|r| r.close()));
@@ -367,6 +381,13 @@ impl Server {
     /// The snapshot new requests are served with now: upstreams, their servers and health.
     pub fn runtime(&self) -> Arc<Runtime> {
         self.shared.load()
+    }
+
+    /// What each UDP listener counts (flows, datagrams and bytes each way, drops), by
+    /// listener slot, kept up to date as reloads add and remove UDP listeners: for the
+    /// admin API and the metrics.
+    pub fn udp_stats(&self) -> crate::l4::udp::UdpTable {
+        self.udp.clone()
     }
 
     /// Where the admin listener listens, if the config has one (useful with port 0).

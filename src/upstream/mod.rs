@@ -24,7 +24,7 @@ use http::{HeaderMap, HeaderValue};
 pub use admission::{Admitted, Refused};
 use latency::PeakEwma;
 use outlier::{Outlier, Trigger, ejection_cap};
-pub use pool::{ConnectError, Pool, RawConn};
+pub use pool::{ConnectError, Pool, RawConn, TunnelSlot};
 pub use resilience::{ResilienceStats, Unavailable};
 pub use state::{Down, HealthEvent, now_ms, unix_ms};
 use state::{History, ServerState, Settled};

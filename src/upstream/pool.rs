@@ -54,6 +54,12 @@ pub struct RawConn {
     slot: OwnedSemaphorePermit,
 }
 
+/// A tunnel's place under its server's `max_connections`, given back when dropped.
+#[derive(Debug)]
+pub struct TunnelSlot {
+    _permit: OwnedSemaphorePermit,
+}
+
 #[derive(Debug)]
 struct RawIdle {
     stream: Stream,
@@ -201,6 +207,42 @@ impl Pool {
             reused: false,
             slot,
         })
+    }
+
+    /// Opens a plain TCP connection for an L4 tunnel, under the same `max_connections` and
+    /// `upstream_connect` timeout as [`Pool::connect_raw`], but with no read buffer (the
+    /// relay brings its own) and never from the pool: a pooled connection has spoken HTTP.
+    /// At the cap, an idle pooled connection is closed to make room, or else one is
+    /// waited for.
+    pub async fn connect_tunnel(&self) -> Result<(TcpStream, TunnelSlot), ConnectError> {
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                self.close_one_idle();
+                // Counted among the waiters, so that HTTP exchanges ending meanwhile close
+                // their connections rather than pool them, and free a slot.
+                let _waiting = Waiting(&self.waiting);
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                match tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await {
+                    Ok(Ok(slot)) => slot,
+                    _ => {
+                        return Err(ConnectError::Busy(
+                            self.address,
+                            self.max_connections,
+                            self.connect_timeout,
+                        ));
+                    }
+                }
+            }
+        };
+        let stream = tokio::time::timeout_at(deadline, TcpStream::connect(self.address))
+            .await
+            .map_err(|_| ConnectError::TimedOut(self.address, self.connect_timeout))?
+            .map_err(|e| ConnectError::from_io(self.address, e))?;
+        let _ = stream.set_nodelay(true);
+        self.handed_out.opened();
+        Ok((stream, TunnelSlot { _permit: slot }))
     }
 
     /// Waits until `deadline` for a slot to open a connection in, or for a connection that

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod h2raw;
+pub mod l4;
 pub mod netns;
 pub mod tls;
 
