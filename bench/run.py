@@ -287,7 +287,7 @@ enabled = false
     }
 
 
-def tcp_proxy_configs(work, fulcrum, max_conns=8192):
+def tcp_proxy_configs(work, fulcrum, max_conns=8192, haproxy_splice=False):
     """Command lines for the three proxies relaying TCP on PROXY_TCP_PORT to the backend,
     one worker each, without parsing HTTP: each client connection gets its own upstream
     connection, made when the client connects, and lives as long as the client's.
@@ -299,7 +299,9 @@ def tcp_proxy_configs(work, fulcrum, max_conns=8192):
     None defers accept (Fulcrum's default for TCP, as server-speaks-first protocols need it
     off), and every other setting is at its default: buffers (nginx's `proxy_buffer_size`
     16k, HAProxy's `tune.bufsize` 16k), no splicing in HAProxy (`option splice-*` off).
-    Timeouts are long enough for no tunnel to be closed during a run.
+    Timeouts are long enough for no tunnel to be closed during a run. `haproxy_splice`
+    gives HAProxy `option splice-auto` (splice(2) where it judges it pays), as Fulcrum
+    splices large reads by default.
     """
     nginx_conf = os.path.join(work, "nginx-stream.conf")
     with open(nginx_conf, "w") as f:
@@ -324,6 +326,7 @@ defaults
   timeout connect 5s
   timeout client 10m
   timeout server 10m
+{"  option splice-auto" if haproxy_splice else ""}
 frontend fe_tcp
   bind 127.0.0.1:{PROXY_TCP_PORT}
   default_backend be_tcp
@@ -614,6 +617,8 @@ def main():
     parser.add_argument("--proxies", default="fulcrum,nginx,haproxy",
                         help="comma-separated proxies to run, of: fulcrum, nginx, haproxy (TCP scenarios add nginx's HTTP proxy "
                              "as nginx-http whenever nginx runs); ratios need fulcrum and the other")
+    parser.add_argument("--haproxy-splice", action="store_true",
+                        help="TCP scenarios: HAProxy with `option splice-auto` (off by default, as HAProxy has it)")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     keys = [k.strip() for k in args.scenarios.split(",") if k.strip()]
@@ -634,7 +639,7 @@ def main():
     # One set of configs per way of serving TLS; scenarios without TLS use the first.
     configs = {tls: proxy_configs(work, fulcrum, tls=tls) for tls in TLS_VARIANTS}
     # TCP scenarios: the three relaying TCP, and nginx's HTTP proxy of the HTTP scenarios.
-    configs["tcp"] = {**tcp_proxy_configs(work, fulcrum), "nginx-http": configs["resume"]["nginx"]}
+    configs["tcp"] = {**tcp_proxy_configs(work, fulcrum, haproxy_splice=args.haproxy_splice), "nginx-http": configs["resume"]["nginx"]}
     proxies_of = lambda scenario: [p for p in (L4_PROXIES if scenario.tcp else ("fulcrum", "nginx", "haproxy"))
                                    if p in chosen or (p == "nginx-http" and "nginx" in chosen)]
     config_of = lambda scenario: "tcp" if scenario.tcp else scenario.tls or "resume"
@@ -692,8 +697,9 @@ def main():
     per_cpu = lambda scenario, name: med(results[(scenario.title, name)], "per_cpu_s")
     ran = lambda scenario, *names: all((scenario.title, n) in results for n in names)
     # In TCP scenarios the table says how each proxy relays.
-    label = lambda scenario, name: {"fulcrum": "fulcrum tcp", "nginx": "nginx stream", "haproxy": "haproxy tcp",
-                                    "nginx-http": "nginx http"}[name] if scenario.tcp and name != "direct" else name
+    tcp_labels = {"fulcrum": "fulcrum tcp", "nginx": "nginx stream", "nginx-http": "nginx http",
+                  "haproxy": "haproxy tcp splice" if args.haproxy_splice else "haproxy tcp"}
+    label = lambda scenario, name: tcp_labels[name] if scenario.tcp and name != "direct" else name
     lines = [
         f"Medians of {args.rounds} interleaved rounds of {args.duration}s each; proxy pinned to CPU 0, wrk (h2load for h2c and h2 over TLS) and the nginx backend to CPU 1.",
         "",
