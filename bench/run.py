@@ -301,7 +301,9 @@ def tcp_proxy_configs(work, fulcrum, max_conns=8192, haproxy_splice=False):
     16k, HAProxy's `tune.bufsize` 16k), no splicing in HAProxy (`option splice-*` off).
     Timeouts are long enough for no tunnel to be closed during a run. `haproxy_splice`
     gives HAProxy `option splice-auto` (splice(2) where it judges it pays), as Fulcrum
-    splices large reads by default.
+    splices large reads by default, and `maxpipes` max_conns/8 rather than its default
+    max_conns/4, whose descriptors would not fit this machine's hard limit of 20,000 (a
+    benchmark tunnel uses a pipe only while it moves bulk: at most 64 here).
     """
     nginx_conf = os.path.join(work, "nginx-stream.conf")
     with open(nginx_conf, "w") as f:
@@ -320,6 +322,7 @@ stream {{
 global
   nbthread 1
   maxconn {max_conns}
+{f"  maxpipes {max_conns // 8}" if haproxy_splice else ""}
 defaults
   mode tcp
   maxconn {max_conns}
