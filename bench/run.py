@@ -300,8 +300,9 @@ def tcp_proxy_configs(work, fulcrum, max_conns=8192, haproxy_splice=False):
     off), and every other setting is at its default: buffers (nginx's `proxy_buffer_size`
     16k, HAProxy's `tune.bufsize` 16k), no splicing in HAProxy (`option splice-*` off).
     Timeouts are long enough for no tunnel to be closed during a run. `haproxy_splice`
-    gives HAProxy `option splice-auto` (splice(2) where it judges it pays), as Fulcrum
-    splices large reads by default, and `maxpipes` max_conns/8 rather than its default
+    gives HAProxy `option splice-request` and `option splice-response` (splice(2) both ways,
+    as Fulcrum does on large reads by default; `splice-auto`, tried, made HAProxy 2.6 splice
+    nothing here, by strace), and `maxpipes` max_conns/8 rather than its default
     max_conns/4, whose descriptors would not fit this machine's hard limit of 20,000 (a
     benchmark tunnel uses a pipe only while it moves bulk: at most 64 here).
     """
@@ -317,6 +318,7 @@ stream {{
   server {{ listen 127.0.0.1:{PROXY_TCP_PORT} backlog=4096; proxy_pass backend; proxy_timeout 10m; }} }}
 """)
     haproxy_conf = os.path.join(work, "haproxy-tcp.cfg")
+    haproxy_splicing = "  option splice-request\n  option splice-response" if haproxy_splice else ""
     with open(haproxy_conf, "w") as f:
         f.write(f"""
 global
@@ -329,7 +331,7 @@ defaults
   timeout connect 5s
   timeout client 10m
   timeout server 10m
-{"  option splice-auto" if haproxy_splice else ""}
+{haproxy_splicing}
 frontend fe_tcp
   bind 127.0.0.1:{PROXY_TCP_PORT}
   default_backend be_tcp
@@ -621,7 +623,7 @@ def main():
                         help="comma-separated proxies to run, of: fulcrum, nginx, haproxy (TCP scenarios add nginx's HTTP proxy "
                              "as nginx-http whenever nginx runs); ratios need fulcrum and the other")
     parser.add_argument("--haproxy-splice", action="store_true",
-                        help="TCP scenarios: HAProxy with `option splice-auto` (off by default, as HAProxy has it)")
+                        help="TCP scenarios: HAProxy splicing both ways (`option splice-request`, `splice-response`; off by default, as HAProxy has it)")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     keys = [k.strip() for k in args.scenarios.split(",") if k.strip()]
