@@ -15,9 +15,17 @@ defaults have it (tickets, a 10,000-session cache) or, for `tls-new`, off on eve
 Before the rounds each TLS listener is checked with `openssl s_client` (version, cipher,
 group, ALPN, and whether a reconnect resumes) and the table says what was negotiated.
 
+The `tcp-*` scenarios put each proxy in L4 mode on a port of its own: Fulcrum's `mode =
+"tcp"` listener, HAProxy's `mode tcp`, nginx's `stream` module; each relays bytes without
+parsing HTTP, so every client connection is one upstream connection, and wrk speaks HTTP
+through the tunnel to the same backend. nginx's HTTP proxy (`nginx-http`, the config of
+the HTTP scenarios) runs them too, as the reference the issue's goal is stated against.
+Bulk scenarios also report MiB per CPU-second: what wrk read, over the proxy's CPU time.
+
 Usage: python3 bench/run.py [--rounds N] [--duration SECONDS] [--scenarios KEY,...]
-                            [--port-base PORT] [--out FILE]
-Installs nginx, haproxy, wrk and h2load (nghttp2-client) from Debian packages if missing.
+                            [--proxies fulcrum,nginx,haproxy] [--port-base PORT] [--out FILE]
+Installs nginx (and its stream module), haproxy, wrk and h2load (nghttp2-client) from
+Debian packages if missing.
 """
 
 import argparse
@@ -39,20 +47,22 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def set_ports(base):
     """All ports the benchmark listens on, from one base (default 18000), all on 127.0.0.1."""
-    global BACKEND_PORT, BACKEND_H2C_PORT, PROXY_PORT, PROXY_H2C_PORT, PROXY_TLS_PORT
+    global BACKEND_PORT, BACKEND_H2C_PORT, PROXY_PORT, PROXY_H2C_PORT, PROXY_TLS_PORT, PROXY_TCP_PORT
     BACKEND_PORT = base + 1  # the nginx backend, HTTP/1.1
     BACKEND_H2C_PORT = base + 2  # the same backend over h2c, for the direct h2c row only
     PROXY_PORT = base + 80  # the proxy under test, HTTP/1.1 (and h2c for Fulcrum)
     PROXY_H2C_PORT = base + 82  # nginx's and HAProxy's h2c-only listeners
     PROXY_TLS_PORT = base + 43  # the proxy under test over TLS: HTTP/1.1 and h2 by ALPN
+    PROXY_TCP_PORT = base + 70  # the proxy under test relaying TCP (L4), no HTTP parsed
 
 
 set_ports(18000)
 
 # key (for --scenarios), title, path, connections, extra client args, client, and for
 # scenarios over TLS which proxy configs serve them: "resume" (session resumption as
-# Fulcrum's defaults: tickets and a session cache) or "full" (no resumption on any proxy).
-Scenario = collections.namedtuple("Scenario", "key title path conns extra client tls", defaults=[None])
+# Fulcrum's defaults: tickets and a session cache) or "full" (no resumption on any proxy);
+# and whether the proxies relay it as TCP (L4) rather than proxy HTTP.
+Scenario = collections.namedtuple("Scenario", "key title path conns extra client tls tcp", defaults=[None, False])
 CLOSE = ["-H", "Connection: close"]
 SCENARIOS = [
     Scenario("ka64", "keep-alive 1 KiB, 64 conns", "/1k", 64, [], "wrk"),
@@ -65,7 +75,17 @@ SCENARIOS = [
     Scenario("tls-resume", "TLS resumed handshake per request", "/1k", 32, CLOSE, "wrk", "resume"),
     Scenario("tls-h2", "h2 over TLS, 16 conns × 10 streams", "/1k", 16, ["-m10"], "h2load", "resume"),
     Scenario("tls-100k", "TLS keep-alive 100 KiB, 64 conns", "/100k", 64, [], "wrk", "resume"),
+    Scenario("tcp-ka64", "TCP keep-alive 1 KiB, 64 conns", "/1k", 64, [], "wrk", tcp=True),
+    Scenario("tcp-ka256", "TCP keep-alive 1 KiB, 256 conns", "/1k", 256, [], "wrk", tcp=True),
+    Scenario("tcp-new", "TCP new connection per request", "/1k", 32, CLOSE, "wrk", tcp=True),
+    Scenario("tcp-100k", "TCP keep-alive 100 KiB, 64 conns", "/100k", 64, [], "wrk", tcp=True),
+    # wrk's default 2 s timeout is near a 10 MiB response's p99 on this machine.
+    Scenario("tcp-10m", "TCP keep-alive 10 MiB, 16 conns", "/10m", 16, ["--timeout", "10s"], "wrk", tcp=True),
 ]
+# Scenarios whose figure of merit is bytes: they also report MiB per CPU-second.
+BULK_PATHS = ("/100k", "/10m")
+# The proxies of the L4 scenarios: the three in TCP mode, and nginx's HTTP proxy for reference.
+L4_PROXIES = ("fulcrum", "nginx", "haproxy", "nginx-http")
 TLS_VARIANTS = ("resume", "full")
 # Sessions a proxy remembers for resumption by id: Fulcrum's default `session_cache`.
 SESSION_CACHE = 10000
@@ -75,8 +95,14 @@ def sh(*args, **kw):
     return subprocess.run(args, check=True, **kw)
 
 
+# Debian builds nginx's stream module as a dynamic module, in its own package.
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+
 def install():
     need = [p for p, b in [("nginx", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk"), ("nghttp2-client", "h2load")] if not shutil.which(b) and not os.path.exists(f"/usr/sbin/{b}")]
+    if not os.path.exists(NGINX_STREAM_MODULE):
+        need.append("libnginx-mod-stream")
     if need:
         print(f"installing {' '.join(need)} ...", file=sys.stderr)
         sh("apt-get", "update", "-qq")
@@ -109,13 +135,12 @@ def haproxy_bin():
 
 
 def start_backend(work, max_conns=4096):
-    """The nginx backend, pinned to CPU 1: static 1 KiB and 100 KiB files."""
+    """The nginx backend, pinned to CPU 1: static 1 KiB, 100 KiB and 10 MiB files."""
     www = os.path.join(work, "www")
     os.makedirs(www, exist_ok=True)
-    with open(os.path.join(www, "1k"), "wb") as f:
-        f.write(b"x" * 1024)
-    with open(os.path.join(www, "100k"), "wb") as f:
-        f.write(b"x" * 102400)
+    for name, size in [("1k", 1024), ("100k", 102400), ("10m", 10 * 1024 * 1024)]:
+        with open(os.path.join(www, name), "wb") as f:
+            f.write(b"x" * size)
     conf = os.path.join(work, "backend.conf")
     with open(conf, "w") as f:
         f.write(f"""
@@ -262,6 +287,78 @@ enabled = false
     }
 
 
+def tcp_proxy_configs(work, fulcrum, max_conns=8192, haproxy_splice=False):
+    """Command lines for the three proxies relaying TCP on PROXY_TCP_PORT to the backend,
+    one worker each, without parsing HTTP: each client connection gets its own upstream
+    connection, made when the client connects, and lives as long as the client's.
+
+    Fulcrum a `mode = "tcp"` listener (its default balancer; one server);
+    nginx a `stream` server with `proxy_pass` to an upstream (the dynamic stream module
+    loaded; `worker_connections` twice max_conns, as it counts upstream connections);
+    HAProxy `mode tcp` frontend and backend with maxconn as in HTTP mode.
+    None defers accept (Fulcrum's default for TCP, as server-speaks-first protocols need it
+    off), and every other setting is at its default: buffers (nginx's `proxy_buffer_size`
+    16k, HAProxy's `tune.bufsize` 16k), no splicing in HAProxy (`option splice-*` off).
+    Timeouts are long enough for no tunnel to be closed during a run. `haproxy_splice`
+    gives HAProxy `option splice-request` and `option splice-response` (splice(2) both ways,
+    as Fulcrum does on large reads by default; `splice-auto`, tried, made HAProxy 2.6 splice
+    nothing here, by strace), and `maxpipes` max_conns/8 rather than its default
+    max_conns/4, whose descriptors would not fit this machine's hard limit of 20,000 (a
+    benchmark tunnel uses a pipe only while it moves bulk: at most 64 here).
+    """
+    nginx_conf = os.path.join(work, "nginx-stream.conf")
+    with open(nginx_conf, "w") as f:
+        f.write(f"""
+load_module {NGINX_STREAM_MODULE};
+worker_processes 1; daemon off; pid {work}/nginx-stream.pid; error_log {work}/nginx-stream.err;
+worker_rlimit_nofile {2 * max_conns + 100};
+events {{ worker_connections {2 * max_conns}; }}
+stream {{
+  upstream backend {{ server 127.0.0.1:{BACKEND_PORT}; }}
+  server {{ listen 127.0.0.1:{PROXY_TCP_PORT} backlog=4096; proxy_pass backend; proxy_timeout 10m; }} }}
+""")
+    haproxy_conf = os.path.join(work, "haproxy-tcp.cfg")
+    haproxy_splicing = "  option splice-request\n  option splice-response" if haproxy_splice else ""
+    with open(haproxy_conf, "w") as f:
+        f.write(f"""
+global
+  nbthread 1
+  maxconn {max_conns}
+{f"  maxpipes {max_conns // 8}" if haproxy_splice else ""}
+defaults
+  mode tcp
+  maxconn {max_conns}
+  timeout connect 5s
+  timeout client 10m
+  timeout server 10m
+{haproxy_splicing}
+frontend fe_tcp
+  bind 127.0.0.1:{PROXY_TCP_PORT}
+  default_backend be_tcp
+backend be_tcp
+  server s1 127.0.0.1:{BACKEND_PORT}
+""")
+    fulcrum_conf = os.path.join(work, "fulcrum-tcp.toml")
+    with open(fulcrum_conf, "w") as f:
+        f.write(f"""
+workers = 1
+[listeners.tcp]
+bind = "127.0.0.1:{PROXY_TCP_PORT}"
+mode = "tcp"
+upstream = "backend"
+max_connections = {max_conns}
+[upstreams.backend]
+servers = [{{ address = "127.0.0.1:{BACKEND_PORT}" }}]
+[access_log]
+enabled = false
+""")
+    return {
+        "fulcrum": [fulcrum, "run", "-c", fulcrum_conf],
+        "nginx": [nginx_bin(), "-c", nginx_conf, "-p", work],
+        "haproxy": [haproxy_bin(), "-f", haproxy_conf, "-db"],
+    }
+
+
 def pids_of(proc):
     """The process and its children (nginx's worker), whose CPU we count."""
     pids = [proc.pid]
@@ -312,11 +409,19 @@ def run_wrk(port, path, conns, extra, duration, tls=False):
     scheme = "https" if tls else "http"
     args = ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", *extra, f"{scheme}://127.0.0.1:{port}{path}"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60).stdout
-    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    summary = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h), ([\d.]+)([KMGT]?)B read", out)
+    if not summary:
+        raise RuntimeError(f"wrk gave no summary:\n{out}")
+    requests = int(summary.group(1))
+    seconds = float(summary.group(2)) * {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}[summary.group(3)]
+    # wrk's units are binary (KB is 1024 bytes), printed to two decimals.
+    read_bytes = float(summary.group(4)) * 1024 ** " KMGT".index(summary.group(5) or " ")
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
     return {
         "requests": requests,
+        "bytes": read_bytes,
+        "mib_s": read_bytes / 2**20 / seconds if seconds > 0 else float("nan"),
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "p50": parse_latency(out, "50"),
         "p99": parse_latency(out, "99"),
@@ -345,6 +450,8 @@ def run_h2load(port, path, conns, extra, duration, tls=False):
     cipher = re.search(r"^Cipher: (\S+)", out, re.M)
     return {
         "requests": int(m.group(3)),
+        "bytes": float("nan"),
+        "mib_s": float("nan"),
         "rps": float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1)),
         "p50": pct(0.50),
         "p99": pct(0.99),
@@ -361,7 +468,10 @@ def run_client(scenario, port, duration):
 
 def port_for(name, scenario):
     """Where the scenario's client connects: nginx and HAProxy take h2c on their own port,
-    all three TLS on PROXY_TLS_PORT (TLS scenarios have no direct run)."""
+    all three TLS on PROXY_TLS_PORT (TLS scenarios have no direct run), TCP relays on
+    PROXY_TCP_PORT (but nginx's HTTP proxy, their reference, on PROXY_PORT)."""
+    if scenario.tcp:
+        return {"direct": BACKEND_PORT, "nginx-http": PROXY_PORT}.get(name, PROXY_TCP_PORT)
     if scenario.tls:
         assert name != "direct"
         return PROXY_TLS_PORT
@@ -370,11 +480,12 @@ def port_for(name, scenario):
     return BACKEND_PORT if name == "direct" else PROXY_PORT
 
 
-def start_proxy(cmd, cpu="0"):
-    """Starts a proxy pinned to one CPU and waits until it listens on PROXY_PORT."""
+def start_proxy(cmd, cpu="0", port=None):
+    """Starts a proxy pinned to one CPU and waits until it listens on `port` (PROXY_PORT
+    unless given)."""
     proc = subprocess.Popen(["taskset", "-c", cpu, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_port(PROXY_PORT)
+        wait_port(port or PROXY_PORT)
     except BaseException:
         stop_proxy(proc)
         raise
@@ -440,11 +551,52 @@ def describe_tls(check):
             f"{v3['tickets'][0]} / {v3['tickets'][1]}")
 
 
-def measure(name, cmd, scenario, duration):
-    proc = start_proxy(cmd)
+def established_to(port):
+    """Established TCP connections (IPv4) whose remote end is 127.0.0.1:`port`: seen from
+    the proxy, its upstream connections to the backend."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return sum(1 for line in f if line.split()[2] == want and line.split()[3] == "01")
+
+
+def check_tcp_relay(conns=4, timeout=5.0):
+    """That the proxy now running on PROXY_TCP_PORT relays TCP rather than HTTP: `conns`
+    client connections that send nothing must each open an upstream connection to the
+    backend (an HTTP proxy connects only for a request), and then each one request sent
+    through them must come back as the backend's 200 with the whole 1 KiB body.
+    Returns a line describing what was seen; raises if either fails."""
+    import socket
+    before = established_to(BACKEND_PORT)
+    clients = [socket.create_connection(("127.0.0.1", PROXY_TCP_PORT), timeout=timeout) for _ in range(conns)]
     try:
-        port = port_for(name, scenario)
-        wait_port(port)
+        deadline = time.time() + timeout
+        while established_to(BACKEND_PORT) - before < conns and time.time() < deadline:
+            time.sleep(0.05)
+        opened = established_to(BACKEND_PORT) - before
+        if opened < conns:
+            raise RuntimeError(f"{conns} idle client connections opened {opened} upstream connections: not a TCP relay")
+        for c in clients:
+            c.sendall(b"GET /1k HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            response = b""
+            while len(response) < 64 * 1024:  # bounded: the whole response is ~1.3 KiB
+                chunk = c.recv(65536)
+                if not chunk:
+                    break
+                response += chunk
+            head, _, body = response.partition(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200") or body != b"x" * 1024:
+                raise RuntimeError(f"through the TCP relay: {head[:200]!r}, {len(body)} bytes of body")
+    finally:
+        for c in clients:
+            c.close()
+    return f"{conns} idle clients opened {opened} upstream connections; each relayed a 200 and 1 KiB"
+
+
+def measure(name, cmd, scenario, duration):
+    port = port_for(name, scenario)
+    proc = start_proxy(cmd, port=port)
+    try:
         # Warm up pools and caches, uncounted.
         run_client(scenario, port, 1)
         pids = pids_of(proc)
@@ -453,6 +605,7 @@ def measure(name, cmd, scenario, duration):
         cpu = (cpu_ticks(pids) - before) / CLK_TCK
         result["cpu_s"] = cpu
         result["per_cpu_s"] = result["requests"] / cpu if cpu > 0 else float("nan")
+        result["mib_per_cpu_s"] = result["bytes"] / 2**20 / cpu if cpu > 0 else float("nan")
         result["rss_mib"] = peak_rss_kib(pids) / 1024
         return result
     finally:
@@ -465,7 +618,12 @@ def main():
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--scenarios", default=",".join(s.key for s in SCENARIOS),
                         help="comma-separated scenario keys to run, of: " + ", ".join(f"{s.key} ({s.title})" for s in SCENARIOS))
-    parser.add_argument("--port-base", type=int, default=18000, help="listen on 127.0.0.1 ports BASE+1, +2, +43, +80, +82")
+    parser.add_argument("--port-base", type=int, default=18000, help="listen on 127.0.0.1 ports BASE+1, +2, +43, +70, +80, +82")
+    parser.add_argument("--proxies", default="fulcrum,nginx,haproxy",
+                        help="comma-separated proxies to run, of: fulcrum, nginx, haproxy (TCP scenarios add nginx's HTTP proxy "
+                             "as nginx-http whenever nginx runs); ratios need fulcrum and the other")
+    parser.add_argument("--haproxy-splice", action="store_true",
+                        help="TCP scenarios: HAProxy splicing both ways (`option splice-request`, `splice-response`; off by default, as HAProxy has it)")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     keys = [k.strip() for k in args.scenarios.split(",") if k.strip()]
@@ -473,21 +631,42 @@ def main():
     if unknown or not keys:
         parser.error(f"unknown scenario {', '.join(unknown) or '(none given)'}; known: {', '.join(s.key for s in SCENARIOS)}")
     scenarios = [s for s in SCENARIOS if s.key in keys]
+    chosen = [p.strip() for p in args.proxies.split(",") if p.strip()]
+    if not chosen or any(p not in ("fulcrum", "nginx", "haproxy") for p in chosen):
+        parser.error(f"--proxies takes fulcrum, nginx, haproxy, not {args.proxies!r}")
     set_ports(args.port_base)
 
     install()
-    fulcrum = build_fulcrum()
+    fulcrum = build_fulcrum() if "fulcrum" in chosen else "fulcrum"  # not run, not built
     work = tempfile.mkdtemp(prefix="fulcrum-bench-")
     os.chmod(work, 0o755)  # nginx workers drop to an unprivileged user and must read www/
     backend = start_backend(work)
     # One set of configs per way of serving TLS; scenarios without TLS use the first.
     configs = {tls: proxy_configs(work, fulcrum, tls=tls) for tls in TLS_VARIANTS}
-    proxies = configs["resume"]
+    # TCP scenarios: the three relaying TCP, and nginx's HTTP proxy of the HTTP scenarios.
+    configs["tcp"] = {**tcp_proxy_configs(work, fulcrum, haproxy_splice=args.haproxy_splice), "nginx-http": configs["resume"]["nginx"]}
+    proxies_of = lambda scenario: [p for p in (L4_PROXIES if scenario.tcp else ("fulcrum", "nginx", "haproxy"))
+                                   if p in chosen or (p == "nginx-http" and "nginx" in chosen)]
+    config_of = lambda scenario: "tcp" if scenario.tcp else scenario.tls or "resume"
     results = {}  # (scenario, proxy) -> [result]
     checks = {}  # (TLS variant, proxy) -> check_tls()
+    tcp_checks = {}  # proxy -> check_tcp_relay()
     try:
+        if "fulcrum" in chosen:
+            for conf in sorted({cmd[-1] for variant in configs.values() for name, cmd in variant.items() if name == "fulcrum"}):
+                sh(fulcrum, "check", "-c", conf, stdout=subprocess.DEVNULL)
+        if any(s.tcp for s in scenarios):
+            for name in [p for p in ("fulcrum", "nginx", "haproxy") if p in chosen]:
+                proc = start_proxy(configs["tcp"][name], port=PROXY_TCP_PORT)
+                try:
+                    tcp_checks[name] = check_tcp_relay()
+                except (OSError, RuntimeError) as e:
+                    raise RuntimeError(f"{name} in TCP mode: {e}") from e
+                finally:
+                    stop_proxy(proc)
+                print(f"TCP check {name:8} {tcp_checks[name]}", file=sys.stderr)
         for tls in [v for v in TLS_VARIANTS if any(s.tls == v for s in scenarios)]:
-            for name, cmd in configs[tls].items():
+            for name, cmd in [(n, c) for n, c in configs[tls].items() if n in chosen]:
                 proc = start_proxy(cmd)
                 try:
                     wait_port(PROXY_TLS_PORT)
@@ -505,39 +684,64 @@ def main():
                     # Direct run: the backend alone, the limit any proxy could reach.
                     direct = run_client(scenario, port_for("direct", scenario), args.duration)
                     results.setdefault((scenario.title, "direct"), []).append(direct)
-                order = list(proxies) if rnd % 2 == 0 else list(reversed(proxies))
+                proxies = proxies_of(scenario)
+                order = proxies if rnd % 2 == 0 else list(reversed(proxies))
                 for name in order:
-                    cmd = configs[scenario.tls or "resume"][name]
+                    cmd = configs[config_of(scenario)][name]
                     r = measure(name, cmd, scenario, args.duration)
                     results.setdefault((scenario.title, name), []).append(r)
-                    print(f"round {rnd + 1} {scenario.title:32} {name:8} {r['rps']:10.0f} req/s {r['per_cpu_s']:10.0f} req/CPU-s  errors {r['errors']} {r['socket_errors']}", file=sys.stderr)
+                    bulk = f" {r['mib_per_cpu_s']:8.0f} MiB/CPU-s" if scenario.path in BULK_PATHS else ""
+                    print(f"round {rnd + 1} {scenario.title:32} {name:10} {r['rps']:10.0f} req/s {r['per_cpu_s']:10.0f} req/CPU-s{bulk}  "
+                          f"errors {r['errors']} {r['socket_errors']}", file=sys.stderr)
     finally:
         backend.send_signal(signal.SIGTERM)
         backend.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
 
     med = lambda rs, key: statistics.median(r[key] for r in rs)
+    per_cpu = lambda scenario, name: med(results[(scenario.title, name)], "per_cpu_s")
+    ran = lambda scenario, *names: all((scenario.title, n) in results for n in names)
+    # In TCP scenarios the table says how each proxy relays.
+    tcp_labels = {"fulcrum": "fulcrum tcp", "nginx": "nginx stream", "nginx-http": "nginx http",
+                  "haproxy": "haproxy tcp splice" if args.haproxy_splice else "haproxy tcp"}
+    label = lambda scenario, name: tcp_labels[name] if scenario.tcp and name != "direct" else name
     lines = [
         f"Medians of {args.rounds} interleaved rounds of {args.duration}s each; proxy pinned to CPU 0, wrk (h2load for h2c and h2 over TLS) and the nginx backend to CPU 1.",
         "",
         "| scenario | proxy | req/s | p50 ms | p99 ms | req per CPU-s | peak RSS MiB | non-2xx |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    ratios = []
+    ratios, tcp_ratios, bulk = [], [], []
     for scenario in scenarios:
         title = scenario.title
-        for name in ["direct", "fulcrum", "nginx", "haproxy"]:
+        for name in ["direct", "fulcrum", "nginx", "haproxy", "nginx-http"]:
             if (title, name) not in results:
-                continue  # TLS scenarios have no direct run
+                continue  # TLS scenarios have no direct run, a proxy may be left out
             rs = results[(title, name)]
-            per_cpu = f"{med(rs, 'per_cpu_s'):.0f}" if name != "direct" else "-"
+            per_cpu_s = f"{med(rs, 'per_cpu_s'):.0f}" if name != "direct" else "-"
             rss = f"{med(rs, 'rss_mib'):.1f}" if name != "direct" else "-"
-            lines.append(f"| {title} | {name} | {med(rs, 'rps'):.0f} | {med(rs, 'p50'):.2f} | {med(rs, 'p99'):.2f} | {per_cpu} | {rss} | {sum(r['errors'] for r in rs)} |")
-        f = med(results[(title, "fulcrum")], "per_cpu_s")
-        n = med(results[(title, "nginx")], "per_cpu_s")
-        h = med(results[(title, "haproxy")], "per_cpu_s")
-        ratios.append(f"| {title} | {f / n:.2f} | {f / h:.2f} |")
-    lines += ["", "Requests per CPU-second, Fulcrum relative to:", "", "| scenario | Fulcrum/nginx | Fulcrum/HAProxy |", "|---|---:|---:|", *ratios]
+            lines.append(f"| {title} | {label(scenario, name)} | {med(rs, 'rps'):.0f} | {med(rs, 'p50'):.2f} | {med(rs, 'p99'):.2f} | {per_cpu_s} | {rss} | {sum(r['errors'] for r in rs)} |")
+            if scenario.path in BULK_PATHS:
+                mib_cpu = f"{med(rs, 'mib_per_cpu_s'):.0f}" if name != "direct" else "-"
+                bulk.append(f"| {title} | {label(scenario, name)} | {med(rs, 'mib_s'):.0f} | {mib_cpu} |")
+        ratio = lambda a, b: f"{per_cpu(scenario, a) / per_cpu(scenario, b):.2f}" if ran(scenario, a, b) else "-"
+        if scenario.tcp:
+            tcp_ratios.append(f"| {title} | {ratio('fulcrum', 'nginx')} | {ratio('fulcrum', 'haproxy')} | {ratio('fulcrum', 'nginx-http')} "
+                              f"| {ratio('haproxy', 'nginx-http')} | {ratio('nginx', 'nginx-http')} |")
+        else:
+            ratios.append(f"| {title} | {ratio('fulcrum', 'nginx')} | {ratio('fulcrum', 'haproxy')} |")
+    if ratios:
+        lines += ["", "Requests per CPU-second, Fulcrum relative to:", "", "| scenario | Fulcrum/nginx | Fulcrum/HAProxy |", "|---|---:|---:|", *ratios]
+    if tcp_ratios:
+        lines += ["", "TCP relays, requests per CPU-second relative to one another and to nginx's HTTP proxy in the same scenario:", "",
+                  "| scenario | Fulcrum/nginx stream | Fulcrum/HAProxy tcp | Fulcrum/nginx http | HAProxy tcp/nginx http | nginx stream/nginx http |",
+                  "|---|---:|---:|---:|---:|---:|", *tcp_ratios]
+    if bulk:
+        lines += ["", "Bytes (what wrk read: bodies and heads), per second and per CPU-second of the proxy:", "",
+                  "| scenario | proxy | MiB/s | MiB per CPU-s |", "|---|---|---:|---:|", *bulk]
+    if tcp_checks:
+        lines += ["", "TCP relays checked before the rounds:", "", "| proxy | check |", "|---|---|"]
+        lines += [f"| {name} | {check} |" for name, check in tcp_checks.items()]
     if checks:
         lines += ["", "TLS as negotiated with `openssl s_client` before the rounds (reconnects offering the session "
                   "of the one before; tickets: NewSessionTicket messages after a first and after a second connection, TLS 1.3):", "",
