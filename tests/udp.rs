@@ -504,6 +504,41 @@ async fn a_server_that_stops_answering_is_marked_down_by_dns_checks_and_flows_le
     assert_eq!(one.source_of(&again), one.source_of(first));
 }
 
+/// A reload that changes an upstream's settings builds new server objects, which the
+/// health checks then mark: a flow started before it must follow them, or it stays on a
+/// server it cannot see go down.
+#[tokio::test]
+async fn after_a_reload_that_rebuilds_the_servers_flows_still_leave_a_server_marked_down() {
+    let (one, two) = (DnsServer::start(1).await, DnsServer::start(2).await);
+    let with_connect = |connect: &str| {
+        config(
+            &format!("[timeouts]\nupstream_connect = \"{connect}\""),
+            "127.0.0.1:0",
+            &[&one, &two],
+            "idle_timeout = \"30s\"",
+            "balance = \"round_robin\"\n\
+             [upstreams.dns.health_check]\ntype = \"dns\"\nquery = \"health.example.test\"\n\
+             interval = \"200ms\"\ntimeout = \"150ms\"\nfall = 2\nrise = 1\n",
+        )
+    };
+    let process = Process::start(&with_connect("3s"), &[]);
+    let mut on = a_client_on_each(process.addr, 2).await;
+    std::fs::write(&process.config, with_connect("4s")).unwrap();
+    process.signal("HUP");
+    logged(&process, "config reloaded", 1).await;
+    two.fall_silent();
+    let log = logged(&process, "server down: health checks fail", 1).await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("server down: health checks fail"))
+        .unwrap();
+    assert!(line.contains(&two.addr.to_string()), "{line}");
+    // The flow on the silent server moves with the client's next query (or a retry).
+    let (moved, _) = on.get_mut(&two.number).unwrap();
+    let answer = moved.ask(&name("moved.example.test.")).await.unwrap();
+    assert_eq!(answer.server, one.number);
+}
+
 #[tokio::test]
 async fn a_server_whose_port_closes_is_left_at_the_first_port_unreachable() {
     let (one, two) = (DnsServer::start(1).await, DnsServer::start(2).await);

@@ -158,8 +158,11 @@ pub struct UdpListener {
 struct FlowSocket {
     /// Connected to the flow's server.
     socket: UdpSocket,
-    upstream: Arc<Upstream>,
-    server: usize,
+    /// The flow's server, as the current snapshot has it: a reload that rebuilds the
+    /// upstream re-points it (see [`repoint`]), so that what the reply task reports reaches
+    /// the server objects health checks and balancers see. Locked only off the datagram
+    /// path (a refusal, a first answer, a reload); the receive loop keeps its own copy.
+    target: Mutex<Target>,
     /// Set by every datagram either way, cleared by each sweep.
     active: AtomicBool,
     /// The server refused the flow (ICMP port unreachable), or its socket failed.
@@ -171,17 +174,34 @@ impl FlowSocket {
     /// once, whichever side saw the error first.
     fn refused(&self, stats: &UdpStats) {
         if !self.ended.swap(true, Ordering::Relaxed) {
-            let server = &self.upstream.servers[self.server];
-            tracing::warn!(upstream = %self.upstream.name, server = %server.address, "udp server unreachable (port unreachable)");
+            let target = self.target();
+            let server = &target.upstream.servers[target.server];
+            tracing::warn!(upstream = %target.upstream.name, server = %server.address, "udp server unreachable (port unreachable)");
             add(&stats.shard().servers_unreachable, 1);
-            self.upstream.unreachable(self.server);
+            target.upstream.unreachable(target.server);
         }
     }
+
+    fn target(&self) -> Target {
+        self.target
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// A flow's server: its upstream and its index there.
+#[derive(Clone)]
+struct Target {
+    upstream: Arc<Upstream>,
+    server: usize,
 }
 
 /// A flow as its receive loop keeps it.
 struct Flow {
     shared: Arc<FlowSocket>,
+    /// The receive loop's copy of `shared.target`, read with every datagram.
+    target: Target,
     replies: AbortHandle,
     /// How long the flow has been seen quiet by sweeps.
     quiet: Duration,
@@ -371,11 +391,12 @@ impl Relay {
             let mut kept = true;
             // Once per flow and snapshot: a reload (or an admin change) swapped one in.
             if !std::ptr::eq(flow.checked.as_ptr(), Arc::as_ptr(snapshot)) {
-                kept = still_serves(flow, snapshot, self.slot);
+                kept = repoint(flow, snapshot, self.slot);
                 flow.checked = Arc::downgrade(snapshot);
             }
+            let moves = should_move(&flow.target, client);
             let flow = &flow.shared;
-            if kept && !flow.ended.load(Ordering::Relaxed) && !should_move(flow, client) {
+            if kept && !flow.ended.load(Ordering::Relaxed) && !moves {
                 match send(&flow.socket, datagram) {
                     Ok(_) => {
                         flow.active.store(true, Ordering::Relaxed);
@@ -427,12 +448,15 @@ impl Relay {
             return;
         };
         let sent = send(&socket, datagram);
+        let target = Target {
+            upstream: upstream.clone(),
+            server: index,
+        };
         let flow = Arc::new(FlowSocket {
             socket,
-            server: index,
+            target: Mutex::new(target.clone()),
             active: AtomicBool::new(true),
             ended: AtomicBool::new(false),
-            upstream: upstream.clone(),
         });
         let replies = tokio::spawn(relay_replies(
             flow.clone(),
@@ -456,6 +480,7 @@ impl Relay {
             client,
             Flow {
                 shared: flow,
+                target,
                 replies: replies.abort_handle(),
                 quiet: Duration::ZERO,
                 checked: Arc::downgrade(&runtime),
@@ -481,37 +506,59 @@ impl Relay {
     }
 }
 
-/// Whether a flow's server still serves its listener in `runtime`: the listener's upstream
-/// is the flow's, and lists the server, not disabled. A reload that removes the server (or
-/// gives the listener another upstream) moves the flow with its next datagram; one that
-/// drains the server does not: like a connection, the flow finishes there. A listener that
-/// is gone is draining: its flows stay.
-fn still_serves(flow: &Flow, runtime: &crate::runtime::Runtime, slot: usize) -> bool {
+/// Whether a flow stays on its server in `runtime`, which it then points to `runtime`'s
+/// objects for that server: the listener's upstream is the flow's, and lists the server's
+/// address, not disabled. (A reload that changes an upstream's settings builds new server
+/// objects; health checks mark those down, so a flow left on the old ones would never see
+/// it.) A reload that removes the server (or gives the listener another upstream) moves the
+/// flow with its next datagram; one that drains the server does not: like a connection,
+/// the flow finishes there. A listener that is gone is draining: its flows stay as they
+/// are.
+fn repoint(flow: &mut Flow, runtime: &crate::runtime::Runtime, slot: usize) -> bool {
     let Some(ListenerMode::Udp(udp)) = runtime.listener_config(slot).map(|l| &l.mode) else {
         return true;
     };
-    let upstream = &runtime.config.upstreams[udp.upstream];
-    let address = flow.shared.upstream.servers[flow.shared.server].address;
-    upstream.name == flow.shared.upstream.name
-        && upstream
-            .servers
-            .iter()
-            .any(|s| s.address == address && !s.disabled)
+    let upstream = &runtime.upstreams[udp.upstream];
+    let address = flow.target.upstream.servers[flow.target.server].address;
+    let listed = runtime.config.upstreams[udp.upstream]
+        .servers
+        .iter()
+        .any(|s| s.address == address && !s.disabled);
+    let index = upstream.servers.iter().position(|s| s.address == address);
+    let (true, Some(index)) = (upstream.name == flow.target.upstream.name && listed, index) else {
+        return false;
+    };
+    if Arc::ptr_eq(upstream, &flow.target.upstream) && index == flow.target.server {
+        return true;
+    }
+    let target = Target {
+        upstream: upstream.clone(),
+        server: index,
+    };
+    // Counted in flight on the new object before the old count goes.
+    flow._track = upstream.track(index);
+    *flow
+        .shared
+        .target
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = target.clone();
+    flow.target = target;
+    true
 }
 
 /// Whether a flow should move to another server: its server is out of rotation (down for
 /// its health checks, ejected, unreachable) and the upstream has another in. A flow keeps
 /// its server while every other is out too. Costs one load per datagram while its server is
 /// in.
-fn should_move(flow: &FlowSocket, client: SocketAddr) -> bool {
-    let upstream = &flow.upstream;
-    if upstream.servers[flow.server].share() != 0 {
+fn should_move(target: &Target, client: SocketAddr) -> bool {
+    let upstream = &target.upstream;
+    if upstream.servers[target.server].share() != 0 {
         return false;
     }
     let affinity = affinity(upstream, client);
     upstream
-        .pick(0, &affinity, &[flow.server])
-        .is_some_and(|(index, server)| index != flow.server && server.share() != 0)
+        .pick(0, &affinity, &[target.server])
+        .is_some_and(|(index, server)| index != target.server && server.share() != 0)
 }
 
 /// What ties a client to a server for `upstream`'s balancer: its address alone.
@@ -644,7 +691,8 @@ async fn relay_replies(
         if !answered && relayed > 0 {
             answered = true;
             // A server marked unreachable that answers is reachable again.
-            flow.upstream.reached(flow.server);
+            let target = flow.target();
+            target.upstream.reached(target.server);
         }
         match outcome {
             Ok(()) => tokio::task::yield_now().await,
