@@ -592,7 +592,11 @@ fn connect(upstream: &Upstream, client: SocketAddr) -> Option<(usize, UdpSocket)
                 return None;
             }
             Err(e) => {
-                tracing::warn!(upstream = %upstream.name, server = %server.address, error = %e, "udp server unreachable");
+                // Once a second at most, as above: a server that is unreachable meets
+                // every new client.
+                if first_this_second(&UNREACHABLE_LOGGED) {
+                    tracing::warn!(upstream = %upstream.name, server = %server.address, error = %e, "udp server unreachable");
+                }
                 upstream.unreachable(index);
                 failed.push(index);
             }
@@ -616,6 +620,8 @@ fn send_to(socket: &UdpSocket, datagram: &[u8], to: SocketAddr) -> io::Result<us
 
 /// When a shortage of sockets was last logged, in `now_ms` time.
 static SHORTAGE_LOGGED: AtomicU64 = AtomicU64::new(0);
+/// When a server a flow's socket could not be connected to was last logged.
+static UNREACHABLE_LOGGED: AtomicU64 = AtomicU64::new(0);
 
 /// Whether no call in the last second (by `last`, in `now_ms` time) returned true.
 fn first_this_second(last: &AtomicU64) -> bool {
@@ -627,11 +633,20 @@ fn first_this_second(last: &AtomicU64) -> bool {
             .is_ok()
 }
 
-/// Out of descriptors, memory or ports: no fault of the server's.
+/// Out of descriptors, memory or ports: no fault of the server's. (A UDP `connect` that
+/// finds no free ephemeral port fails with `EAGAIN`, not `EADDRNOTAVAIL` as TCP's does.)
 fn is_local_shortage(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EADDRNOTAVAIL
+                | libc::EAGAIN
+                | libc::EADDRINUSE
+        )
     )
 }
 
@@ -781,6 +796,32 @@ mod tests {
             "127.0.0.1:53".parse().unwrap(),
             2,
         ))
+    }
+
+    #[test]
+    fn running_out_of_local_ports_or_descriptors_is_no_fault_of_the_server() {
+        for errno in [
+            libc::EAGAIN,
+            libc::EWOULDBLOCK,
+            libc::EADDRINUSE,
+            libc::EADDRNOTAVAIL,
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+        ] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(is_local_shortage(&e), "{e}");
+        }
+        for errno in [
+            libc::ENETUNREACH,
+            libc::EHOSTUNREACH,
+            libc::ECONNREFUSED,
+            libc::EACCES,
+        ] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(!is_local_shortage(&e), "{e}");
+        }
     }
 
     #[test]
