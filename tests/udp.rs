@@ -863,6 +863,47 @@ async fn an_ipv6_listener_relays_to_an_ipv4_server() {
     }
 }
 
+/// A listener on a wildcard address replies from the address each client sent to: a
+/// connected client socket (as a DNS resolver's) takes datagrams from that address alone.
+#[tokio::test]
+async fn a_wildcard_listener_replies_from_the_address_the_client_sent_to() {
+    let port = unused_udp_addr().port();
+    let (_server, fulcrum) = echo_behind_fulcrum(&format!("0.0.0.0:{port}")).await;
+    assert_eq!(fulcrum.port(), port);
+    for (i, to) in ["127.0.0.2", "127.0.0.1", "127.0.0.3"]
+        .into_iter()
+        .enumerate()
+    {
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect((to, port)).await.unwrap();
+        for j in 0..3u8 {
+            assert!(
+                echoed(&client, &[i as u8, j], Duration::from_secs(5)).await,
+                "no reply from {to}:{port}"
+            );
+        }
+    }
+}
+
+/// As above, on `[::]`: over IPv6, and over IPv4 as mapped addresses.
+#[tokio::test]
+async fn an_ipv6_wildcard_listener_replies_from_the_address_the_client_sent_to() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here: skipped");
+        return;
+    }
+    let port = unused_udp_addr().port();
+    let (_server, _) = echo_behind_fulcrum(&format!("[::]:{port}")).await;
+    for (from, to) in [("[::1]:0", "::1"), ("127.0.0.1:0", "127.0.0.2")] {
+        let client = UdpSocket::bind(from).await.unwrap();
+        client.connect((to, port)).await.unwrap();
+        assert!(
+            echoed(&client, b"hello", Duration::from_secs(5)).await,
+            "no reply from {to} port {port}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn an_ha_switchover_pause_holds_off_new_flows_and_relays_the_open_ones() {
     let (server, fulcrum) = echo_behind_fulcrum("127.0.0.1:0").await;

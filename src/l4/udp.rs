@@ -9,15 +9,21 @@
 //! own on the same worker. Datagrams are relayed as they are, never reassembled or parsed;
 //! relaying one allocates nothing (one receive buffer per worker thread serves every loop
 //! and flow on it).
+//!
+//! A listener bound to a wildcard address learns, with each datagram, the local address
+//! its client sent it to (`IP_PKTINFO` / `IPV6_RECVPKTINFO`) and replies from that
+//! address: a client (a DNS resolver, say) drops replies from any other.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::AbortHandle;
@@ -158,6 +164,9 @@ pub struct UdpListener {
 struct FlowSocket {
     /// Connected to the flow's server.
     socket: UdpSocket,
+    /// On a wildcard listener, the local address the client sent its first datagram to,
+    /// which replies are sent from.
+    local: Option<IpAddr>,
     /// The flow's server, as the current snapshot has it: a reload that rebuilds the
     /// upstream re-points it (see [`repoint`]), so that what the reply task reports reaches
     /// the server objects health checks and balancers see. Locked only off the datagram
@@ -297,7 +306,19 @@ pub async fn receive_loop(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let wildcard = listener
+        .socket
+        .local_addr()
+        .is_ok_and(|a| a.ip().is_unspecified())
+        && match receive_local_addresses(&listener.socket) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "a wildcard udp listener cannot learn where datagrams were sent: it replies from the address the system picks");
+                false
+            }
+        };
     let mut relay = Relay {
+        wildcard,
         socket: Arc::new(listener.socket),
         slot: listener.slot,
         flow_permits: listener.flows,
@@ -344,6 +365,8 @@ pub async fn receive_loop(
 /// A receive loop's state.
 struct Relay {
     socket: Arc<UdpSocket>,
+    /// Bound to a wildcard address, with packet info enabled.
+    wildcard: bool,
     slot: usize,
     flow_permits: Arc<Semaphore>,
     stats: Arc<UdpStats>,
@@ -367,8 +390,16 @@ impl Relay {
     fn receive_batch(&mut self) -> usize {
         BUFFER.with_borrow_mut(|buf| {
             for taken in 0..BATCH {
-                match self.socket.try_recv_from(buf) {
-                    Ok((n, client)) => self.relay_from_client(&buf[..n], client),
+                let received = if self.wildcard {
+                    self.socket
+                        .try_io(Interest::READABLE, || receive_with_local(&self.socket, buf))
+                } else {
+                    self.socket
+                        .try_recv_from(buf)
+                        .map(|(n, client)| (n, client, None))
+                };
+                match received {
+                    Ok((n, client, local)) => self.relay_from_client(&buf[..n], client, local),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return taken,
                     // An error queued on the socket (an ICMP error for an earlier reply, on
                     // some systems): it concerns no datagram waiting.
@@ -384,7 +415,7 @@ impl Relay {
 
     /// Sends a client's datagram on its flow, starting the flow if it has none (or if its
     /// flow ended, or its server is out of rotation while another is in).
-    fn relay_from_client(&mut self, datagram: &[u8], client: SocketAddr) {
+    fn relay_from_client(&mut self, datagram: &[u8], client: SocketAddr, local: Option<IpAddr>) {
         let shard = self.stats.shard();
         if let Some(flow) = self.table.flows.get_mut(&client) {
             let snapshot = self.cache.load();
@@ -420,12 +451,12 @@ impl Relay {
             }
             self.table.flows.remove(&client);
         }
-        self.start_flow(datagram, client);
+        self.start_flow(datagram, client, local);
     }
 
     /// Starts a flow for `client` with its first datagram, unless the listener is paused,
     /// removed or at `max_flows`, or no server can be given a socket.
-    fn start_flow(&mut self, datagram: &[u8], client: SocketAddr) {
+    fn start_flow(&mut self, datagram: &[u8], client: SocketAddr, local: Option<IpAddr>) {
         let shard = self.stats.shard();
         if *self.paused.borrow() {
             add(&shard.dropped, 1);
@@ -454,6 +485,7 @@ impl Relay {
         };
         let flow = Arc::new(FlowSocket {
             socket,
+            local,
             target: Mutex::new(target.clone()),
             active: AtomicBool::new(true),
             ended: AtomicBool::new(false),
@@ -613,9 +645,175 @@ fn send(socket: &UdpSocket, datagram: &[u8]) -> io::Result<usize> {
     socket2::SockRef::from(socket).send(datagram)
 }
 
-/// As [`send`], to `to` from an unconnected socket.
-fn send_to(socket: &UdpSocket, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
-    socket2::SockRef::from(socket).send_to(datagram, &to.into())
+/// As [`send`], to `to` from an unconnected socket; from the local address `from` if
+/// given (a wildcard listener's).
+fn send_to(
+    socket: &UdpSocket,
+    datagram: &[u8],
+    to: SocketAddr,
+    from: Option<IpAddr>,
+) -> io::Result<usize> {
+    match from {
+        None => socket2::SockRef::from(socket).send_to(datagram, &to.into()),
+        Some(from) => send_from(socket, datagram, to, from),
+    }
+}
+
+/// Room for one packet-info control message (IPv6's is the larger), aligned as a
+/// `cmsghdr` must be: on the stack, so that no datagram allocates.
+#[repr(C, align(8))]
+struct ControlBuffer([u8; 64]);
+
+/// Has the kernel tell, with each datagram received on `socket`, the local address it was
+/// sent to. On an IPv6 socket this covers IPv4 datagrams too (as mapped addresses).
+fn receive_local_addresses(socket: &UdpSocket) -> io::Result<()> {
+    let (level, name) = match socket.local_addr()? {
+        SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_PKTINFO),
+        SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: a valid descriptor, and an option value of the size given.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Receives one datagram, with its sender and the local address it was sent to (if the
+/// kernel said: see [`receive_local_addresses`]).
+fn receive_with_local(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+    let mut name = socket2::SockAddrStorage::zeroed();
+    let mut control = ControlBuffer([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&raw mut name).cast();
+    msg.msg_namelen = name.size_of();
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = control.0.len() as _;
+    // SAFETY: every pointer in `msg` points to live buffers of the lengths given.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel wrote a sockaddr of `msg_namelen` bytes into `name`.
+    let client = unsafe { socket2::SockAddr::new(name, msg.msg_namelen) }
+        .as_socket()
+        .ok_or_else(|| io::Error::other("a datagram from a non-IP address"))?;
+    let mut local = None;
+    // SAFETY: the CMSG_ macros walk the control messages the kernel wrote within
+    // `msg_controllen`; each payload is read unaligned, as the type it is labelled with.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            let data = libc::CMSG_DATA(cmsg);
+            match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info: libc::in_pktinfo = std::ptr::read_unaligned(data.cast());
+                    local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                        info.ipi_addr.s_addr,
+                    ))));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info: libc::in6_pktinfo = std::ptr::read_unaligned(data.cast());
+                    local = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                }
+                _ => {}
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+    }
+    Ok((n as usize, client, local))
+}
+
+/// Sends `datagram` to `to` with `from` as its source address, now or `WouldBlock`.
+fn send_from(
+    socket: &UdpSocket,
+    datagram: &[u8],
+    to: SocketAddr,
+    from: IpAddr,
+) -> io::Result<usize> {
+    let to = socket2::SockAddr::from(to);
+    let mut control = ControlBuffer([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: datagram.as_ptr().cast_mut().cast(),
+        iov_len: datagram.len(),
+    };
+    let (level, kind, size) = match from {
+        IpAddr::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            size_of::<libc::in_pktinfo>(),
+        ),
+        IpAddr::V6(_) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            size_of::<libc::in6_pktinfo>(),
+        ),
+    };
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = to.as_ptr().cast_mut().cast();
+    msg.msg_namelen = to.len();
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE and CMSG_LEN are arithmetic; the one control message fits the
+    // buffer (64 bytes against CMSG_SPACE(20) = 40), and its payload is written unaligned.
+    unsafe {
+        msg.msg_controllen = libc::CMSG_SPACE(size as u32) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size as u32) as _;
+        let data = libc::CMSG_DATA(cmsg);
+        match from {
+            IpAddr::V4(ip) => std::ptr::write_unaligned(
+                data.cast(),
+                libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(ip).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                },
+            ),
+            IpAddr::V6(ip) => std::ptr::write_unaligned(
+                data.cast(),
+                libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: ip.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                },
+            ),
+        }
+    }
+    // SAFETY: every pointer in `msg` points to live buffers of the lengths given.
+    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &raw const msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// When a shortage of sockets was last logged, in `now_ms` time.
@@ -688,7 +886,7 @@ async fn relay_replies(
                     Ok(n) => {
                         relayed += 1;
                         flow.active.store(true, Ordering::Relaxed);
-                        match send_to(&listener, &buf[..n], client) {
+                        match send_to(&listener, &buf[..n], client, flow.local) {
                             Ok(_) => {
                                 add(&shard.datagrams_from_servers, 1);
                                 add(&shard.bytes_from_servers, n as u64);
