@@ -447,6 +447,60 @@ async fn past_max_flows_a_new_client_is_not_answered_until_a_flow_expires() {
     fourth.ask(&name("later.example.test.")).await.unwrap();
 }
 
+/// Resolvers that send each query from a new port (glibc, systemd-resolved) start a flow
+/// per query: with `responses = 1` each ends at its answer, so `max_flows` bounds the
+/// queries in flight rather than those of the last `idle_timeout`.
+#[tokio::test]
+async fn with_responses_a_flow_ends_at_its_answer_and_a_port_per_query_stays_under_max_flows() {
+    const CAP: usize = 20;
+    let server = DnsServer::start(1).await;
+    // Without it, the first CAP clients' flows hold every slot for idle_timeout.
+    let without = Process::start(
+        &config(
+            "",
+            "127.0.0.1:0",
+            &[&server],
+            &format!("max_flows = {CAP}"),
+            "",
+        ),
+        &[],
+    );
+    let asking: Vec<_> = (0..2 * CAP)
+        .map(|i| {
+            let mut client = DnsClient::new(without.addr, Duration::from_secs(1), 1);
+            tokio::spawn(async move {
+                client
+                    .ask(&name(&format!("w{i}.example.test.")))
+                    .await
+                    .is_ok()
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for asked in asking {
+        answered += usize::from(asked.await.unwrap());
+    }
+    assert_eq!(answered, CAP, "max_flows = {CAP} without responses");
+    drop(without);
+
+    let with = Process::start(
+        &config(
+            "",
+            "127.0.0.1:0",
+            &[&server],
+            &format!("max_flows = {CAP}\nresponses = 1"),
+            "",
+        ),
+        &[],
+    );
+    for i in 0..10 * CAP {
+        let mut client = DnsClient::new(with.addr, Duration::from_secs(2), 3);
+        let asked = name(&format!("q{i}.example.test."));
+        let answer = client.ask(&asked).await.unwrap();
+        assert_eq!(answer.name, asked);
+    }
+}
+
 #[tokio::test]
 async fn a_server_that_stops_answering_is_marked_down_by_dns_checks_and_flows_leave_it() {
     let (one, two) = (DnsServer::start(1).await, DnsServer::start(2).await);

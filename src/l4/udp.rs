@@ -10,6 +10,10 @@
 //! relaying one allocates nothing (one receive buffer per worker thread serves every loop
 //! and flow on it).
 //!
+//! With `responses = N`, a flow ends as soon as its server has sent N datagrams for each
+//! one its client sent, so that resolvers that send every query from a new port do not
+//! hold a flow each for `idle_timeout`.
+//!
 //! A listener bound to a wildcard address learns, with each datagram, the local address
 //! its client sent it to (`IP_PKTINFO` / `IPV6_RECVPKTINFO`) and replies from that
 //! address: a client (a DNS resolver, say) drops replies from any other.
@@ -174,8 +178,14 @@ struct FlowSocket {
     target: Mutex<Target>,
     /// Set by every datagram either way, cleared by each sweep.
     active: AtomicBool,
-    /// The server refused the flow (ICMP port unreachable), or its socket failed.
+    /// The server refused the flow (ICMP port unreachable), or its socket failed, or it
+    /// sent all the responses expected.
     ended: AtomicBool,
+    /// The listener's `responses` when the flow started; 0 if unset.
+    responses: u32,
+    /// Datagrams sent to the server, and received from it: counted only with `responses`.
+    requests: AtomicU64,
+    replies: AtomicU64,
 }
 
 impl FlowSocket {
@@ -318,6 +328,8 @@ pub async fn receive_loop(
             }
         };
     let mut relay = Relay {
+        finished: Arc::default(),
+        finishing: Vec::new(),
         wildcard,
         socket: Arc::new(listener.socket),
         slot: listener.slot,
@@ -335,6 +347,8 @@ pub async fn receive_loop(
         tokio::select! {
             biased;
             _ = stopping(&mut stop) => break,
+            // Before new datagrams: the slots these free may be what they need.
+            _ = relay.finished.notify.notified() => relay.end_finished(),
             _ = sweep.tick() => {
                 let now = Instant::now();
                 relay.table.sweep(now - swept, idle);
@@ -362,8 +376,30 @@ pub async fn receive_loop(
     relay.drain(idle).await;
 }
 
+/// The clients whose flows have sent all their responses, for their receive loop to end
+/// at once (freeing the socket, its port and the `max_flows` slot). Pushed to and drained
+/// on the same worker, so the lock is never contended; the list's room is reused.
+#[derive(Default)]
+struct Finished {
+    clients: Mutex<Vec<SocketAddr>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Finished {
+    fn push(&self, client: SocketAddr) {
+        self.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(client);
+        self.notify.notify_one();
+    }
+}
+
 /// A receive loop's state.
 struct Relay {
+    finished: Arc<Finished>,
+    /// Where the finished clients are taken to, kept for its room.
+    finishing: Vec<SocketAddr>,
     socket: Arc<UdpSocket>,
     /// Bound to a wildcard address, with packet info enabled.
     wildcard: bool,
@@ -428,6 +464,10 @@ impl Relay {
             let moves = should_move(&flow.target, client);
             let flow = &flow.shared;
             if kept && !flow.ended.load(Ordering::Relaxed) && !moves {
+                if flow.responses != 0 {
+                    // Before the send: the reply may be relayed before this returns.
+                    flow.requests.fetch_add(1, Ordering::Relaxed);
+                }
                 match send(&flow.socket, datagram) {
                     Ok(_) => {
                         flow.active.store(true, Ordering::Relaxed);
@@ -467,8 +507,11 @@ impl Relay {
             return;
         };
         let runtime = self.cache.load().clone();
-        let upstream = match runtime.listener_config(self.slot).map(|l| &l.mode) {
-            Some(ListenerMode::Udp(udp)) => runtime.upstreams[udp.upstream].clone(),
+        let (upstream, responses) = match runtime.listener_config(self.slot).map(|l| &l.mode) {
+            Some(ListenerMode::Udp(udp)) => (
+                runtime.upstreams[udp.upstream].clone(),
+                udp.responses.unwrap_or(0),
+            ),
             _ => {
                 add(&shard.dropped, 1);
                 return;
@@ -489,12 +532,16 @@ impl Relay {
             target: Mutex::new(target.clone()),
             active: AtomicBool::new(true),
             ended: AtomicBool::new(false),
+            responses,
+            requests: AtomicU64::new(u64::from(responses != 0)),
+            replies: AtomicU64::new(0),
         });
         let replies = tokio::spawn(relay_replies(
             flow.clone(),
             self.socket.clone(),
             client,
             self.stats.clone(),
+            self.finished.clone(),
         ));
         add(&shard.flows_started, 1);
         shard.flows_open.fetch_add(1, Ordering::Relaxed);
@@ -521,6 +568,29 @@ impl Relay {
                 _permit: permit,
             },
         );
+    }
+
+    /// Ends the flows whose servers have sent all their responses.
+    fn end_finished(&mut self) {
+        std::mem::swap(
+            &mut self.finishing,
+            &mut self
+                .finished
+                .clients
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for client in self.finishing.drain(..) {
+            // Unless the client's next datagram has already replaced it.
+            if self
+                .table
+                .flows
+                .get(&client)
+                .is_some_and(|f| f.shared.ended.load(Ordering::Relaxed))
+            {
+                self.table.flows.remove(&client);
+            }
+        }
     }
 
     /// After a stop: lets the flows finish their exchanges, then ends them all.
@@ -864,14 +934,17 @@ fn connected_socket(server: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 /// Relays the server's replies on a flow to its client, through the listener's socket,
-/// until the flow is ended (by its loop, which aborts this task) or refused.
+/// until the flow is ended (by its loop, which aborts this task) or refused, or its server
+/// has sent all the responses expected (which it tells the loop through `finished`).
 async fn relay_replies(
     flow: Arc<FlowSocket>,
     listener: Arc<UdpSocket>,
     client: SocketAddr,
     stats: Arc<UdpStats>,
+    finished: Arc<Finished>,
 ) {
     let mut answered = false;
+    let mut all_sent = false;
     loop {
         if let Err(e) = flow.socket.readable().await {
             tracing::debug!(error = %e, "udp flow socket failed");
@@ -895,6 +968,15 @@ async fn relay_replies(
                             // gone): as a congested network would, the reply is dropped.
                             Err(_) => add(&shard.dropped, 1),
                         }
+                        if flow.responses != 0 {
+                            let replies = flow.replies.fetch_add(1, Ordering::Relaxed) + 1;
+                            let expected =
+                                flow.requests.load(Ordering::Relaxed) * u64::from(flow.responses);
+                            if replies >= expected {
+                                all_sent = true;
+                                return Ok(());
+                            }
+                        }
                     }
                     Err(e) => return Err(e),
                 }
@@ -906,6 +988,11 @@ async fn relay_replies(
             // A server marked unreachable that answers is reachable again.
             let target = flow.target();
             target.upstream.reached(target.server);
+        }
+        if all_sent {
+            flow.ended.store(true, Ordering::Relaxed);
+            finished.push(client);
+            return;
         }
         match outcome {
             Ok(()) => tokio::task::yield_now().await,
