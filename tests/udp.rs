@@ -657,19 +657,80 @@ async fn a_reload_adds_and_removes_udp_listeners() {
     logged(&process, "config reloaded", 2).await;
     logged(&process, "listener removed", 1).await;
     to_second.ask(&name("still.example.test.")).await.unwrap();
-    // Once its flows have drained (a few seconds at most), nothing answers there.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut client = DnsClient::new(first, Duration::from_millis(500), 1);
-        if client.ask(&name("gone.example.test.")).await.is_err() {
-            break;
-        }
+    // It takes no new client: its loops have stopped receiving.
+    let mut late = DnsClient::new(first, Duration::from_millis(500), 1);
+    let refused = late.ask(&name("gone.example.test.")).await;
+    assert!(
+        refused.is_err(),
+        "the removed listener answered: {refused:?}"
+    );
+    // Once its flow has drained (5 s at most), its sockets are closed: the port is free.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Err(e) = std::net::UdpSocket::bind(first) {
         assert!(
             Instant::now() < deadline,
-            "the removed listener still answers"
+            "the removed listener still holds {first}: {e}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A listener removed and added again at once, before its flows have drained (and so
+/// while its sockets still hold the port): the reload takes its sockets over.
+#[tokio::test]
+async fn a_udp_listener_removed_and_added_again_at_once_answers() {
+    let server = DnsServer::start(1).await;
+    let bind = unused_udp_addr();
+    let other = unused_udp_addr();
+    let with = config(
+        "",
+        &bind.to_string(),
+        &[&server],
+        "idle_timeout = \"30s\"",
+        "",
+    );
+    let process = Process::start(&with, &[]);
+    let mut client = DnsClient::new(bind, Duration::from_secs(5), 3);
+    client.ask(&name("before.example.test.")).await.unwrap();
+    // A client that keeps asking: its flow stays open through the removal's drain (5 s),
+    // and with it the removed listener's sockets.
+    let busy = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let query = Message::query().to_vec().unwrap();
+    let asking = tokio::spawn(async move {
+        for _ in 0..300 {
+            let _ = busy.send_to(&query, bind).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    for round in 1..=2 {
+        // Removed (the config's only listener, now on another address)…
+        std::fs::write(
+            &process.config,
+            with.replace(&bind.to_string(), &other.to_string()),
+        )
+        .unwrap();
+        process.signal("HUP");
+        logged(&process, "config reloaded", 2 * round - 1).await;
+        // …and back within 100 ms, while the open flow keeps the old sockets bound.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            std::net::UdpSocket::bind(bind).is_err(),
+            "the removed listener's sockets were already closed: nothing to take over"
+        );
+        std::fs::write(&process.config, &with).unwrap();
+        process.signal("HUP");
+        let log = logged(&process, "config reloaded", 2 * round).await;
+        assert!(!log.contains("cannot bind"), "{log}");
+        let mut fresh = DnsClient::new(bind, Duration::from_secs(5), 3);
+        let answer = fresh
+            .ask(&name(&format!("again{round}.example.test.")))
+            .await
+            .unwrap();
+        assert_eq!(answer.server, server.number);
+    }
+    asking.abort();
 }
 
 #[tokio::test]
@@ -772,16 +833,13 @@ async fn a_reload_switching_a_listener_between_udp_and_http_rebinds_it() {
         support::get_text(&http, &format!("http://{bind}/")).await,
         "web"
     );
-    // Its UDP sockets are gone once their flow has drained.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut client = DnsClient::new(bind, Duration::from_millis(500), 1);
-        if client.ask(&name("gone.example.test.")).await.is_err() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still answered over UDP");
-    }
+    // Its UDP loops have stopped: a new client is not answered over UDP.
+    let mut late = DnsClient::new(bind, Duration::from_millis(500), 1);
+    let refused = late.ask(&name("gone.example.test.")).await;
+    assert!(refused.is_err(), "still answered over UDP: {refused:?}");
 
+    // Back to UDP at once, whether or not the old flow has drained (and its sockets
+    // closed): the reload takes them over if they are still open.
     std::fs::write(&process.config, as_mode(true)).unwrap();
     process.signal("HUP");
     logged(&process, "config reloaded", 2).await;

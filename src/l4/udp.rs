@@ -162,6 +162,27 @@ pub struct UdpListener {
     /// True while the listener takes no new flow (an HA switchover's pause): a datagram
     /// that would start one is dropped, and the client's retry finds the new active node.
     pub paused: watch::Receiver<bool>,
+    /// Where the loop leaves a weak reference to its socket: once the listener is removed,
+    /// a reload that adds one on the same address takes the socket over while it is still
+    /// open (see [`Adoptable`]).
+    pub adoptable: Adoptable,
+}
+
+/// A UDP listener's sockets, as long as something (its draining loops, its flows' reply
+/// tasks) keeps them open: a removed listener's port stays bound until then, so a listener
+/// added on the same address takes them over rather than failing to bind.
+pub type Adoptable = Arc<Mutex<Vec<std::sync::Weak<UdpSocket>>>>;
+
+/// Duplicates of the sockets in `adoptable` still open.
+pub fn adopt(adoptable: &Adoptable) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    adoptable
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .filter_map(|socket| socket.as_fd().try_clone_to_owned().ok())
+        .collect()
 }
 
 /// What a flow's receive loop and its reply task share.
@@ -327,11 +348,17 @@ pub async fn receive_loop(
                 false
             }
         };
+    let socket = Arc::new(listener.socket);
+    listener
+        .adoptable
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(Arc::downgrade(&socket));
     let mut relay = Relay {
         finished: Arc::default(),
         finishing: Vec::new(),
         wildcard,
-        socket: Arc::new(listener.socket),
+        socket,
         slot: listener.slot,
         flow_permits: listener.flows,
         stats: listener.stats,
