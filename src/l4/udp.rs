@@ -555,7 +555,7 @@ impl Relay {
         };
         let flow = Arc::new(FlowSocket {
             socket,
-            local,
+            local: local.filter(|ip| can_send_from(*ip)),
             target: Mutex::new(target.clone()),
             active: AtomicBool::new(true),
             ended: AtomicBool::new(false),
@@ -753,6 +753,22 @@ fn send_to(
     match from {
         None => socket2::SockRef::from(socket).send_to(datagram, &to.into()),
         Some(from) => send_from(socket, datagram, to, from),
+    }
+}
+
+/// Whether a reply can be sent from `ip`, a local address a client sent to: not from a
+/// multicast or broadcast one (a datagram sent there is answered from the address the
+/// system picks, as on a listener bound to a specific address).
+fn can_send_from(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !v4.is_multicast() && !v4.is_broadcast() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            !v6.is_multicast()
+                && !v6.is_unspecified()
+                && v6
+                    .to_ipv4_mapped()
+                    .is_none_or(|v4| can_send_from(IpAddr::V4(v4)))
+        }
     }
 }
 
@@ -1133,6 +1149,29 @@ mod tests {
         ] {
             let e = io::Error::from_raw_os_error(errno);
             assert!(!is_local_shortage(&e), "{e}");
+        }
+    }
+
+    #[test]
+    fn replies_go_from_the_address_sent_to_unless_it_was_broadcast_or_multicast() {
+        for ok in [
+            "127.0.0.2",
+            "10.1.2.3",
+            "::1",
+            "2001:db8::1",
+            "::ffff:127.0.0.2",
+        ] {
+            assert!(can_send_from(ok.parse().unwrap()), "{ok}");
+        }
+        for not in [
+            "255.255.255.255",
+            "224.0.0.251",
+            "0.0.0.0",
+            "ff02::fb",
+            "::",
+            "::ffff:224.0.0.251",
+        ] {
+            assert!(!can_send_from(not.parse().unwrap()), "{not}");
         }
     }
 
