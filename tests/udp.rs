@@ -245,12 +245,37 @@ fn name(text: &str) -> Name {
     Name::from_ascii(text).unwrap()
 }
 
-/// A UDP port on 127.0.0.1 nothing is bound to now.
+/// An address on 127.0.0.1 with a port nothing is bound to now, over UDP (on any
+/// address, v4 or v6) or TCP. The port is below the ephemeral range, so that no socket
+/// bound or connected meanwhile (Fulcrum's flow sockets, other tests' connections) takes
+/// it before a test binds it, or binds it again.
 fn unused_udp_addr() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::sync::atomic::AtomicU32;
+    const LOW: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .filter(|&low| low > LOW + 1000)
+        .unwrap_or(32_768);
+    let span = ephemeral - LOW;
+    // Test binaries run at the same time start at different places.
+    let start = std::process::id().wrapping_mul(7919);
+    let ipv6 = std::net::UdpSocket::bind("[::1]:0").is_ok();
+    // Each socket is closed before the next is tried: a dual-stack `[::]` one would
+    // clash with `0.0.0.0`.
+    let free = |bind: &dyn Fn() -> std::io::Result<()>| bind().is_ok();
+    for _ in 0..500 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + start.wrapping_add(n.wrapping_mul(131)) % span) as u16;
+        let free = free(&|| std::net::UdpSocket::bind(("0.0.0.0", port)).map(drop))
+            && (!ipv6 || free(&|| std::net::UdpSocket::bind(("::", port)).map(drop)))
+            && free(&|| std::net::TcpListener::bind(("127.0.0.1", port)).map(drop));
+        if free {
+            return SocketAddr::from(([127, 0, 0, 1], port));
+        }
+    }
+    panic!("no free port below {ephemeral}");
 }
 
 /// A UDP listener `dns` on `bind` over `servers`, with `listener` and `upstream` settings
