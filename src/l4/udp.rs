@@ -250,7 +250,7 @@ struct Flow {
     checked: std::sync::Weak<crate::runtime::Runtime>,
     stats: Arc<UdpStats>,
     /// Counts the flow as in flight to its server, for load-aware balancers.
-    _track: InFlight,
+    in_flight: InFlight,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -591,7 +591,7 @@ impl Relay {
                 quiet: Duration::ZERO,
                 checked: Arc::downgrade(&runtime),
                 stats: self.stats.clone(),
-                _track: upstream.track(index),
+                in_flight: upstream.track(index),
                 _permit: permit,
             },
         );
@@ -665,7 +665,7 @@ fn repoint(flow: &mut Flow, runtime: &crate::runtime::Runtime, slot: usize) -> b
         server: index,
     };
     // Counted in flight on the new object before the old count goes.
-    flow._track = upstream.track(index);
+    flow.in_flight = upstream.track(index);
     *flow
         .shared
         .target

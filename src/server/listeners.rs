@@ -527,6 +527,7 @@ impl Draining {
         self.adoptable = None;
         (!sockets.is_empty()).then_some(sockets)
     }
+
     /// Its connections still open (its accept loops, stopped, hold no permit).
     pub fn open_connections(&self) -> usize {
         if !self.counted {
