@@ -555,6 +555,7 @@ pub fn config(c: &Config) -> Value {
                     "upstream": c.upstreams[udp.upstream].name,
                     "idle_timeout": duration(udp.idle_timeout),
                     "max_flows": udp.max_flows,
+                    "responses": udp.responses,
                 }),
             }
         })

@@ -48,6 +48,7 @@ pub struct Listener {
     pub upstream: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
     pub max_flows: Option<Spanned<i64>>,
+    pub responses: Option<Spanned<i64>>,
     pub proxy_protocol_from: Option<Spanned<Vec<Spanned<String>>>>,
 }
 

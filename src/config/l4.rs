@@ -19,6 +19,8 @@ const TCP_IDLE: Duration = Duration::from_secs(600);
 /// Long enough for a DNS client's retries, short enough that flows do not pile up.
 const UDP_IDLE: Duration = Duration::from_secs(30);
 const MAX_FLOWS: i64 = 10_000;
+/// The most a udp listener's `responses` can be.
+const MAX_RESPONSES: i64 = 1000;
 
 /// Where an upstream's L4-relevant settings are written, for errors found only once the
 /// listeners that use it are known.
@@ -88,6 +90,7 @@ impl Checker {
                 listener.idle_timeout.as_ref().map(Spanned::span),
             ),
             ("max_flows", listener.max_flows.as_ref().map(Spanned::span)),
+            ("responses", listener.responses.as_ref().map(Spanned::span)),
         ];
         for (key, span) in keys {
             if let Some(span) = span {
@@ -96,10 +99,11 @@ impl Checker {
                     "idle_timeout" => " (an http listener's is timeouts.client_idle)",
                     _ => "",
                 };
-                self.error(
-                    span,
-                    format!("{key} applies to mode = \"tcp\" and \"udp\" listeners{hint}"),
-                );
+                let modes = match key {
+                    "max_flows" | "responses" => "mode = \"udp\"",
+                    _ => "mode = \"tcp\" and \"udp\"",
+                };
+                self.error(span, format!("{key} applies to {modes} listeners{hint}"));
             }
         }
         for route in &listener.routes {
@@ -195,16 +199,26 @@ impl Checker {
                 1_000_000,
                 MAX_FLOWS,
             ) as usize;
+            let responses = listener.responses.as_ref().map(|responses| {
+                self.int(Some(responses), "responses", 1, MAX_RESPONSES, 1) as u32
+            });
             return Some(ListenerMode::Udp(UdpMode {
                 upstream: upstream?,
                 idle_timeout,
                 max_flows,
+                responses,
             }));
         }
         if let Some(flows) = &listener.max_flows {
             self.error(
                 flows.span(),
                 "max_flows applies to mode = \"udp\" listeners: a tcp listener's limit is max_connections",
+            );
+        }
+        if let Some(responses) = &listener.responses {
+            self.error(
+                responses.span(),
+                "responses applies to mode = \"udp\" listeners: the datagrams a server sends in answer to each of a client's",
             );
         }
         let idle_timeout = self.duration(

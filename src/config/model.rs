@@ -128,6 +128,10 @@ pub struct UdpMode {
     pub idle_timeout: Duration,
     /// Flows at once on the listener; a datagram that would start one more is dropped.
     pub max_flows: usize,
+    /// Datagrams the server sends in answer to each client datagram (as DNS sends one):
+    /// once a flow's server has answered every datagram its client sent, the flow ends at
+    /// once rather than at `idle_timeout`. `None`: flows end only by `idle_timeout`.
+    pub responses: Option<u32>,
 }
 
 /// The PROXY protocol header Fulcrum sends servers that want it.

@@ -736,6 +736,7 @@ bind = "127.0.0.1:7000"
 mode = "udp"
 upstream = "dns"
 max_flows = 50
+responses = 1
 
 [upstreams.db]
 balance = "least_connections"
@@ -790,6 +791,7 @@ fn l4_listeners_take_their_mode_routes_and_defaults() {
         panic!()
     };
     assert_eq!(udp.max_flows, 50);
+    assert_eq!(udp.responses, Some(1));
     assert_eq!(udp.idle_timeout, Duration::from_secs(30));
     let dns = &c.upstreams[udp.upstream];
     assert_eq!(dns.name, "dns");
@@ -831,6 +833,7 @@ upstream = "db"
 [listeners.d]
 bind = "127.0.0.1:7003"
 upstream = "db"
+responses = 0
 [[listeners.d.routes]]
 sni = ["a.example.com"]
 upstream = "web"
@@ -859,8 +862,9 @@ query = "x"
         "error: routes does not apply to mode = \"udp\" listeners",
         "error: listener `c` (mode = \"udp\") has no upstream",
         "test.toml:28:12: error: upstream applies to mode = \"tcp\" and \"udp\" listeners",
-        "test.toml:30:7: error: sni routes a TLS connection passed through untouched",
-        "test.toml:34:18: error: proxy_protocol `v3` is not a version: use \"v1\" or \"v2\"",
+        "test.toml:29:13: error: responses applies to mode = \"udp\" listeners",
+        "test.toml:31:7: error: sni routes a TLS connection passed through untouched",
+        "test.toml:35:18: error: proxy_protocol `v3` is not a version: use \"v1\" or \"v2\"",
         "error: sticky_cookie needs HTTP: upstream `db` is used by tcp listener `b`",
         "error: proxy_protocol is sent on connections from tcp listeners only: upstream `web` is used by http listener `d`",
         "error: query applies only to type = \"dns\" checks",
@@ -914,4 +918,42 @@ fn a_udp_upstream_is_not_checked_over_http_by_default() {
         .replace("type = \"dns\"\n", "type = \"tcp\"\n")
         .replace("query = \"health.example.com\"\n", "");
     parse("test.toml", &text).unwrap();
+}
+
+#[test]
+fn a_udp_listener_s_responses_is_bounded() {
+    let e = error_text(
+        r#"
+[listeners.dns]
+bind = "127.0.0.1:7000"
+mode = "udp"
+upstream = "dns"
+responses = 1001
+
+[listeners.tcp]
+bind = "127.0.0.1:7001"
+mode = "tcp"
+upstream = "dns"
+responses = 1
+
+[upstreams.dns]
+servers = [{ address = "127.0.0.1:9053" }]
+"#,
+    );
+    for expected in [
+        "test.toml:6:13: error: responses = 1001 is out of range: allowed 1 to 1000",
+        "test.toml:12:13: error: responses applies to mode = \"udp\" listeners",
+    ] {
+        assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
+    }
+    let unset = parse("test.toml", &L4.replace("responses = 1\n", "")).unwrap();
+    let Some(ListenerMode::Udp(udp)) = unset
+        .listeners
+        .iter()
+        .map(|l| &l.mode)
+        .find(|m| matches!(m, ListenerMode::Udp(_)))
+    else {
+        panic!()
+    };
+    assert_eq!(udp.responses, None);
 }

@@ -9,15 +9,25 @@
 //! own on the same worker. Datagrams are relayed as they are, never reassembled or parsed;
 //! relaying one allocates nothing (one receive buffer per worker thread serves every loop
 //! and flow on it).
+//!
+//! With `responses = N`, a flow ends as soon as its server has sent N datagrams for each
+//! one its client sent, so that resolvers that send every query from a new port do not
+//! hold a flow each for `idle_timeout`.
+//!
+//! A listener bound to a wildcard address learns, with each datagram, the local address
+//! its client sent it to (`IP_PKTINFO` / `IPV6_RECVPKTINFO`) and replies from that
+//! address: a client (a DNS resolver, say) drops replies from any other.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::AbortHandle;
@@ -152,18 +162,51 @@ pub struct UdpListener {
     /// True while the listener takes no new flow (an HA switchover's pause): a datagram
     /// that would start one is dropped, and the client's retry finds the new active node.
     pub paused: watch::Receiver<bool>,
+    /// Where the loop leaves a weak reference to its socket: once the listener is removed,
+    /// a reload that adds one on the same address takes the socket over while it is still
+    /// open (see [`Adoptable`]).
+    pub adoptable: Adoptable,
+}
+
+/// A UDP listener's sockets, as long as something (its draining loops, its flows' reply
+/// tasks) keeps them open: a removed listener's port stays bound until then, so a listener
+/// added on the same address takes them over rather than failing to bind.
+pub type Adoptable = Arc<Mutex<Vec<std::sync::Weak<UdpSocket>>>>;
+
+/// Duplicates of the sockets in `adoptable` still open.
+pub fn adopt(adoptable: &Adoptable) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    adoptable
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .filter_map(|socket| socket.as_fd().try_clone_to_owned().ok())
+        .collect()
 }
 
 /// What a flow's receive loop and its reply task share.
 struct FlowSocket {
     /// Connected to the flow's server.
     socket: UdpSocket,
-    upstream: Arc<Upstream>,
-    server: usize,
+    /// On a wildcard listener, the local address the client sent its first datagram to,
+    /// which replies are sent from.
+    local: Option<IpAddr>,
+    /// The flow's server, as the current snapshot has it: a reload that rebuilds the
+    /// upstream re-points it (see [`repoint`]), so that what the reply task reports reaches
+    /// the server objects health checks and balancers see. Locked only off the datagram
+    /// path (a refusal, a first answer, a reload); the receive loop keeps its own copy.
+    target: Mutex<Target>,
     /// Set by every datagram either way, cleared by each sweep.
     active: AtomicBool,
-    /// The server refused the flow (ICMP port unreachable), or its socket failed.
+    /// The server refused the flow (ICMP port unreachable), or its socket failed, or it
+    /// sent all the responses expected.
     ended: AtomicBool,
+    /// The listener's `responses` when the flow started; 0 if unset.
+    responses: u32,
+    /// Datagrams sent to the server, and received from it: counted only with `responses`.
+    requests: AtomicU64,
+    replies: AtomicU64,
 }
 
 impl FlowSocket {
@@ -171,17 +214,34 @@ impl FlowSocket {
     /// once, whichever side saw the error first.
     fn refused(&self, stats: &UdpStats) {
         if !self.ended.swap(true, Ordering::Relaxed) {
-            let server = &self.upstream.servers[self.server];
-            tracing::warn!(upstream = %self.upstream.name, server = %server.address, "udp server unreachable (port unreachable)");
+            let target = self.target();
+            let server = &target.upstream.servers[target.server];
+            tracing::warn!(upstream = %target.upstream.name, server = %server.address, "udp server unreachable (port unreachable)");
             add(&stats.shard().servers_unreachable, 1);
-            self.upstream.unreachable(self.server);
+            target.upstream.unreachable(target.server);
         }
     }
+
+    fn target(&self) -> Target {
+        self.target
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// A flow's server: its upstream and its index there.
+#[derive(Clone)]
+struct Target {
+    upstream: Arc<Upstream>,
+    server: usize,
 }
 
 /// A flow as its receive loop keeps it.
 struct Flow {
     shared: Arc<FlowSocket>,
+    /// The receive loop's copy of `shared.target`, read with every datagram.
+    target: Target,
     replies: AbortHandle,
     /// How long the flow has been seen quiet by sweeps.
     quiet: Duration,
@@ -190,7 +250,7 @@ struct Flow {
     checked: std::sync::Weak<crate::runtime::Runtime>,
     stats: Arc<UdpStats>,
     /// Counts the flow as in flight to its server, for load-aware balancers.
-    _track: InFlight,
+    in_flight: InFlight,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -277,8 +337,28 @@ pub async fn receive_loop(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let wildcard = listener
+        .socket
+        .local_addr()
+        .is_ok_and(|a| a.ip().is_unspecified())
+        && match receive_local_addresses(&listener.socket) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "a wildcard udp listener cannot learn where datagrams were sent: it replies from the address the system picks");
+                false
+            }
+        };
+    let socket = Arc::new(listener.socket);
+    listener
+        .adoptable
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(Arc::downgrade(&socket));
     let mut relay = Relay {
-        socket: Arc::new(listener.socket),
+        finished: Arc::default(),
+        finishing: Vec::new(),
+        wildcard,
+        socket,
         slot: listener.slot,
         flow_permits: listener.flows,
         stats: listener.stats,
@@ -294,6 +374,8 @@ pub async fn receive_loop(
         tokio::select! {
             biased;
             _ = stopping(&mut stop) => break,
+            // Before new datagrams: the slots these free may be what they need.
+            _ = relay.finished.notify.notified() => relay.end_finished(),
             _ = sweep.tick() => {
                 let now = Instant::now();
                 relay.table.sweep(now - swept, idle);
@@ -321,9 +403,33 @@ pub async fn receive_loop(
     relay.drain(idle).await;
 }
 
+/// The clients whose flows have sent all their responses, for their receive loop to end
+/// at once (freeing the socket, its port and the `max_flows` slot). Pushed to and drained
+/// on the same worker, so the lock is never contended; the list's room is reused.
+#[derive(Default)]
+struct Finished {
+    clients: Mutex<Vec<SocketAddr>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Finished {
+    fn push(&self, client: SocketAddr) {
+        self.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(client);
+        self.notify.notify_one();
+    }
+}
+
 /// A receive loop's state.
 struct Relay {
+    finished: Arc<Finished>,
+    /// Where the finished clients are taken to, kept for its room.
+    finishing: Vec<SocketAddr>,
     socket: Arc<UdpSocket>,
+    /// Bound to a wildcard address, with packet info enabled.
+    wildcard: bool,
     slot: usize,
     flow_permits: Arc<Semaphore>,
     stats: Arc<UdpStats>,
@@ -347,8 +453,16 @@ impl Relay {
     fn receive_batch(&mut self) -> usize {
         BUFFER.with_borrow_mut(|buf| {
             for taken in 0..BATCH {
-                match self.socket.try_recv_from(buf) {
-                    Ok((n, client)) => self.relay_from_client(&buf[..n], client),
+                let received = if self.wildcard {
+                    self.socket
+                        .try_io(Interest::READABLE, || receive_with_local(&self.socket, buf))
+                } else {
+                    self.socket
+                        .try_recv_from(buf)
+                        .map(|(n, client)| (n, client, None))
+                };
+                match received {
+                    Ok((n, client, local)) => self.relay_from_client(&buf[..n], client, local),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return taken,
                     // An error queued on the socket (an ICMP error for an earlier reply, on
                     // some systems): it concerns no datagram waiting.
@@ -364,18 +478,23 @@ impl Relay {
 
     /// Sends a client's datagram on its flow, starting the flow if it has none (or if its
     /// flow ended, or its server is out of rotation while another is in).
-    fn relay_from_client(&mut self, datagram: &[u8], client: SocketAddr) {
+    fn relay_from_client(&mut self, datagram: &[u8], client: SocketAddr, local: Option<IpAddr>) {
         let shard = self.stats.shard();
         if let Some(flow) = self.table.flows.get_mut(&client) {
             let snapshot = self.cache.load();
             let mut kept = true;
             // Once per flow and snapshot: a reload (or an admin change) swapped one in.
             if !std::ptr::eq(flow.checked.as_ptr(), Arc::as_ptr(snapshot)) {
-                kept = still_serves(flow, snapshot, self.slot);
+                kept = repoint(flow, snapshot, self.slot);
                 flow.checked = Arc::downgrade(snapshot);
             }
+            let moves = should_move(&flow.target, client);
             let flow = &flow.shared;
-            if kept && !flow.ended.load(Ordering::Relaxed) && !should_move(flow, client) {
+            if kept && !flow.ended.load(Ordering::Relaxed) && !moves {
+                if flow.responses != 0 {
+                    // Before the send: the reply may be relayed before this returns.
+                    flow.requests.fetch_add(1, Ordering::Relaxed);
+                }
                 match send(&flow.socket, datagram) {
                     Ok(_) => {
                         flow.active.store(true, Ordering::Relaxed);
@@ -399,12 +518,12 @@ impl Relay {
             }
             self.table.flows.remove(&client);
         }
-        self.start_flow(datagram, client);
+        self.start_flow(datagram, client, local);
     }
 
     /// Starts a flow for `client` with its first datagram, unless the listener is paused,
     /// removed or at `max_flows`, or no server can be given a socket.
-    fn start_flow(&mut self, datagram: &[u8], client: SocketAddr) {
+    fn start_flow(&mut self, datagram: &[u8], client: SocketAddr, local: Option<IpAddr>) {
         let shard = self.stats.shard();
         if *self.paused.borrow() {
             add(&shard.dropped, 1);
@@ -415,8 +534,11 @@ impl Relay {
             return;
         };
         let runtime = self.cache.load().clone();
-        let upstream = match runtime.listener_config(self.slot).map(|l| &l.mode) {
-            Some(ListenerMode::Udp(udp)) => runtime.upstreams[udp.upstream].clone(),
+        let (upstream, responses) = match runtime.listener_config(self.slot).map(|l| &l.mode) {
+            Some(ListenerMode::Udp(udp)) => (
+                runtime.upstreams[udp.upstream].clone(),
+                udp.responses.unwrap_or(0),
+            ),
             _ => {
                 add(&shard.dropped, 1);
                 return;
@@ -427,18 +549,26 @@ impl Relay {
             return;
         };
         let sent = send(&socket, datagram);
+        let target = Target {
+            upstream: upstream.clone(),
+            server: index,
+        };
         let flow = Arc::new(FlowSocket {
             socket,
-            server: index,
+            local: local.filter(|ip| can_send_from(*ip)),
+            target: Mutex::new(target.clone()),
             active: AtomicBool::new(true),
             ended: AtomicBool::new(false),
-            upstream: upstream.clone(),
+            responses,
+            requests: AtomicU64::new(u64::from(responses != 0)),
+            replies: AtomicU64::new(0),
         });
         let replies = tokio::spawn(relay_replies(
             flow.clone(),
             self.socket.clone(),
             client,
             self.stats.clone(),
+            self.finished.clone(),
         ));
         add(&shard.flows_started, 1);
         shard.flows_open.fetch_add(1, Ordering::Relaxed);
@@ -456,14 +586,38 @@ impl Relay {
             client,
             Flow {
                 shared: flow,
+                target,
                 replies: replies.abort_handle(),
                 quiet: Duration::ZERO,
                 checked: Arc::downgrade(&runtime),
                 stats: self.stats.clone(),
-                _track: upstream.track(index),
+                in_flight: upstream.track(index),
                 _permit: permit,
             },
         );
+    }
+
+    /// Ends the flows whose servers have sent all their responses.
+    fn end_finished(&mut self) {
+        std::mem::swap(
+            &mut self.finishing,
+            &mut self
+                .finished
+                .clients
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for client in self.finishing.drain(..) {
+            // Unless the client's next datagram has already replaced it.
+            if self
+                .table
+                .flows
+                .get(&client)
+                .is_some_and(|f| f.shared.ended.load(Ordering::Relaxed))
+            {
+                self.table.flows.remove(&client);
+            }
+        }
     }
 
     /// After a stop: lets the flows finish their exchanges, then ends them all.
@@ -481,37 +635,59 @@ impl Relay {
     }
 }
 
-/// Whether a flow's server still serves its listener in `runtime`: the listener's upstream
-/// is the flow's, and lists the server, not disabled. A reload that removes the server (or
-/// gives the listener another upstream) moves the flow with its next datagram; one that
-/// drains the server does not: like a connection, the flow finishes there. A listener that
-/// is gone is draining: its flows stay.
-fn still_serves(flow: &Flow, runtime: &crate::runtime::Runtime, slot: usize) -> bool {
+/// Whether a flow stays on its server in `runtime`, which it then points to `runtime`'s
+/// objects for that server: the listener's upstream is the flow's, and lists the server's
+/// address, not disabled. (A reload that changes an upstream's settings builds new server
+/// objects; health checks mark those down, so a flow left on the old ones would never see
+/// it.) A reload that removes the server (or gives the listener another upstream) moves the
+/// flow with its next datagram; one that drains the server does not: like a connection,
+/// the flow finishes there. A listener that is gone is draining: its flows stay as they
+/// are.
+fn repoint(flow: &mut Flow, runtime: &crate::runtime::Runtime, slot: usize) -> bool {
     let Some(ListenerMode::Udp(udp)) = runtime.listener_config(slot).map(|l| &l.mode) else {
         return true;
     };
-    let upstream = &runtime.config.upstreams[udp.upstream];
-    let address = flow.shared.upstream.servers[flow.shared.server].address;
-    upstream.name == flow.shared.upstream.name
-        && upstream
-            .servers
-            .iter()
-            .any(|s| s.address == address && !s.disabled)
+    let upstream = &runtime.upstreams[udp.upstream];
+    let address = flow.target.upstream.servers[flow.target.server].address;
+    let listed = runtime.config.upstreams[udp.upstream]
+        .servers
+        .iter()
+        .any(|s| s.address == address && !s.disabled);
+    let index = upstream.servers.iter().position(|s| s.address == address);
+    let (true, Some(index)) = (upstream.name == flow.target.upstream.name && listed, index) else {
+        return false;
+    };
+    if Arc::ptr_eq(upstream, &flow.target.upstream) && index == flow.target.server {
+        return true;
+    }
+    let target = Target {
+        upstream: upstream.clone(),
+        server: index,
+    };
+    // Counted in flight on the new object before the old count goes.
+    flow.in_flight = upstream.track(index);
+    *flow
+        .shared
+        .target
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = target.clone();
+    flow.target = target;
+    true
 }
 
 /// Whether a flow should move to another server: its server is out of rotation (down for
 /// its health checks, ejected, unreachable) and the upstream has another in. A flow keeps
 /// its server while every other is out too. Costs one load per datagram while its server is
 /// in.
-fn should_move(flow: &FlowSocket, client: SocketAddr) -> bool {
-    let upstream = &flow.upstream;
-    if upstream.servers[flow.server].share() != 0 {
+fn should_move(target: &Target, client: SocketAddr) -> bool {
+    let upstream = &target.upstream;
+    if upstream.servers[target.server].share() != 0 {
         return false;
     }
     let affinity = affinity(upstream, client);
     upstream
-        .pick(0, &affinity, &[flow.server])
-        .is_some_and(|(index, server)| index != flow.server && server.share() != 0)
+        .pick(0, &affinity, &[target.server])
+        .is_some_and(|(index, server)| index != target.server && server.share() != 0)
 }
 
 /// What ties a client to a server for `upstream`'s balancer: its address alone.
@@ -545,7 +721,11 @@ fn connect(upstream: &Upstream, client: SocketAddr) -> Option<(usize, UdpSocket)
                 return None;
             }
             Err(e) => {
-                tracing::warn!(upstream = %upstream.name, server = %server.address, error = %e, "udp server unreachable");
+                // Once a second at most, as above: a server that is unreachable meets
+                // every new client.
+                if first_this_second(&UNREACHABLE_LOGGED) {
+                    tracing::warn!(upstream = %upstream.name, server = %server.address, error = %e, "udp server unreachable");
+                }
                 upstream.unreachable(index);
                 failed.push(index);
             }
@@ -562,13 +742,197 @@ fn send(socket: &UdpSocket, datagram: &[u8]) -> io::Result<usize> {
     socket2::SockRef::from(socket).send(datagram)
 }
 
-/// As [`send`], to `to` from an unconnected socket.
-fn send_to(socket: &UdpSocket, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
-    socket2::SockRef::from(socket).send_to(datagram, &to.into())
+/// As [`send`], to `to` from an unconnected socket; from the local address `from` if
+/// given (a wildcard listener's).
+fn send_to(
+    socket: &UdpSocket,
+    datagram: &[u8],
+    to: SocketAddr,
+    from: Option<IpAddr>,
+) -> io::Result<usize> {
+    match from {
+        None => socket2::SockRef::from(socket).send_to(datagram, &to.into()),
+        Some(from) => send_from(socket, datagram, to, from),
+    }
+}
+
+/// Whether a reply can be sent from `ip`, a local address a client sent to: not from a
+/// multicast or broadcast one (a datagram sent there is answered from the address the
+/// system picks, as on a listener bound to a specific address).
+fn can_send_from(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !v4.is_multicast() && !v4.is_broadcast() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            !v6.is_multicast()
+                && !v6.is_unspecified()
+                && v6
+                    .to_ipv4_mapped()
+                    .is_none_or(|v4| can_send_from(IpAddr::V4(v4)))
+        }
+    }
+}
+
+/// Room for one packet-info control message (IPv6's is the larger), aligned as a
+/// `cmsghdr` must be: on the stack, so that no datagram allocates.
+#[repr(C, align(8))]
+struct ControlBuffer([u8; 64]);
+
+/// Has the kernel tell, with each datagram received on `socket`, the local address it was
+/// sent to. On an IPv6 socket this covers IPv4 datagrams too (as mapped addresses).
+fn receive_local_addresses(socket: &UdpSocket) -> io::Result<()> {
+    let (level, name) = match socket.local_addr()? {
+        SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_PKTINFO),
+        SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: a valid descriptor, and an option value of the size given.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Receives one datagram, with its sender and the local address it was sent to (if the
+/// kernel said: see [`receive_local_addresses`]).
+fn receive_with_local(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+    let mut name = socket2::SockAddrStorage::zeroed();
+    let mut control = ControlBuffer([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&raw mut name).cast();
+    msg.msg_namelen = name.size_of();
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = control.0.len() as _;
+    // SAFETY: every pointer in `msg` points to live buffers of the lengths given.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel wrote a sockaddr of `msg_namelen` bytes into `name`.
+    let client = unsafe { socket2::SockAddr::new(name, msg.msg_namelen) }
+        .as_socket()
+        .ok_or_else(|| io::Error::other("a datagram from a non-IP address"))?;
+    let mut local = None;
+    // SAFETY: the CMSG_ macros walk the control messages the kernel wrote within
+    // `msg_controllen`; each payload is read unaligned, as the type it is labelled with.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            let data = libc::CMSG_DATA(cmsg);
+            match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info: libc::in_pktinfo = std::ptr::read_unaligned(data.cast());
+                    local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                        info.ipi_addr.s_addr,
+                    ))));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info: libc::in6_pktinfo = std::ptr::read_unaligned(data.cast());
+                    local = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                }
+                _ => {}
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+    }
+    Ok((n as usize, client, local))
+}
+
+/// Sends `datagram` to `to` with `from` as its source address, now or `WouldBlock`.
+fn send_from(
+    socket: &UdpSocket,
+    datagram: &[u8],
+    to: SocketAddr,
+    from: IpAddr,
+) -> io::Result<usize> {
+    let to = socket2::SockAddr::from(to);
+    let mut control = ControlBuffer([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: datagram.as_ptr().cast_mut().cast(),
+        iov_len: datagram.len(),
+    };
+    let (level, kind, size) = match from {
+        IpAddr::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            size_of::<libc::in_pktinfo>(),
+        ),
+        IpAddr::V6(_) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            size_of::<libc::in6_pktinfo>(),
+        ),
+    };
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = to.as_ptr().cast_mut().cast();
+    msg.msg_namelen = to.len();
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE and CMSG_LEN are arithmetic; the one control message fits the
+    // buffer (64 bytes against CMSG_SPACE(20) = 40), and its payload is written unaligned.
+    unsafe {
+        msg.msg_controllen = libc::CMSG_SPACE(size as u32) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size as u32) as _;
+        let data = libc::CMSG_DATA(cmsg);
+        match from {
+            IpAddr::V4(ip) => std::ptr::write_unaligned(
+                data.cast(),
+                libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(ip).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                },
+            ),
+            IpAddr::V6(ip) => std::ptr::write_unaligned(
+                data.cast(),
+                libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: ip.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                },
+            ),
+        }
+    }
+    // SAFETY: every pointer in `msg` points to live buffers of the lengths given.
+    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &raw const msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// When a shortage of sockets was last logged, in `now_ms` time.
 static SHORTAGE_LOGGED: AtomicU64 = AtomicU64::new(0);
+/// When a server a flow's socket could not be connected to was last logged.
+static UNREACHABLE_LOGGED: AtomicU64 = AtomicU64::new(0);
 
 /// Whether no call in the last second (by `last`, in `now_ms` time) returned true.
 fn first_this_second(last: &AtomicU64) -> bool {
@@ -580,11 +944,20 @@ fn first_this_second(last: &AtomicU64) -> bool {
             .is_ok()
 }
 
-/// Out of descriptors, memory or ports: no fault of the server's.
+/// Out of descriptors, memory or ports: no fault of the server's. (A UDP `connect` that
+/// finds no free ephemeral port fails with `EAGAIN`, not `EADDRNOTAVAIL` as TCP's does.)
 fn is_local_shortage(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EADDRNOTAVAIL
+                | libc::EAGAIN
+                | libc::EADDRINUSE
+        )
     )
 }
 
@@ -604,14 +977,17 @@ fn connected_socket(server: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 /// Relays the server's replies on a flow to its client, through the listener's socket,
-/// until the flow is ended (by its loop, which aborts this task) or refused.
+/// until the flow is ended (by its loop, which aborts this task) or refused, or its server
+/// has sent all the responses expected (which it tells the loop through `finished`).
 async fn relay_replies(
     flow: Arc<FlowSocket>,
     listener: Arc<UdpSocket>,
     client: SocketAddr,
     stats: Arc<UdpStats>,
+    finished: Arc<Finished>,
 ) {
     let mut answered = false;
+    let mut all_sent = false;
     loop {
         if let Err(e) = flow.socket.readable().await {
             tracing::debug!(error = %e, "udp flow socket failed");
@@ -626,7 +1002,7 @@ async fn relay_replies(
                     Ok(n) => {
                         relayed += 1;
                         flow.active.store(true, Ordering::Relaxed);
-                        match send_to(&listener, &buf[..n], client) {
+                        match send_to(&listener, &buf[..n], client, flow.local) {
                             Ok(_) => {
                                 add(&shard.datagrams_from_servers, 1);
                                 add(&shard.bytes_from_servers, n as u64);
@@ -634,6 +1010,15 @@ async fn relay_replies(
                             // The listener's send buffer is full (or the client's route
                             // gone): as a congested network would, the reply is dropped.
                             Err(_) => add(&shard.dropped, 1),
+                        }
+                        if flow.responses != 0 {
+                            let replies = flow.replies.fetch_add(1, Ordering::Relaxed) + 1;
+                            let expected =
+                                flow.requests.load(Ordering::Relaxed) * u64::from(flow.responses);
+                            if replies >= expected {
+                                all_sent = true;
+                                return Ok(());
+                            }
                         }
                     }
                     Err(e) => return Err(e),
@@ -644,7 +1029,13 @@ async fn relay_replies(
         if !answered && relayed > 0 {
             answered = true;
             // A server marked unreachable that answers is reachable again.
-            flow.upstream.reached(flow.server);
+            let target = flow.target();
+            target.upstream.reached(target.server);
+        }
+        if all_sent {
+            flow.ended.store(true, Ordering::Relaxed);
+            finished.push(client);
+            return;
         }
         match outcome {
             Ok(()) => tokio::task::yield_now().await,
@@ -733,6 +1124,55 @@ mod tests {
             "127.0.0.1:53".parse().unwrap(),
             2,
         ))
+    }
+
+    #[test]
+    fn running_out_of_local_ports_or_descriptors_is_no_fault_of_the_server() {
+        for errno in [
+            libc::EAGAIN,
+            libc::EWOULDBLOCK,
+            libc::EADDRINUSE,
+            libc::EADDRNOTAVAIL,
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+        ] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(is_local_shortage(&e), "{e}");
+        }
+        for errno in [
+            libc::ENETUNREACH,
+            libc::EHOSTUNREACH,
+            libc::ECONNREFUSED,
+            libc::EACCES,
+        ] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(!is_local_shortage(&e), "{e}");
+        }
+    }
+
+    #[test]
+    fn replies_go_from_the_address_sent_to_unless_it_was_broadcast_or_multicast() {
+        for ok in [
+            "127.0.0.2",
+            "10.1.2.3",
+            "::1",
+            "2001:db8::1",
+            "::ffff:127.0.0.2",
+        ] {
+            assert!(can_send_from(ok.parse().unwrap()), "{ok}");
+        }
+        for not in [
+            "255.255.255.255",
+            "224.0.0.251",
+            "0.0.0.0",
+            "ff02::fb",
+            "::",
+            "::ffff:224.0.0.251",
+        ] {
+            assert!(!can_send_from(not.parse().unwrap()), "{not}");
+        }
     }
 
     #[test]

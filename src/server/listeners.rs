@@ -258,6 +258,7 @@ impl Opened {
                 Vec::new()
             }
         };
+        let adoptable = udp::Adoptable::default();
         let (sockets, udp_stats) = match self.sockets {
             Sockets::Tcp(sockets) => {
                 let sockets = sockets.into_iter().map(|s| {
@@ -288,6 +289,7 @@ impl Opened {
             Sockets::Udp(sockets) => {
                 let stats = Arc::new(UdpStats::new(self.name.clone(), addr, workers.len()));
                 let loops = sockets.into_iter().map(|s| {
+                    let adoptable = adoptable.clone();
                     let (stop, flows, paused, stats) = (
                         stop.subscribe(),
                         connections.clone(),
@@ -310,6 +312,7 @@ impl Opened {
                                 flows,
                                 stats,
                                 paused,
+                                adoptable,
                             };
                             udp::receive_loop(listener, shared, stop).await
                         })
@@ -342,6 +345,7 @@ impl Opened {
                 SocketKind::Tcp
             },
             sockets: copies,
+            adoptable: udp_stats.as_ref().map(|_| adoptable),
             udp: udp_stats,
             connections,
             permits,
@@ -365,6 +369,8 @@ pub(super) struct Running {
     kind: SocketKind,
     /// Copies of the sockets its loops accept on, which a handover passes on.
     sockets: Vec<OwnedFd>,
+    /// A UDP listener's sockets, for a listener added on its address once it is removed.
+    adoptable: Option<udp::Adoptable>,
     /// What a UDP listener counts.
     pub udp: Option<Arc<UdpStats>>,
     /// One permit per open connection (and per accept loop waiting for one), or per UDP
@@ -449,6 +455,8 @@ impl Running {
             connections: self.connections,
             permits: self.permits,
             counted: self.kind == SocketKind::Tcp,
+            bind: self.bind,
+            adoptable: self.adoptable,
         }
     }
 
@@ -501,9 +509,25 @@ pub(super) struct Draining {
     permits: u32,
     /// Whether a switchover's drain waits for its connections (not for UDP flows).
     counted: bool,
+    /// As configured.
+    bind: SocketAddr,
+    adoptable: Option<udp::Adoptable>,
 }
 
 impl Draining {
+    /// A removed UDP listener's sockets on `bind` (with a port given), if they are still
+    /// open, for a UDP listener added there: binding beside them would fail. Its loops
+    /// have stopped receiving; its flows' replies still go out through them.
+    pub fn adopt_udp(&mut self, bind: SocketAddr) -> Option<Vec<OwnedFd>> {
+        if bind.port() == 0 || bind != self.bind {
+            return None;
+        }
+        let sockets = udp::adopt(self.adoptable.as_ref()?);
+        // Taken once: the listener that adopts them is the one to hand them on.
+        self.adoptable = None;
+        (!sockets.is_empty()).then_some(sockets)
+    }
+
     /// Its connections still open (its accept loops, stopped, hold no permit).
     pub fn open_connections(&self) -> usize {
         if !self.counted {

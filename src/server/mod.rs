@@ -296,13 +296,21 @@ impl Server {
                 .iter()
                 .any(|old| crate::runtime::same_sockets(old, l));
             if !kept {
+                // A UDP listener removed a moment ago may still hold the address while its
+                // flows drain: its sockets are taken over.
+                let adopted = match l.mode {
+                    crate::config::ListenerMode::Udp(_) => {
+                        set.draining.iter_mut().find_map(|d| d.adopt_udp(l.bind))
+                    }
+                    _ => None,
+                };
                 // Its slot is not known until the snapshot is built: set just below.
                 let listener = listeners::open(
                     l,
                     usize::MAX,
                     config.timeouts.client_header,
                     self.workers.len(),
-                    None,
+                    adopted,
                 )
                 .map_err(|e| e.to_string())?;
                 opened.push(listener);
