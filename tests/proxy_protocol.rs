@@ -120,31 +120,64 @@ async fn a_trusted_proxy_names_the_client_in_the_header_fulcrum_sends_on() {
     }
 }
 
+/// Reads until the connection ends, which must be by a reset (what came before it, such as
+/// the server's greeting, is dropped).
+async fn reset_within(stream: &mut TcpStream) {
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(LONG, stream.read_to_end(&mut rest))
+        .await
+        .expect("the connection was not closed");
+    let error = ended.expect_err("closed with FIN, not reset");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+}
+
 #[tokio::test]
 async fn a_header_from_an_untrusted_client_never_reaches_the_server() {
     let server = TcpServer::named("a").await;
     // Only 127.0.0.2 may send headers; the test connects from 127.0.0.1.
-    let proxy = Proxy::start(
+    let fulcrum = Process::start(
         &tcp_config(server.addr, "proxy_protocol_from = [\"127.0.0.2\"]", ""),
         &[],
-    )
-    .await;
+    );
     for header in [v1_header(), v2_header()] {
-        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-        stream.write_all(&header).await.unwrap();
-        stream.write_all(b"more\n").await.unwrap();
-        // Whatever the server said first may have come; then the connection ends.
-        let mut rest = Vec::new();
-        let ended = tokio::time::timeout(LONG, stream.read_to_end(&mut rest)).await;
-        assert!(ended.is_ok(), "the connection was not closed");
+        // Whole in one segment, and cut inside the signature with a pause between the
+        // pieces (so that no single read shows the whole signature).
+        // (A write after the reset came would take the error the test looks for.)
+        let mut whole = header.clone();
+        whole.extend_from_slice(b"more\n");
+        for cut in [0, 4, 2] {
+            let mut stream = TcpStream::connect(fulcrum.addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            if cut > 0 {
+                stream.write_all(&whole[..cut]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            stream.write_all(&whole[cut..]).await.unwrap();
+            reset_within(&mut stream).await;
+        }
     }
+    let line = fulcrum.stdout_line("refused_proxy_header").await;
+    assert!(line.contains("client=127.0.0.1:"), "{line}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(server.counts.received.load(Ordering::SeqCst), 0);
-    // The same client without a header is served.
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    stream.write_all(b"plain\n").await.unwrap();
-    assert_eq!(read_line(&mut stream).await.unwrap(), "a");
-    assert_eq!(read_line(&mut stream).await.unwrap(), "plain");
+    // The same client without a header is served, even when its bytes begin like one and
+    // come in pieces.
+    for (first, rest) in [
+        (&b"plain\n"[..], &b""[..]),
+        (b"P", b"ING\n"),
+        (b"PROX", b"IMA\n"),
+    ] {
+        let mut stream = TcpStream::connect(fulcrum.addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream.write_all(first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stream.write_all(rest).await.unwrap();
+        assert_eq!(read_line(&mut stream).await.unwrap(), "a");
+        let mut whole = first.to_vec();
+        whole.extend_from_slice(rest);
+        let whole = String::from_utf8(whole).unwrap();
+        assert_eq!(read_line(&mut stream).await.unwrap(), whole.trim_end());
+    }
 }
 
 #[tokio::test]

@@ -38,11 +38,25 @@ pub enum End {
     ServerReset,
     /// Nothing moved either way for `idle_timeout`; both closed.
     Idle,
-    /// The client's first bytes were refused by `refuse_first`; both reset.
+    /// The client's first bytes were refused by `check_first`; both reset.
     Refused,
     /// Another error on either side (the error as text, which side).
     Failed(String),
 }
+
+/// What a check on the client's first bytes makes of them (see [`relay`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstBytes {
+    /// Reset both sides; nothing reaches the server.
+    Refuse,
+    /// Relay them and everything after, unchecked.
+    Pass,
+    /// Hold them and look again once more have come.
+    NeedMore,
+}
+
+/// A check on the client's first bytes; see [`relay`].
+pub type FirstCheck = fn(&[u8]) -> FirstBytes;
 
 pub struct Relayed {
     /// Bytes from the client passed to the server, and from the server to the client.
@@ -94,15 +108,17 @@ const SPARES_KEPT: usize = 16;
 const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Relays bytes both ways between `client` and `server` until both directions are done, one
-/// side resets, or nothing moves for `idle_timeout`. `refuse_first`, if given, sees the
-/// first bytes read from the client (before they go anywhere) and returns true to refuse
-/// the connection (used to refuse a PROXY protocol header from an untrusted client).
+/// side resets, or nothing moves for `idle_timeout`. `check_first`, if given, sees the
+/// first bytes read from the client (before they go anywhere) and refuses the connection,
+/// lets it pass, or asks for more (used to refuse a PROXY protocol header from an untrusted
+/// client, however it is cut into segments).
 ///
-/// `refuse_first` sees what the client's first read returned: at least one byte, but maybe
-/// fewer than the client meant to send at once. A predicate guarding a signature should
-/// therefore also refuse a strict prefix of it. Waiting for more is not an option: many
-/// clients send a few bytes and wait for an answer, and in protocols where the server
-/// speaks first the client sends nothing until it has (meanwhile the server's bytes flow).
+/// While the check asks for more, what was read is held (not sent on) and the next read is
+/// appended to it; the check should ask only while the bytes are a strict prefix of a short
+/// signature, since a client that sends such a prefix and waits for an answer gets none
+/// until the idle timeout. Reads made while undecided do not count as activity, so that is
+/// as long as it can be held up. If the client closes while undecided, what it sent goes on.
+/// The server's bytes flow meanwhile (for protocols in which the server speaks first).
 ///
 /// A write to a socket whose peer has gone may raise SIGPIPE when splicing; Rust programs
 /// ignore SIGPIPE unless they ask otherwise (buffered writes pass `MSG_NOSIGNAL` anyway).
@@ -110,9 +126,9 @@ pub async fn relay(
     client: TcpStream,
     server: TcpStream,
     idle_timeout: Duration,
-    refuse_first: Option<fn(&[u8]) -> bool>,
+    check_first: Option<FirstCheck>,
 ) -> Relayed {
-    relay_with(CHOSEN, client, server, idle_timeout, refuse_first).await
+    relay_with(CHOSEN, client, server, idle_timeout, check_first).await
 }
 
 /// [`relay`] with the copy strategy chosen by the caller; for the bench and the tests.
@@ -122,13 +138,13 @@ pub async fn relay_with(
     client: TcpStream,
     server: TcpStream,
     idle_timeout: Duration,
-    refuse_first: Option<fn(&[u8]) -> bool>,
+    check_first: Option<FirstCheck>,
 ) -> Relayed {
     // Each write carries what one read brought; with Nagle on, a small one could wait behind
     // an unacknowledged one (40 ms, against a delayed ACK) where the sender meant none.
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let mut from_client = Direction::new(strategy, Side::Client, refuse_first);
+    let mut from_client = Direction::new(strategy, Side::Client, check_first);
     let mut from_server = Direction::new(strategy, Side::Server, None);
     let idle_timeout = idle_timeout.min(NEVER);
     let mut last_activity = Instant::now();
@@ -259,7 +275,8 @@ enum Held {
 struct Direction {
     strategy: Strategy,
     source: Side,
-    refuse_first: Option<fn(&[u8]) -> bool>,
+    /// Until the check has decided; while it has not, `held` is what was read so far.
+    check_first: Option<FirstCheck>,
     held: Held,
     /// Whether the next read splices: always with `Splice`, never with `Buffered`, as the
     /// last read's size says with `Adaptive`.
@@ -274,11 +291,11 @@ struct Direction {
 }
 
 impl Direction {
-    fn new(strategy: Strategy, source: Side, refuse_first: Option<fn(&[u8]) -> bool>) -> Self {
+    fn new(strategy: Strategy, source: Side, check_first: Option<FirstCheck>) -> Self {
         Direction {
             strategy,
             source,
-            refuse_first,
+            check_first,
             held: Held::Nothing,
             splicing: strategy == Strategy::Splice,
             source_done: false,
@@ -302,7 +319,7 @@ impl Direction {
         }
         let sink_side = self.source.other();
         loop {
-            if !matches!(self.held, Held::Nothing) {
+            if !matches!(self.held, Held::Nothing) && self.check_first.is_none() {
                 ready!(sink.poll_write_ready(cx)).map_err(|e| Stop::Io(sink_side, e))?;
                 match self.write(sink) {
                     Ok(n) => {
@@ -313,6 +330,11 @@ impl Direction {
                     Err(e) => return Poll::Ready(Err(Stop::Io(sink_side, e))),
                 }
             } else if self.source_done {
+                if !matches!(self.held, Held::Nothing) {
+                    // Closed before the check could decide: what came is no header.
+                    self.check_first = None;
+                    continue;
+                }
                 SockRef::from(sink)
                     .shutdown(Shutdown::Write)
                     .map_err(|e| Stop::Io(sink_side, e))?;
@@ -322,16 +344,22 @@ impl Direction {
                 ready!(source.poll_read_ready(cx)).map_err(|e| Stop::Io(self.source, e))?;
                 match self.read(source) {
                     Ok(0) => self.source_done = true,
-                    Ok(_) => self.moved_any = true,
+                    // Bytes held for the check are not activity yet (see `relay`).
+                    Ok(_) => self.moved_any |= self.check_first.is_none(),
                     Err(e) if retry(&e) => {}
                     Err(e) => return Poll::Ready(Err(Stop::Io(self.source, e))),
                 }
-                if let Some(refuse) = self.refuse_first
+                if let Some(check) = self.check_first
                     && let Held::Buffer { buffer, start, end } = &self.held
                 {
-                    self.refuse_first = None;
-                    if refuse(&buffer[*start..*end]) {
-                        return Poll::Ready(Err(Stop::Refused));
+                    match check(&buffer[*start..*end]) {
+                        FirstBytes::Refuse => return Poll::Ready(Err(Stop::Refused)),
+                        FirstBytes::Pass => self.check_first = None,
+                        // A check that would hold a whole chunk is not guarding a signature.
+                        FirstBytes::NeedMore if *end == buffer.len() => {
+                            return Poll::Ready(Err(Stop::Refused));
+                        }
+                        FirstBytes::NeedMore => {}
                     }
                 }
             }
@@ -341,9 +369,15 @@ impl Direction {
     /// Reads once from `source` into a chunk taken from the spares (left in `held` if
     /// anything was read). Returns the count, 0 at FIN.
     fn read(&mut self, source: &TcpStream) -> io::Result<usize> {
-        // The first read with a check to make is buffered whatever the strategy: the check
-        // must see the bytes.
-        if self.splicing && self.refuse_first.is_none() {
+        // Only while the check asks for more: a few bytes held, and room after them.
+        if let Held::Buffer { buffer, end, .. } = &mut self.held {
+            let read = read_some(source, &mut buffer[*end..])?;
+            *end += read;
+            return Ok(read);
+        }
+        // A read with a check to make is buffered whatever the strategy: the check must see
+        // the bytes.
+        if self.splicing && self.check_first.is_none() {
             // Without a pipe (out of descriptors) this read falls back to a buffer.
             if let Ok(pipe) = take_pipe() {
                 let read = source.try_io(Interest::READABLE, || {
@@ -582,7 +616,7 @@ mod tests {
     async fn tunnel(
         strategy: Strategy,
         idle_timeout: Duration,
-        refuse_first: Option<fn(&[u8]) -> bool>,
+        check_first: Option<FirstCheck>,
         buffer: Option<u32>,
     ) -> Tunnel {
         let (client, relay_client) = pair(buffer).await;
@@ -592,7 +626,7 @@ mod tests {
             relay_client,
             relay_server,
             idle_timeout,
-            refuse_first,
+            check_first,
         ));
         Tunnel {
             client,
@@ -852,10 +886,80 @@ mod tests {
         }
     }
 
-    /// Refuses what looks like a PROXY protocol v1 header, or the start of one.
-    fn refuse_proxy_header(first: &[u8]) -> bool {
+    /// Refuses what begins like a PROXY protocol v1 header, asks for more while unsure.
+    fn refuse_proxy_header(first: &[u8]) -> FirstBytes {
         const SIGNATURE: &[u8] = b"PROXY ";
-        first.starts_with(SIGNATURE) || SIGNATURE.starts_with(first)
+        if first.starts_with(SIGNATURE) {
+            FirstBytes::Refuse
+        } else if SIGNATURE.starts_with(first) {
+            FirstBytes::NeedMore
+        } else {
+            FirstBytes::Pass
+        }
+    }
+
+    #[tokio::test]
+    async fn a_signature_cut_into_pieces_is_held_then_refused() {
+        for strategy in ALL {
+            let Tunnel {
+                mut client,
+                mut server,
+                relay,
+            } = tunnel(strategy, WAIT, Some(refuse_proxy_header), None).await;
+            for piece in [&b"PR"[..], b"OX", b"Y TCP4 6.6.6.6 10.0.0.2 1000 80\r\n"] {
+                client.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let relayed = finished(relay).await;
+            assert!(matches!(relayed.end, End::Refused), "{:?}", relayed.end);
+            assert_eq!(relayed.from_client, 0);
+            let error = read_all(&mut server).await.expect_err("reset");
+            assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "{strategy:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_prefix_of_the_signature_that_turns_out_otherwise_passes_whole() {
+        for strategy in ALL {
+            let Tunnel {
+                mut client,
+                mut server,
+                relay,
+            } = tunnel(strategy, WAIT, Some(refuse_proxy_header), None).await;
+            client.write_all(b"P").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(b"ING\r\n").await.unwrap();
+            let mut ping = [0; 6];
+            timeout(WAIT, server.read_exact(&mut ping))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&ping, b"PING\r\n", "{strategy:?}");
+            // A prefix then FIN: it can no longer become a header, so it goes on.
+            client.write_all(b"x").await.unwrap();
+            client.shutdown().await.unwrap();
+            assert_eq!(read_all(&mut server).await.unwrap(), b"x");
+            drop(server);
+            let relayed = finished(relay).await;
+            assert!(matches!(relayed.end, End::Closed), "{:?}", relayed.end);
+            assert_eq!(relayed.from_client, 7);
+
+            let Tunnel {
+                mut client,
+                mut server,
+                relay,
+            } = tunnel(strategy, WAIT, Some(refuse_proxy_header), None).await;
+            client.write_all(b"PROX").await.unwrap();
+            client.shutdown().await.unwrap();
+            assert_eq!(
+                read_all(&mut server).await.unwrap(),
+                b"PROX",
+                "{strategy:?}"
+            );
+            drop(server);
+            let relayed = finished(relay).await;
+            assert!(matches!(relayed.end, End::Closed), "{:?}", relayed.end);
+        }
     }
 
     #[tokio::test]
