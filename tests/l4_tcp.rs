@@ -200,16 +200,20 @@ async fn a_refused_connect_goes_to_another_server_and_marks_the_dead_one() {
 
 #[tokio::test]
 async fn with_every_server_dead_the_client_is_closed() {
-    let proxy = start(&tcp_config(
-        &[support::unused_addr(), support::unused_addr()],
-        "",
-        "",
-        "",
-    ))
-    .await;
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let fulcrum = support::Process::start(
+        &tcp_config(
+            &[support::unused_addr(), support::unused_addr()],
+            "",
+            "",
+            "",
+        ),
+        &[],
+    );
+    let mut stream = TcpStream::connect(fulcrum.addr).await.unwrap();
     let read = read_within(&mut stream, LONG).await;
     assert!(matches!(read, Read::Eof | Read::Error(_)), "{read:?}");
+    let line = fulcrum.stdout_line("connect_failed").await;
+    assert!(line.contains("listener=\"t\""), "{line}");
 }
 
 /// A server that reads to the end of what the client sends, then answers how many bytes
@@ -845,4 +849,51 @@ async fn a_reload_sends_new_tunnels_elsewhere_and_leaves_open_ones_be() {
     assert_eq!(server_name(fulcrum.addr).await, "b");
     open.write_all(b"still a\n").await.unwrap();
     assert_eq!(read_line(&mut open).await.unwrap(), "still a");
+}
+
+#[tokio::test]
+async fn a_switchover_drain_does_not_wait_for_an_open_tunnel() {
+    let s = TcpServer::named("a").await;
+    let proxy = start(&tcp_config(&[s.addr], "", "", "")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(read_line(&mut stream).await.unwrap(), "a");
+    let quiesce = proxy.server.quiesce();
+    // Like a WebSocket, a tunnel has no request to finish: a drain waiting for it would
+    // keep every new client out for the whole wait.
+    assert_eq!(quiesce.open_connections(), 0);
+    quiesce.pause();
+    let began = Instant::now();
+    assert_eq!(quiesce.drained(LONG).await, 0);
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        began.elapsed()
+    );
+    // The tunnel goes on through the pause.
+    stream.write_all(b"still here\n").await.unwrap();
+    assert_eq!(read_line(&mut stream).await.unwrap(), "still here");
+    quiesce.resume();
+}
+
+#[tokio::test]
+async fn a_header_from_an_untrusted_client_on_a_passthrough_listener_is_reset_and_logged() {
+    let s = TcpServer::named("a").await;
+    let config = format!(
+        "[listeners.tls]\nbind = \"127.0.0.1:0\"\nmode = \"tcp\"\nupstream = \"app\"\n\
+         proxy_protocol_from = [\"127.0.0.2\"]\n\
+         [[listeners.tls.routes]]\nsni = [\"a.test\"]\nupstream = \"app\"\n\
+         [upstreams.app]\n{}\n",
+        servers(&[s.addr])
+    );
+    let fulcrum = support::Process::start(&config, &[]);
+    let mut stream = TcpStream::connect(fulcrum.addr).await.unwrap();
+    stream
+        .write_all(b"PROXY TCP4 6.6.6.6 127.0.0.1 1000 443\r\n\x16\x03\x01")
+        .await
+        .unwrap();
+    let read = read_within(&mut stream, LONG).await;
+    assert_eq!(read, Read::Error(std::io::ErrorKind::ConnectionReset));
+    let line = fulcrum.stdout_line("refused_proxy_header").await;
+    assert!(line.contains("client=127.0.0.1:"), "{line}");
+    assert_eq!(s.accepted(), 0);
 }
