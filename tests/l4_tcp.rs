@@ -897,3 +897,36 @@ async fn a_header_from_an_untrusted_client_on_a_passthrough_listener_is_reset_an
     assert!(line.contains("client=127.0.0.1:"), "{line}");
     assert_eq!(s.accepted(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_open_when_the_grace_runs_out_are_reset_both_ways_and_logged() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = tcp_config(
+        &[listener.local_addr().unwrap()],
+        "",
+        "",
+        "[timeouts]\nshutdown_grace = \"1s\"\n",
+    );
+    let mut fulcrum = support::Process::start(&config, &[]);
+    let mut client = TcpStream::connect(fulcrum.addr).await.unwrap();
+    client.write_all(b"hi\n").await.unwrap();
+    let (mut server, _) = tokio::time::timeout(LONG, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read_line(&mut server).await.unwrap(), "hi");
+    let began = Instant::now();
+    fulcrum.signal("TERM");
+    // Nothing is cut within the grace.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.write_all(b"still\n").await.unwrap();
+    assert_eq!(read_line(&mut client).await.unwrap(), "still");
+    assert_eq!(fulcrum.wait(LONG), 0);
+    assert!(began.elapsed() >= Duration::from_secs(1));
+    for peer in [&mut client, &mut server] {
+        let read = read_within(peer, LONG).await;
+        assert_eq!(read, Read::Error(std::io::ErrorKind::ConnectionReset));
+    }
+    let line = fulcrum.stdout_line("end=\"shutdown\"").await;
+    assert!(line.contains("bytes_from_client=3"), "{line}");
+}

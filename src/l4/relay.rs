@@ -18,6 +18,7 @@ use std::future::poll_fn;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -25,7 +26,10 @@ use nix::fcntl::{FcntlArg, OFlag};
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::server::worker;
 
 /// How a relayed connection ended.
 #[derive(Debug)]
@@ -40,6 +44,8 @@ pub enum End {
     Idle,
     /// The client's first bytes were refused by `check_first`; both reset.
     Refused,
+    /// Cut by [`cut_tunnels`] as the process exits; both reset.
+    Shutdown,
     /// Another error on either side (the error as text, which side).
     Failed(String),
 }
@@ -107,6 +113,70 @@ const SPARES_KEPT: usize = 16;
 /// Far enough to be "never" for an idle timeout, and safe to add to an `Instant`.
 const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// Set once [`cut_tunnels`] was called: the process is about to exit.
+static CUTTING: AtomicBool = AtomicBool::new(false);
+
+/// Shards of the tunnels open, by worker, so that opening one touches no lock or cache line
+/// another worker's tunnels touch.
+static OPEN: [TunnelShard; 16] = [const { TunnelShard::new() }; 16];
+
+#[repr(align(64))]
+struct TunnelShard {
+    /// Wakes this shard's relays to be cut.
+    cut: Notify,
+    /// Tunnels open (until their [`Tunnel`] is dropped, after they are logged).
+    open: AtomicUsize,
+}
+
+impl TunnelShard {
+    const fn new() -> Self {
+        TunnelShard {
+            cut: Notify::const_new(),
+            open: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// One open tunnel, counted until dropped, for [`cut_tunnels`] to wait for.
+pub struct Tunnel {
+    shard: &'static TunnelShard,
+}
+
+impl Tunnel {
+    /// Counts a tunnel as open on this worker; hold it until the tunnel is logged.
+    pub fn open() -> Tunnel {
+        let shard = &OPEN[worker() % OPEN.len()];
+        shard.open.fetch_add(1, Ordering::Relaxed);
+        Tunnel { shard }
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.shard.open.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// Resets every tunnel still open (both peers see a reset, not a clean end that would let
+/// them take a cut stream for a whole one), and waits at most `within` for them to end and be
+/// logged. For the end of `shutdown_grace`, just before the process exits.
+pub async fn cut_tunnels(within: Duration) {
+    CUTTING.store(true, Ordering::SeqCst);
+    for shard in &OPEN {
+        shard.cut.notify_waiters();
+    }
+    let deadline = Instant::now() + within;
+    while OPEN
+        .iter()
+        .map(|s| s.open.load(Ordering::Acquire))
+        .sum::<usize>()
+        > 0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Relays bytes both ways between `client` and `server` until both directions are done, one
 /// side resets, or nothing moves for `idle_timeout`. `check_first`, if given, sees the
 /// first bytes read from the client (before they go anywhere) and refuses the connection,
@@ -152,8 +222,21 @@ pub async fn relay_with(
     // the timer wheel on every read, it only notes the time once per wake-up.
     let idle = tokio::time::sleep_until(last_activity + idle_timeout);
     tokio::pin!(idle);
+    // Polled once, to leave the task's waker with the shard's `Notify` (a lock, once per
+    // tunnel); later wake-ups look only at `CUTTING`, an atomic, so that the hot path takes
+    // no lock.
+    let cut = OPEN[worker() % OPEN.len()].cut.notified();
+    tokio::pin!(cut);
+    cut.as_mut().enable();
+    let mut cut_waiting = true;
 
     let stop = poll_fn(|cx| {
+        if cut_waiting {
+            cut_waiting = cut.as_mut().poll(cx).is_pending();
+        }
+        if !cut_waiting || CUTTING.load(Ordering::Relaxed) {
+            return Poll::Ready(Stop::Shutdown);
+        }
         let up = from_client.poll(cx, &client, &server);
         if let Poll::Ready(Err(stop)) = up {
             return Poll::Ready(stop);
@@ -186,6 +269,11 @@ pub async fn relay_with(
             reset(&client);
             reset(&server);
             End::Refused
+        }
+        Stop::Shutdown => {
+            reset(&client);
+            reset(&server);
+            End::Shutdown
         }
         Stop::Io(side, error) if is_reset(&error) => match side {
             Side::Client => {
@@ -254,6 +342,7 @@ enum Stop {
     Closed,
     Idle,
     Refused,
+    Shutdown,
     Io(Side, io::Error),
 }
 

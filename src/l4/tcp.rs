@@ -50,6 +50,7 @@ pub async fn serve(
         return;
     };
     drop(finish);
+    let _tunnel = relay::Tunnel::open();
     // What the server must see before the client's own bytes: the PROXY header, then what
     // was read of the ClientHello (and anything after it in the same reads), in one write.
     let hello = hello.unwrap_or_default();
@@ -91,6 +92,10 @@ pub async fn serve(
         End::Refused => (
             Outcome::RefusedProxyHeader,
             Some("a PROXY header from a client not in proxy_protocol_from"),
+        ),
+        End::Shutdown => (
+            Outcome::Shutdown,
+            Some("still open when shutdown_grace ran out"),
         ),
         End::Failed(why) => (Outcome::Failed, Some(why.as_str())),
     };
