@@ -245,6 +245,27 @@ pub fn encode(
     }
 }
 
+/// The header for a connection Fulcrum makes on its own behalf (a health check), which
+/// carries no client: v2 `LOCAL`, or v1 `UNKNOWN`. A server reading it keeps the
+/// connection's own addresses, as Fulcrum does for such a header from a proxy in front.
+pub fn encode_local(version: ProxyProtocolVersion) -> &'static [u8] {
+    const V2_LOCAL: [u8; V2_FIXED_LEN] = {
+        let mut header = [0u8; V2_FIXED_LEN];
+        let mut i = 0;
+        while i < V2_SIGNATURE.len() {
+            header[i] = V2_SIGNATURE[i];
+            i += 1;
+        }
+        // Version 2, command LOCAL; family and protocol unspecified; no payload.
+        header[12] = 0x20;
+        header
+    };
+    match version {
+        ProxyProtocolVersion::V1 => b"PROXY UNKNOWN\r\n",
+        ProxyProtocolVersion::V2 => &V2_LOCAL,
+    }
+}
+
 /// Both addresses as IPv4 when both are (v4-mapped ones included), otherwise both as IPv6,
 /// an IPv4 one mapped: a header names one family for both.
 fn one_family(source: SocketAddr, destination: SocketAddr) -> (SocketAddr, SocketAddr) {
@@ -544,6 +565,21 @@ mod tests {
                 decode(begun).unwrap(),
                 Decoded::Partial { total: None },
                 "{begun:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn local_headers_decode_without_addresses() {
+        for version in [ProxyProtocolVersion::V1, ProxyProtocolVersion::V2] {
+            let local = encode_local(version);
+            assert_eq!(
+                decode(local).unwrap(),
+                Decoded::Header {
+                    len: local.len(),
+                    addresses: None
+                },
+                "{version:?}"
             );
         }
     }
