@@ -230,6 +230,12 @@ pub async fn relay_with(
     cut.as_mut().enable();
     let mut cut_waiting = true;
 
+    // Once a side's FIN is passed on, nothing reads from it, so a reset it sends later would
+    // only be seen when the other direction next writes to it: watched for instead (boxed:
+    // only half-closed tunnels need it).
+    let mut client_reset: Option<ResetWatch<'_>> = None;
+    let mut server_reset: Option<ResetWatch<'_>> = None;
+
     let stop = poll_fn(|cx| {
         if cut_waiting {
             cut_waiting = cut.as_mut().poll(cx).is_pending();
@@ -247,6 +253,16 @@ pub async fn relay_with(
         }
         if up.is_ready() && down.is_ready() {
             return Poll::Ready(Stop::Closed);
+        }
+        if from_client.done
+            && let Poll::Ready(stop) = watch_reset(cx, &mut client_reset, &client, Side::Client)
+        {
+            return Poll::Ready(stop);
+        }
+        if from_server.done
+            && let Poll::Ready(stop) = watch_reset(cx, &mut server_reset, &server, Side::Server)
+        {
+            return Poll::Ready(stop);
         }
         if std::mem::take(&mut from_client.moved_any) | std::mem::take(&mut from_server.moved_any) {
             last_activity = Instant::now();
@@ -297,6 +313,38 @@ pub async fn relay_with(
         from_server: from_server.written,
         end,
     }
+}
+
+type ResetWatch<'a> =
+    std::pin::Pin<Box<dyn Future<Output = io::Result<tokio::io::Ready>> + Send + 'a>>;
+
+/// Ready with the error once `stream` (whose FIN was passed on) reports one, a reset say.
+fn watch_reset<'a>(
+    cx: &mut Context<'_>,
+    watch: &mut Option<ResetWatch<'a>>,
+    stream: &'a TcpStream,
+    side: Side,
+) -> Poll<Stop> {
+    // Bounded: each turn either ends, or clears the readiness it saw (so the next waits).
+    for _ in 0..4 {
+        let ready = watch.get_or_insert_with(|| Box::pin(stream.ready(Interest::ERROR)));
+        if let Err(e) = ready!(ready.as_mut().poll(cx)) {
+            return Poll::Ready(Stop::Io(side, e));
+        }
+        *watch = None;
+        let error = stream.try_io(Interest::ERROR, || match stream.take_error()? {
+            Some(error) => Ok(error),
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        });
+        match error {
+            Ok(error) => return Poll::Ready(Stop::Io(side, error)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Stop::Io(side, e)),
+        }
+    }
+    // Readiness that keeps coming without an error: look again on the next wake-up.
+    cx.waker().wake_by_ref();
+    Poll::Pending
 }
 
 /// Makes the coming close of `stream` send RST instead of FIN.
@@ -839,6 +887,50 @@ mod tests {
             let relayed = reset_passes_on(strategy, false).await;
             assert!(matches!(relayed.end, End::ServerReset), "{:?}", relayed.end);
             assert_eq!(relayed.from_server, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_a_half_close_is_passed_on_at_once() {
+        for strategy in ALL {
+            for client_resets in [true, false] {
+                let Tunnel {
+                    client,
+                    server,
+                    relay,
+                } = tunnel(strategy, WAIT, None, None).await;
+                let (mut resetter, mut other) = if client_resets {
+                    (client, server)
+                } else {
+                    (server, client)
+                };
+                // A FIN, passed on; the other side says nothing back.
+                resetter.shutdown().await.unwrap();
+                assert_eq!(read_all(&mut other).await.unwrap(), b"");
+                SockRef::from(&resetter)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                drop(resetter);
+                // Reads give 0 since the FIN, so the reset shows as the socket's error.
+                let ready = timeout(Duration::from_secs(5), other.ready(Interest::ERROR)).await;
+                ready.expect("the reset was not passed on").unwrap();
+                let error = other.take_error().unwrap().expect("a reset");
+                // Linux reports a reset on a socket that had its FIN as EPIPE (CLOSE_WAIT).
+                assert!(
+                    matches!(
+                        error.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                    ),
+                    "{strategy:?}: {error}"
+                );
+                let relayed = finished(relay).await;
+                let expected = if client_resets {
+                    "ClientReset"
+                } else {
+                    "ServerReset"
+                };
+                assert_eq!(format!("{:?}", relayed.end), expected, "{strategy:?}");
+            }
         }
     }
 
