@@ -930,3 +930,124 @@ async fn tunnels_open_when_the_grace_runs_out_are_reset_both_ways_and_logged() {
     let line = fulcrum.stdout_line("end=\"shutdown\"").await;
     assert!(line.contains("bytes_from_client=3"), "{line}");
 }
+
+/// A passthrough listener routing `a.test` to `to`, with `listener` and `upstream` lines.
+fn passthrough_config(to: SocketAddr, listener: &str, upstream: &str) -> String {
+    format!(
+        "[listeners.tls]\nbind = \"127.0.0.1:0\"\nmode = \"tcp\"\nupstream = \"app\"\n{listener}\n\
+         [[listeners.tls.routes]]\nsni = [\"a.test\"]\nupstream = \"app\"\n\
+         [upstreams.app]\n{}\n{upstream}\n",
+        servers(&[to])
+    )
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_s_header_then_a_client_hello_is_routed_by_its_name() {
+    let pki = Pki::new();
+    let cert = pki.server("a", &["a.test"], Key::Ecdsa);
+    let server = TlsServer::start("a", &cert, &[]).await;
+    let proxy = start(&passthrough_config(
+        server.addr,
+        "proxy_protocol_from = [\"127.0.0.1\"]",
+        "",
+    ))
+    .await;
+    let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 127.66.0.7 127.0.0.80 4242 443\r\n")
+        .await
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(&pki, &[])));
+    let mut tls = tokio::time::timeout(
+        LONG,
+        connector.connect(ServerName::try_from("a.test").unwrap(), tcp),
+    )
+    .await
+    .expect("handshake timed out")
+    .expect("handshake failed");
+    assert_eq!(read_line(&mut tls).await.unwrap(), "a -");
+    tls.write_all(b"echo me\n").await.unwrap();
+    assert_eq!(read_line(&mut tls).await.unwrap(), "echo me");
+}
+
+#[tokio::test]
+async fn a_server_wanting_a_header_gets_it_before_the_client_hello_on_a_passthrough_listener() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = start(&passthrough_config(
+        listener.local_addr().unwrap(),
+        "",
+        "proxy_protocol = \"v1\"",
+    ))
+    .await;
+    // A real ClientHello naming a.test, as rustls writes it.
+    let pki = Pki::new();
+    let mut hello = Vec::new();
+    let mut connection = rustls::ClientConnection::new(
+        Arc::new(client_config(&pki, &[])),
+        ServerName::try_from("a.test").unwrap(),
+    )
+    .unwrap();
+    while connection.wants_write() {
+        connection.write_tls(&mut hello).unwrap();
+    }
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(&hello).await.unwrap();
+    let (mut server, _) = tokio::time::timeout(LONG, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let header = format!(
+        "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n",
+        client.local_addr().unwrap().port(),
+        proxy.addr.port()
+    );
+    let mut expected = header.into_bytes();
+    expected.extend_from_slice(&hello);
+    let mut got = vec![0; expected.len()];
+    tokio::time::timeout(LONG, server.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got == expected, "{:?}", String::from_utf8_lossy(&got));
+}
+
+/// A loopback address whose SYNs go unanswered: a listener with a backlog of 0 whose one
+/// queued connection is never accepted, so the kernel drops every later SYN. The sockets
+/// returned keep it so.
+async fn blackhole() -> (SocketAddr, Vec<socket2::Socket>, Vec<TcpStream>) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..4 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(stream) => queued.push(stream.unwrap()),
+            Err(_) => return (addr, vec![socket], queued),
+        }
+    }
+    panic!("the backlog never filled");
+}
+
+#[tokio::test]
+async fn a_connect_that_times_out_goes_to_another_server() {
+    let (dead, _listening, _queued) = blackhole().await;
+    let a = TcpServer::named("a").await;
+    let proxy = start(&tcp_config(
+        &[dead, a.addr],
+        "",
+        "balance = \"round_robin\"\nfail_timeout = \"30s\"",
+        "[timeouts]\nupstream_connect = \"500ms\"\n",
+    ))
+    .await;
+    let began = Instant::now();
+    for _ in 0..4 {
+        assert_eq!(server_name(proxy.addr).await, "a");
+    }
+    // One of them waited out the connect timeout to the dead one, which is then left alone.
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(a.accepted(), 4);
+}
