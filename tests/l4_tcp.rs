@@ -1,8 +1,10 @@
 //! `mode = "tcp"` listeners end to end, with real servers and clients on 127.0.0.1:
-//! balancing, connect failover, half-close, resets, the idle timeout, max_connections,
-//! TLS passthrough routed by SNI and ALPN (real rustls clients and servers, a ClientHello
-//! split into small segments, bytes that are not TLS), several workers under load while a
-//! server dies, and what the admin API shows of L4 listeners (udp ones included).
+//! balancing, connect failover (refused and timed out), half-close, resets, the idle
+//! timeout, max_connections, TLS passthrough routed by SNI and ALPN (real rustls clients and
+//! servers, a ClientHello split into small segments, bytes that are not TLS, PROXY headers
+//! before and after it), several workers under load while a server dies, what the admin API
+//! shows of L4 listeners (udp ones included), and tunnels through a switchover's pause and
+//! at the end of the shutdown grace.
 
 mod support;
 
