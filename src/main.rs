@@ -349,6 +349,9 @@ async fn run(config: Config, path: Option<&Path>) -> ExitCode {
             ?grace,
             "grace period over with connections still open; exiting"
         );
+        // Tunnels left open are reset and logged rather than closed by the exit, which
+        // would pass for a clean end.
+        fulcrum::l4::relay::cut_tunnels(Duration::from_millis(200)).await;
     }
     ExitCode::SUCCESS
 }

@@ -58,8 +58,6 @@ const V2_FIXED_LEN: usize = 16;
 /// (SSL details, a unique id, an authority) is far smaller, and more is refused rather
 /// than held for.
 const V2_MAX_PAYLOAD: usize = 4096;
-/// A signature prefix this long is taken as a header begun (see [`starts_like_header`]).
-const MIN_PREFIX_TO_TELL: usize = 5;
 /// Bytes peeked at first: a whole v1 header, or a v2 one with IPv6 addresses and a few
 /// TLVs; a longer v2 header is peeked again at its own length.
 const FIRST_PEEK: usize = 256;
@@ -247,6 +245,27 @@ pub fn encode(
     }
 }
 
+/// The header for a connection Fulcrum makes on its own behalf (a health check), which
+/// carries no client: v2 `LOCAL`, or v1 `UNKNOWN`. A server reading it keeps the
+/// connection's own addresses, as Fulcrum does for such a header from a proxy in front.
+pub fn encode_local(version: ProxyProtocolVersion) -> &'static [u8] {
+    const V2_LOCAL: [u8; V2_FIXED_LEN] = {
+        let mut header = [0u8; V2_FIXED_LEN];
+        let mut i = 0;
+        while i < V2_SIGNATURE.len() {
+            header[i] = V2_SIGNATURE[i];
+            i += 1;
+        }
+        // Version 2, command LOCAL; family and protocol unspecified; no payload.
+        header[12] = 0x20;
+        header
+    };
+    match version {
+        ProxyProtocolVersion::V1 => b"PROXY UNKNOWN\r\n",
+        ProxyProtocolVersion::V2 => &V2_LOCAL,
+    }
+}
+
 /// Both addresses as IPv4 when both are (v4-mapped ones included), otherwise both as IPv6,
 /// an IPv4 one mapped: a header names one family for both.
 fn one_family(source: SocketAddr, destination: SocketAddr) -> (SocketAddr, SocketAddr) {
@@ -269,19 +288,34 @@ fn one_family(source: SocketAddr, destination: SocketAddr) -> (SocketAddr, Socke
     )
 }
 
-/// Whether `first` (a connection's first bytes, however few) begins like a PROXY header
-/// (v1 `PROXY ` or the v2 12-byte signature) — for refusing one from an untrusted client.
-/// A prefix of a signature that is too short to tell counts as a match only if it is at least
-/// 5 bytes ("PROXY" or the first 5 v2 signature bytes). Cheap: no allocation.
-pub fn starts_like_header(first: &[u8]) -> bool {
-    let begins = |signature: &[u8]| {
-        if first.len() >= signature.len() {
-            first.starts_with(signature)
-        } else {
-            first.len() >= MIN_PREFIX_TO_TELL && signature.starts_with(first)
+/// What a connection's first bytes say about a PROXY header at its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderStart {
+    /// They begin with a whole signature (v1 `PROXY ` or the v2 12-byte one).
+    Header,
+    /// They cannot begin one.
+    NotHeader,
+    /// They are a strict prefix of a signature (`PROX`, or `\r\n\r\n` of v2): only more
+    /// bytes tell; at most 11 more are needed.
+    Undecided,
+}
+
+/// Whether `first` (a connection's first bytes, however few) begins like a PROXY header —
+/// for refusing one from an untrusted client, who may send it split across segments so
+/// that no single read shows the whole signature. Cheap: no allocation.
+pub fn header_start(first: &[u8]) -> HeaderStart {
+    let mut undecided = false;
+    for signature in [V1_PREFIX, V2_SIGNATURE] {
+        if first.starts_with(signature) {
+            return HeaderStart::Header;
         }
-    };
-    begins(V1_PREFIX) || begins(V2_SIGNATURE)
+        undecided |= !first.is_empty() && signature.starts_with(first);
+    }
+    if undecided {
+        HeaderStart::Undecided
+    } else {
+        HeaderStart::NotHeader
+    }
 }
 
 /// Whether `ip` is in any of `trusted` (v4-mapped IPv6 addresses count as their IPv4 address).
@@ -536,28 +570,55 @@ mod tests {
     }
 
     #[test]
+    fn local_headers_decode_without_addresses() {
+        for version in [ProxyProtocolVersion::V1, ProxyProtocolVersion::V2] {
+            let local = encode_local(version);
+            assert_eq!(
+                decode(local).unwrap(),
+                Decoded::Header {
+                    len: local.len(),
+                    addresses: None
+                },
+                "{version:?}"
+            );
+        }
+    }
+
+    #[test]
     fn what_starts_like_a_header() {
-        for yes in [
-            &b"PROXY"[..],
-            b"PROXY ",
+        for header in [
+            &b"PROXY "[..],
             b"PROXY TCP4 1.2.3.4",
-            b"\r\n\r\n\0",
             b"\r\n\r\n\0\r\nQUIT\n",
             b"\r\n\r\n\0\r\nQUIT\n\x21\x11",
             b"PROXY garbage",
         ] {
-            assert!(starts_like_header(yes), "{yes:?}");
+            assert_eq!(header_start(header), HeaderStart::Header, "{header:?}");
+        }
+        for undecided in [
+            &b"P"[..],
+            b"PROX",
+            b"PROXY",
+            b"\r",
+            b"\r\n\r\n",
+            b"\r\n\r\n\0\r\nQUIT",
+        ] {
+            assert_eq!(
+                header_start(undecided),
+                HeaderStart::Undecided,
+                "{undecided:?}"
+            );
         }
         for no in [
             &b""[..],
-            b"PROX",
-            b"\r\n\r\n",
+            b"PING\r\n",
             b"PROXYX",
             b"GET / HTTP/1.1\r\n",
             b"\r\n\r\n\0\r\nQUIT!",
+            b"\r\n\r\n\0\r\nQUIT\r",
             &[0x16, 0x03, 0x01],
         ] {
-            assert!(!starts_like_header(no), "{no:?}");
+            assert_eq!(header_start(no), HeaderStart::NotHeader, "{no:?}");
         }
     }
 
@@ -623,18 +684,23 @@ mod tests {
                 let partial = decode(&encoded[..end]);
                 prop_assert!(matches!(partial, Ok(Decoded::Partial { .. })), "{:?} at {}", partial, end);
             }
-            prop_assert!(starts_like_header(&encoded));
+            prop_assert_eq!(header_start(&encoded), HeaderStart::Header);
+            for end in 1..encoded.len().min(V2_SIGNATURE.len()) {
+                prop_assert_ne!(header_start(&encoded[..end]), HeaderStart::NotHeader);
+            }
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let result = decode(&bytes);
-            if starts_like_header(&bytes) {
-                prop_assert!(!matches!(result, Err(HeaderError::Missing)));
-            }
-            if bytes.len() >= V2_SIGNATURE.len() && !matches!(result, Err(HeaderError::Missing)) {
-                prop_assert!(starts_like_header(&bytes));
-            }
+            // What could still become a header is never told to be none, and the reverse
+            // (nothing at all is no header for the one, a header yet to come for the other).
+            let start = header_start(&bytes);
+            prop_assert_eq!(
+                start == HeaderStart::NotHeader && !bytes.is_empty(),
+                matches!(result, Err(HeaderError::Missing)),
+                "{:?} {:?}", start, result
+            );
         }
 
         #[test]

@@ -1,8 +1,10 @@
 //! `mode = "tcp"` listeners end to end, with real servers and clients on 127.0.0.1:
-//! balancing, connect failover, half-close, resets, the idle timeout, max_connections,
-//! TLS passthrough routed by SNI and ALPN (real rustls clients and servers, a ClientHello
-//! split into small segments, bytes that are not TLS), several workers under load while a
-//! server dies, and what the admin API shows of L4 listeners (udp ones included).
+//! balancing, connect failover (refused and timed out), half-close, resets, the idle
+//! timeout, max_connections, TLS passthrough routed by SNI and ALPN (real rustls clients and
+//! servers, a ClientHello split into small segments, bytes that are not TLS, PROXY headers
+//! before and after it), several workers under load while a server dies, what the admin API
+//! shows of L4 listeners (udp ones included), and tunnels through a switchover's pause and
+//! at the end of the shutdown grace.
 
 mod support;
 
@@ -200,16 +202,20 @@ async fn a_refused_connect_goes_to_another_server_and_marks_the_dead_one() {
 
 #[tokio::test]
 async fn with_every_server_dead_the_client_is_closed() {
-    let proxy = start(&tcp_config(
-        &[support::unused_addr(), support::unused_addr()],
-        "",
-        "",
-        "",
-    ))
-    .await;
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let fulcrum = support::Process::start(
+        &tcp_config(
+            &[support::unused_addr(), support::unused_addr()],
+            "",
+            "",
+            "",
+        ),
+        &[],
+    );
+    let mut stream = TcpStream::connect(fulcrum.addr).await.unwrap();
     let read = read_within(&mut stream, LONG).await;
     assert!(matches!(read, Read::Eof | Read::Error(_)), "{read:?}");
+    let line = fulcrum.stdout_line("connect_failed").await;
+    assert!(line.contains("listener=\"t\""), "{line}");
 }
 
 /// A server that reads to the end of what the client sends, then answers how many bytes
@@ -845,4 +851,205 @@ async fn a_reload_sends_new_tunnels_elsewhere_and_leaves_open_ones_be() {
     assert_eq!(server_name(fulcrum.addr).await, "b");
     open.write_all(b"still a\n").await.unwrap();
     assert_eq!(read_line(&mut open).await.unwrap(), "still a");
+}
+
+#[tokio::test]
+async fn a_switchover_drain_does_not_wait_for_an_open_tunnel() {
+    let s = TcpServer::named("a").await;
+    let proxy = start(&tcp_config(&[s.addr], "", "", "")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(read_line(&mut stream).await.unwrap(), "a");
+    let quiesce = proxy.server.quiesce();
+    // Like a WebSocket, a tunnel has no request to finish: a drain waiting for it would
+    // keep every new client out for the whole wait.
+    assert_eq!(quiesce.open_connections(), 0);
+    quiesce.pause();
+    let began = Instant::now();
+    assert_eq!(quiesce.drained(LONG).await, 0);
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        began.elapsed()
+    );
+    // The tunnel goes on through the pause.
+    stream.write_all(b"still here\n").await.unwrap();
+    assert_eq!(read_line(&mut stream).await.unwrap(), "still here");
+    quiesce.resume();
+}
+
+#[tokio::test]
+async fn a_header_from_an_untrusted_client_on_a_passthrough_listener_is_reset_and_logged() {
+    let s = TcpServer::named("a").await;
+    let config = format!(
+        "[listeners.tls]\nbind = \"127.0.0.1:0\"\nmode = \"tcp\"\nupstream = \"app\"\n\
+         proxy_protocol_from = [\"127.0.0.2\"]\n\
+         [[listeners.tls.routes]]\nsni = [\"a.test\"]\nupstream = \"app\"\n\
+         [upstreams.app]\n{}\n",
+        servers(&[s.addr])
+    );
+    let fulcrum = support::Process::start(&config, &[]);
+    let mut stream = TcpStream::connect(fulcrum.addr).await.unwrap();
+    stream
+        .write_all(b"PROXY TCP4 6.6.6.6 127.0.0.1 1000 443\r\n\x16\x03\x01")
+        .await
+        .unwrap();
+    let read = read_within(&mut stream, LONG).await;
+    assert_eq!(read, Read::Error(std::io::ErrorKind::ConnectionReset));
+    let line = fulcrum.stdout_line("refused_proxy_header").await;
+    assert!(line.contains("client=127.0.0.1:"), "{line}");
+    assert_eq!(s.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_open_when_the_grace_runs_out_are_reset_both_ways_and_logged() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = tcp_config(
+        &[listener.local_addr().unwrap()],
+        "",
+        "",
+        "[timeouts]\nshutdown_grace = \"1s\"\n",
+    );
+    let mut fulcrum = support::Process::start(&config, &[]);
+    let mut client = TcpStream::connect(fulcrum.addr).await.unwrap();
+    client.write_all(b"hi\n").await.unwrap();
+    let (mut server, _) = tokio::time::timeout(LONG, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read_line(&mut server).await.unwrap(), "hi");
+    let began = Instant::now();
+    fulcrum.signal("TERM");
+    // Nothing is cut within the grace.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.write_all(b"still\n").await.unwrap();
+    assert_eq!(read_line(&mut client).await.unwrap(), "still");
+    assert_eq!(fulcrum.wait(LONG), 0);
+    assert!(began.elapsed() >= Duration::from_secs(1));
+    for peer in [&mut client, &mut server] {
+        let read = read_within(peer, LONG).await;
+        assert_eq!(read, Read::Error(std::io::ErrorKind::ConnectionReset));
+    }
+    let line = fulcrum.stdout_line("end=\"shutdown\"").await;
+    assert!(line.contains("bytes_from_client=3"), "{line}");
+}
+
+/// A passthrough listener routing `a.test` to `to`, with `listener` and `upstream` lines.
+fn passthrough_config(to: SocketAddr, listener: &str, upstream: &str) -> String {
+    format!(
+        "[listeners.tls]\nbind = \"127.0.0.1:0\"\nmode = \"tcp\"\nupstream = \"app\"\n{listener}\n\
+         [[listeners.tls.routes]]\nsni = [\"a.test\"]\nupstream = \"app\"\n\
+         [upstreams.app]\n{}\n{upstream}\n",
+        servers(&[to])
+    )
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_s_header_then_a_client_hello_is_routed_by_its_name() {
+    let pki = Pki::new();
+    let cert = pki.server("a", &["a.test"], Key::Ecdsa);
+    let server = TlsServer::start("a", &cert, &[]).await;
+    let proxy = start(&passthrough_config(
+        server.addr,
+        "proxy_protocol_from = [\"127.0.0.1\"]",
+        "",
+    ))
+    .await;
+    let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 127.66.0.7 127.0.0.80 4242 443\r\n")
+        .await
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(&pki, &[])));
+    let mut tls = tokio::time::timeout(
+        LONG,
+        connector.connect(ServerName::try_from("a.test").unwrap(), tcp),
+    )
+    .await
+    .expect("handshake timed out")
+    .expect("handshake failed");
+    assert_eq!(read_line(&mut tls).await.unwrap(), "a -");
+    tls.write_all(b"echo me\n").await.unwrap();
+    assert_eq!(read_line(&mut tls).await.unwrap(), "echo me");
+}
+
+#[tokio::test]
+async fn a_server_wanting_a_header_gets_it_before_the_client_hello_on_a_passthrough_listener() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = start(&passthrough_config(
+        listener.local_addr().unwrap(),
+        "",
+        "proxy_protocol = \"v1\"",
+    ))
+    .await;
+    // A real ClientHello naming a.test, as rustls writes it.
+    let pki = Pki::new();
+    let mut hello = Vec::new();
+    let mut connection = rustls::ClientConnection::new(
+        Arc::new(client_config(&pki, &[])),
+        ServerName::try_from("a.test").unwrap(),
+    )
+    .unwrap();
+    while connection.wants_write() {
+        connection.write_tls(&mut hello).unwrap();
+    }
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(&hello).await.unwrap();
+    let (mut server, _) = tokio::time::timeout(LONG, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let header = format!(
+        "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n",
+        client.local_addr().unwrap().port(),
+        proxy.addr.port()
+    );
+    let mut expected = header.into_bytes();
+    expected.extend_from_slice(&hello);
+    let mut got = vec![0; expected.len()];
+    tokio::time::timeout(LONG, server.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got == expected, "{:?}", String::from_utf8_lossy(&got));
+}
+
+/// A loopback address whose SYNs go unanswered: a listener with a backlog of 0 whose one
+/// queued connection is never accepted, so the kernel drops every later SYN. The sockets
+/// returned keep it so.
+async fn blackhole() -> (SocketAddr, Vec<socket2::Socket>, Vec<TcpStream>) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..4 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(stream) => queued.push(stream.unwrap()),
+            Err(_) => return (addr, vec![socket], queued),
+        }
+    }
+    panic!("the backlog never filled");
+}
+
+#[tokio::test]
+async fn a_connect_that_times_out_goes_to_another_server() {
+    let (dead, _listening, _queued) = blackhole().await;
+    let a = TcpServer::named("a").await;
+    let proxy = start(&tcp_config(
+        &[dead, a.addr],
+        "",
+        "balance = \"round_robin\"\nfail_timeout = \"30s\"",
+        "[timeouts]\nupstream_connect = \"500ms\"\n",
+    ))
+    .await;
+    let began = Instant::now();
+    for _ in 0..4 {
+        assert_eq!(server_name(proxy.addr).await, "a");
+    }
+    // One of them waited out the connect timeout to the dead one, which is then left alone.
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(a.accepted(), 4);
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use ppp::PartialResult;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -120,31 +121,64 @@ async fn a_trusted_proxy_names_the_client_in_the_header_fulcrum_sends_on() {
     }
 }
 
+/// Reads until the connection ends, which must be by a reset (what came before it, such as
+/// the server's greeting, is dropped).
+async fn reset_within(stream: &mut TcpStream) {
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(LONG, stream.read_to_end(&mut rest))
+        .await
+        .expect("the connection was not closed");
+    let error = ended.expect_err("closed with FIN, not reset");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+}
+
 #[tokio::test]
 async fn a_header_from_an_untrusted_client_never_reaches_the_server() {
     let server = TcpServer::named("a").await;
     // Only 127.0.0.2 may send headers; the test connects from 127.0.0.1.
-    let proxy = Proxy::start(
+    let fulcrum = Process::start(
         &tcp_config(server.addr, "proxy_protocol_from = [\"127.0.0.2\"]", ""),
         &[],
-    )
-    .await;
+    );
     for header in [v1_header(), v2_header()] {
-        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-        stream.write_all(&header).await.unwrap();
-        stream.write_all(b"more\n").await.unwrap();
-        // Whatever the server said first may have come; then the connection ends.
-        let mut rest = Vec::new();
-        let ended = tokio::time::timeout(LONG, stream.read_to_end(&mut rest)).await;
-        assert!(ended.is_ok(), "the connection was not closed");
+        // Whole in one segment, and cut inside the signature with a pause between the
+        // pieces (so that no single read shows the whole signature).
+        // (A write after the reset came would take the error the test looks for.)
+        let mut whole = header.clone();
+        whole.extend_from_slice(b"more\n");
+        for cut in [0, 4, 2] {
+            let mut stream = TcpStream::connect(fulcrum.addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            if cut > 0 {
+                stream.write_all(&whole[..cut]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            stream.write_all(&whole[cut..]).await.unwrap();
+            reset_within(&mut stream).await;
+        }
     }
+    let line = fulcrum.stdout_line("refused_proxy_header").await;
+    assert!(line.contains("client=127.0.0.1:"), "{line}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(server.counts.received.load(Ordering::SeqCst), 0);
-    // The same client without a header is served.
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    stream.write_all(b"plain\n").await.unwrap();
-    assert_eq!(read_line(&mut stream).await.unwrap(), "a");
-    assert_eq!(read_line(&mut stream).await.unwrap(), "plain");
+    // The same client without a header is served, even when its bytes begin like one and
+    // come in pieces.
+    for (first, rest) in [
+        (&b"plain\n"[..], &b""[..]),
+        (b"P", b"ING\n"),
+        (b"PROX", b"IMA\n"),
+    ] {
+        let mut stream = TcpStream::connect(fulcrum.addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream.write_all(first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stream.write_all(rest).await.unwrap();
+        assert_eq!(read_line(&mut stream).await.unwrap(), "a");
+        let mut whole = first.to_vec();
+        whole.extend_from_slice(rest);
+        let whole = String::from_utf8(whole).unwrap();
+        assert_eq!(read_line(&mut stream).await.unwrap(), whole.trim_end());
+    }
 }
 
 #[tokio::test]
@@ -281,4 +315,100 @@ async fn tcp_access_log_names_the_proxied_client_and_how_each_connection_ended()
     stream.write_all(b"no header here\r\n").await.unwrap();
     let line = fulcrum.stdout_line("bad_proxy_header").await;
     assert!(line.contains("client=127.0.0.1:"), "{line}");
+}
+
+/// An HTTP server that wants every connection to open with a PROXY header (parsed with
+/// `ppp`): with one, it answers `200 ok` to one request and closes; without, it closes at
+/// once. Counts the requests it answered and the connections it turned away.
+async fn http_behind_proxy_header() -> (SocketAddr, Arc<[std::sync::atomic::AtomicUsize; 2]>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counts: Arc<[std::sync::atomic::AtomicUsize; 2]> = Arc::default();
+    let seen = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let served = tokio::time::timeout(LONG, async {
+                    let mut chunk = [0u8; 1024];
+                    let header_len = loop {
+                        let n = stream.read(&mut chunk).await.ok()?;
+                        if n == 0 {
+                            return None;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let parsed = ppp::HeaderResult::parse(&buf);
+                        if parsed.is_incomplete() {
+                            continue;
+                        }
+                        break match parsed {
+                            ppp::HeaderResult::V1(Ok(h)) => h.header.len(),
+                            ppp::HeaderResult::V2(Ok(h)) => h.header.len(),
+                            _ => return None,
+                        };
+                    };
+                    while memchr::memmem::find(&buf[header_len..], b"\r\n\r\n").is_none() {
+                        let n = stream.read(&mut chunk).await.ok()?;
+                        if n == 0 {
+                            return None;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await
+                        .ok()
+                })
+                .await;
+                let which = usize::from(!matches!(served, Ok(Some(()))));
+                seen[which].fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, counts)
+}
+
+#[tokio::test]
+async fn health_checks_send_a_header_to_servers_that_want_one() {
+    for version in ["v1", "v2"] {
+        let (server, counts) = http_behind_proxy_header().await;
+        let config = tcp_config(
+            server,
+            "",
+            &format!(
+                "proxy_protocol = \"{version}\"\n[upstreams.app.health_check]\npath = \"/health\"\n\
+                 interval = \"200ms\"\ntimeout = \"150ms\"\nfall = 1\nrise = 1\n\
+                 [admin]\nbind = \"127.0.0.1:0\"\n"
+            ),
+        );
+        let proxy = Proxy::start(&config, &[]).await;
+        let deadline = std::time::Instant::now() + LONG;
+        while counts[0].load(Ordering::SeqCst) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{version}: too few checks answered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            counts[1].load(Ordering::SeqCst),
+            0,
+            "{version}: a check without a header"
+        );
+        let admin = proxy.server.admin_addr().unwrap();
+        let status: serde_json::Value = serde_json::from_str(
+            &reqwest::get(format!("http://{admin}/api/status"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        let state = &status["upstreams"][0]["servers"][0]["health"]["state"];
+        assert_eq!(state, "up", "{version}: {status}");
+    }
 }

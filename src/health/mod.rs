@@ -192,7 +192,21 @@ async fn check_server(
         let Some((upstream, _)) = current(&shared, &name, &server) else {
             return;
         };
-        let result = probe(server.address, &check, &request, upstream.tls.as_ref()).await;
+        let proxy_header = shared
+            .load()
+            .config
+            .upstreams
+            .iter()
+            .find(|u| u.name == name)
+            .and_then(|u| u.proxy_protocol);
+        let result = probe(
+            server.address,
+            &check,
+            &request,
+            upstream.tls.as_ref(),
+            proxy_header,
+        )
+        .await;
         drop(upstream);
         let detail = match &result {
             Ok(passed) => passed.to_string(),

@@ -7,12 +7,14 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::config::{CheckKind, HealthCheck};
+use crate::config::{CheckKind, HealthCheck, ProxyProtocolVersion};
 use crate::http1::body::{Decoded, Decoder, Framing};
 use crate::http1::io;
+use crate::proxy_protocol;
 use crate::tls::client::Connector;
 use crate::tls::handshake::{self, HandshakeError};
 use crate::transport::Stream;
@@ -76,15 +78,19 @@ impl fmt::Display for Passed {
     }
 }
 
-/// Checks the server at `address` once, within `check.timeout`.
+/// Checks the server at `address` once, within `check.timeout`. `proxy_header`: the
+/// upstream's PROXY protocol version, for a server that wants every connection to open with
+/// a header; a check sends it one for itself (`LOCAL`), as HAProxy's `check-send-proxy`.
 pub async fn probe(
     address: SocketAddr,
     check: &HealthCheck,
     request: &[u8],
     tls: Option<&Connector>,
+    proxy_header: Option<ProxyProtocolVersion>,
 ) -> Result<Passed, Failed> {
     let deadline = Instant::now() + check.timeout;
-    tokio::time::timeout_at(deadline, attempt(address, check, request, tls, deadline))
+    let attempt = attempt(address, check, request, tls, proxy_header, deadline);
+    tokio::time::timeout_at(deadline, attempt)
         .await
         .unwrap_or(Err(Failed::TimedOut))
 }
@@ -94,21 +100,28 @@ async fn attempt(
     check: &HealthCheck,
     request: &[u8],
     tls: Option<&Connector>,
+    proxy_header: Option<ProxyProtocolVersion>,
     deadline: Instant,
 ) -> Result<Passed, Failed> {
     if check.kind == CheckKind::Dns {
         return dns(address, request).await;
     }
-    let tcp = TcpStream::connect(address)
+    let mut tcp = TcpStream::connect(address)
         .await
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::ConnectionRefused => Failed::Refused,
             _ => Failed::Connect(e.to_string()),
         })?;
+    let _ = tcp.set_nodelay(true);
+    if let Some(version) = proxy_header {
+        // The outer timeout bounds this write.
+        tcp.write_all(proxy_protocol::encode_local(version))
+            .await
+            .map_err(|e| Failed::Io(e.to_string()))?;
+    }
     if check.kind == CheckKind::Tcp {
         return Ok(Passed::Connected);
     }
-    let _ = tcp.set_nodelay(true);
     let stream = match tls {
         None => Stream::Plain(tcp),
         Some(tls) => {
@@ -412,18 +425,18 @@ mod tests {
                 .unwrap();
             server
         });
-        let passed = probe(address, &check, &request, None).await;
+        let passed = probe(address, &check, &request, None, None).await;
         assert_eq!(passed, Ok(Passed::Answered(2)));
         let server = answering.await.unwrap();
         // Bound, never answering.
         assert_eq!(
-            probe(address, &check, &request, None).await,
+            probe(address, &check, &request, None, None).await,
             Err(Failed::TimedOut)
         );
         drop(server);
         // Nothing bound: ICMP port unreachable.
         assert_eq!(
-            probe(address, &check, &request, None).await,
+            probe(address, &check, &request, None, None).await,
             Err(Failed::Refused)
         );
     }

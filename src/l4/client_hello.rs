@@ -218,6 +218,9 @@ fn check_record_start(record: &[u8], first: bool) -> Result<(), HelloError> {
         return Err(not_tls("a record version other than TLS"));
     }
     match record.get(2) {
+        // RFC 5246 E.1: a client may put {03,00} in the record carrying its first
+        // ClientHello, to reach old servers; the hello's own version is checked later.
+        Some(0) if first => Ok(()),
         Some(0) => Err(HelloError::Malformed("an SSL 3.0 record")),
         Some(5..) => Err(HelloError::Malformed("an unknown record version")),
         _ => Ok(()),
@@ -639,7 +642,16 @@ c02bc02f009ec024c028006bc023c0270067c00ac0140039c009c0130033009d009c003d003c0035
 
     #[test]
     fn ssl3_and_unknown_record_versions_are_refused() {
-        assert_eq!(malformed(parse(&[22, 3, 0])), "an SSL 3.0 record");
+        // {03,00} in the first record is allowed (RFC 5246 E.1), not after it.
+        let (real, expected) = samples().remove(0);
+        let mut ssl3_record = real.clone();
+        ssl3_record[2] = 0;
+        assert_eq!(parse(&ssl3_record).unwrap(), Some(expected));
+        let mut later_ssl3 = refragment(&real, &[40]);
+        let second = RECORD_HEADER_LEN + 40;
+        assert_eq!(later_ssl3[second..second + 3], [22, 3, 1]);
+        later_ssl3[second + 2] = 0;
+        assert_eq!(malformed(parse(&later_ssl3)), "an SSL 3.0 record");
         assert_eq!(malformed(parse(&[22, 3, 5])), "an unknown record version");
         let mut ssl3_client = body_with_extensions(&[]);
         ssl3_client[1] = 0;
@@ -947,7 +959,7 @@ c02bc02f009ec024c028006bc023c0270067c00ac0140039c009c0130033009d009c003d003c0035
         let firsts: [(&[u8], &str); 4] = [
             (b"G", "Err(NotTls)"),
             (b"GET / HTTP/1.1\r\n", "Err(NotTls)"),
-            (&[22, 3, 0], "Err(Malformed("),
+            (&[22, 3, 5], "Err(Malformed("),
             (&too_long, "Err(TooLong)"),
         ];
         for (first, expected) in firsts {

@@ -31,10 +31,12 @@ pub enum Outcome {
     NoRoute,
     /// No server of the upstream could be connected to.
     ConnectFailed,
+    /// Still open when `shutdown_grace` ran out; both sides reset.
+    Shutdown,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Closed,
         Outcome::ClientReset,
         Outcome::ServerReset,
@@ -45,6 +47,7 @@ impl Outcome {
         Outcome::NotTls,
         Outcome::NoRoute,
         Outcome::ConnectFailed,
+        Outcome::Shutdown,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +62,7 @@ impl Outcome {
             Outcome::NotTls => "not_tls",
             Outcome::NoRoute => "no_route",
             Outcome::ConnectFailed => "connect_failed",
+            Outcome::Shutdown => "shutdown",
         }
     }
 

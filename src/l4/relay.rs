@@ -18,6 +18,7 @@ use std::future::poll_fn;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -25,7 +26,10 @@ use nix::fcntl::{FcntlArg, OFlag};
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::server::worker;
 
 /// How a relayed connection ended.
 #[derive(Debug)]
@@ -38,11 +42,27 @@ pub enum End {
     ServerReset,
     /// Nothing moved either way for `idle_timeout`; both closed.
     Idle,
-    /// The client's first bytes were refused by `refuse_first`; both reset.
+    /// The client's first bytes were refused by `check_first`; both reset.
     Refused,
+    /// Cut by [`cut_tunnels`] as the process exits; both reset.
+    Shutdown,
     /// Another error on either side (the error as text, which side).
     Failed(String),
 }
+
+/// What a check on the client's first bytes makes of them (see [`relay`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstBytes {
+    /// Reset both sides; nothing reaches the server.
+    Refuse,
+    /// Relay them and everything after, unchecked.
+    Pass,
+    /// Hold them and look again once more have come.
+    NeedMore,
+}
+
+/// A check on the client's first bytes; see [`relay`].
+pub type FirstCheck = fn(&[u8]) -> FirstBytes;
 
 pub struct Relayed {
     /// Bytes from the client passed to the server, and from the server to the client.
@@ -93,16 +113,82 @@ const SPARES_KEPT: usize = 16;
 /// Far enough to be "never" for an idle timeout, and safe to add to an `Instant`.
 const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// Set once [`cut_tunnels`] was called: the process is about to exit.
+static CUTTING: AtomicBool = AtomicBool::new(false);
+
+/// Shards of the tunnels open, by worker, so that opening one touches no lock or cache line
+/// another worker's tunnels touch.
+static OPEN: [TunnelShard; 16] = [const { TunnelShard::new() }; 16];
+
+#[repr(align(64))]
+struct TunnelShard {
+    /// Wakes this shard's relays to be cut.
+    cut: Notify,
+    /// Tunnels open (until their [`Tunnel`] is dropped, after they are logged).
+    open: AtomicUsize,
+}
+
+impl TunnelShard {
+    const fn new() -> Self {
+        TunnelShard {
+            cut: Notify::const_new(),
+            open: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// One open tunnel, counted until dropped, for [`cut_tunnels`] to wait for.
+pub struct Tunnel {
+    shard: &'static TunnelShard,
+}
+
+impl Tunnel {
+    /// Counts a tunnel as open on this worker; hold it until the tunnel is logged.
+    pub fn open() -> Tunnel {
+        let shard = &OPEN[worker() % OPEN.len()];
+        shard.open.fetch_add(1, Ordering::Relaxed);
+        Tunnel { shard }
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.shard.open.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// Resets every tunnel still open (both peers see a reset, not a clean end that would let
+/// them take a cut stream for a whole one), and waits at most `within` for them to end and be
+/// logged. For the end of `shutdown_grace`, just before the process exits.
+pub async fn cut_tunnels(within: Duration) {
+    CUTTING.store(true, Ordering::SeqCst);
+    for shard in &OPEN {
+        shard.cut.notify_waiters();
+    }
+    let deadline = Instant::now() + within;
+    while OPEN
+        .iter()
+        .map(|s| s.open.load(Ordering::Acquire))
+        .sum::<usize>()
+        > 0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Relays bytes both ways between `client` and `server` until both directions are done, one
-/// side resets, or nothing moves for `idle_timeout`. `refuse_first`, if given, sees the
-/// first bytes read from the client (before they go anywhere) and returns true to refuse
-/// the connection (used to refuse a PROXY protocol header from an untrusted client).
+/// side resets, or nothing moves for `idle_timeout`. `check_first`, if given, sees the
+/// first bytes read from the client (before they go anywhere) and refuses the connection,
+/// lets it pass, or asks for more (used to refuse a PROXY protocol header from an untrusted
+/// client, however it is cut into segments).
 ///
-/// `refuse_first` sees what the client's first read returned: at least one byte, but maybe
-/// fewer than the client meant to send at once. A predicate guarding a signature should
-/// therefore also refuse a strict prefix of it. Waiting for more is not an option: many
-/// clients send a few bytes and wait for an answer, and in protocols where the server
-/// speaks first the client sends nothing until it has (meanwhile the server's bytes flow).
+/// While the check asks for more, what was read is held (not sent on) and the next read is
+/// appended to it; the check should ask only while the bytes are a strict prefix of a short
+/// signature, since a client that sends such a prefix and waits for an answer gets none
+/// until the idle timeout. Reads made while undecided do not count as activity, so that is
+/// as long as it can be held up. If the client closes while undecided, what it sent goes on.
+/// The server's bytes flow meanwhile (for protocols in which the server speaks first).
 ///
 /// A write to a socket whose peer has gone may raise SIGPIPE when splicing; Rust programs
 /// ignore SIGPIPE unless they ask otherwise (buffered writes pass `MSG_NOSIGNAL` anyway).
@@ -110,9 +196,9 @@ pub async fn relay(
     client: TcpStream,
     server: TcpStream,
     idle_timeout: Duration,
-    refuse_first: Option<fn(&[u8]) -> bool>,
+    check_first: Option<FirstCheck>,
 ) -> Relayed {
-    relay_with(CHOSEN, client, server, idle_timeout, refuse_first).await
+    relay_with(CHOSEN, client, server, idle_timeout, check_first).await
 }
 
 /// [`relay`] with the copy strategy chosen by the caller; for the bench and the tests.
@@ -122,13 +208,13 @@ pub async fn relay_with(
     client: TcpStream,
     server: TcpStream,
     idle_timeout: Duration,
-    refuse_first: Option<fn(&[u8]) -> bool>,
+    check_first: Option<FirstCheck>,
 ) -> Relayed {
     // Each write carries what one read brought; with Nagle on, a small one could wait behind
     // an unacknowledged one (40 ms, against a delayed ACK) where the sender meant none.
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let mut from_client = Direction::new(strategy, Side::Client, refuse_first);
+    let mut from_client = Direction::new(strategy, Side::Client, check_first);
     let mut from_server = Direction::new(strategy, Side::Server, None);
     let idle_timeout = idle_timeout.min(NEVER);
     let mut last_activity = Instant::now();
@@ -136,8 +222,27 @@ pub async fn relay_with(
     // the timer wheel on every read, it only notes the time once per wake-up.
     let idle = tokio::time::sleep_until(last_activity + idle_timeout);
     tokio::pin!(idle);
+    // Polled once, to leave the task's waker with the shard's `Notify` (a lock, once per
+    // tunnel); later wake-ups look only at `CUTTING`, an atomic, so that the hot path takes
+    // no lock.
+    let cut = OPEN[worker() % OPEN.len()].cut.notified();
+    tokio::pin!(cut);
+    cut.as_mut().enable();
+    let mut cut_waiting = true;
+
+    // Once a side's FIN is passed on, nothing reads from it, so a reset it sends later would
+    // only be seen when the other direction next writes to it: watched for instead (boxed:
+    // only half-closed tunnels need it).
+    let mut client_reset: Option<ResetWatch<'_>> = None;
+    let mut server_reset: Option<ResetWatch<'_>> = None;
 
     let stop = poll_fn(|cx| {
+        if cut_waiting {
+            cut_waiting = cut.as_mut().poll(cx).is_pending();
+        }
+        if !cut_waiting || CUTTING.load(Ordering::Relaxed) {
+            return Poll::Ready(Stop::Shutdown);
+        }
         let up = from_client.poll(cx, &client, &server);
         if let Poll::Ready(Err(stop)) = up {
             return Poll::Ready(stop);
@@ -148,6 +253,16 @@ pub async fn relay_with(
         }
         if up.is_ready() && down.is_ready() {
             return Poll::Ready(Stop::Closed);
+        }
+        if from_client.done
+            && let Poll::Ready(stop) = watch_reset(cx, &mut client_reset, &client, Side::Client)
+        {
+            return Poll::Ready(stop);
+        }
+        if from_server.done
+            && let Poll::Ready(stop) = watch_reset(cx, &mut server_reset, &server, Side::Server)
+        {
+            return Poll::Ready(stop);
         }
         if std::mem::take(&mut from_client.moved_any) | std::mem::take(&mut from_server.moved_any) {
             last_activity = Instant::now();
@@ -171,6 +286,11 @@ pub async fn relay_with(
             reset(&server);
             End::Refused
         }
+        Stop::Shutdown => {
+            reset(&client);
+            reset(&server);
+            End::Shutdown
+        }
         Stop::Io(side, error) if is_reset(&error) => match side {
             Side::Client => {
                 reset(&server);
@@ -193,6 +313,38 @@ pub async fn relay_with(
         from_server: from_server.written,
         end,
     }
+}
+
+type ResetWatch<'a> =
+    std::pin::Pin<Box<dyn Future<Output = io::Result<tokio::io::Ready>> + Send + 'a>>;
+
+/// Ready with the error once `stream` (whose FIN was passed on) reports one, a reset say.
+fn watch_reset<'a>(
+    cx: &mut Context<'_>,
+    watch: &mut Option<ResetWatch<'a>>,
+    stream: &'a TcpStream,
+    side: Side,
+) -> Poll<Stop> {
+    // Bounded: each turn either ends, or clears the readiness it saw (so the next waits).
+    for _ in 0..4 {
+        let ready = watch.get_or_insert_with(|| Box::pin(stream.ready(Interest::ERROR)));
+        if let Err(e) = ready!(ready.as_mut().poll(cx)) {
+            return Poll::Ready(Stop::Io(side, e));
+        }
+        *watch = None;
+        let error = stream.try_io(Interest::ERROR, || match stream.take_error()? {
+            Some(error) => Ok(error),
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        });
+        match error {
+            Ok(error) => return Poll::Ready(Stop::Io(side, error)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Stop::Io(side, e)),
+        }
+    }
+    // Readiness that keeps coming without an error: look again on the next wake-up.
+    cx.waker().wake_by_ref();
+    Poll::Pending
 }
 
 /// Makes the coming close of `stream` send RST instead of FIN.
@@ -238,6 +390,7 @@ enum Stop {
     Closed,
     Idle,
     Refused,
+    Shutdown,
     Io(Side, io::Error),
 }
 
@@ -259,7 +412,8 @@ enum Held {
 struct Direction {
     strategy: Strategy,
     source: Side,
-    refuse_first: Option<fn(&[u8]) -> bool>,
+    /// Until the check has decided; while it has not, `held` is what was read so far.
+    check_first: Option<FirstCheck>,
     held: Held,
     /// Whether the next read splices: always with `Splice`, never with `Buffered`, as the
     /// last read's size says with `Adaptive`.
@@ -274,11 +428,11 @@ struct Direction {
 }
 
 impl Direction {
-    fn new(strategy: Strategy, source: Side, refuse_first: Option<fn(&[u8]) -> bool>) -> Self {
+    fn new(strategy: Strategy, source: Side, check_first: Option<FirstCheck>) -> Self {
         Direction {
             strategy,
             source,
-            refuse_first,
+            check_first,
             held: Held::Nothing,
             splicing: strategy == Strategy::Splice,
             source_done: false,
@@ -302,7 +456,7 @@ impl Direction {
         }
         let sink_side = self.source.other();
         loop {
-            if !matches!(self.held, Held::Nothing) {
+            if !matches!(self.held, Held::Nothing) && self.check_first.is_none() {
                 ready!(sink.poll_write_ready(cx)).map_err(|e| Stop::Io(sink_side, e))?;
                 match self.write(sink) {
                     Ok(n) => {
@@ -313,6 +467,11 @@ impl Direction {
                     Err(e) => return Poll::Ready(Err(Stop::Io(sink_side, e))),
                 }
             } else if self.source_done {
+                if !matches!(self.held, Held::Nothing) {
+                    // Closed before the check could decide: what came is no header.
+                    self.check_first = None;
+                    continue;
+                }
                 SockRef::from(sink)
                     .shutdown(Shutdown::Write)
                     .map_err(|e| Stop::Io(sink_side, e))?;
@@ -322,16 +481,22 @@ impl Direction {
                 ready!(source.poll_read_ready(cx)).map_err(|e| Stop::Io(self.source, e))?;
                 match self.read(source) {
                     Ok(0) => self.source_done = true,
-                    Ok(_) => self.moved_any = true,
+                    // Bytes held for the check are not activity yet (see `relay`).
+                    Ok(_) => self.moved_any |= self.check_first.is_none(),
                     Err(e) if retry(&e) => {}
                     Err(e) => return Poll::Ready(Err(Stop::Io(self.source, e))),
                 }
-                if let Some(refuse) = self.refuse_first
+                if let Some(check) = self.check_first
                     && let Held::Buffer { buffer, start, end } = &self.held
                 {
-                    self.refuse_first = None;
-                    if refuse(&buffer[*start..*end]) {
-                        return Poll::Ready(Err(Stop::Refused));
+                    match check(&buffer[*start..*end]) {
+                        FirstBytes::Refuse => return Poll::Ready(Err(Stop::Refused)),
+                        FirstBytes::Pass => self.check_first = None,
+                        // A check that would hold a whole chunk is not guarding a signature.
+                        FirstBytes::NeedMore if *end == buffer.len() => {
+                            return Poll::Ready(Err(Stop::Refused));
+                        }
+                        FirstBytes::NeedMore => {}
                     }
                 }
             }
@@ -341,9 +506,15 @@ impl Direction {
     /// Reads once from `source` into a chunk taken from the spares (left in `held` if
     /// anything was read). Returns the count, 0 at FIN.
     fn read(&mut self, source: &TcpStream) -> io::Result<usize> {
-        // The first read with a check to make is buffered whatever the strategy: the check
-        // must see the bytes.
-        if self.splicing && self.refuse_first.is_none() {
+        // Only while the check asks for more: a few bytes held, and room after them.
+        if let Held::Buffer { buffer, end, .. } = &mut self.held {
+            let read = read_some(source, &mut buffer[*end..])?;
+            *end += read;
+            return Ok(read);
+        }
+        // A read with a check to make is buffered whatever the strategy: the check must see
+        // the bytes.
+        if self.splicing && self.check_first.is_none() {
             // Without a pipe (out of descriptors) this read falls back to a buffer.
             if let Ok(pipe) = take_pipe() {
                 let read = source.try_io(Interest::READABLE, || {
@@ -582,7 +753,7 @@ mod tests {
     async fn tunnel(
         strategy: Strategy,
         idle_timeout: Duration,
-        refuse_first: Option<fn(&[u8]) -> bool>,
+        check_first: Option<FirstCheck>,
         buffer: Option<u32>,
     ) -> Tunnel {
         let (client, relay_client) = pair(buffer).await;
@@ -592,7 +763,7 @@ mod tests {
             relay_client,
             relay_server,
             idle_timeout,
-            refuse_first,
+            check_first,
         ));
         Tunnel {
             client,
@@ -716,6 +887,50 @@ mod tests {
             let relayed = reset_passes_on(strategy, false).await;
             assert!(matches!(relayed.end, End::ServerReset), "{:?}", relayed.end);
             assert_eq!(relayed.from_server, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_a_half_close_is_passed_on_at_once() {
+        for strategy in ALL {
+            for client_resets in [true, false] {
+                let Tunnel {
+                    client,
+                    server,
+                    relay,
+                } = tunnel(strategy, WAIT, None, None).await;
+                let (mut resetter, mut other) = if client_resets {
+                    (client, server)
+                } else {
+                    (server, client)
+                };
+                // A FIN, passed on; the other side says nothing back.
+                resetter.shutdown().await.unwrap();
+                assert_eq!(read_all(&mut other).await.unwrap(), b"");
+                SockRef::from(&resetter)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                drop(resetter);
+                // Reads give 0 since the FIN, so the reset shows as the socket's error.
+                let ready = timeout(Duration::from_secs(5), other.ready(Interest::ERROR)).await;
+                ready.expect("the reset was not passed on").unwrap();
+                let error = other.take_error().unwrap().expect("a reset");
+                // Linux reports a reset on a socket that had its FIN as EPIPE (CLOSE_WAIT).
+                assert!(
+                    matches!(
+                        error.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                    ),
+                    "{strategy:?}: {error}"
+                );
+                let relayed = finished(relay).await;
+                let expected = if client_resets {
+                    "ClientReset"
+                } else {
+                    "ServerReset"
+                };
+                assert_eq!(format!("{:?}", relayed.end), expected, "{strategy:?}");
+            }
         }
     }
 
@@ -852,10 +1067,80 @@ mod tests {
         }
     }
 
-    /// Refuses what looks like a PROXY protocol v1 header, or the start of one.
-    fn refuse_proxy_header(first: &[u8]) -> bool {
+    /// Refuses what begins like a PROXY protocol v1 header, asks for more while unsure.
+    fn refuse_proxy_header(first: &[u8]) -> FirstBytes {
         const SIGNATURE: &[u8] = b"PROXY ";
-        first.starts_with(SIGNATURE) || SIGNATURE.starts_with(first)
+        if first.starts_with(SIGNATURE) {
+            FirstBytes::Refuse
+        } else if SIGNATURE.starts_with(first) {
+            FirstBytes::NeedMore
+        } else {
+            FirstBytes::Pass
+        }
+    }
+
+    #[tokio::test]
+    async fn a_signature_cut_into_pieces_is_held_then_refused() {
+        for strategy in ALL {
+            let Tunnel {
+                mut client,
+                mut server,
+                relay,
+            } = tunnel(strategy, WAIT, Some(refuse_proxy_header), None).await;
+            for piece in [&b"PR"[..], b"OX", b"Y TCP4 6.6.6.6 10.0.0.2 1000 80\r\n"] {
+                client.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let relayed = finished(relay).await;
+            assert!(matches!(relayed.end, End::Refused), "{:?}", relayed.end);
+            assert_eq!(relayed.from_client, 0);
+            let error = read_all(&mut server).await.expect_err("reset");
+            assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "{strategy:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_prefix_of_the_signature_that_turns_out_otherwise_passes_whole() {
+        for strategy in ALL {
+            let Tunnel {
+                mut client,
+                mut server,
+                relay,
+            } = tunnel(strategy, WAIT, Some(refuse_proxy_header), None).await;
+            client.write_all(b"P").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(b"ING\r\n").await.unwrap();
+            let mut ping = [0; 6];
+            timeout(WAIT, server.read_exact(&mut ping))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&ping, b"PING\r\n", "{strategy:?}");
+            // A prefix then FIN: it can no longer become a header, so it goes on.
+            client.write_all(b"x").await.unwrap();
+            client.shutdown().await.unwrap();
+            assert_eq!(read_all(&mut server).await.unwrap(), b"x");
+            drop(server);
+            let relayed = finished(relay).await;
+            assert!(matches!(relayed.end, End::Closed), "{:?}", relayed.end);
+            assert_eq!(relayed.from_client, 7);
+
+            let Tunnel {
+                mut client,
+                mut server,
+                relay,
+            } = tunnel(strategy, WAIT, Some(refuse_proxy_header), None).await;
+            client.write_all(b"PROX").await.unwrap();
+            client.shutdown().await.unwrap();
+            assert_eq!(
+                read_all(&mut server).await.unwrap(),
+                b"PROX",
+                "{strategy:?}"
+            );
+            drop(server);
+            let relayed = finished(relay).await;
+            assert!(matches!(relayed.end, End::Closed), "{:?}", relayed.end);
+        }
     }
 
     #[tokio::test]

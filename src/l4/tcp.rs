@@ -14,15 +14,18 @@ use tokio::sync::watch;
 
 use super::client_hello::{self, ClientHello};
 use super::log::{ConnectionLog, Outcome, TcpStats};
-use super::relay::{self, End};
+use super::relay::{self, End, FirstBytes, FirstCheck};
 use crate::config::{ListenerMode, ProxyProtocolVersion};
 use crate::proxy_protocol;
 use crate::runtime::Shared;
 use crate::upstream::{Affinity, ConnectError, InFlight, TunnelSlot, Upstream};
 
 /// Serves one connection accepted on the TCP listener in `slot`, until both sides have
-/// closed, one has reset, or it was idle too long. `finish` is held, not heeded: a tunnel
-/// has no request boundary to stop at, so a drain waits for it (within `shutdown_grace`).
+/// closed, one has reset, or it was idle too long. `finish` is held only until the server
+/// is connected: from then on the connection is a tunnel, with no request boundary to stop
+/// at, so a switchover's drain (which counts `finish` receivers) stops waiting for it, as
+/// for a WebSocket. Shutdown still waits for it (within `shutdown_grace`) through the
+/// listener's connection permit, which the task holds to its end.
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -30,7 +33,6 @@ pub async fn serve(
     shared: Arc<Shared>,
     finish: watch::Receiver<bool>,
 ) {
-    let _finish = finish;
     let started = Instant::now();
     let Some(plan) = prepare(&stream, peer, slot, &shared, started).await else {
         return;
@@ -39,7 +41,7 @@ pub async fn serve(
         mut record,
         upstream,
         idle_timeout,
-        refuse_first,
+        check_first,
         proxy_header,
         hello,
         connect_timeout,
@@ -47,6 +49,8 @@ pub async fn serve(
     let Some((server, _in_flight, _slot)) = connect(&upstream, &mut record).await else {
         return;
     };
+    drop(finish);
+    let _tunnel = relay::Tunnel::open();
     // What the server must see before the client's own bytes: the PROXY header, then what
     // was read of the ClientHello (and anything after it in the same reads), in one write.
     let hello = hello.unwrap_or_default();
@@ -54,6 +58,7 @@ pub async fn serve(
     let first = match proxy_header {
         Some((version, source, destination)) => {
             let mut header = proxy_protocol::encode(version, source, destination);
+            header.reserve_exact(hello.len());
             header.extend_from_slice(&hello);
             header
         }
@@ -70,11 +75,13 @@ pub async fn serve(
             )),
         };
         if let Some(error) = error {
+            // The client may have sent a request already: a FIN would read as "done".
+            reset(&stream);
             return record.end(Outcome::Failed, Some(&error));
         }
     }
     drop(first);
-    let relayed = relay::relay(stream, server, idle_timeout, refuse_first).await;
+    let relayed = relay::relay(stream, server, idle_timeout, check_first).await;
     record.from_client = relayed.from_client + hello_len;
     record.from_server = relayed.from_server;
     let (outcome, detail) = match &relayed.end {
@@ -86,6 +93,10 @@ pub async fn serve(
             Outcome::RefusedProxyHeader,
             Some("a PROXY header from a client not in proxy_protocol_from"),
         ),
+        End::Shutdown => (
+            Outcome::Shutdown,
+            Some("still open when shutdown_grace ran out"),
+        ),
         End::Failed(why) => (Outcome::Failed, Some(why.as_str())),
     };
     record.end(outcome, detail);
@@ -96,7 +107,8 @@ struct Plan {
     record: Record,
     upstream: Arc<Upstream>,
     idle_timeout: Duration,
-    refuse_first: Option<fn(&[u8]) -> bool>,
+    /// Refuses a PROXY header from a client not trusted to send one.
+    check_first: Option<FirstCheck>,
     /// The header to send the server: version, client, and the address it connected to.
     proxy_header: Option<(ProxyProtocolVersion, SocketAddr, SocketAddr)>,
     /// The ClientHello's bytes as read, on a passthrough listener.
@@ -114,14 +126,21 @@ async fn prepare(
     started: Instant,
 ) -> Option<Plan> {
     let rt = shared.load();
-    // Accepted just as a reload removed the listener, or made it another kind.
-    let index = rt.listener_index(slot)?;
+    // Accepted just as a reload removed the listener, or made it another kind: no stats
+    // are left to count it in.
+    let tcp_stats = rt
+        .listener_index(slot)
+        .and_then(|index| Some((index, rt.listeners[index].tcp.clone()?)));
+    let Some((index, stats)) = tcp_stats else {
+        tracing::info!(client = %peer, "connection closed: a reload removed its tcp listener as it was accepted");
+        return None;
+    };
     let listener = &rt.config.listeners[index];
     let ListenerMode::Tcp(mode) = &listener.mode else {
         return None;
     };
-    let stats = rt.listeners[index].tcp.clone()?;
-    let header_limit = rt.config.timeouts.client_header;
+    // One deadline for everything read before routing (PROXY header and ClientHello).
+    let header_deadline = tokio::time::Instant::now() + rt.config.timeouts.client_header;
     let mut record = Record {
         stats,
         logged: rt.config.access_log.enabled,
@@ -138,7 +157,8 @@ async fn prepare(
     // The address the client connected to, as the proxy in front saw it when it says.
     let mut destination = None;
     if trusted {
-        match proxy_protocol::read_header(stream, header_limit).await {
+        let within = header_deadline.saturating_duration_since(tokio::time::Instant::now());
+        match proxy_protocol::read_header(stream, within).await {
             Ok(Some(addresses)) => {
                 record.client = addresses.source;
                 destination = Some(addresses.destination);
@@ -151,14 +171,18 @@ async fn prepare(
             }
         }
     }
-    let refuse_first: Option<fn(&[u8]) -> bool> = (!trusted_from.is_empty() && !trusted)
-        .then_some(proxy_protocol::starts_like_header as fn(&[u8]) -> bool);
+    let untrusted = !trusted_from.is_empty() && !trusted;
     let (hello, hello_bytes) = if mode.tls_passthrough {
         let mut bytes = Vec::new();
-        match client_hello::read(stream, &mut bytes, header_limit).await {
+        let within = header_deadline.saturating_duration_since(tokio::time::Instant::now());
+        match client_hello::read(stream, &mut bytes, within).await {
             Ok(hello) => (hello, Some(bytes)),
             Err(e) => {
-                if refuse_first.is_some_and(|refuse| refuse(&bytes)) {
+                // What was read is not TLS and is closed either way; only the outcome
+                // differs. A PROXY signature not yet whole counts as not TLS.
+                if untrusted
+                    && proxy_protocol::header_start(&bytes) == proxy_protocol::HeaderStart::Header
+                {
                     reset(stream);
                     record.end(
                         Outcome::RefusedProxyHeader,
@@ -208,7 +232,8 @@ async fn prepare(
         upstream,
         idle_timeout: mode.idle_timeout,
         // A ClientHello was read already: nothing else can come first.
-        refuse_first: refuse_first.filter(|_| !mode.tls_passthrough),
+        check_first: (untrusted && !mode.tls_passthrough)
+            .then_some(refuse_proxy_header as FirstCheck),
         proxy_header,
         hello: hello_bytes,
         connect_timeout: rt.config.timeouts.upstream_connect,
@@ -289,6 +314,16 @@ fn give_up(upstream: &Upstream, record: &mut Record, error: &ConnectError) {
         None => error.to_string(),
     };
     record.end(Outcome::ConnectFailed, Some(&detail));
+}
+
+/// The relay's check on an untrusted client's first bytes: a PROXY header (however it is cut
+/// into segments) is refused.
+fn refuse_proxy_header(first: &[u8]) -> FirstBytes {
+    match proxy_protocol::header_start(first) {
+        proxy_protocol::HeaderStart::Header => FirstBytes::Refuse,
+        proxy_protocol::HeaderStart::NotHeader => FirstBytes::Pass,
+        proxy_protocol::HeaderStart::Undecided => FirstBytes::NeedMore,
+    }
 }
 
 /// Closes `stream` with a reset rather than a FIN once dropped.

@@ -79,6 +79,23 @@ pub struct Upstream {
     pub tls: Option<Connector>,
     /// Retries, their budget and the circuit breaker.
     resilience: resilience::Resilience,
+    /// Shared with the upstreams this one replaced and will be replaced by.
+    lineage: Arc<Lineage>,
+    /// This upstream's place in `lineage`: the current one has the latest.
+    generation: u64,
+}
+
+/// What the upstreams of one name share across reloads, so that a request or tunnel
+/// tracked by a replaced upstream (its `InFlight` holds that one) still reaches the current
+/// balancer when it ends: it marks its server for rescoring, and the current upstream's
+/// next pick rescores the marked servers. Without it, a `least_connections` balancer built
+/// while long tunnels were open would count them forever.
+#[derive(Debug, Default)]
+struct Lineage {
+    /// The generation of the latest upstream built.
+    latest: AtomicU64,
+    /// Some server has `rescore` set.
+    rescore: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +113,9 @@ pub struct Server {
     pub pool: Pool,
     /// Requests in flight to this server from every worker, for load-aware balancers.
     active: AtomicUsize,
+    /// A request or tunnel tracked by a replaced upstream ended: the current upstream's
+    /// balancer has yet to hear of this server's load (see [`Lineage`]).
+    rescore: AtomicBool,
     /// Response times seen from this server, for `least_time`.
     latency: PeakEwma,
     state: ServerState,
@@ -153,6 +173,7 @@ impl Server {
                 settings.max_connections,
             ),
             active: AtomicUsize::new(0),
+            rescore: AtomicBool::new(false),
             latency: PeakEwma::new(settings.latency_decay),
             state: ServerState::new(),
             outlier: Outlier::default(),
@@ -321,11 +342,15 @@ pub struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.upstream.servers[self.server]
-            .active
-            .fetch_sub(1, Ordering::Relaxed);
-        if self.upstream.ordered_by_load {
-            self.upstream.load_changed(self.server);
+        let upstream = &self.upstream;
+        let server = &upstream.servers[self.server];
+        server.active.fetch_sub(1, Ordering::Relaxed);
+        if upstream.ordered_by_load {
+            upstream.load_changed(self.server);
+            if upstream.lineage.latest.load(Ordering::Relaxed) != upstream.generation {
+                server.rescore.store(true, Ordering::Relaxed);
+                upstream.lineage.rescore.store(true, Ordering::Release);
+            }
         }
     }
 }
@@ -406,7 +431,11 @@ impl Upstream {
                 config.sticky_secret.as_ref(),
             )
         });
+        let lineage = previous.map_or_else(Arc::default, |p| p.lineage.clone());
+        let generation = lineage.latest.fetch_add(1, Ordering::Relaxed) + 1;
         let upstream = Upstream {
+            lineage,
+            generation,
             name: config.name.clone(),
             sticky,
             servers,
@@ -491,6 +520,9 @@ impl Upstream {
         affinity: &Affinity,
         failed: &[usize],
     ) -> Option<(usize, &Arc<Server>)> {
+        if self.ordered_by_load && self.lineage.rescore.load(Ordering::Relaxed) {
+            self.rescore_marked();
+        }
         let unsettled = self.unsettled.load(Ordering::Relaxed) != 0;
         if unsettled {
             self.settle_now();
@@ -664,6 +696,20 @@ impl Upstream {
         InFlight {
             upstream: self.clone(),
             server: index,
+        }
+    }
+
+    /// Tells the balancer of each server marked by a replaced upstream (see [`Lineage`]) its
+    /// load. Rare: only after a reload, while requests it did not track end.
+    #[cold]
+    fn rescore_marked(&self) {
+        if !self.lineage.rescore.swap(false, Ordering::Acquire) {
+            return;
+        }
+        for (index, server) in self.servers.iter().enumerate() {
+            if server.rescore.swap(false, Ordering::Relaxed) {
+                self.load_changed(index);
+            }
         }
     }
 

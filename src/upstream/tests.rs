@@ -291,3 +291,36 @@ fn consecutive_errors_eject_and_a_success_between_them_does_not() {
     up.reached(0);
     assert_eq!(up.servers[0].health_state(), "ejected");
 }
+
+#[test]
+fn least_connections_hears_of_requests_a_replaced_upstream_tracked() {
+    let old = Arc::new(upstream(BalanceKind::LeastConnections, &[(1, false)]));
+    let long: Vec<InFlight> = (0..6).map(|_| old.track(0)).collect();
+    // A reload adds a server (taking its whole share at once) while six tunnels to the
+    // first are open.
+    let mut reloaded = config(BalanceKind::LeastConnections, &[(1, false), (2, false)]);
+    reloaded.slow_start = Duration::ZERO;
+    let new = Arc::new(Upstream::build(
+        &reloaded,
+        1,
+        Duration::from_secs(1),
+        Some(&old),
+    ));
+    assert!(Arc::ptr_eq(&old.servers[0], &new.servers[0]));
+    drop(long);
+    // Both servers are idle now: the next six are shared, not all sent to the new one.
+    let mut counts = HashMap::new();
+    let mut open = Vec::new();
+    for client in 0..6u32 {
+        let affinity = Affinity {
+            client_ip: IpAddr::from(client.to_be_bytes()),
+            key: None,
+            pinned: None,
+        };
+        let (index, server) = new.pick(0, &affinity, &[]).unwrap();
+        *counts.entry(server.address.port()).or_insert(0) += 1;
+        open.push(new.track(index));
+    }
+    assert_eq!(counts.get(&1), Some(&3), "{counts:?}");
+    assert_eq!(counts.get(&2), Some(&3), "{counts:?}");
+}
