@@ -590,17 +590,19 @@ impl Runner {
                     self.apply(t, &addresses, &mut election).await;
                 }
             }
-            if let Some(outcome) = election.take_switchover_outcome() {
-                for reply in waiting.drain(..) {
-                    let _ = reply.send(outcome.clone());
-                }
-            }
             // The address is off this node now (its release is part of the change to
             // backup), or no peer took the role.
             if drain.is_none() && election.wire_role() != WireRole::Yielding {
                 self.resume();
             }
             self.publish(&election);
+            // Answered only now, so that whoever asked finds the listeners resumed and the
+            // status saying how it ended.
+            if let Some(outcome) = election.take_switchover_outcome() {
+                for reply in waiting.drain(..) {
+                    let _ = reply.send(outcome.clone());
+                }
+            }
         }
         self.resume();
         for reply in waiting.drain(..) {
