@@ -240,7 +240,7 @@ impl Pool {
             .await
             .map_err(|_| ConnectError::TimedOut(self.address, self.connect_timeout))?
             .map_err(|e| ConnectError::from_io(self.address, e))?;
-        let _ = stream.set_nodelay(true);
+        // No TCP_NODELAY here: the relay sets it on both sides of a tunnel.
         self.handed_out.opened();
         Ok((stream, TunnelSlot { _permit: slot }))
     }
