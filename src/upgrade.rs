@@ -404,8 +404,9 @@ mod tests {
         assert_eq!(serde_json::from_slice::<Manifest>(&text).unwrap(), manifest);
     }
 
-    #[test]
-    fn sockets_cross_the_pair_as_the_same_kernel_sockets() {
+    /// Sends one socket of listener `name` over a fresh pair, closes the sender's copy, and
+    /// returns what the receiving side adopts.
+    fn send_one(name: &str, bind: SocketAddr, kind: SocketKind, fd: RawFd) -> OwnedFd {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -413,24 +414,30 @@ mod tests {
             SockFlag::SOCK_CLOEXEC,
         )
         .unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
         let manifest = Manifest {
             listeners: vec![ManifestListener {
-                name: "web".into(),
-                bind: addr,
-                kind: SocketKind::Tcp,
+                name: name.into(),
+                bind,
+                kind,
                 sockets: 1,
             }],
             admin: None,
             control: false,
             sticky_key: [1; 16],
         };
-        send(&ours, &manifest, &[listener.as_raw_fd()]).unwrap();
-        drop(listener);
+        send(&ours, &manifest, &[fd]).unwrap();
         let (received, fds) = receive(&theirs).unwrap();
         assert_eq!(received, manifest);
-        let adopted = std::net::TcpListener::from(fds.into_iter().next().unwrap());
+        fds.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn sockets_cross_the_pair_as_the_same_kernel_sockets() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fd = send_one("web", addr, SocketKind::Tcp, listener.as_raw_fd());
+        drop(listener);
+        let adopted = std::net::TcpListener::from(fd);
         assert_eq!(adopted.local_addr().unwrap(), addr);
         // Still listening, though the sender's copy is closed.
         let _client = std::net::TcpStream::connect(addr).unwrap();
@@ -455,31 +462,11 @@ mod tests {
 
     #[test]
     fn a_udp_socket_crosses_the_pair_and_still_receives() {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = socket.local_addr().unwrap();
-        let manifest = Manifest {
-            listeners: vec![ManifestListener {
-                name: "dns".into(),
-                bind: addr,
-                kind: SocketKind::Udp,
-                sockets: 1,
-            }],
-            admin: None,
-            control: false,
-            sticky_key: [1; 16],
-        };
-        send(&ours, &manifest, &[socket.as_raw_fd()]).unwrap();
+        let fd = send_one("dns", addr, SocketKind::Udp, socket.as_raw_fd());
         drop(socket);
-        let (received, fds) = receive(&theirs).unwrap();
-        assert_eq!(received, manifest);
-        let adopted = std::net::UdpSocket::from(fds.into_iter().next().unwrap());
+        let adopted = std::net::UdpSocket::from(fd);
         adopted
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
