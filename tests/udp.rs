@@ -991,6 +991,10 @@ async fn echoed(client: &UdpSocket, datagram: &[u8], wait: Duration) -> bool {
 
 #[tokio::test]
 async fn an_ipv6_listener_relays_to_an_ipv4_server() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here: skipped");
+        return;
+    }
     let (_server, fulcrum) = echo_behind_fulcrum("[::1]:0").await;
     assert!(fulcrum.is_ipv6());
     let client = UdpSocket::bind("[::1]:0").await.unwrap();
