@@ -510,7 +510,7 @@ impl Scrape {
         }
         let mut family = encoder.encode_descriptor(
             "fulcrum_tcp_connections",
-            "Connections of tcp listeners that ended, by listener and how: closed, client_reset, server_reset, idle_timeout, failed, refused_proxy_header, bad_proxy_header, not_tls, no_route, connect_failed",
+            "Connections of tcp listeners that ended, by listener and how: closed, client_reset, server_reset, idle_timeout, failed, refused_proxy_header, bad_proxy_header, not_tls, no_route, connect_failed, shutdown",
             None,
             MetricType::Counter,
         )?;
