@@ -736,7 +736,11 @@ impl Runner {
                 }
                 view.error = Some(error.clone());
                 self.claim_failed_at = Some(Instant::now());
-                election.claim_failed(error)
+                let step_down = election.claim_failed(error);
+                // The error and the ineligibility it brings are shown together: a reader
+                // of the status never sees one without the other.
+                self.publish_into(&mut view, election);
+                step_down
             }
         }
     }
