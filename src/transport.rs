@@ -4,11 +4,13 @@
 //! it; and both are `AsyncRead + AsyncWrite` for the HTTP/2 server and for tunnels.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::tls::stream::TlsStream;
@@ -58,7 +60,15 @@ impl Stream {
     /// waiting.
     pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
-            Stream::Plain(tcp) => tcp.try_read_buf(buf),
+            Stream::Plain(tcp) => {
+                if buf.capacity() == buf.len() {
+                    buf.reserve(64);
+                }
+                let n = recv(tcp, buf.spare_capacity_mut())?;
+                // SAFETY: `recv` initialised the first `n` bytes of the spare room.
+                unsafe { buf.set_len(buf.len() + n) };
+                Ok(n)
+            }
             Stream::Tls(tls) => {
                 let room = (buf.capacity() - buf.len()).max(1);
                 let mut left = room;
@@ -79,14 +89,14 @@ impl Stream {
 
     pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
         match self {
-            Stream::Plain(tcp) => tcp.try_write(data),
+            Stream::Plain(tcp) => send(tcp, &[io::IoSlice::new(data)]),
             Stream::Tls(tls) => tls.try_write(data),
         }
     }
 
     pub fn try_write_vectored(&self, data: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            Stream::Plain(tcp) => tcp.try_write_vectored(data),
+            Stream::Plain(tcp) => send(tcp, data),
             Stream::Tls(tls) => tls.try_write_vectored(data),
         }
     }
@@ -116,13 +126,7 @@ impl Stream {
     /// checked without waiting.
     pub fn is_stale(&self) -> bool {
         match self {
-            Stream::Plain(tcp) => {
-                let mut probe = [0u8; 1];
-                match tcp.try_read(&mut probe) {
-                    Err(e) => e.kind() != io::ErrorKind::WouldBlock,
-                    Ok(_) => true,
-                }
-            }
+            Stream::Plain(tcp) => has_arrivals(tcp),
             Stream::Tls(tls) => tls.is_stale(),
         }
     }
@@ -170,6 +174,68 @@ impl Stream {
             }
         }
     }
+}
+
+/// One `recv` into `buf` without waiting. A short read also clears the socket's read
+/// readiness, as tokio's own `poll_read` does but its `try_read` does not: the kernel handed
+/// over all it had, so another `recv` before the next readiness event could only fail with
+/// `EAGAIN` — a system call per message on every connection of a request/response exchange.
+/// (Data arriving after the read raises a new edge-triggered event, which sets readiness
+/// again; tokio clears only the readiness this read observed.)
+pub fn recv(tcp: &TcpStream, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+    let mut got = 0;
+    let read = tcp.try_io(Interest::READABLE, || {
+        got = SockRef::from(tcp).recv(buf)?;
+        if got > 0 && got < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(got)
+        }
+    });
+    match read {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
+    }
+}
+
+/// One `sendmsg` of `data` without waiting; a short write clears write readiness (the
+/// socket buffer is full), sparing the `EAGAIN` the next attempt would meet. `MSG_NOSIGNAL`:
+/// a peer that has gone is an error to handle, not a signal.
+pub fn send(tcp: &TcpStream, data: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    let wanted: usize = data.iter().map(|d| d.len()).sum();
+    let mut sent = 0;
+    let write = tcp.try_io(Interest::WRITABLE, || {
+        sent = SockRef::from(tcp).send_vectored_with_flags(data, libc::MSG_NOSIGNAL)?;
+        if sent > 0 && sent < wanted {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(sent)
+        }
+    });
+    match write {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && sent > 0 => Ok(sent),
+        other => other,
+    }
+}
+
+/// Whether bytes, the end of the stream or an error wait on `tcp`, asked of the socket
+/// itself (a peek) rather than of tokio's readiness: [`recv`] may have cleared readiness
+/// while a close arrived that the event loop has not seen yet, and finding such a close on
+/// a pooled connection is what this is for.
+pub fn has_arrivals(tcp: &TcpStream) -> bool {
+    let mut probe = [MaybeUninit::uninit(); 1];
+    match SockRef::from(tcp).recv_with_flags(&mut probe, libc::MSG_PEEK) {
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        Ok(_) => true,
+    }
+}
+
+/// [`recv`] into an initialised buffer.
+pub fn recv_into(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `recv` only writes initialised bytes, so the slice stays initialised.
+    recv(tcp, unsafe {
+        &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>])
+    })
 }
 
 impl AsyncRead for Stream {
@@ -230,5 +296,85 @@ impl AsyncWrite for Stream {
                 Poll::Ready(socket2::SockRef::from(tls.tcp()).shutdown(std::net::Shutdown::Write))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    /// A short read leaves no readiness behind (the next read costs no system call), and
+    /// bytes sent after it are still seen: their arrival sets readiness again.
+    #[tokio::test]
+    async fn a_short_read_clears_readiness_and_later_bytes_still_arrive() {
+        let (mut writer, reader) = pair().await;
+        writer.write_all(b"first").await.unwrap();
+        reader.readable().await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(recv_into(&reader, &mut buf).unwrap(), 5);
+        // Nothing asked of the kernel: the socket is not ready as far as tokio knows.
+        let err = reader.try_io(Interest::READABLE, || Ok(())).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        writer.write_all(b"second").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), reader.readable())
+            .await
+            .expect("readiness comes back with new bytes")
+            .unwrap();
+        assert_eq!(recv_into(&reader, &mut buf).unwrap(), 6);
+        assert_eq!(&buf[..6], b"second");
+        drop(writer);
+        tokio::time::timeout(Duration::from_secs(10), reader.readable())
+            .await
+            .expect("the close is seen")
+            .unwrap();
+        assert_eq!(recv_into(&reader, &mut buf).unwrap(), 0);
+    }
+
+    /// A read that fills the buffer keeps readiness: more may be waiting, and is read.
+    #[tokio::test]
+    async fn a_full_read_keeps_readiness() {
+        let (mut writer, reader) = pair().await;
+        writer.write_all(b"0123456789").await.unwrap();
+        reader.readable().await.unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(recv_into(&reader, &mut buf).unwrap(), 4);
+        assert_eq!(recv_into(&reader, &mut buf).unwrap(), 4);
+        assert_eq!(recv_into(&reader, &mut buf).unwrap(), 2);
+        assert_eq!(&buf[..2], b"89");
+    }
+
+    /// A pooled connection's close is found even when readiness was cleared before it came
+    /// and the event loop has not looked since.
+    #[tokio::test]
+    async fn has_arrivals_sees_a_close_readiness_does_not_show_yet() {
+        let (mut writer, reader) = pair().await;
+        writer.write_all(b"response").await.unwrap();
+        reader.readable().await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(recv_into(&reader, &mut buf).unwrap(), 8);
+        assert!(!has_arrivals(&reader));
+        drop(writer);
+        // No await in between: the event loop has not run since the close.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !has_arrivals(&reader) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the close never showed"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(Stream::Plain(reader).is_stale());
     }
 }

@@ -599,42 +599,12 @@ fn retry(error: &io::Error) -> bool {
     )
 }
 
-/// One `recv` into `buffer`. A short read also clears the socket's read readiness (as tokio's
-/// own reads do on Linux): the kernel handed over all it had, so the next `recv` could only
-/// say "would block", and in a request/response exchange that syscall is a fair share of the
-/// cost of relaying a message.
 fn read_some(source: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    let read = source.try_io(Interest::READABLE, || {
-        got = io::Read::read(&mut &*SockRef::from(source), buffer)?;
-        if got > 0 && got < buffer.len() {
-            Err(io::ErrorKind::WouldBlock.into())
-        } else {
-            Ok(got)
-        }
-    });
-    match read {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
-        other => other,
-    }
+    crate::transport::recv_into(source, buffer)
 }
 
-/// One `send` from `bytes`; a short write clears write readiness (the socket buffer is full).
-/// `MSG_NOSIGNAL`: a peer that has gone is an error to handle, not a signal.
 fn write_some(sink: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
-    let mut sent = 0;
-    let write = sink.try_io(Interest::WRITABLE, || {
-        sent = SockRef::from(sink).send_with_flags(bytes, libc::MSG_NOSIGNAL)?;
-        if sent > 0 && sent < bytes.len() {
-            Err(io::ErrorKind::WouldBlock.into())
-        } else {
-            Ok(sent)
-        }
-    });
-    match write {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && sent > 0 => Ok(sent),
-        other => other,
-    }
+    crate::transport::send(sink, &[io::IoSlice::new(bytes)])
 }
 
 /// A pipe for `splice(2)`: both ends non-blocking. It costs two descriptors and, while it

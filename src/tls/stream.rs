@@ -25,16 +25,16 @@ pub(super) struct Socket<'a>(pub(super) &'a TcpStream);
 
 impl Read for Socket<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
+        crate::transport::recv_into(self.0, buf)
     }
 }
 
 impl Write for Socket<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
+        crate::transport::send(self.0, &[io::IoSlice::new(buf)])
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.0.try_write_vectored(bufs)
+        crate::transport::send(self.0, bufs)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -164,8 +164,13 @@ impl TlsStream {
     }
 
     /// Whether a pooled connection was closed or sent something unasked while idle.
+    /// Anything the socket holds counts (a late session ticket costs a new connection): the
+    /// session's own reads go by tokio's readiness, which may not show a close yet.
     pub fn is_stale(&self) -> bool {
-        !matches!(self.waiting(), Ok(Waiting::Nothing))
+        if crate::transport::has_arrivals(&self.tcp) {
+            return true;
+        }
+        !matches!(self.lock().reader().fill_buf(), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     fn send_pending(&self, tls: &mut rustls::Connection) -> io::Result<()> {
