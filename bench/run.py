@@ -69,6 +69,10 @@ SCENARIOS = [
     Scenario("ka256", "keep-alive 1 KiB, 256 conns", "/1k", 256, [], "wrk"),
     Scenario("new", "new connection per request", "/1k", 32, CLOSE, "wrk"),
     Scenario("100k", "keep-alive 100 KiB, 64 conns", "/100k", 64, [], "wrk"),
+    # Where a batching controller shows harm: one connection (every wait is latency), and a
+    # low fixed rate (16 connections × 125 requests a second, h2load over HTTP/1.1).
+    Scenario("one", "keep-alive 1 KiB, 1 conn", "/1k", 1, [], "wrk"),
+    Scenario("rate", "1 KiB at 2,000 req/s, 16 conns", "/1k", 16, ["--h1", "--rps=125"], "h2load"),
     Scenario("h2c", "h2c, 16 connections × 10 streams", "/1k", 16, ["-m10"], "h2load"),
     Scenario("tls-ka64", "TLS keep-alive 1 KiB, 64 conns", "/1k", 64, [], "wrk", "resume"),
     Scenario("tls-new", "TLS full handshake per request", "/1k", 32, CLOSE, "wrk", "full"),
@@ -101,6 +105,8 @@ NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 def install():
     need = [p for p, b in [("nginx", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk"), ("nghttp2-client", "h2load")] if not shutil.which(b) and not os.path.exists(f"/usr/sbin/{b}")]
+    if not shutil.which("perf"):
+        need.append("linux-perf")
     if not os.path.exists(NGINX_STREAM_MODULE):
         need.append("libnginx-mod-stream")
     if need:
@@ -475,7 +481,7 @@ def port_for(name, scenario):
     if scenario.tls:
         assert name != "direct"
         return PROXY_TLS_PORT
-    if scenario.client == "h2load":
+    if scenario.client == "h2load" and "--h1" not in scenario.extra:
         return {"direct": BACKEND_H2C_PORT, "fulcrum": PROXY_PORT}.get(name, PROXY_H2C_PORT)
     return BACKEND_PORT if name == "direct" else PROXY_PORT
 
@@ -593,16 +599,69 @@ def check_tcp_relay(conns=4, timeout=5.0):
     return f"{conns} idle clients opened {opened} upstream connections; each relayed a 200 and 1 KiB"
 
 
-def measure(name, cmd, scenario, duration):
+# System calls counted with `--syscalls`, by kind: kernel tracepoints through `perf stat`,
+# which cost the proxy far less than strace (no stop per call), so the counts are of the
+# proxy as it runs without them.
+SYSCALL_KINDS = {
+    "read": ("read", "readv", "recvfrom", "recvmsg"),
+    "write": ("write", "writev", "sendto", "sendmsg", "sendfile64", "splice"),
+    "wait": ("epoll_wait", "epoll_pwait", "epoll_pwait2", "io_uring_enter"),
+    "epoll_ctl": ("epoll_ctl",),
+    "sleep": ("nanosleep", "clock_nanosleep"),
+}
+
+
+def start_syscall_count(pids):
+    """`perf stat` over every thread of `pids`: all system calls, those by kind, those that
+    returned EAGAIN, and context switches. Stopped (and read) by `stop_syscall_count`."""
+    out = tempfile.NamedTemporaryFile(prefix="fulcrum-perf-", suffix=".csv", delete=False)
+    events = ["-e", "raw_syscalls:sys_enter", "-e", "raw_syscalls:sys_exit", "--filter", "ret == -11", "-e", "context-switches"]
+    for names in SYSCALL_KINDS.values():
+        for n in names:
+            events += ["-e", f"syscalls:sys_enter_{n}"]
+    proc = subprocess.Popen(["perf", "stat", "-x,", "-o", out.name, *events, "-p", ",".join(map(str, pids))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.2)  # perf attaches before the counted run starts
+    return proc, out.name
+
+
+def stop_syscall_count(counting):
+    proc, path = counting
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=10)
+    counts = {}
+    with open(path) as f:
+        for line in f:
+            fields = line.strip().split(",")
+            if len(fields) > 2 and fields[0].isdigit():
+                counts[fields[2]] = int(fields[0])
+    os.unlink(path)
+    by_kind = {kind: sum(counts.get(f"syscalls:sys_enter_{n}", 0) for n in names) for kind, names in SYSCALL_KINDS.items()}
+    total = counts.get("raw_syscalls:sys_enter", 0)
+    by_kind["other"] = total - sum(by_kind.values())
+    return {"total": total, "eagain": counts.get("raw_syscalls:sys_exit", 0), "switches": counts.get("context-switches", 0), **by_kind}
+
+
+def variant_command(fulcrum_cmd, env):
+    """Fulcrum's command line with `env` set; `BIN=path` in it runs another build instead."""
+    binary = [e.partition("=")[2] for e in env if e.startswith("BIN=")]
+    cmd = [*binary[-1:], *fulcrum_cmd[1:]] if binary else fulcrum_cmd
+    return ["env", *[e for e in env if not e.startswith("BIN=")], *cmd]
+
+
+def measure(name, cmd, scenario, duration, syscalls=False):
     port = port_for(name, scenario)
     proc = start_proxy(cmd, port=port)
     try:
         # Warm up pools and caches, uncounted.
         run_client(scenario, port, 1)
         pids = pids_of(proc)
+        counting = start_syscall_count(pids) if syscalls else None
         before = cpu_ticks(pids)
         result = run_client(scenario, port, duration)
         cpu = (cpu_ticks(pids) - before) / CLK_TCK
+        if counting:
+            result["syscalls"] = stop_syscall_count(counting)
         result["cpu_s"] = cpu
         result["per_cpu_s"] = result["requests"] / cpu if cpu > 0 else float("nan")
         result["mib_per_cpu_s"] = result["bytes"] / 2**20 / cpu if cpu > 0 else float("nan")
@@ -624,6 +683,13 @@ def main():
                              "as nginx-http whenever nginx runs); ratios need fulcrum and the other")
     parser.add_argument("--haproxy-splice", action="store_true",
                         help="TCP scenarios: HAProxy splicing both ways (`option splice-request`, `splice-response`; off by default, as HAProxy has it)")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="count the proxy's system calls (by kind, and those returning EAGAIN) and context switches per request "
+                             "with `perf stat` on kernel tracepoints (installs linux-perf if missing)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[;…]",
+                        help="also run Fulcrum as NAME with these environment variables (HTTP scenarios), "
+                             "interleaved with the others: an A/B comparison within one run; `BIN=path` runs another "
+                             "build (say, the commit before a change); separate variables with `;`; may be repeated")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     keys = [k.strip() for k in args.scenarios.split(",") if k.strip()]
@@ -635,6 +701,12 @@ def main():
     if not chosen or any(p not in ("fulcrum", "nginx", "haproxy") for p in chosen):
         parser.error(f"--proxies takes fulcrum, nginx, haproxy, not {args.proxies!r}")
     set_ports(args.port_base)
+    variants = {}  # name -> ["VAR=VALUE", ...]
+    for spec in args.variant:
+        name, _, env = spec.partition(":")
+        if not name or not env or name in ("direct", "fulcrum", "nginx", "haproxy", "nginx-http"):
+            parser.error(f"--variant takes NAME:VAR=VALUE[;VAR=VALUE…] with a new name, not {spec!r}")
+        variants[name] = env.split(";")
 
     install()
     fulcrum = build_fulcrum() if "fulcrum" in chosen else "fulcrum"  # not run, not built
@@ -645,8 +717,11 @@ def main():
     configs = {tls: proxy_configs(work, fulcrum, tls=tls) for tls in TLS_VARIANTS}
     # TCP scenarios: the three relaying TCP, and nginx's HTTP proxy of the HTTP scenarios.
     configs["tcp"] = {**tcp_proxy_configs(work, fulcrum, haproxy_splice=args.haproxy_splice), "nginx-http": configs["resume"]["nginx"]}
-    proxies_of = lambda scenario: [p for p in (L4_PROXIES if scenario.tcp else ("fulcrum", "nginx", "haproxy"))
-                                   if p in chosen or (p == "nginx-http" and "nginx" in chosen)]
+    for variant in configs.values():
+        if "fulcrum" in variant:
+            variant.update({name: variant_command(variant["fulcrum"], env) for name, env in variants.items()})
+    proxies_of = lambda scenario: [p for p in (L4_PROXIES if scenario.tcp else ("fulcrum", *variants, "nginx", "haproxy"))
+                                   if p in chosen or p in variants or (p == "nginx-http" and "nginx" in chosen)]
     config_of = lambda scenario: "tcp" if scenario.tcp else scenario.tls or "resume"
     results = {}  # (scenario, proxy) -> [result]
     checks = {}  # (TLS variant, proxy) -> check_tls()
@@ -688,7 +763,7 @@ def main():
                 order = proxies if rnd % 2 == 0 else list(reversed(proxies))
                 for name in order:
                     cmd = configs[config_of(scenario)][name]
-                    r = measure(name, cmd, scenario, args.duration)
+                    r = measure(name, cmd, scenario, args.duration, syscalls=args.syscalls)
                     results.setdefault((scenario.title, name), []).append(r)
                     bulk = f" {r['mib_per_cpu_s']:8.0f} MiB/CPU-s" if scenario.path in BULK_PATHS else ""
                     print(f"round {rnd + 1} {scenario.title:32} {name:10} {r['rps']:10.0f} req/s {r['per_cpu_s']:10.0f} req/CPU-s{bulk}  "
@@ -711,10 +786,10 @@ def main():
         "| scenario | proxy | req/s | p50 ms | p99 ms | req per CPU-s | peak RSS MiB | non-2xx |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    ratios, tcp_ratios, bulk = [], [], []
+    ratios, tcp_ratios, bulk, against_best = [], [], [], []
     for scenario in scenarios:
         title = scenario.title
-        for name in ["direct", "fulcrum", "nginx", "haproxy", "nginx-http"]:
+        for name in ["direct", "fulcrum", *variants, "nginx", "haproxy", "nginx-http"]:
             if (title, name) not in results:
                 continue  # TLS scenarios have no direct run, a proxy may be left out
             rs = results[(title, name)]
@@ -730,8 +805,20 @@ def main():
                               f"| {ratio('haproxy', 'nginx-http')} | {ratio('nginx', 'nginx-http')} |")
         else:
             ratios.append(f"| {title} | {ratio('fulcrum', 'nginx')} | {ratio('fulcrum', 'haproxy')} |")
+            others = [n for n in ("nginx", "haproxy") if ran(scenario, n)]
+            if others:
+                # Paired by round: this machine drifts by more than the differences sought,
+                # and proxies measured within a minute of each other drift together.
+                rounds = len(results[(title, others[0])])
+                best = [max(results[(title, n)][i]["per_cpu_s"] for n in others) for i in range(rounds)]
+                paired = lambda n: statistics.median(results[(title, n)][i]["per_cpu_s"] / best[i] for i in range(rounds))
+                against_best.append(f"| {title} | " + " | ".join(f"{paired(n):.2f}" if ran(scenario, n) else "-"
+                                                              for n in ("fulcrum", *variants)) + " |")
     if ratios:
         lines += ["", "Requests per CPU-second, Fulcrum relative to:", "", "| scenario | Fulcrum/nginx | Fulcrum/HAProxy |", "|---|---:|---:|", *ratios]
+    if against_best and variants:
+        lines += ["", "Requests per CPU-second relative to the better of nginx and HAProxy in the same round (median over rounds):", "",
+                  "| scenario | " + " | ".join(("fulcrum", *variants)) + " |", "|---|" + "---:|" * (1 + len(variants)), *against_best]
     if tcp_ratios:
         lines += ["", "TCP relays, requests per CPU-second relative to one another and to nginx's HTTP proxy in the same scenario:", "",
                   "| scenario | Fulcrum/nginx stream | Fulcrum/HAProxy tcp | Fulcrum/nginx http | HAProxy tcp/nginx http | nginx stream/nginx http |",
@@ -739,6 +826,16 @@ def main():
     if bulk:
         lines += ["", "Bytes (what wrk read: bodies and heads), per second and per CPU-second of the proxy:", "",
                   "| scenario | proxy | MiB/s | MiB per CPU-s |", "|---|---|---:|---:|", *bulk]
+    if args.syscalls:
+        kinds = ["total", *SYSCALL_KINDS, "other", "eagain", "switches"]
+        lines += ["", "System calls per request (medians; `eagain`: calls that returned EAGAIN, of any kind; `switches`: context switches):", "",
+                  "| scenario | proxy | " + " | ".join(kinds) + " |", "|---|---|" + "---:|" * len(kinds)]
+        for scenario in scenarios:
+            for name in ["fulcrum", *variants, "nginx", "haproxy", "nginx-http"]:
+                rs = [r for r in results.get((scenario.title, name), []) if "syscalls" in r]
+                if rs:
+                    per = lambda k: statistics.median(r["syscalls"][k] / max(r["requests"], 1) for r in rs)
+                    lines.append(f"| {scenario.title} | {label(scenario, name)} | " + " | ".join(f"{per(k):.2f}" for k in kinds) + " |")
     if tcp_checks:
         lines += ["", "TCP relays checked before the rounds:", "", "| proxy | check |", "|---|---|"]
         lines += [f"| {name} | {check} |" for name, check in tcp_checks.items()]
