@@ -119,7 +119,6 @@ where
     W: ResponseWriter + Send,
 {
     let started = Instant::now();
-    let _in_flight = crate::server::batching::InFlight::start();
     let Incoming { head: req, framing } = incoming;
     // Always there: it counts the request in the metrics when dropped, and writes the
     // access log line if that is on.

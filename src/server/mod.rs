@@ -6,7 +6,6 @@
 //! run one event loop per core: a connection, its upstream connections and their pool stay
 //! on one thread, so nothing on the request path is shared across cores.
 
-pub mod batching;
 mod listeners;
 
 use std::cell::Cell;
@@ -94,7 +93,6 @@ impl Server {
             .map(|_| {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
-                    .on_thread_park(batching::before_park)
                     .build()
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -113,7 +111,6 @@ impl Server {
                 .name(format!("fulcrum-worker-{worker}"))
                 .spawn(move || {
                     WORKER.set(worker);
-                    batching::init_worker(batching::Batching::from_env(batching::Batching::OFF));
                     // Connections finish on this runtime after accepting stops; the process
                     // ends the thread once shutdown is complete.
                     runtime.block_on(std::future::pending::<()>());
