@@ -181,7 +181,9 @@ impl Stream {
 /// over all it had, so another `recv` before the next readiness event could only fail with
 /// `EAGAIN` — a system call per message on every connection of a request/response exchange.
 /// (Data arriving after the read raises a new edge-triggered event, which sets readiness
-/// again; tokio clears only the readiness this read observed.)
+/// again; tokio clears only the readiness this read observed. The exception is TCP urgent
+/// data, where `recv` stops short at the mark: nothing Fulcrum proxies uses it, and tokio's
+/// own reads share the limit.)
 pub fn recv(tcp: &TcpStream, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
     let mut got = 0;
     let read = tcp.try_io(Interest::READABLE, || {
@@ -198,10 +200,16 @@ pub fn recv(tcp: &TcpStream, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
     }
 }
 
+/// `UIO_MAXIOV` on Linux.
+const MAX_SLICES: usize = 1024;
+
 /// One `sendmsg` of `data` without waiting; a short write clears write readiness (the
 /// socket buffer is full), sparing the `EAGAIN` the next attempt would meet. `MSG_NOSIGNAL`:
 /// a peer that has gone is an error to handle, not a signal.
 pub fn send(tcp: &TcpStream, data: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    // `sendmsg` refuses more slices than this (`writev` in std truncates); a count over the
+    // slices actually passed keeps "short" meaning "the socket buffer is full".
+    let data = &data[..data.len().min(MAX_SLICES)];
     let wanted: usize = data.iter().map(|d| d.len()).sum();
     let mut sent = 0;
     let write = tcp.try_io(Interest::WRITABLE, || {
@@ -353,6 +361,45 @@ mod tests {
         assert_eq!(recv_into(&reader, &mut buf).unwrap(), 4);
         assert_eq!(recv_into(&reader, &mut buf).unwrap(), 2);
         assert_eq!(&buf[..2], b"89");
+    }
+
+    /// A short write (the socket buffer full) clears write readiness, and the writer is
+    /// woken once the peer reads.
+    #[tokio::test]
+    async fn a_short_write_clears_readiness_and_the_writer_wakes_when_the_peer_reads() {
+        let (writer, mut reader) = pair().await;
+        let chunk = vec![7u8; 256 * 1024];
+        let mut sent = 0;
+        loop {
+            match send(&writer, &[io::IoSlice::new(&chunk)]) {
+                Ok(n) if n == chunk.len() => sent += n,
+                Ok(n) => {
+                    sent += n;
+                    break;
+                }
+                // Full at a chunk's edge: the kernel's own EAGAIN cleared readiness.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let err = writer.try_io(Interest::WRITABLE, || Ok(())).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        let drain = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut got = 0;
+            while got < sent {
+                got += tokio::io::AsyncReadExt::read(&mut reader, &mut buf)
+                    .await
+                    .unwrap();
+            }
+            reader
+        });
+        tokio::time::timeout(Duration::from_secs(10), writer.writable())
+            .await
+            .expect("the writer is woken once the peer reads")
+            .unwrap();
+        assert!(send(&writer, &[io::IoSlice::new(b"more")]).unwrap() > 0);
+        drop(drain.await.unwrap());
     }
 
     /// A pooled connection's close is found even when readiness was cleared before it came
