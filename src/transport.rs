@@ -213,7 +213,13 @@ pub fn send(tcp: &TcpStream, data: &[io::IoSlice<'_>]) -> io::Result<usize> {
     let wanted: usize = data.iter().map(|d| d.len()).sum();
     let mut sent = 0;
     let write = tcp.try_io(Interest::WRITABLE, || {
-        sent = SockRef::from(tcp).send_vectored_with_flags(data, libc::MSG_NOSIGNAL)?;
+        let socket = SockRef::from(tcp);
+        // One piece goes by `send`: `sendmsg` would also copy a message header and an
+        // iovec array in from user space.
+        sent = match data {
+            [one] => socket.send_with_flags(one, libc::MSG_NOSIGNAL)?,
+            _ => socket.send_vectored_with_flags(data, libc::MSG_NOSIGNAL)?,
+        };
         if sent > 0 && sent < wanted {
             Err(io::ErrorKind::WouldBlock.into())
         } else {

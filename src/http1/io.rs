@@ -2,7 +2,7 @@
 //! so one task can move bytes both ways on two connections at once without splitting them.
 
 use std::io;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
@@ -25,6 +25,28 @@ pub async fn read_some(stream: &Stream, buf: &mut BytesMut, idle: Duration) -> i
     read_with_room(stream, buf, HEAD_READ.max(buf.len()), idle).await
 }
 
+/// Like [`read_some`], waiting until `deadline` rather than for a span: a caller holding a
+/// deadline reads the clock once for all its reads, not once more per wait.
+pub async fn read_some_until(
+    stream: &Stream,
+    buf: &mut BytesMut,
+    deadline: Instant,
+) -> io::Result<usize> {
+    make_room(buf, HEAD_READ.max(buf.len()));
+    loop {
+        match stream.try_read_buf(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match tokio::time::timeout_at(deadline.into(), stream.readable()).await {
+                    Ok(ready) => ready?,
+                    Err(_) => return Err(timed_out()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Like [`read_some`], with room for a large piece of body.
 pub async fn read_body(stream: &Stream, buf: &mut BytesMut, idle: Duration) -> io::Result<usize> {
     read_with_room(stream, buf, BODY_READ, idle).await
@@ -36,9 +58,7 @@ async fn read_with_room(
     room: usize,
     idle: Duration,
 ) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < room / 4 {
-        buf.reserve(room);
-    }
+    make_room(buf, room);
     loop {
         match stream.try_read_buf(buf) {
             Ok(n) => return Ok(n),
@@ -47,6 +67,13 @@ async fn read_with_room(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Grows `buf` by `room` unless a quarter of that is free already.
+fn make_room(buf: &mut BytesMut, room: usize) {
+    if buf.capacity() - buf.len() < room / 4 {
+        buf.reserve(room);
     }
 }
 
@@ -138,9 +165,13 @@ pub async fn pass_body(
 async fn wait(ready: impl Future<Output = io::Result<()>>, idle: Duration) -> io::Result<()> {
     match tokio::time::timeout(idle, ready).await {
         Ok(result) => result,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "no progress within the idle timeout",
-        )),
+        Err(_) => Err(timed_out()),
     }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "no progress within the idle timeout",
+    )
 }

@@ -13,7 +13,7 @@ use super::downstream::{ResponseWriter, UpstreamHead};
 use super::exchange::{Context, Responded};
 use super::{AccessRecord, Failure, rewrite};
 use crate::http1::body::{Decoded, Decoder};
-use crate::http1::io::{read_body, read_some};
+use crate::http1::io::{read_body, read_some_until};
 
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -88,10 +88,9 @@ pub(super) async fn relay_response<W: ResponseWriter>(
                 )));
             }
             Ok(None) => {
-                let left = deadline.saturating_duration_since(Instant::now());
                 let read = tokio::select! {
                     biased;
-                    read = read_some(upstream, ubuf, left) => read,
+                    read = read_some_until(upstream, ubuf, deadline) => read,
                     _ = writer.abandoned() => return Err(Relay::BeforeHead(Failure::abandoned())),
                 };
                 match read {
@@ -130,10 +129,11 @@ pub(super) async fn relay_response<W: ResponseWriter>(
     };
     ubuf.advance(facts.head_len);
     head_sent.store(true, Ordering::Relaxed);
-    let response_time = cx.try_started.elapsed();
+    let head_arrived = Instant::now();
+    let response_time = head_arrived - cx.try_started;
     if let Some(log) = log.as_mut() {
         log.status = facts.status;
-        log.upstream_time = Some(cx.started.elapsed());
+        log.upstream_time = Some(head_arrived - cx.started);
     }
     let client_gone =
         |e: std::io::Error| Relay::ClientGone(format!("writing to the client failed: {e}"));

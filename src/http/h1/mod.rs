@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::config::Timeouts;
 use crate::http1::body::Decoder;
 use crate::http1::head::{self, HeadError};
-use crate::http1::io::{read_some, wait_readable, write_all};
+use crate::http1::io::{read_some, read_some_until, wait_readable, write_all};
 use crate::idle_timeout::IdleTimeout;
 use crate::proxy::{self, ClientConn, Finished, Incoming};
 use crate::runtime::{Runtime, Shared};
@@ -202,7 +202,8 @@ pub async fn serve(
 /// over the size limits. `None` when the client closed between requests.
 async fn read_head(client: &mut Client, rt: &Runtime) -> Result<Option<Request<()>>, HeadError> {
     let limits = &rt.config.limits;
-    let deadline = Instant::now() + rt.config.timeouts.client_header;
+    // Read off the clock only if the head is not all in yet (it usually is).
+    let mut deadline = None;
     let mut scanned = 0;
     let end = loop {
         if scanned == 0 {
@@ -214,8 +215,9 @@ async fn read_head(client: &mut Client, rt: &Runtime) -> Result<Option<Request<(
         if client.rbuf.len() > limits.max_header_bytes {
             return Err(HeadError::TooLarge);
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match read_some(&client.stream, &mut client.rbuf, left).await {
+        let deadline =
+            *deadline.get_or_insert_with(|| Instant::now() + rt.config.timeouts.client_header);
+        match read_some_until(&client.stream, &mut client.rbuf, deadline).await {
             Ok(0) if client.rbuf.is_empty() => return Ok(None),
             Ok(0) => {
                 return Err(HeadError::Invalid(
