@@ -58,6 +58,42 @@ async fn a_slow_response_header_is_504() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// An upstream connection keeps one timer from request to request: one whose earlier
+/// deadline passed while the connection sat in the pool must not time the next answer out
+/// at once, and one still armed must still time out a slow answer.
+#[tokio::test]
+async fn a_pooled_connection_times_each_response_header_afresh() {
+    let backend = Backend::with(|req| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        http::Response::new(support::full("ok"))
+    })
+    .await;
+    let proxy = Proxy::simple(
+        &[&backend],
+        "[timeouts]\nupstream_response_header = \"300ms\"\n",
+    )
+    .await;
+    let client = client();
+    let get = |path: &'static str| client.get(proxy.url(path)).send();
+    assert_eq!(get("/fast").await.unwrap().status(), 200);
+    // The connection's timer, set for 300 ms after that request, goes off in the pool.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        assert_eq!(get("/fast").await.unwrap().status(), 200);
+    }
+    // At once after an answer: the timer is still armed from it.
+    let started = Instant::now();
+    assert_eq!(get("/slow").await.unwrap().status(), 504);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "the 504 came after {took:?}"
+    );
+    assert_eq!(backend.seen.count(), 5);
+}
+
 #[tokio::test]
 async fn a_connect_that_hangs_is_504() {
     // A listener that never accepts, with its queue filled, drops further SYNs: connects hang.
@@ -114,6 +150,48 @@ async fn a_header_trickled_byte_by_byte_is_cut_off() {
         started.elapsed()
     );
     assert_eq!(backend.seen.count(), 0);
+}
+
+/// The deadline for a head holds on a kept-alive connection too, whose waits reuse the
+/// timer of the waits before.
+#[tokio::test]
+async fn a_second_request_trickled_on_a_kept_alive_connection_is_cut_off() {
+    let backend = Backend::named("a").await;
+    let proxy = Proxy::simple(
+        &[&backend],
+        "[timeouts]\nclient_header = \"1s\"\nclient_idle = \"30s\"\n",
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    stream.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let mut closed = false;
+    for _ in 0..50 {
+        if stream.write_all(b"X").await.is_err() {
+            closed = true;
+            break;
+        }
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the trickling client was never cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "cut off only after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(backend.seen.count(), 1);
 }
 
 #[tokio::test]

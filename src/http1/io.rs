@@ -2,9 +2,11 @@
 //! so one task can move bytes both ways on two connections at once without splitting them.
 
 use std::io;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use tokio::time::Sleep;
 
 use super::body;
 use crate::transport::Stream;
@@ -25,21 +27,89 @@ pub async fn read_some(stream: &Stream, buf: &mut BytesMut, idle: Duration) -> i
     read_with_room(stream, buf, HEAD_READ.max(buf.len()), idle).await
 }
 
-/// Like [`read_some`], waiting until `deadline` rather than for a span: a caller holding a
-/// deadline reads the clock once for all its reads, not once more per wait.
+/// A connection's one timer for its waits, set anew for each. A timeout made per wait is
+/// inserted into tokio's timer wheel and taken out again every time (~350 instructions
+/// each way by callgrind); a timer kept armed is moved to a later deadline with an atomic
+/// update (the wheel meets the new deadline only when the old one comes up), and only a
+/// move to an earlier deadline goes through the wheel.
+#[derive(Default)]
+pub struct WaitTimer(Option<Pin<Box<Sleep>>>);
+
+impl WaitTimer {
+    /// Lets go of the task the timer would wake, for a connection put aside (pooled): a
+    /// timer still armed would otherwise keep that task's memory alive, and wake it, when
+    /// its deadline comes.
+    pub fn forget_task(&mut self) {
+        if let Some(sleep) = &mut self.0 {
+            let _ = sleep
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        }
+    }
+
+    fn set(&mut self, deadline: Instant) -> Pin<&mut Sleep> {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().reset(deadline),
+            None => self.0 = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut(),
+            None => unreachable!("set just now"),
+        }
+    }
+}
+
+impl std::fmt::Debug for WaitTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WaitTimer")
+    }
+}
+
+/// Like [`read_some`], waiting up to `idle` on the connection's `timer`; the clock is read
+/// only if the read has to wait.
+pub async fn read_some_for(
+    stream: &Stream,
+    buf: &mut BytesMut,
+    idle: Duration,
+    timer: &mut WaitTimer,
+) -> io::Result<usize> {
+    read_timed(stream, buf, Err(idle), timer).await
+}
+
+/// Like [`read_some`], waiting until `deadline` on the connection's `timer`: a caller
+/// holding a deadline reads the clock once for all its reads, and no timer is made per wait.
 pub async fn read_some_until(
     stream: &Stream,
     buf: &mut BytesMut,
     deadline: Instant,
+    timer: &mut WaitTimer,
+) -> io::Result<usize> {
+    read_timed(stream, buf, Ok(deadline), timer).await
+}
+
+/// Reads, waiting until the deadline (`Ok`) or for the span from the first wait (`Err`).
+async fn read_timed(
+    stream: &Stream,
+    buf: &mut BytesMut,
+    mut deadline: Result<Instant, Duration>,
+    timer: &mut WaitTimer,
 ) -> io::Result<usize> {
     make_room(buf, HEAD_READ.max(buf.len()));
     loop {
         match stream.try_read_buf(buf) {
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                match tokio::time::timeout_at(deadline.into(), stream.readable()).await {
-                    Ok(ready) => ready?,
-                    Err(_) => return Err(timed_out()),
+                let at = match deadline {
+                    Ok(at) => at,
+                    Err(idle) => Instant::now() + idle,
+                };
+                deadline = Ok(at);
+                let expired = timer.set(at);
+                tokio::select! {
+                    biased;
+                    ready = stream.readable() => ready?,
+                    _ = expired => return Err(timed_out()),
                 }
             }
             Err(e) => return Err(e),

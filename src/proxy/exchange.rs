@@ -83,6 +83,7 @@ pub(super) async fn forward<B: RequestBody, W: ResponseWriter>(
         writer,
         &conn.stream,
         &mut conn.buf,
+        &mut conn.timer,
         cx,
         &request_done,
         &request_sent,

@@ -13,7 +13,7 @@ use super::downstream::{ResponseWriter, UpstreamHead};
 use super::exchange::{Context, Responded};
 use super::{AccessRecord, Failure, rewrite};
 use crate::http1::body::{Decoded, Decoder};
-use crate::http1::io::{read_body, read_some_until};
+use crate::http1::io::{WaitTimer, read_body, read_some_until};
 
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -33,6 +33,7 @@ pub(super) async fn relay_response<W: ResponseWriter>(
     writer: &mut W,
     upstream: &Stream,
     ubuf: &mut BytesMut,
+    timer: &mut WaitTimer,
     cx: &Context<'_>,
     request_done: &AtomicBool,
     request_sent: &Notify,
@@ -90,7 +91,7 @@ pub(super) async fn relay_response<W: ResponseWriter>(
             Ok(None) => {
                 let read = tokio::select! {
                     biased;
-                    read = read_some_until(upstream, ubuf, deadline) => read,
+                    read = read_some_until(upstream, ubuf, deadline, timer) => read,
                     _ = writer.abandoned() => return Err(Relay::BeforeHead(Failure::abandoned())),
                 };
                 match read {

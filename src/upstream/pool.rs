@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::stats::ConnectionCounts;
+use crate::http1::io::WaitTimer;
 use crate::server::worker;
 use crate::tls::client::Connector;
 use crate::tls::handshake::{self, HandshakeError};
@@ -50,6 +51,9 @@ pub struct RawConn {
     pub buf: BytesMut,
     /// Taken from the pool rather than opened for this request.
     pub reused: bool,
+    /// For waits on the server's answers, kept with the connection from one request to
+    /// the next.
+    pub timer: WaitTimer,
     /// The connection's place under the server's `max_connections`, given back on close.
     slot: OwnedSemaphorePermit,
 }
@@ -64,6 +68,7 @@ pub struct TunnelSlot {
 struct RawIdle {
     stream: Stream,
     buf: BytesMut,
+    timer: WaitTimer,
     since: Instant,
     slot: OwnedSemaphorePermit,
 }
@@ -150,6 +155,7 @@ impl Pool {
                 return Some(RawConn {
                     stream: idle.stream,
                     buf: idle.buf,
+                    timer: idle.timer,
                     reused: true,
                     slot: idle.slot,
                 });
@@ -204,6 +210,7 @@ impl Pool {
         Ok(RawConn {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),
+            timer: WaitTimer::default(),
             reused: false,
             slot,
         })
@@ -325,9 +332,12 @@ impl Pool {
         if !hand_over && self.waiting.load(Ordering::Relaxed) > 0 {
             return;
         }
+        let mut timer = conn.timer;
+        timer.forget_task();
         let pushed = raw.push(RawIdle {
             stream: conn.stream,
             buf: conn.buf,
+            timer,
             since: Instant::now(),
             slot: conn.slot,
         });

@@ -15,7 +15,9 @@ use tokio::sync::watch;
 use crate::config::Timeouts;
 use crate::http1::body::Decoder;
 use crate::http1::head::{self, HeadError};
-use crate::http1::io::{read_some, read_some_until, wait_readable, write_all};
+use crate::http1::io::{
+    WaitTimer, read_some, read_some_for, read_some_until, wait_readable, write_all,
+};
 use crate::idle_timeout::IdleTimeout;
 use crate::proxy::{self, ClientConn, Finished, Incoming};
 use crate::runtime::{Runtime, Shared};
@@ -47,6 +49,8 @@ struct Client {
     wbuf: Vec<u8>,
     /// What goes to the upstream next: a request head, then body.
     ubuf: Vec<u8>,
+    /// For the waits for request bytes.
+    timer: WaitTimer,
 }
 
 /// Serves HTTP/1.1 requests on `stream` (whose first bytes are already in `rbuf`) until the
@@ -66,6 +70,7 @@ pub async fn serve(
         // costs no more than its read buffer.
         wbuf: Vec::new(),
         ubuf: Vec::new(),
+        timer: WaitTimer::default(),
     };
     let mut runtime = shared.cache();
     drop(shared);
@@ -91,7 +96,7 @@ pub async fn serve(
             let linger = wait.min(BUFFER_LINGER);
             let read = tokio::select! {
                 biased;
-                read = read_some(&client.stream, &mut client.rbuf, linger) => Some(read),
+                read = read_some_for(&client.stream, &mut client.rbuf, linger, &mut client.timer) => Some(read),
                 _ = stopping(&mut shutdown), if !finishing => None,
             };
             match read {
@@ -217,7 +222,14 @@ async fn read_head(client: &mut Client, rt: &Runtime) -> Result<Option<Request<(
         }
         let deadline =
             *deadline.get_or_insert_with(|| Instant::now() + rt.config.timeouts.client_header);
-        match read_some_until(&client.stream, &mut client.rbuf, deadline).await {
+        match read_some_until(
+            &client.stream,
+            &mut client.rbuf,
+            deadline,
+            &mut client.timer,
+        )
+        .await
+        {
             Ok(0) if client.rbuf.is_empty() => return Ok(None),
             Ok(0) => {
                 return Err(HeadError::Invalid(
@@ -245,6 +257,7 @@ impl Client {
         self.rbuf = BytesMut::new();
         self.wbuf = Vec::new();
         self.ubuf = Vec::new();
+        self.timer = WaitTimer::default();
     }
 
     /// After `101 Switching Protocols`: bytes already read on either side go across first,
