@@ -94,9 +94,15 @@ pub async fn serve(
             // The buffers are kept for a moment, as a next request usually follows soon; a
             // connection idle for longer gives them back, so idle connections cost little.
             let linger = wait.min(BUFFER_LINGER);
+            let Client {
+                stream,
+                rbuf,
+                timer,
+                ..
+            } = &mut client;
             let read = tokio::select! {
                 biased;
-                read = read_some_for(&client.stream, &mut client.rbuf, linger, &mut client.timer) => Some(read),
+                read = read_some_for(stream, rbuf, linger, timer) => Some(read),
                 _ = stopping(&mut shutdown), if !finishing => None,
             };
             match read {
