@@ -103,10 +103,10 @@ def sh(*args, **kw):
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 
-def install():
+def install(perf=False):
     need = [p for p, b in [("nginx", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk"), ("nghttp2-client", "h2load")] if not shutil.which(b) and not os.path.exists(f"/usr/sbin/{b}")]
-    if not shutil.which("perf"):
-        need.append("linux-perf")
+    if perf and not shutil.which("perf"):
+        need.append("linux-perf")  # only `--syscalls` uses it
     if not os.path.exists(NGINX_STREAM_MODULE):
         need.append("libnginx-mod-stream")
     if need:
@@ -708,7 +708,7 @@ def main():
             parser.error(f"--variant takes NAME:VAR=VALUE[;VAR=VALUE…] with a new name, not {spec!r}")
         variants[name] = env.split(";")
 
-    install()
+    install(perf=args.syscalls)
     fulcrum = build_fulcrum() if "fulcrum" in chosen else "fulcrum"  # not run, not built
     work = tempfile.mkdtemp(prefix="fulcrum-bench-")
     os.chmod(work, 0o755)  # nginx workers drop to an unprivileged user and must read www/
