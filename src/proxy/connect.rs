@@ -3,6 +3,7 @@
 //! new one. Only failures that are the server's fault mark it down.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::upstream::{Affinity, ConnectError, RawConn, Server, Upstream};
 
@@ -34,7 +35,8 @@ impl Unconnected {
 /// on the servers in `failed`. `probe`: pooled connections are first checked for having
 /// been closed by the server, for requests that could not be sent again. `fresh_only`: the
 /// pool is passed by (a retry after a pooled connection turned out closed: the pool may
-/// hold more like it).
+/// hold more like it). `now`: the try's start, by which a pooled connection's idle time is
+/// judged.
 pub async fn connect<'u>(
     upstream: &'u Upstream,
     affinity: &Affinity,
@@ -42,6 +44,7 @@ pub async fn connect<'u>(
     failed: &[usize],
     probe: bool,
     fresh_only: bool,
+    now: Instant,
 ) -> Result<Connected<'u>, Unconnected> {
     let Some((index, server)) = upstream.pick(attempt, affinity, failed) else {
         return Err(Unconnected {
@@ -55,7 +58,7 @@ pub async fn connect<'u>(
         });
     };
     let was_out = server.share() == 0;
-    if !fresh_only && let Some(conn) = server.pool.take_raw(probe) {
+    if !fresh_only && let Some(conn) = server.pool.take_raw(probe, now) {
         return Ok(Connected {
             index,
             server,

@@ -20,6 +20,9 @@ pub struct AccessRecord<'rt> {
     pub uri: Uri,
     pub version: Version,
     pub started: Instant,
+    /// When the response was all written, if the clock was read for it already; else the
+    /// record's drop reads it.
+    pub ended: Option<Instant>,
     pub status: StatusCode,
     pub upstream: Option<SocketAddr>,
     /// Time from the start of the request until the upstream's response header arrived.
@@ -59,6 +62,7 @@ impl<'rt> AccessRecord<'rt> {
             },
             version: req.version(),
             started,
+            ended: None,
             status: StatusCode::OK,
             upstream: None,
             upstream_time: None,
@@ -82,7 +86,10 @@ impl<'rt> AccessRecord<'rt> {
 
 impl Drop for AccessRecord<'_> {
     fn drop(&mut self) {
-        let elapsed = self.started.elapsed();
+        let elapsed = match self.ended {
+            Some(ended) => ended.saturating_duration_since(self.started),
+            None => self.started.elapsed(),
+        };
         let status = self.final_status();
         let stats = self.server.map_or(&*self.rt.answers, |s| &s.stats);
         stats.record(self.listener, status, elapsed);

@@ -239,6 +239,7 @@ where
             &failed,
             !replayable,
             fresh_only,
+            try_started,
         )
         .await;
         let Connected {
@@ -403,16 +404,19 @@ where
             return Finished::Close;
         }
     };
-    server.observe(responded.response_time);
+    server.observe(responded.response_time, responded.head_arrived);
+    // The response is all written: one reading of the clock serves the log and the pool.
+    let ended = Instant::now();
     if let Some(log) = log.as_mut() {
         log.bytes = responded.bytes;
         log.complete = true;
+        log.ended = Some(ended);
     }
     if responded.switched {
         return Finished::Tunnel(conn);
     }
     if responded.upstream_reusable {
-        server.pool.put_raw(conn);
+        server.pool.put_raw(conn, ended);
     }
     if responded.client_keep_alive {
         Finished::KeepAlive

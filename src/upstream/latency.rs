@@ -32,8 +32,9 @@ impl PeakEwma {
         estimate * weight
     }
 
-    pub fn observe(&self, response_time: Duration) {
-        let now = now_ns();
+    /// Takes in a response that took `response_time` and arrived at `at`.
+    pub fn observe(&self, response_time: Duration, at: Instant) {
+        let now = ns_since_epoch(at);
         let sample = response_time.as_nanos() as f64;
         let (estimate, weight) = self.load(now);
         let next = if sample > estimate {
@@ -55,8 +56,15 @@ impl PeakEwma {
 }
 
 fn now_ns() -> u64 {
+    ns_since_epoch(Instant::now())
+}
+
+/// `at` in nanoseconds since the process's epoch (the first time asked); an instant read
+/// before the epoch was taken counts as the epoch.
+fn ns_since_epoch(at: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    at.saturating_duration_since(*EPOCH.get_or_init(Instant::now))
+        .as_nanos() as u64
 }
 
 #[cfg(test)]
@@ -66,9 +74,9 @@ mod tests {
     #[test]
     fn a_slow_response_counts_at_once_and_fades_with_time() {
         let ewma = PeakEwma::new(Duration::from_millis(100));
-        ewma.observe(Duration::from_millis(1));
+        ewma.observe(Duration::from_millis(1), Instant::now());
         let fast = ewma.estimate_ns();
-        ewma.observe(Duration::from_millis(50));
+        ewma.observe(Duration::from_millis(50), Instant::now());
         assert!(ewma.estimate_ns() > 40e6, "the peak was not taken at once");
         std::thread::sleep(Duration::from_millis(400));
         assert!(ewma.estimate_ns() < 5e6, "the estimate did not decay");

@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue};
 
@@ -190,8 +190,10 @@ impl Server {
     }
 
     /// Records how long the server took to start answering a request.
-    pub fn observe(&self, response_time: Duration) {
-        self.latency.observe(response_time);
+    /// Takes in a response that took `response_time` and arrived at `at` (a time already
+    /// read for it: no second read of the clock).
+    pub fn observe(&self, response_time: Duration, at: Instant) {
+        self.latency.observe(response_time, at);
     }
 
     /// The recent response time `least_time` balances on (decaying while none arrive).

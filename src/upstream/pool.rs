@@ -144,13 +144,14 @@ impl Pool {
         }
     }
 
-    /// A pooled connection, if a fresh one is idle. With `probe`, each candidate is
-    /// first checked for having been closed by the server (one non-blocking read), for
-    /// requests that could not be retried on another connection.
-    pub fn take_raw(&self, probe: bool) -> Option<RawConn> {
+    /// A pooled connection, if a fresh one is idle (as of `now`). With `probe`, each
+    /// candidate is first checked for having been closed by the server (one non-blocking
+    /// read), for requests that could not be retried on another connection.
+    pub fn take_raw(&self, probe: bool, now: Instant) -> Option<RawConn> {
         let raw = self.raw.get(worker())?;
         while let Some(idle) = raw.pop() {
-            if idle.since.elapsed() < self.idle_timeout && !(probe && idle.stream.is_stale()) {
+            let fresh = now.saturating_duration_since(idle.since) < self.idle_timeout;
+            if fresh && !(probe && idle.stream.is_stale()) {
                 self.handed_out.reused();
                 return Some(RawConn {
                     stream: idle.stream,
@@ -276,7 +277,7 @@ impl Pool {
                 slot = &mut slot => return slot.ok().map(Waited::Slot),
                 () = handed_over => {
                     // Another request on this worker may have taken it first: then wait on.
-                    if let Some(conn) = self.take_raw(false) {
+                    if let Some(conn) = self.take_raw(false, Instant::now()) {
                         return Some(Waited::HandedOver(conn));
                     }
                 }
@@ -315,9 +316,9 @@ impl Pool {
         }
     }
 
-    /// Returns a connection whose last response was read completely and which holds
-    /// no unread bytes.
-    pub fn put_raw(&self, conn: RawConn) {
+    /// Returns a connection whose last response was read completely (at `done`) and which
+    /// holds no unread bytes.
+    pub fn put_raw(&self, conn: RawConn, done: Instant) {
         let own = worker();
         let (Some(raw), Some((waiting_here, handed_over))) =
             (self.raw.get(own), self.waiting_here.get(own))
@@ -338,7 +339,7 @@ impl Pool {
             stream: conn.stream,
             buf: conn.buf,
             timer,
-            since: Instant::now(),
+            since: done,
             slot: conn.slot,
         });
         if hand_over && pushed.is_ok() {
