@@ -50,7 +50,8 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
     let headers = &parts.headers;
-    let listed = connection_listed(headers);
+    let own = OwnFields::of(headers);
+    let listed = &own.connection_listed;
     for (name, value) in headers {
         let replaced = name == header::HOST
             || name == header::CONTENT_LENGTH
@@ -83,7 +84,7 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
     appended(
         out,
         b"x-forwarded-for",
-        headers,
+        own.x_forwarded_for.then_some(headers),
         &X_FORWARDED_FOR,
         &[head.client_ip.as_bytes()],
     );
@@ -95,7 +96,7 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
         appended(
             out,
             b"forwarded",
-            headers,
+            own.forwarded.then_some(headers),
             &header::FORWARDED,
             &[
                 head.forwarded_for.as_bytes(),
@@ -109,7 +110,7 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
         appended(
             out,
             b"forwarded",
-            headers,
+            own.forwarded.then_some(headers),
             &header::FORWARDED,
             &[head.forwarded_for.as_bytes(), b";proto=", proto],
         );
@@ -117,7 +118,7 @@ pub(super) fn write_request(out: &mut Vec<u8>, parts: &Parts, head: &UpstreamHea
     appended(
         out,
         b"via",
-        headers,
+        own.via.then_some(headers),
         &header::VIA,
         &[via(head.client_version).as_bytes()],
     );
@@ -275,20 +276,51 @@ fn parse_length(value: &[u8]) -> Option<u64> {
     length
 }
 
-/// The header names the client's `Connection` header lists, to be left out.
-fn connection_listed(headers: &HeaderMap) -> Vec<&str> {
-    let mut listed = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
-        listed.extend(tokens(value));
-    }
-    listed
+/// What the upstream head needs to know of the client's own fields, found in one pass
+/// over them rather than a lookup (a hash and a probe) each.
+struct OwnFields<'h> {
+    /// The header names the client's `Connection` headers list, to be left out.
+    connection_listed: Vec<&'h str>,
+    x_forwarded_for: bool,
+    forwarded: bool,
+    via: bool,
 }
 
-/// Writes `name: <earlier values>, <parts of the new one>`.
-fn appended(out: &mut Vec<u8>, name: &[u8], headers: &HeaderMap, key: &HeaderName, new: &[&[u8]]) {
+impl<'h> OwnFields<'h> {
+    fn of(headers: &'h HeaderMap) -> Self {
+        let mut own = OwnFields {
+            connection_listed: Vec::new(),
+            x_forwarded_for: false,
+            forwarded: false,
+            via: false,
+        };
+        for (name, value) in headers {
+            if name == header::CONNECTION {
+                own.connection_listed.extend(tokens(value));
+            } else if name == X_FORWARDED_FOR {
+                own.x_forwarded_for = true;
+            } else if name == header::FORWARDED {
+                own.forwarded = true;
+            } else if name == header::VIA {
+                own.via = true;
+            }
+        }
+        own
+    }
+}
+
+/// Writes `name: <earlier values>, <parts of the new one>`; the earlier values are those
+/// of `key` in `headers`, if the client sent any (`None`: it sent none).
+fn appended(
+    out: &mut Vec<u8>,
+    name: &[u8],
+    headers: Option<&HeaderMap>,
+    key: &HeaderName,
+    new: &[&[u8]],
+) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
-    for old in headers.get_all(key) {
+    for old in headers.into_iter().flat_map(|h| h.get_all(key)) {
         out.extend_from_slice(old.as_bytes());
         out.extend_from_slice(b", ");
     }
@@ -303,5 +335,76 @@ fn via(version: Version) -> &'static str {
         Version::HTTP_10 => "1.0 fulcrum",
         Version::HTTP_2 => "2 fulcrum",
         _ => "1.1 fulcrum",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client's own forwarding fields are extended, however many it sent, and the
+    /// fields its `Connection` headers list stay behind, however many of those it sent.
+    #[test]
+    fn forwarding_fields_grow_and_connection_listed_fields_stay_behind() {
+        let req = http::Request::get("/a?b=1")
+            .header("connection", "x-one")
+            .header("connection", "keep-alive, X-Two")
+            .header("x-one", "1")
+            .header("x-two", "2")
+            .header("x-kept", "3")
+            .header("x-forwarded-for", "203.0.113.1")
+            .header("x-forwarded-for", "203.0.113.2")
+            .header("forwarded", "for=203.0.113.1")
+            .header("via", "1.0 edge")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let host = HeaderValue::from_static("front.example");
+        let cert_header = HeaderName::from_static("x-client-cert");
+        let head = UpstreamHead {
+            client_ip: "192.0.2.7",
+            forwarded_for: "for=192.0.2.7",
+            client_host: Some(&host),
+            host: &host,
+            client_version: Version::HTTP_11,
+            framing: Framing::Empty,
+            upgrade: None,
+            drop_expect: false,
+            https: false,
+            client_cert: (&cert_header, None),
+        };
+        let mut out = Vec::new();
+        write_request(&mut out, &parts, &head);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.split("\r\n").collect();
+        assert_eq!(lines[0], "GET /a?b=1 HTTP/1.1");
+        for line in [
+            "x-kept: 3",
+            "host: front.example",
+            "x-forwarded-for: 203.0.113.1, 203.0.113.2, 192.0.2.7",
+            "x-forwarded-proto: http",
+            "x-forwarded-host: front.example",
+            "forwarded: for=203.0.113.1, for=192.0.2.7;host=\"front.example\";proto=http",
+            "via: 1.0 edge, 1.1 fulcrum",
+        ] {
+            assert!(lines.contains(&line), "{line:?} missing from {text:?}");
+        }
+        for gone in ["connection", "x-one", "x-two", "keep-alive"] {
+            assert!(
+                !lines.iter().any(|l| l.starts_with(&format!("{gone}:"))),
+                "{gone} was forwarded: {text:?}"
+            );
+        }
+        assert!(text.ends_with("\r\n\r\n"));
+        // A client without forwarding fields gets only Fulcrum's.
+        let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
+        let mut out = Vec::new();
+        write_request(&mut out, &parts, &head);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("\r\nx-forwarded-for: 192.0.2.7\r\n"),
+            "{text:?}"
+        );
+        assert!(text.contains("\r\nvia: 1.1 fulcrum\r\n"), "{text:?}");
     }
 }
