@@ -5,6 +5,7 @@
 #   sh bench/callgrind.sh [REQUESTS] [CONFIG-EXTRA]
 # CONFIG-EXTRA is appended to the config. FULCRUM=path measures another build (by default
 # this checkout's, built here); the backend is always this checkout's `fulcrum backend`.
+# CALLGRIND_OUT=path keeps the profile there, for callgrind_annotate.
 set -eu
 requests=${1:-20000}
 extra=${2:-}
@@ -40,6 +41,7 @@ callgrind_control --zero "$proxy" >/dev/null 2>&1
 h2load --h1 -n "$requests" -c 16 http://127.0.0.1:18600/ | grep -E "^requests:"
 callgrind_control --dump "$proxy" >/dev/null 2>&1
 sleep 1
+[ -n "${CALLGRIND_OUT:-}" ] && cp "$dir/out.1" "$CALLGRIND_OUT"
 total=$(callgrind_annotate "$dir/out.1" 2>/dev/null | grep -m1 "PROGRAM TOTALS" | awk '{gsub(",","",$1); print $1}')
 kill "$proxy"; wait "$proxy" 2>/dev/null || true
 echo "instructions: $total"

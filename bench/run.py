@@ -377,15 +377,17 @@ def pids_of(proc):
 
 
 def cpu_ticks(pids):
-    total = 0
+    """The processes' CPU time in clock ticks: (user, kernel)."""
+    user = kernel = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            user += int(fields[11])
+            kernel += int(fields[12])
         except OSError:
             pass
-    return total
+    return user, kernel
 
 
 def peak_rss_kib(pids):
@@ -659,7 +661,10 @@ def measure(name, cmd, scenario, duration, syscalls=False):
         counting = start_syscall_count(pids) if syscalls else None
         before = cpu_ticks(pids)
         result = run_client(scenario, port, duration)
-        cpu = (cpu_ticks(pids) - before) / CLK_TCK
+        after = cpu_ticks(pids)
+        user, kernel = ((a - b) / CLK_TCK for a, b in zip(after, before))
+        cpu = user + kernel
+        result["user_share"] = user / cpu if cpu > 0 else float("nan")
         if counting:
             result["syscalls"] = stop_syscall_count(counting)
         result["cpu_s"] = cpu
@@ -767,7 +772,7 @@ def main():
                     results.setdefault((scenario.title, name), []).append(r)
                     bulk = f" {r['mib_per_cpu_s']:8.0f} MiB/CPU-s" if scenario.path in BULK_PATHS else ""
                     print(f"round {rnd + 1} {scenario.title:32} {name:10} {r['rps']:10.0f} req/s {r['per_cpu_s']:10.0f} req/CPU-s{bulk}  "
-                          f"errors {r['errors']} {r['socket_errors']}", file=sys.stderr)
+                          f"user {r['user_share']:4.0%}  errors {r['errors']} {r['socket_errors']}", file=sys.stderr)
     finally:
         backend.send_signal(signal.SIGTERM)
         backend.wait(timeout=10)
