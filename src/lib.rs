@@ -69,3 +69,4 @@ pub mod tls;
 pub mod transport;
 pub mod upgrade;
 pub mod upstream;
+pub mod uring_spike;
