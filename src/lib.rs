@@ -69,4 +69,3 @@ pub mod tls;
 pub mod transport;
 pub mod upgrade;
 pub mod upstream;
-pub mod uring_spike;

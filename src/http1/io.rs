@@ -14,9 +14,6 @@ use crate::transport::Stream;
 /// Room the first read of a message head asks for: most heads fit, and a connection
 /// waiting for its head holds no more than this. A longer head doubles the room.
 const HEAD_READ: usize = 2 * 1024;
-thread_local! {
-    pub static EAGAIN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-}
 /// Bodies read in larger steps.
 const BODY_READ: usize = 64 * 1024;
 /// Body pieces at least this large are written straight from the read buffer, not copied.
@@ -99,39 +96,6 @@ async fn read_timed(
     timer: &mut WaitTimer,
 ) -> io::Result<usize> {
     make_room(buf, HEAD_READ.max(buf.len()));
-    if crate::uring_spike::enabled()
-        && let Stream::Plain(tcp) = stream
-    {
-        use std::os::fd::AsRawFd;
-        loop {
-            let spare = buf.spare_capacity_mut();
-            let op =
-                crate::uring_spike::recv(tcp.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len());
-            let at = match deadline {
-                Ok(at) => at,
-                Err(idle) => Instant::now() + idle,
-            };
-            deadline = Ok(at);
-            let expired = timer.set(at);
-            let r = tokio::select! {
-                biased;
-                r = op => r,
-                _ = expired => return Err(timed_out()),
-            };
-            match r {
-                Ok(n) => {
-                    // SAFETY: the kernel wrote n bytes there.
-                    unsafe { buf.set_len(buf.len() + n) };
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    EAGAIN.with(|c| c.set(c.get() + 1));
-                    stream.readable().await?
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
     loop {
         match stream.try_read_buf(buf) {
             Ok(n) => return Ok(n),
@@ -165,29 +129,6 @@ async fn read_with_room(
     idle: Duration,
 ) -> io::Result<usize> {
     make_room(buf, room);
-    if crate::uring_spike::enabled()
-        && let Stream::Plain(tcp) = stream
-    {
-        use std::os::fd::AsRawFd;
-        loop {
-            let spare = buf.spare_capacity_mut();
-            let op =
-                crate::uring_spike::recv(tcp.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len());
-            match tokio::time::timeout(idle, op).await {
-                Err(_) => return Err(timed_out()),
-                Ok(Ok(n)) => {
-                    // SAFETY: the kernel wrote n bytes there.
-                    unsafe { buf.set_len(buf.len() + n) };
-                    return Ok(n);
-                }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    EAGAIN.with(|c| c.set(c.get() + 1));
-                    stream.readable().await?
-                }
-                Ok(Err(e)) => return Err(e),
-            }
-        }
-    }
     loop {
         match stream.try_read_buf(buf) {
             Ok(n) => return Ok(n),
@@ -214,24 +155,6 @@ pub async fn wait_readable(stream: &Stream, idle: Duration) -> io::Result<()> {
 
 /// Writes all of `data`, waiting up to `idle` each time the peer does not take more.
 pub async fn write_all(stream: &Stream, mut data: &[u8], idle: Duration) -> io::Result<()> {
-    if crate::uring_spike::enabled()
-        && let Stream::Plain(tcp) = stream
-    {
-        use std::os::fd::AsRawFd;
-        while !data.is_empty() {
-            let op = crate::uring_spike::send(tcp.as_raw_fd(), data);
-            match tokio::time::timeout(idle, op).await {
-                Err(_) => return Err(timed_out()),
-                Ok(Ok(n)) => data = &data[n..],
-                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    EAGAIN.with(|c| c.set(c.get() + 1));
-                    stream.writable().await?
-                }
-                Ok(Err(e)) => return Err(e),
-            }
-        }
-        return Ok(());
-    }
     while !data.is_empty() {
         match stream.try_write(data) {
             Ok(n) => data = &data[n..],
@@ -264,10 +187,6 @@ pub async fn write_all_pair(
     mut second: &[u8],
     idle: Duration,
 ) -> io::Result<()> {
-    if crate::uring_spike::enabled() && matches!(stream, Stream::Plain(_)) {
-        write_all(stream, first, idle).await?;
-        return write_all(stream, second, idle).await;
-    }
     while !first.is_empty() {
         let slices = [io::IoSlice::new(first), io::IoSlice::new(second)];
         match stream.try_write_vectored(&slices) {

@@ -93,7 +93,6 @@ impl Server {
             .map(|_| {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
-                    .on_thread_park(crate::uring_spike::before_park)
                     .build()
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -112,9 +111,6 @@ impl Server {
                 .name(format!("fulcrum-worker-{worker}"))
                 .spawn(move || {
                     WORKER.set(worker);
-                    if let Some(efd) = crate::uring_spike::init_worker() {
-                        runtime.spawn(crate::uring_spike::reaper(efd));
-                    }
                     // Connections finish on this runtime after accepting stops; the process
                     // ends the thread once shutdown is complete.
                     runtime.block_on(std::future::pending::<()>());
