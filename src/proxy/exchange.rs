@@ -50,8 +50,6 @@ pub(super) struct Responded {
     pub(super) status: StatusCode,
     /// From the start of this try (its connect included) to the upstream's response head.
     pub(super) response_time: Duration,
-    /// When the response head arrived.
-    pub(super) head_arrived: Instant,
     pub(super) bytes: u64,
     pub(super) switched: bool,
     pub(super) upstream_reusable: bool,

@@ -226,8 +226,10 @@ where
     // Every try so far went to a server that was out already: none could take the request.
     let mut all_out = true;
     let (server, conn, outcome, _in_flight) = loop {
-        // The first try starts with the request: no second read of the clock.
-        let try_started = if failed.is_empty() && !fresh_only {
+        // The first try starts with the request (no second read of the clock) unless the
+        // request may have waited for its turn: a wait is not the server's response time,
+        // and a pooled connection is judged idle as of now.
+        let try_started = if failed.is_empty() && !fresh_only && !upstream.limits_requests() {
             started
         } else {
             Instant::now()
@@ -404,9 +406,10 @@ where
             return Finished::Close;
         }
     };
-    server.observe(responded.response_time, responded.head_arrived);
-    // The response is all written: one reading of the clock serves the log and the pool.
+    // The response is all written: one reading of the clock serves the response-time
+    // estimate, the log and the pool.
     let ended = Instant::now();
+    server.observe(responded.response_time, ended);
     if let Some(log) = log.as_mut() {
         log.bytes = responded.bytes;
         log.complete = true;

@@ -144,7 +144,6 @@ pub(super) async fn relay_response<W: ResponseWriter>(
         return Ok(Responded {
             status: facts.status,
             response_time,
-            head_arrived,
             bytes: 0,
             switched,
             upstream_reusable: false,
@@ -191,7 +190,6 @@ pub(super) async fn relay_response<W: ResponseWriter>(
     Ok(Responded {
         status: facts.status,
         response_time,
-        head_arrived,
         bytes,
         switched,
         upstream_reusable,

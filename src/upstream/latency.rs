@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 pub struct PeakEwma {
     /// The estimate in nanoseconds, as `f64` bits, as of `updated`.
     estimate: AtomicU64,
-    /// When the estimate was last updated, in nanoseconds since the process's epoch.
+    /// The latest time a response was taken in at, in nanoseconds since the process's epoch
+    /// (a response taken in late, with an earlier time, does not move it back).
     updated: AtomicU64,
     /// How fast old observations fade: after `decay` they weigh 1/e.
     decay_ns: f64,
@@ -44,7 +45,7 @@ impl PeakEwma {
         };
         // Two workers observing at once may lose one sample; an estimate can afford that.
         self.estimate.store(next.to_bits(), Ordering::Relaxed);
-        self.updated.store(now, Ordering::Relaxed);
+        self.updated.fetch_max(now, Ordering::Relaxed);
     }
 
     /// The stored estimate and the weight it keeps after the time since it was stored.
@@ -70,6 +71,20 @@ fn ns_since_epoch(at: Instant) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_taken_in_late_does_not_turn_the_decay_clock_back() {
+        let ewma = PeakEwma::new(Duration::from_millis(100));
+        let now = Instant::now();
+        ewma.observe(Duration::from_millis(50), now);
+        let stamped = ewma.updated.load(Ordering::Relaxed);
+        // One taken in with an earlier time than the last, as a worker that lagged would.
+        ewma.observe(Duration::from_millis(1), now - Duration::from_secs(30));
+        assert_eq!(ewma.updated.load(Ordering::Relaxed), stamped);
+        // Not decayed as if 30 s old: the faster sample pulled it down a little only.
+        let (estimate, _) = ewma.load(stamped);
+        assert!(estimate > 40e6, "estimate {estimate}");
+    }
 
     #[test]
     fn a_slow_response_counts_at_once_and_fades_with_time() {
