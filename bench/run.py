@@ -42,7 +42,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def set_ports(base):
@@ -376,18 +375,29 @@ def pids_of(proc):
     return pids
 
 
-def cpu_ticks(pids):
-    """The processes' CPU time in clock ticks: (user, kernel)."""
-    user = kernel = 0
+def cpu_time(pids):
+    """The processes' CPU time: seconds on a CPU, summed over their threads' schedstat (the
+    scheduler's own count, in nanoseconds, rather than the clock ticks it samples at 250 per
+    second); and user and kernel ticks, for the split between the two only. (At 2,000
+    req/s, where a proxy is busy 7% of the time in 40 µs pieces, the two counts agreed
+    within 5%: the spread between rounds there is the machine's, not the count's.)"""
+    on_cpu = user = kernel = 0
     for pid in pids:
         try:
+            tasks = os.listdir(f"/proc/{pid}/task")
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             user += int(fields[11])
             kernel += int(fields[12])
         except OSError:
-            pass
-    return user, kernel
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    on_cpu += int(f.read().split()[0])
+            except OSError:
+                pass
+    return on_cpu / 1e9, user, kernel
 
 
 def peak_rss_kib(pids):
@@ -659,12 +669,11 @@ def measure(name, cmd, scenario, duration, syscalls=False):
         run_client(scenario, port, 1)
         pids = pids_of(proc)
         counting = start_syscall_count(pids) if syscalls else None
-        before = cpu_ticks(pids)
+        before = cpu_time(pids)
         result = run_client(scenario, port, duration)
-        after = cpu_ticks(pids)
-        user, kernel = ((a - b) / CLK_TCK for a, b in zip(after, before))
-        cpu = user + kernel
-        result["user_share"] = user / cpu if cpu > 0 else float("nan")
+        after = cpu_time(pids)
+        cpu, user, kernel = (a - b for a, b in zip(after, before))
+        result["user_share"] = user / (user + kernel) if user + kernel > 0 else float("nan")
         if counting:
             result["syscalls"] = stop_syscall_count(counting)
         result["cpu_s"] = cpu
