@@ -33,7 +33,7 @@ impl PeakEwma {
         estimate * weight
     }
 
-    /// Takes in a response that took `response_time` and arrived at `at`.
+    /// Takes in, at `at`, a response that took `response_time`.
     pub fn observe(&self, response_time: Duration, at: Instant) {
         let now = ns_since_epoch(at);
         let sample = response_time.as_nanos() as f64;
@@ -75,15 +75,17 @@ mod tests {
     #[test]
     fn a_response_taken_in_late_does_not_turn_the_decay_clock_back() {
         let ewma = PeakEwma::new(Duration::from_millis(100));
-        let now = Instant::now();
-        ewma.observe(Duration::from_millis(50), now);
-        let stamped = ewma.updated.load(Ordering::Relaxed);
-        // One taken in with an earlier time than the last, as a worker that lagged would.
-        ewma.observe(Duration::from_millis(1), now - Duration::from_secs(30));
-        assert_eq!(ewma.updated.load(Ordering::Relaxed), stamped);
-        // Not decayed as if 30 s old: the faster sample pulled it down a little only.
-        let (estimate, _) = ewma.load(stamped);
-        assert!(estimate > 40e6, "estimate {estimate}");
+        let start = Instant::now();
+        let later = ns_since_epoch(start + Duration::from_secs(30));
+        ewma.observe(Duration::from_millis(50), start + Duration::from_secs(30));
+        // One taken in with an earlier time than the last, as a worker that lagged would:
+        // it counts as taken in at the last time (and so weighs nothing against it).
+        ewma.observe(Duration::from_millis(1), start + Duration::from_secs(1));
+        assert_eq!(ewma.updated.load(Ordering::Relaxed), later);
+        // As of the last time, the estimate is the slow sample, not decayed over the 29 s
+        // the late one would have put between them.
+        let (estimate, weight) = ewma.load(later);
+        assert!(estimate * weight > 49e6, "estimate {estimate} × {weight}");
     }
 
     #[test]

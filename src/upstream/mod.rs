@@ -189,9 +189,8 @@ impl Server {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Records how long the server took to start answering a request.
-    /// Takes in a response that took `response_time` and arrived at `at` (a time already
-    /// read for it: no second read of the clock).
+    /// Records how long the server took to start answering a request, `response_time`,
+    /// as of `at` (a time already read for it: no second read of the clock).
     pub fn observe(&self, response_time: Duration, at: Instant) {
         self.latency.observe(response_time, at);
     }
