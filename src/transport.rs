@@ -185,17 +185,32 @@ impl Stream {
 /// data, where `recv` stops short at the mark: nothing Fulcrum proxies uses it, and tokio's
 /// own reads share the limit.)
 pub fn recv(tcp: &TcpStream, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
-    let mut got = 0;
-    let read = tcp.try_io(Interest::READABLE, || {
-        got = SockRef::from(tcp).recv(buf)?;
-        if got > 0 && got < buf.len() {
+    let wanted = buf.len();
+    transfer(tcp, Interest::READABLE, wanted, || {
+        SockRef::from(tcp).recv(buf)
+    })
+}
+
+/// One non-blocking transfer of up to `wanted` bytes under tokio's readiness for
+/// `interest`. A count short of `wanted` is returned as it is, with the readiness cleared:
+/// `try_io` clears it on `WouldBlock`, so the short count goes out through that error.
+fn transfer(
+    tcp: &TcpStream,
+    interest: Interest,
+    wanted: usize,
+    mut op: impl FnMut() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut done = 0;
+    let result = tcp.try_io(interest, || {
+        done = op()?;
+        if done > 0 && done < wanted {
             Err(io::ErrorKind::WouldBlock.into())
         } else {
-            Ok(got)
+            Ok(done)
         }
     });
-    match read {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && done > 0 => Ok(done),
         other => other,
     }
 }
@@ -211,25 +226,15 @@ pub fn send(tcp: &TcpStream, data: &[io::IoSlice<'_>]) -> io::Result<usize> {
     // slices actually passed keeps "short" meaning "the socket buffer is full".
     let data = &data[..data.len().min(MAX_SLICES)];
     let wanted: usize = data.iter().map(|d| d.len()).sum();
-    let mut sent = 0;
-    let write = tcp.try_io(Interest::WRITABLE, || {
+    transfer(tcp, Interest::WRITABLE, wanted, || {
         let socket = SockRef::from(tcp);
         // One piece goes by `send`: `sendmsg` would also copy a message header and an
         // iovec array in from user space.
-        sent = match data {
-            [one] => socket.send_with_flags(one, libc::MSG_NOSIGNAL)?,
-            _ => socket.send_vectored_with_flags(data, libc::MSG_NOSIGNAL)?,
-        };
-        if sent > 0 && sent < wanted {
-            Err(io::ErrorKind::WouldBlock.into())
-        } else {
-            Ok(sent)
+        match data {
+            [one] => socket.send_with_flags(one, libc::MSG_NOSIGNAL),
+            _ => socket.send_vectored_with_flags(data, libc::MSG_NOSIGNAL),
         }
-    });
-    match write {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && sent > 0 => Ok(sent),
-        other => other,
-    }
+    })
 }
 
 /// Whether bytes, the end of the stream or an error wait on `tcp`, asked of the socket
