@@ -40,29 +40,9 @@ async fn no_reachable_server_is_502_with_a_logged_reason() {
     assert!(line.contains("\"path\":\"/x\""), "{line}");
 }
 
-#[tokio::test]
-async fn a_slow_response_header_is_504() {
-    let slow = Backend::with(|_req| async {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        http::Response::new(support::full("late"))
-    })
-    .await;
-    let proxy = Proxy::simple(
-        &[&slow],
-        "[timeouts]\nupstream_response_header = \"300ms\"\n",
-    )
-    .await;
-    let started = Instant::now();
-    let resp = client().get(proxy.url("/")).send().await.unwrap();
-    assert_eq!(resp.status(), 504);
-    assert!(started.elapsed() < Duration::from_secs(2));
-}
-
-/// An upstream connection keeps one timer from request to request: one whose earlier
-/// deadline passed while the connection sat in the pool must not time the next answer out
-/// at once, and one still armed must still time out a slow answer.
-#[tokio::test]
-async fn a_pooled_connection_times_each_response_header_afresh() {
+/// A server that answers `/slow` after 3 s and anything else at once, behind a Fulcrum that
+/// waits 300 ms for a response header.
+async fn slow_path_behind_short_header_timeout() -> (Backend, Proxy) {
     let backend = Backend::with(|req| async move {
         if req.uri().path() == "/slow" {
             tokio::time::sleep(Duration::from_secs(3)).await;
@@ -75,6 +55,24 @@ async fn a_pooled_connection_times_each_response_header_afresh() {
         "[timeouts]\nupstream_response_header = \"300ms\"\n",
     )
     .await;
+    (backend, proxy)
+}
+
+#[tokio::test]
+async fn a_slow_response_header_is_504() {
+    let (_slow, proxy) = slow_path_behind_short_header_timeout().await;
+    let started = Instant::now();
+    let resp = client().get(proxy.url("/slow")).send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// An upstream connection keeps one timer from request to request: one whose earlier
+/// deadline passed while the connection sat in the pool must not time the next answer out
+/// at once, and one still armed must still time out a slow answer.
+#[tokio::test]
+async fn a_pooled_connection_times_each_response_header_afresh() {
+    let (backend, proxy) = slow_path_behind_short_header_timeout().await;
     let client = client();
     let get = |path: &'static str| client.get(proxy.url(path)).send();
     assert_eq!(get("/fast").await.unwrap().status(), 200);
