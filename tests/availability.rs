@@ -128,6 +128,19 @@ async fn a_header_trickled_byte_by_byte_is_cut_off() {
     assert_eq!(backend.seen.count(), 0);
 }
 
+/// A connection to `proxy` that has had one request answered with 200 and stays open.
+async fn kept_alive_after_one_request(proxy: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    stream
+}
+
 /// Sends the start of a request head, then a byte every 100 ms, and fails unless the proxy
 /// cuts the client off within 4 s: an idle timeout alone would never fire.
 async fn trickle_until_cut_off(stream: &mut TcpStream) {
@@ -165,14 +178,7 @@ async fn a_second_request_trickled_on_a_kept_alive_connection_is_cut_off() {
         "[timeouts]\nclient_header = \"1s\"\nclient_idle = \"30s\"\n",
     )
     .await;
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = stream.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let mut stream = kept_alive_after_one_request(proxy.addr).await;
     trickle_until_cut_off(&mut stream).await;
     assert_eq!(backend.seen.count(), 1);
 }
@@ -181,14 +187,8 @@ async fn a_second_request_trickled_on_a_kept_alive_connection_is_cut_off() {
 async fn an_idle_keep_alive_connection_is_closed() {
     let backend = Backend::named("a").await;
     let proxy = Proxy::simple(&[&backend], "[timeouts]\nclient_idle = \"500ms\"\n").await;
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stream = kept_alive_after_one_request(proxy.addr).await;
     let mut buf = vec![0u8; 4096];
-    let n = stream.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     let started = Instant::now();
     let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
         .await
